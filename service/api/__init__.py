@@ -1,0 +1,1 @@
+"""HTTP only: routers, schemas, dependencies, problem+json."""

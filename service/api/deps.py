@@ -1,0 +1,60 @@
+"""Request dependencies: the app's services and bearer-key scopes."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.errors import Forbidden, Unauthorized
+from service.registry.registry import Registry
+from service.settings import Scope, Settings
+
+_bearer = HTTPBearer(auto_error=False, description="API key from BASEHOLD_API_KEYS")
+# admin and worker keys may also read.
+IMPLIED: dict[str, set[str]] = {
+    "admin": {"admin", "read"},
+    "worker": {"worker", "read"},
+    "read": {"read"},
+}
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_registry(request: Request) -> Registry:
+    registry: Registry = request.app.state.registry
+    return registry
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+
+
+def _scopes_of(settings: Settings, key: str) -> set[str] | None:
+    for candidate, scopes in settings.api_keys.items():
+        if hmac.compare_digest(candidate.encode(), key.encode()):
+            return set().union(*(IMPLIED[s] for s in scopes))
+    return None
+
+
+def require(scope: Scope) -> Any:
+    def check(
+        settings: SettingsDep,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> None:
+        if not settings.auth_enabled:
+            return
+        if credentials is None:
+            raise Unauthorized("Send `Authorization: Bearer <key>` with a key from the operator.")
+        scopes = _scopes_of(settings, credentials.credentials)
+        if scopes is None:
+            raise Unauthorized("That API key is not valid. Check the key or ask the operator.")
+        if scope not in scopes:
+            raise Forbidden(f"This key lacks the {scope!r} scope needed here. Use a key with it.")
+
+    return Depends(check)

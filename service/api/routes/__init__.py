@@ -1,0 +1,1 @@
+"""Thin routers: validate, call the domain, shape the response."""

@@ -1,0 +1,140 @@
+"""Response schemas of the HTTP contract (../shared/design/API.md)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from service.loading.spec import LoadRequest
+from service.registry.record import ModelRecord
+
+
+class ProgressOut(BaseModel):
+    phase: str = Field(examples=["loading"])
+    bytes_done: int
+    bytes_total: int
+
+
+class ErrorOut(BaseModel):
+    code: str = Field(examples=["wrong_model_type"])
+    message: str
+
+
+class ModelMemory(BaseModel):
+    footprint_bytes: int
+    by_device: dict[str, int] = Field(examples=[{"cuda:0": 13476839424}])
+
+
+class Timings(BaseModel):
+    queued_at: datetime
+    started_at: datetime | None = None
+    ready_at: datetime | None = None
+    load_seconds: float | None = None
+
+
+class ModelStatus(BaseModel):
+    id: str = Field(examples=["llama2-7b"])
+    name: str | None = None
+    source: str
+    resolved_revision: str | None = None
+    spec: LoadRequest
+    state: str = Field(
+        examples=["ready"], description="queued|loading|ready|failed|unloading|cancelled"
+    )
+    progress: ProgressOut
+    error: ErrorOut | None = None
+    architecture: str | None = Field(default=None, examples=["LlamaForCausalLM"])
+    task: str | None = None
+    dtype: str | None = None
+    quantization: dict[str, Any] | None = None
+    parameters: int | None = None
+    memory: ModelMemory
+    device_map: dict[str, str] | None = None
+    shareable: bool
+    shareable_reason: str | None = None
+    leases: int
+    timings: Timings
+
+    @classmethod
+    def of(cls, record: ModelRecord) -> ModelStatus:
+        spec = record.spec
+        progress = record.progress
+        error = record.error
+        return cls(
+            id=record.id,
+            name=record.name,
+            source=spec.source,
+            resolved_revision=record.resolved_revision,
+            spec=spec,
+            state=record.state.value,
+            progress=ProgressOut(
+                phase=progress.phase.value,
+                bytes_done=progress.bytes_done,
+                bytes_total=progress.bytes_total,
+            ),
+            error=ErrorOut(code=error.code, message=error.message) if error else None,
+            architecture=record.architecture,
+            task=record.task or (spec.task.value if spec.task else None),
+            dtype=record.dtype,
+            quantization=spec.quantization.model_dump(mode="json") if spec.quantization else None,
+            parameters=record.parameters,
+            memory=ModelMemory(
+                footprint_bytes=record.footprint_bytes, by_device=dict(record.by_device)
+            ),
+            device_map=record.device_map,
+            shareable=record.shareable,
+            shareable_reason=record.shareable_reason,
+            leases=record.leases,
+            timings=Timings(
+                queued_at=record.queued_at,
+                started_at=record.started_at,
+                ready_at=record.ready_at,
+                load_seconds=record.load_seconds,
+            ),
+        )
+
+
+class ModelList(BaseModel):
+    models: list[ModelStatus]
+
+
+class DeviceOut(BaseModel):
+    id: str = Field(examples=["cuda:0"])
+    name: str
+    total_bytes: int
+    free_bytes: int
+    used_bytes: int
+    torch_reserved_bytes: int
+    torch_allocated_bytes: int
+    held_bytes: int
+
+
+class HostOut(BaseModel):
+    total_bytes: int
+    available_bytes: int
+    process_rss_bytes: int
+    shared_arena_bytes: int
+    held_bytes: int
+
+
+class ModelBytes(BaseModel):
+    id: str
+    by_device: dict[str, int]
+
+
+class MemoryReport(BaseModel):
+    devices: list[DeviceOut]
+    host: HostOut
+    models: list[ModelBytes]
+
+
+class Problem(BaseModel):
+    """application/problem+json (RFC 9457) with a stable machine `code`."""
+
+    type: str = Field(examples=["https://basehold.dev/problems/model_leased"])
+    title: str
+    status: int
+    detail: str
+    code: str = Field(examples=["model_leased"])

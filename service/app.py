@@ -1,0 +1,68 @@
+"""create_app(settings): the one place the service is wired together."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from service import __version__
+from service.api import problems
+from service.api.routes import health, memory, models
+from service.loading.pipeline import LoadContext
+from service.loading.placement import KeepInPlace
+from service.memory.cuda import CudaProbe, TorchCuda
+from service.registry.registry import Registry
+from service.settings import Settings
+
+log = logging.getLogger("basehold")
+
+
+def create_app(settings: Settings | None = None, *, cuda: CudaProbe | None = None) -> FastAPI:
+    settings = settings or Settings()
+    settings.ensure_dirs()
+    cuda = cuda or TorchCuda()
+    ctx = LoadContext(
+        roots=settings.model_roots,
+        offload_root=settings.offload_dir,
+        placement=KeepInPlace(),
+        hub_endpoint=settings.hf_endpoint,
+    )
+    registry = Registry(
+        ctx,
+        cuda,
+        max_concurrent_loads=settings.max_concurrent_loads,
+        allow_remote_code=settings.allow_remote_code,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.auth_enabled:
+            log.warning(
+                "no API keys configured (BASEHOLD_API_KEYS): every request is "
+                "trusted; serve on 127.0.0.1 only"
+            )
+        app.state.ready = True
+        yield
+        app.state.ready = False
+        log.info("shutting down: cancelling loads and unloading models")
+        await run_in_threadpool(registry.shutdown)
+
+    app = FastAPI(
+        title="basehold",
+        version=__version__,
+        summary="Load and hold Hugging Face base models; lend them to PEFT training workers.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.cuda = cuda
+    app.state.ready = False
+    problems.install(app)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(memory.router)
+    return app

@@ -1,0 +1,1 @@
+"""How a model loads: one strategy per file behind `base.Loader`."""

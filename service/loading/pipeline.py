@@ -1,0 +1,142 @@
+"""One load from request to held model: resolve, check, load, place. Runs in a worker thread."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from service.errors import (
+    BaseholdError,
+    InvalidCheckpoint,
+    InvalidSpec,
+    OutOfMemory,
+    RemoteCodeRefused,
+)
+from service.loading.checkpoint import inspect_checkpoint
+from service.loading.placement import Placed, Placement
+from service.loading.progress import Phase, Progress, tracking
+from service.loading.sources import HubSource, LocalSource, fetch_hub, parse_source
+from service.loading.spec import LoadRequest, Task
+from service.loading.strategies import get_loader
+from service.loading.tasks import resolve_task
+from service.memory.footprint import bytes_by_device, count_parameters, device_map_of
+
+log = logging.getLogger("basehold.loading")
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    roots: list[Path]
+    offload_root: Path
+    placement: Placement
+    hub_endpoint: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    task: Task
+    architecture: str
+    dtype: str
+    parameters: int
+    resolved_revision: str | None
+    by_device: dict[str, int]
+    device_map: dict[str, str]
+    placed: Placed
+
+
+def _load_config(path: Path, spec: LoadRequest) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=spec.trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise RemoteCodeRefused(
+                "This checkpoint needs its own Python code (auto_map). Loading it requires "
+                "`trust_remote_code: true` and a server started with BASEHOLD_ALLOW_REMOTE_CODE."
+            ) from exc
+        raise InvalidCheckpoint(f"config.json cannot be read: {exc}") from exc
+    except OSError as exc:
+        raise InvalidCheckpoint(f"config.json cannot be read: {exc}") from exc
+
+
+def _prepare_config(config: PretrainedConfig, spec: LoadRequest, task: Task) -> None:
+    if spec.num_labels is not None:
+        if task not in (Task.SEQ_CLS, Task.TOKEN_CLS):
+            raise InvalidSpec(f"num_labels applies to seq-cls and token-cls, not {task.value}.")
+        config.num_labels = spec.num_labels
+
+
+def translate(exc: BaseException) -> BaseholdError:
+    """Map whatever a load raised to a domain error with a stable code."""
+    if isinstance(exc, BaseholdError):
+        return exc
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return OutOfMemory(
+            "The node ran out of memory while loading; everything was released. Try a "
+            "smaller dtype, 4-bit quantization, or offload with max_memory."
+        )
+    if isinstance(exc, (SafetensorError, EOFError)) or (
+        isinstance(exc, OSError) and not isinstance(exc, PermissionError)
+    ):
+        return InvalidCheckpoint(f"The weights could not be read ({exc}). Re-download or re-save.")
+    if isinstance(exc, ValueError) and "offload" in str(exc):
+        return InvalidSpec(f"{exc} Set `offload: true` or give more max_memory.")
+    return BaseholdError(f"{type(exc).__name__}: {exc}")
+
+
+def run_load(
+    model_id: str, spec: LoadRequest, token: str | None, ctx: LoadContext, progress: Progress
+) -> LoadedModel:
+    progress.set_phase(Phase.RESOLVING)
+    source = parse_source(spec.source, spec.revision, ctx.roots)
+    revision: str | None = None
+    if isinstance(source, HubSource):
+        progress.set_phase(Phase.DOWNLOADING)
+        path, revision = fetch_hub(source, token, ctx.hub_endpoint)
+    else:
+        assert isinstance(source, LocalSource)
+        path = source.path
+    progress.check_cancelled()
+    info = inspect_checkpoint(path)
+    progress.set_total(info.bytes_total)
+    config = _load_config(path, spec)
+    task = resolve_task(spec.task, config)
+    _prepare_config(config, spec, task)
+    loader = get_loader(spec)
+    offload = ctx.offload_root / model_id if spec.offload else None
+    progress.set_phase(loader.phase)
+    try:
+        with tracking(progress, info.tensor_bytes):
+            model = loader.load(spec, path, task, config, offload)
+        progress.set_phase(Phase.SHARING)
+        placed = ctx.placement.place(model_id, model)
+        progress.check_cancelled()
+    except BaseException:
+        ctx.placement.release(model_id)
+        if offload is not None:
+            shutil.rmtree(offload, ignore_errors=True)
+        raise
+    return LoadedModel(
+        model=model,
+        task=task,
+        architecture=type(model).__name__,
+        dtype=str(getattr(model, "dtype", "")).removeprefix("torch."),
+        parameters=count_parameters(model),
+        resolved_revision=revision,
+        by_device=bytes_by_device(model),
+        device_map=device_map_of(model),
+        placed=placed,
+    )
+
+
+def discard(model_id: str, ctx: LoadContext) -> None:
+    """Remove what a load left on disk (offload folder); memory is freed by the caller."""
+    shutil.rmtree(ctx.offload_root / model_id, ignore_errors=True)
+    ctx.placement.release(model_id)

@@ -1,0 +1,147 @@
+"""Where a checkpoint comes from: a local directory under an allowed root, or the Hub."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import errors as hub_errors
+from huggingface_hub import snapshot_download
+from huggingface_hub.utils._validators import validate_repo_id
+
+from service.errors import (
+    GatedOrUnauthorized,
+    InvalidSpec,
+    SourceNotAllowed,
+    SourceNotFound,
+)
+
+# Files a transformers checkpoint never needs: other frameworks' weights, original dumps.
+HUB_IGNORE = [
+    "*.msgpack",
+    "*.h5",
+    "*.ot",
+    "*.onnx",
+    "*.onnx_data",
+    "*.tflite",
+    "*.gguf",
+    "original/*",
+    "onnx/*",
+    "openvino/*",
+    "coreml/*",
+]
+
+
+@dataclass(frozen=True)
+class LocalSource:
+    path: Path
+
+
+@dataclass(frozen=True)
+class HubSource:
+    repo_id: str
+    revision: str
+
+
+Source = LocalSource | HubSource
+
+
+def parse_source(source: str, revision: str | None, roots: list[Path]) -> Source:
+    """Validate a request's `source` without touching the network."""
+    if source.startswith(("~", ".")):
+        raise InvalidSpec(f"Local sources must be absolute paths; got {source!r}.")
+    if source.startswith("/"):
+        if revision is not None:
+            raise InvalidSpec("`revision` applies to hub sources only; drop it for local paths.")
+        return LocalSource(resolve_local(source, roots))
+    try:
+        validate_repo_id(source)
+    except hub_errors.HFValidationError as exc:
+        raise InvalidSpec(
+            f"{source!r} is neither an absolute local path nor a valid hub repo id ({exc})."
+        ) from exc
+    return HubSource(source, revision or "main")
+
+
+def resolve_local(source: str, roots: list[Path]) -> Path:
+    if ".." in Path(source).parts:
+        raise SourceNotAllowed(f"{source!r} contains '..'. Use a plain absolute path.")
+    path = Path(source).resolve()
+    allowed = [root for root in roots if path == root or root in path.parents]
+    if not allowed:
+        shown = ", ".join(str(r) for r in roots)
+        raise SourceNotAllowed(
+            f"{source} resolves outside the allowed model roots ({shown}). Put the checkpoint "
+            "under one of them (symlinks that leave them are refused) or add a root with "
+            "BASEHOLD_MODEL_ROOTS."
+        )
+    if not path.is_dir():
+        raise SourceNotFound(f"{source} is not a directory. Check the path.")
+    return path
+
+
+def hub_cache_dir() -> str:
+    """The standard HF cache, read from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return str(hub_constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return bool(hub_constants.HF_HUB_OFFLINE) or value.upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def fetch_hub(
+    source: HubSource, token: str | None, endpoint: str | None, tqdm_class: Any = None
+) -> tuple[Path, str]:
+    """Download (or find in the cache) a snapshot; returns its folder and commit sha."""
+    try:
+        folder = snapshot_download(
+            source.repo_id,
+            revision=source.revision,
+            token=token or None,
+            cache_dir=hub_cache_dir(),
+            local_files_only=hub_offline(),
+            ignore_patterns=HUB_IGNORE,
+            endpoint=endpoint,
+            tqdm_class=tqdm_class,
+        )
+    except hub_errors.GatedRepoError as exc:
+        raise GatedOrUnauthorized(
+            f"{source.repo_id} is gated. Accept its terms on the Hub, then pass a token with "
+            "access in the X-HF-Token header (or set HF_TOKEN on the server)."
+        ) from exc
+    except hub_errors.RepositoryNotFoundError as exc:
+        raise _auth_or_missing(source, exc) from exc
+    except hub_errors.RevisionNotFoundError as exc:
+        raise SourceNotFound(
+            f"{source.repo_id} has no revision {source.revision!r}. Check the branch, tag or sha."
+        ) from exc
+    except hub_errors.LocalEntryNotFoundError as exc:
+        raise SourceNotFound(
+            f"{source.repo_id}@{source.revision} is not in the local HF cache and the hub is "
+            "offline (HF_HUB_OFFLINE). Download it first or allow hub access."
+        ) from exc
+    except hub_errors.HfHubHTTPError as exc:
+        raise _auth_or_missing(source, exc) from exc
+    path = Path(str(folder))
+    return path, path.name
+
+
+def _auth_or_missing(source: HubSource, exc: Exception) -> Exception:
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if status in (401, 403):
+        return GatedOrUnauthorized(
+            f"The Hub answered {status} for {source.repo_id}: it is private or gated. Pass a "
+            "token with access in the X-HF-Token header (or set HF_TOKEN on the server)."
+        )
+    if status == 404 or isinstance(exc, hub_errors.RepositoryNotFoundError):
+        return SourceNotFound(f"{source.repo_id} was not found on the Hub. Check the repo id.")
+    return SourceNotFound(f"Could not fetch {source.repo_id} from the Hub: {type(exc).__name__}.")

@@ -1,0 +1,126 @@
+"""The load specification: fixed vocabularies and the request model shared by HTTP and domain."""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+
+class Task(str, Enum):
+    CAUSAL_LM = "causal-lm"
+    SEQ_CLS = "seq-cls"
+    TOKEN_CLS = "token-cls"
+    SEQ2SEQ_LM = "seq2seq-lm"
+    BASE = "base"
+
+
+class DType(str, Enum):
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+class ComputeDType(str, Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+class QuantMethod(str, Enum):
+    BNB_4BIT = "bnb-4bit"
+    BNB_8BIT = "bnb-8bit"
+
+
+class QuantType(str, Enum):
+    NF4 = "nf4"
+    FP4 = "fp4"
+
+
+class AttnImplementation(str, Enum):
+    EAGER = "eager"
+    SDPA = "sdpa"
+    FLASH_ATTENTION_2 = "flash_attention_2"
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
+CUDA_DEVICE = re.compile(r"^cuda:(\d+)$")
+ModelName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
+DeviceMap = str | dict[str, str | int]
+MemorySize = str | int
+
+
+class Quantization(BaseModel):
+    """bitsandbytes quantization. Fields that do not apply to `method` are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: QuantMethod
+    quant_type: QuantType | None = Field(default=None, description="4-bit only; default nf4")
+    compute_dtype: ComputeDType | None = Field(
+        default=None, description="4-bit only; default: `dtype`, else bfloat16 on CUDA, float32"
+    )
+    double_quant: bool | None = Field(default=None, description="4-bit only; default false")
+    skip_modules: list[str] | None = Field(
+        default=None, description="modules kept in full precision, e.g. ['lm_head']"
+    )
+    int8_threshold: float | None = Field(
+        default=None, ge=0, description="8-bit only (LLM.int8 outlier threshold); default 6.0"
+    )
+
+
+class LoadRequest(BaseModel):
+    """What to load and how. Identical normalized requests share one held model."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "source": "meta-llama/Llama-2-7b-hf",
+                    "name": "llama2-7b",
+                    "task": "causal-lm",
+                    "dtype": "bfloat16",
+                    "quantization": {
+                        "method": "bnb-4bit",
+                        "quant_type": "nf4",
+                        "compute_dtype": "bfloat16",
+                        "double_quant": True,
+                    },
+                    "device_map": "auto",
+                }
+            ]
+        },
+    )
+
+    source: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="Hub repo id, or an absolute local directory under an allowed root",
+    )
+    name: ModelName | None = Field(default=None, description="Optional unique alias")
+    revision: str | None = Field(
+        default=None, max_length=256, description="Hub only: branch, tag or commit"
+    )
+    task: Task | None = Field(default=None, description="null: inferred from the config")
+    dtype: DType = DType.AUTO
+    quantization: Quantization | None = None
+    device_map: DeviceMap = Field(
+        default="auto",
+        description="auto | balanced | balanced_low_0 | sequential | cpu | cuda:N | "
+        '{"module.path": "cuda:0" | "cpu" | "disk"}',
+    )
+    max_memory: dict[str, MemorySize] | None = Field(
+        default=None, description='accelerate syntax, e.g. {"0": "20GiB", "cpu": "64GiB"}'
+    )
+    offload: bool = Field(default=False, description="Allow disk offload (server-managed)")
+    num_labels: int | None = Field(default=None, ge=1, le=100_000)
+    attn_implementation: AttnImplementation | None = None
+    trust_remote_code: bool = False
+
+    def canonical(self) -> dict[str, Any]:
+        """The JSON form used for identity: everything but the alias."""
+        return self.model_dump(mode="json", exclude={"name"})

@@ -1,0 +1,48 @@
+"""The narrow seam to CUDA. Tests without a GPU swap in a fake `CudaProbe`; the service
+uses `TorchCuda`, which asks torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class CudaDeviceMemory:
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    allocated_bytes: int
+    reserved_bytes: int
+
+
+class CudaProbe(Protocol):
+    def device_count(self) -> int: ...
+
+    def memory(self, index: int) -> CudaDeviceMemory: ...
+
+    def empty_cache(self) -> None: ...
+
+
+class TorchCuda:
+    def device_count(self) -> int:
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+    def memory(self, index: int) -> CudaDeviceMemory:
+        free, total = torch.cuda.mem_get_info(index)
+        return CudaDeviceMemory(
+            index=index,
+            name=torch.cuda.get_device_name(index),
+            total_bytes=int(total),
+            free_bytes=int(free),
+            allocated_bytes=int(torch.cuda.memory_allocated(index)),
+            reserved_bytes=int(torch.cuda.memory_reserved(index)),
+        )
+
+    def empty_cache(self) -> None:
+        if self.device_count():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()

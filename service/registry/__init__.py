@@ -1,0 +1,1 @@
+"""Held models: records and the table of allowed state transitions."""

@@ -1,0 +1,60 @@
+"""One record per held (or loading, or failed) model."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from torch import nn
+
+from service.loading.progress import Progress
+from service.loading.spec import LoadRequest
+from service.registry.states import State
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class ErrorInfo:
+    code: str
+    message: str
+
+
+@dataclass
+class ModelRecord:
+    id: str
+    name: str | None
+    spec: LoadRequest
+    key: str
+    state: State = State.QUEUED
+    progress: Progress = field(default_factory=Progress)
+    error: ErrorInfo | None = None
+    architecture: str | None = None
+    task: str | None = None
+    dtype: str | None = None
+    parameters: int | None = None
+    by_device: dict[str, int] = field(default_factory=dict)
+    device_map: dict[str, str] | None = None
+    resolved_revision: str | None = None
+    shareable: bool = False
+    shareable_reason: str | None = None
+    leases: int = 0
+    queued_at: datetime = field(default_factory=utcnow)
+    started_at: datetime | None = None
+    ready_at: datetime | None = None
+    last_used_at: datetime = field(default_factory=utcnow)
+    model: nn.Module | None = field(default=None, repr=False)
+    future: Future[None] | None = field(default=None, repr=False)
+
+    @property
+    def footprint_bytes(self) -> int:
+        return sum(self.by_device.values())
+
+    @property
+    def load_seconds(self) -> float | None:
+        if self.started_at is None or self.ready_at is None:
+            return None
+        return (self.ready_at - self.started_at).total_seconds()

@@ -1,0 +1,80 @@
+"""One Settings object (env prefix BASEHOLD_), built by the caller and passed down."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Scope = Literal["admin", "worker", "read"]
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "basehold" / "state"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. See the README's settings table."""
+
+    model_config = SettingsConfigDict(env_prefix="BASEHOLD_", extra="ignore")
+
+    state_dir: Path = Field(
+        default_factory=_default_state_dir,
+        description="Where basehold keeps its own files (disk-offload folders, state).",
+    )
+    model_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories that local sources must live under. "
+        "Default: a `models/` folder beside the state dir.",
+    )
+    max_concurrent_loads: int = Field(default=1, ge=1, le=64)
+    allow_remote_code: bool = Field(
+        default=False, description="Allow `trust_remote_code: true` in load requests."
+    )
+    api_keys: dict[str, list[Scope]] = Field(
+        default_factory=dict,
+        description="Bearer key -> scopes. Empty: no auth (then bind 127.0.0.1 only).",
+    )
+    hf_endpoint: str | None = Field(
+        default=None, description="Hub endpoint (a mirror); default: huggingface_hub's."
+    )
+    allow_unauthenticated_remote: bool = Field(
+        default=False,
+        description="Serve on a non-loopback address with no API keys (not recommended).",
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_blank(cls, value: dict[str, list[Scope]]) -> dict[str, list[Scope]]:
+        for key, scopes in value.items():
+            if len(key) < 8:
+                raise ValueError("every API key must be at least 8 characters long")
+            if not scopes:
+                raise ValueError(f"API key ending in ...{key[-4:]} has no scopes")
+        return value
+
+    @model_validator(mode="after")
+    def _default_roots(self) -> Settings:
+        self.state_dir = self.state_dir.expanduser().resolve()
+        if not self.model_roots:
+            self.model_roots = [self.state_dir.parent / "models"]
+        self.model_roots = [root.expanduser().resolve() for root in self.model_roots]
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    @property
+    def offload_dir(self) -> Path:
+        return self.state_dir / "offload"
+
+    def ensure_dirs(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.offload_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for root in self.model_roots:
+            root.mkdir(parents=True, exist_ok=True)
