@@ -13,7 +13,7 @@ from service import __version__
 from service.api import problems
 from service.api.routes import health, memory, models
 from service.loading.pipeline import LoadContext
-from service.loading.placement import KeepInPlace
+from service.loading.placement import PrivateMemory
 from service.memory.cuda import CudaProbe, TorchCuda
 from service.registry.registry import Registry
 from service.settings import Settings
@@ -28,7 +28,7 @@ def create_app(settings: Settings | None = None, *, cuda: CudaProbe | None = Non
     ctx = LoadContext(
         roots=settings.model_roots,
         offload_root=settings.offload_dir,
-        placement=KeepInPlace(),
+        placement=PrivateMemory(),
         hub_endpoint=settings.hf_endpoint,
     )
     registry = Registry(

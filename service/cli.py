@@ -21,9 +21,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.app import create_app
+    from service.server import serve
 
     settings = Settings()
     if (
@@ -39,10 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if args.demo:
         _write_demo(settings, args.host, args.port)
-    app = create_app(settings)
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30
-    )
+    serve(create_app(settings), args.host, args.port, args.log_level)
     return 0
 
 

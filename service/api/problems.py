@@ -56,10 +56,10 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
     return problem(422, "invalid_spec", "Invalid request", detail, errors=errors)
 
 
-async def _http(_: Request, exc: Exception) -> JSONResponse:
+async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
-    detail = str(exc.detail) if exc.detail else "See /docs for the available routes."
+    detail = f"{exc.detail} ({request.method} {request.url.path}). See /docs for the API."
     return problem(exc.status_code, code, code.replace("_", " ").capitalize(), detail)
 
 

@@ -91,6 +91,9 @@ class Loader(ABC):
             kwargs["max_memory"] = accelerate_max_memory(spec.max_memory)
         if offload_folder is not None:
             kwargs["offload_folder"] = str(offload_folder)
+        if spec.num_labels is not None:
+            # A new label count means a new head: re-initialise it instead of refusing.
+            kwargs["ignore_mismatched_sizes"] = True
         if spec.attn_implementation is not None:
             kwargs["attn_implementation"] = spec.attn_implementation.value
         quant = self.quantization_config(spec)

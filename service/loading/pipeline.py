@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 from dataclasses import dataclass
@@ -73,11 +74,18 @@ def _prepare_config(config: PretrainedConfig, spec: LoadRequest, task: Task) -> 
         config.num_labels = spec.num_labels
 
 
+def _is_enomem(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        return True
+    # torch's CPU allocator raises RuntimeError("... DefaultCPUAllocator: can't allocate memory")
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
 def translate(exc: BaseException) -> BaseholdError:
     """Map whatever a load raised to a domain error with a stable code."""
     if isinstance(exc, BaseholdError):
         return exc
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or _is_enomem(exc):
         return OutOfMemory(
             "The node ran out of memory while loading; everything was released. Try a "
             "smaller dtype, 4-bit quantization, or offload with max_memory."
@@ -116,7 +124,7 @@ def run_load(
         with tracking(progress, info.tensor_bytes):
             model = loader.load(spec, path, task, config, offload)
         progress.set_phase(Phase.SHARING)
-        placed = ctx.placement.place(model_id, model)
+        placed = ctx.placement.place(model_id, model, info.weight_files)
         progress.check_cancelled()
     except BaseException:
         ctx.placement.release(model_id)

@@ -1,0 +1,51 @@
+"""Make held weights resident and independent of the checkpoint files.
+
+transformers maps safetensors files and, where no conversion is needed, hands out tensors
+that are views of that mapping: not resident until touched, and a SIGBUS waiting to happen
+if someone rewrites the checkpoint. A holding service copies those tensors (only those)
+into private memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def file_ranges(files: Iterable[Path], maps: Path = Path("/proc/self/maps")) -> list[range]:
+    wanted = {str(Path(f).resolve()) for f in files}
+    if not wanted or not maps.exists():
+        return []
+    ranges = []
+    for line in maps.read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].removesuffix(" (deleted)") in wanted:
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append(range(start, end))
+    return ranges
+
+
+def _inside(ptr: int, ranges: list[range]) -> bool:
+    return any(ptr in r for r in ranges)
+
+
+@torch.no_grad()
+def copy_out_of_files(model: nn.Module, files: Iterable[Path]) -> int:
+    """Clone every CPU tensor that still points into `files`; returns bytes copied."""
+    ranges = file_ranges(files)
+    if not ranges:
+        return 0
+    copied = 0
+    seen: set[int] = set()
+    tensors = [*model.parameters(), *model.buffers()]
+    for tensor in tensors:
+        if id(tensor) in seen or tensor.device.type != "cpu":
+            continue
+        seen.add(id(tensor))
+        if _inside(tensor.untyped_storage().data_ptr(), ranges):
+            tensor.data = tensor.data.clone()
+            copied += tensor.numel() * tensor.element_size()
+    return copied

@@ -1,0 +1,114 @@
+"""Hub sources: a local HF cache layout with HF_HUB_OFFLINE=1, and a hub that says 401/403
+(a real HTTP server on 127.0.0.1 given as the hub endpoint)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import ClientFactory, load
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, models_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "hf" / "hub"
+    repo = cache / "models--acme--tiny-llama"
+    snapshot = repo / "snapshots" / COMMIT
+    blobs = repo / "blobs"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in (models_root / "llama").iterdir():
+        blob = blobs / f"blob-{file.name}"
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_hub_id_from_offline_cache(client: TestClient, hub_cache: Path) -> None:
+    status = load(client, source="acme/tiny-llama", dtype="float32")
+    assert status["state"] == "ready", status
+    assert status["resolved_revision"] == COMMIT
+    assert status["spec"]["revision"] == "main"
+    assert status["architecture"] == "LlamaForCausalLM"
+
+
+def test_hub_id_not_cached_offline(client: TestClient, hub_cache: Path) -> None:
+    status = load(client, source="acme/not-there")
+    assert status["error"]["code"] == "source_not_found"
+    assert "HF_HUB_OFFLINE" in status["error"]["message"]
+
+
+def test_invalid_hub_id(client: TestClient) -> None:
+    response = client.post("/v1/models", json={"source": "a/b/c"})
+    assert response.status_code == 400 and response.json()["code"] == "invalid_spec"
+
+
+class _Refusing(BaseHTTPRequestHandler):
+    seen_auth: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        type(self).seen_auth.append(self.headers.get("Authorization", ""))
+        gated = "gated" in self.path
+        self.send_response(403 if gated else 401)
+        self.send_header("Content-Type", "application/json")
+        if gated:
+            self.send_header("X-Error-Code", "GatedRepo")
+            self.send_header("X-Error-Message", "Access to model acme/gated is restricted.")
+        else:
+            self.send_header("X-Error-Code", "RepoNotFound")
+        self.end_headers()
+        self.wfile.write(b'{"error": "nope"}')
+
+    do_HEAD = do_GET  # noqa: N815
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+@pytest.fixture
+def refusing_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    _Refusing.seen_auth = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("repo", ["acme/private", "acme/gated"])
+def test_hub_refusal_says_pass_a_token(
+    make_client: ClientFactory,
+    refusing_hub: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    repo: str,
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    client = make_client(hf_endpoint=refusing_hub)
+    secret = "hf_secret_token_never_echoed"
+    with caplog.at_level(logging.DEBUG):
+        response = client.post("/v1/models", json={"source": repo}, headers={"X-HF-Token": secret})
+        from tests.conftest import wait_for
+
+        status = wait_for(client, response.json()["id"])
+    assert status["error"]["code"] == "gated_or_unauthorized", status
+    assert "X-HF-Token" in status["error"]["message"]
+    assert f"Bearer {secret}" in _Refusing.seen_auth  # the token did reach the hub
+    everything = response.text + client.get("/v1/models").text + caplog.text
+    assert secret not in everything

@@ -1,0 +1,58 @@
+"""/v1/memory: host figures from psutil, GPUs through the CUDA seam (faked: no GPU here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+from fastapi.testclient import TestClient
+
+from service.memory.cuda import CudaDeviceMemory
+from tests.conftest import ClientFactory, load
+
+
+class FakeCuda:
+    """Stands in for absent hardware only; everything above it is real."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.emptied = 0
+
+    def device_count(self) -> int:
+        return self.count
+
+    def memory(self, index: int) -> CudaDeviceMemory:
+        return CudaDeviceMemory(
+            index=index,
+            name="Fake H100",
+            total_bytes=80 << 30,
+            free_bytes=70 << 30,
+            allocated_bytes=9 << 30,
+            reserved_bytes=10 << 30,
+        )
+
+    def empty_cache(self) -> None:
+        self.emptied += 1
+
+
+def test_host_memory_and_models(client: TestClient, models_root: Path) -> None:
+    status = load(client, source=str(models_root / "gpt2"), dtype="float32")
+    report = client.get("/v1/memory").json()
+    assert report["devices"] == []
+    host = report["host"]
+    assert host["total_bytes"] == psutil.virtual_memory().total
+    assert 0 < host["available_bytes"] <= host["total_bytes"]
+    assert host["process_rss_bytes"] > 100 << 20
+    assert host["held_bytes"] == status["memory"]["by_device"]["cpu"]
+    assert report["models"] == [{"id": status["id"], "by_device": status["memory"]["by_device"]}]
+
+
+def test_cuda_devices_through_the_seam(make_client: ClientFactory) -> None:
+    fake = FakeCuda(2)
+    client = make_client()
+    client.app.state.cuda = fake  # type: ignore[attr-defined]
+    devices = client.get("/v1/memory").json()["devices"]
+    assert [d["id"] for d in devices] == ["cuda:0", "cuda:1"]
+    assert devices[0]["used_bytes"] == 10 << 30
+    assert devices[0]["torch_reserved_bytes"] == 10 << 30
+    assert devices[0]["held_bytes"] == 0

@@ -1,0 +1,94 @@
+"""Tiny checkpoints generated with transformers configs + save_pretrained (no hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+
+def _save(model: PreTrainedModel, path: Path) -> Path:
+    model.save_pretrained(path)
+    return path
+
+
+def llama(
+    path: Path,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab: int = 1000,
+    heads: int = 4,
+    tied: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+    )
+    return _save(LlamaForCausalLM(config).to(dtype), path)
+
+
+def llama_100m(path: Path) -> Path:
+    """~95M parameters (~380 MB in float32): big enough that a leak shows in RSS."""
+    return llama(path, hidden=768, layers=10, vocab=16000, heads=12)
+
+
+def gpt2(path: Path) -> Path:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=500,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return _save(GPT2LMHeadModel(config), path)
+
+
+def t5(path: Path) -> Path:
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=500,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+    )
+    return _save(T5ForConditionalGeneration(config), path)
+
+
+def bert_cls(path: Path) -> Path:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=500,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=3,
+    )
+    return _save(BertForSequenceClassification(config), path)

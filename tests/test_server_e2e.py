@@ -1,0 +1,162 @@
+"""The real thing: `basehold serve` under uvicorn on 127.0.0.1, driven over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests import checkpoints
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[str]
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+def start(
+    tmp_path: Path,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    prefix: list[str] | None = None,
+) -> Server:
+    port = free_port()
+    log = tmp_path / f"server-{port}.log"
+    full_env = {**os.environ, "BASEHOLD_STATE_DIR": str(tmp_path / "state"), **(env or {})}
+    command = [
+        *(prefix or [sys.executable, "-m", "service"]),
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True
+        )
+    server = Server(process, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early:\n{server.output()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise AssertionError(f"server not ready:\n{server.output()}")
+
+
+def wait_ready(url: str, model_id: str, timeout: float = 120) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body: dict[str, object] = httpx.get(f"{url}/v1/models/{model_id}").json()
+        if body["state"] in ("ready", "failed"):
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"{model_id} not ready")
+
+
+@pytest.fixture
+def demo_server(tmp_path: Path) -> Iterator[Server]:
+    server = start(tmp_path, ["--demo"])
+    yield server
+    server.stop()
+
+
+def test_demo_checkpoint_loads_and_unloads(demo_server: Server, tmp_path: Path) -> None:
+    output = demo_server.output()
+    demo = tmp_path / "models" / "demo-llama"
+    assert f"demo checkpoint at {demo}" in output
+    assert "curl -s -X POST" in output and "127.0.0.1" in output
+    response = httpx.post(
+        f"{demo_server.url}/v1/models",
+        json={"source": str(demo), "name": "demo", "dtype": "float32"},
+    )
+    assert response.status_code == 202
+    status = wait_ready(demo_server.url, "demo")
+    assert status["state"] == "ready" and status["architecture"] == "LlamaForCausalLM"
+    memory = httpx.get(f"{demo_server.url}/v1/memory").json()
+    assert memory["models"][0]["id"] == "demo"
+    assert httpx.delete(f"{demo_server.url}/v1/models/demo").status_code == 204
+    assert httpx.get(f"{demo_server.url}/v1/models/demo").status_code == 404
+
+
+def test_sigterm_drains_and_unloads(tmp_path: Path) -> None:
+    server = start(tmp_path, ["--demo"])
+    demo = tmp_path / "models" / "demo-llama"
+    httpx.post(f"{server.url}/v1/models", json={"source": str(demo), "name": "demo"})
+    wait_ready(server.url, "demo")
+    assert server.stop() == 0
+    output = server.output()
+    assert "shutting down" in output
+    assert "model demo: unloading -> gone" in output
+
+
+def test_refuses_public_bind_without_keys(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--host", "0.0.0.0", "--port", "1"],
+        cwd=ROOT,
+        env={**os.environ, "BASEHOLD_STATE_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "BASEHOLD_API_KEYS" in result.stderr
+
+
+@pytest.mark.slow
+def test_out_of_memory_is_rolled_back(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    checkpoints.llama_100m(models / "big")
+    checkpoints.llama(models / "small")
+    prefix = [sys.executable, str(ROOT / "tests" / "limited_serve.py"), str(200 << 20)]
+    server = start(tmp_path, [], env={"MALLOC_ARENA_MAX": "2"}, prefix=prefix)
+    try:
+        big = httpx.post(
+            f"{server.url}/v1/models", json={"source": str(models / "big"), "dtype": "float32"}
+        ).json()
+        status = wait_ready(server.url, str(big["id"]))
+        assert status["state"] == "failed", status
+        assert status["error"]["code"] == "out_of_memory", status  # type: ignore[index]
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+        small = httpx.post(
+            f"{server.url}/v1/models", json={"source": str(models / "small"), "dtype": "float32"}
+        ).json()
+        assert wait_ready(server.url, str(small["id"]))["state"] == "ready"
+    finally:
+        assert server.stop() == 0
