@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from fastapi.testclient import TestClient
@@ -57,9 +58,9 @@ def test_invalid_hub_id(client: TestClient) -> None:
 
 
 class _Refusing(BaseHTTPRequestHandler):
-    seen_auth: list[str] = []
+    seen_auth: ClassVar[list[str]] = []
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         type(self).seen_auth.append(self.headers.get("Authorization", ""))
         gated = "gated" in self.path
         self.send_response(403 if gated else 401)
@@ -72,7 +73,7 @@ class _Refusing(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b'{"error": "nope"}')
 
-    do_HEAD = do_GET  # noqa: N815
+    do_HEAD = do_GET
 
     def log_message(self, *args: object) -> None:
         return None
