@@ -256,3 +256,13 @@ def test_unload_returns_404_after(client: TestClient, models_root: Path) -> None
     assert missing.status_code == 404
     assert missing.json()["code"] == "model_not_found"
     assert client.delete(f"/v1/models/{status['id']}").status_code == 404
+
+
+def test_held_weights_are_private_not_file_mapped(client: TestClient, models_root: Path) -> None:
+    from service.memory.resident import file_ranges
+
+    status = load(client, source=str(models_root / "llama"), dtype="float32")
+    model = held_model(client, status["id"])
+    ranges = file_ranges([models_root / "llama" / "model.safetensors"])
+    pointers = [t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]]
+    assert not [p for p in pointers if any(p in r for r in ranges)]

@@ -1,0 +1,132 @@
+"""Load time through basehold's HTTP API vs a plain in-process from_pretrained.
+
+Builds a ~250M-parameter Llama checkpoint locally (no hub), starts `basehold serve` on
+127.0.0.1, and for each spec prints POST->ready over HTTP next to from_pretrained(...) plus
+touching every tensor in this process, as a ratio, and the time of a repeat POST of a held
+spec. Both sides read the same (page-cached) files in the same run, and both first load a
+tiny checkpoint with the same spec, so neither pays one-time imports in the measurement.
+
+    .venv/bin/python bench/load.py [--params-m 250]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.checkpoints import llama  # noqa: E402
+
+SPECS: dict[str, dict[str, Any]] = {
+    "fp32": {"dtype": "float32"},
+    "bf16": {"dtype": "bfloat16"},
+    "nf4": {"dtype": "float32", "quantization": {"method": "bnb-4bit", "quant_type": "nf4"}},
+}
+
+
+def baseline(path: Path, spec: dict[str, Any]) -> float:
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, spec["dtype"]), "device_map": "cpu"}
+    if "quantization" in spec:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.float().sum() if tensor.is_floating_point() else tensor.sum()
+    elapsed = time.perf_counter() - start
+    del model
+    gc.collect()
+    return elapsed
+
+
+def http_load(http: httpx.Client, path: Path, spec: dict[str, Any]) -> tuple[float, float, str]:
+    """POST, then poll every 50 ms as a client would; returns (load s, repeat POST s, id)."""
+    body = {"source": str(path), **spec}
+    start = time.perf_counter()
+    model_id = http.post("/v1/models", json=body).json()["id"]
+    while (status := http.get(f"/v1/models/{model_id}").json())["state"] not in ("ready", "failed"):
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - start
+    assert status["state"] == "ready", status
+    start = time.perf_counter()
+    repeat = http.post("/v1/models", json=body)
+    repeat_s = time.perf_counter() - start
+    assert repeat.status_code == 200
+    return elapsed, repeat_s, model_id
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--params-m", type=int, default=250)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="basehold-bench-"))
+    layers = max(1, round((args.params_m * 1e6 - 2 * 32000 * 1024) / 12.6e6))
+    path = llama(work / "models" / "llama-bench", hidden=1024, layers=layers, vocab=32000, heads=16)
+    tiny = llama(work / "models" / "llama-tiny")
+    path.joinpath("model.safetensors").read_bytes()  # both sides start from a warm page cache
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "BASEHOLD_STATE_DIR": str(work / "state")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    http = httpx.Client(base_url=url, timeout=120)
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        params = None
+        rows = []
+        for name, spec in SPECS.items():
+            baseline(tiny, spec)
+            http.delete(f"/v1/models/{http_load(http, tiny, spec)[2]}")
+            base_s = baseline(path, spec)
+            http_s, repeat_s, model_id = http_load(http, path, spec)
+            params = http.get(f"/v1/models/{model_id}").json()["parameters"]
+            http.delete(f"/v1/models/{model_id}")
+            rows.append((name, http_s, base_s, repeat_s))
+        print(
+            f"\nbasehold load bench: Llama {params / 1e6:.0f}M params, CPU, "
+            f"torch {torch.__version__}\n"
+        )
+        print(
+            "| spec | HTTP POST->ready (s) | from_pretrained+touch (s) | ratio | "
+            "repeat POST of held spec (ms) |"
+        )
+        print("|---|---|---|---|---|")
+        for name, http_s, base_s, repeat_s in rows:
+            print(
+                f"| {name} | {http_s:.2f} | {base_s:.2f} | {http_s / base_s:.2f} | "
+                f"{repeat_s * 1000:.1f} |"
+            )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+
+
+if __name__ == "__main__":
+    main()
