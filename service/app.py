@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,9 +13,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from service import __version__
 from service.api import problems
-from service.api.routes import health, memory, models
+from service.api.routes import health, leases, memory, models
+from service.handles.placement import ArenaPlacement
 from service.loading.pipeline import LoadContext
-from service.loading.placement import PrivateMemory
 from service.memory.cuda import CudaProbe, TorchCuda
 from service.registry.registry import Registry
 from service.settings import Settings
@@ -21,14 +23,21 @@ from service.settings import Settings
 log = logging.getLogger("basehold")
 
 
+async def _reap_leases(registry: Registry, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        registry.expire_leases()
+
+
 def create_app(settings: Settings | None = None, *, cuda: CudaProbe | None = None) -> FastAPI:
     settings = settings or Settings()
     settings.ensure_dirs()
     cuda = cuda or TorchCuda()
+    placement = ArenaPlacement(settings.shm_dir)
     ctx = LoadContext(
         roots=settings.model_roots,
         offload_root=settings.offload_dir,
-        placement=PrivateMemory(),
+        placement=placement,
         hub_endpoint=settings.hf_endpoint,
     )
     registry = Registry(
@@ -45,9 +54,16 @@ def create_app(settings: Settings | None = None, *, cuda: CudaProbe | None = Non
                 "no API keys configured (BASEHOLD_API_KEYS): every request is "
                 "trusted; serve on 127.0.0.1 only"
             )
+        stale = placement.clean_stale()
+        if stale:
+            log.info("removed %d stale arena file(s) from %s", stale, settings.shm_dir)
+        reaper = asyncio.create_task(_reap_leases(registry, settings.lease_reap_seconds))
         app.state.ready = True
         yield
         app.state.ready = False
+        reaper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reaper
         log.info("shutting down: cancelling loads and unloading models")
         await run_in_threadpool(registry.shutdown)
 
@@ -59,10 +75,12 @@ def create_app(settings: Settings | None = None, *, cuda: CudaProbe | None = Non
     )
     app.state.settings = settings
     app.state.registry = registry
+    app.state.placement = placement
     app.state.cuda = cuda
     app.state.ready = False
     problems.install(app)
     app.include_router(health.router)
     app.include_router(models.router)
+    app.include_router(leases.router)
     app.include_router(memory.router)
     return app

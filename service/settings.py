@@ -39,6 +39,11 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Bearer key -> scopes. Empty: no auth (then bind 127.0.0.1 only).",
     )
+    shm_dir: Path = Field(
+        default=Path("/dev/shm/basehold"),
+        description="Where model arenas live (shared with training workers).",
+    )
+    lease_reap_seconds: float = Field(default=1.0, gt=0, le=60)
     hf_endpoint: str | None = Field(
         default=None, description="Hub endpoint (a mirror); default: huggingface_hub's."
     )
@@ -76,5 +81,6 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.offload_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.shm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for root in self.model_roots:
             root.mkdir(parents=True, exist_ok=True)

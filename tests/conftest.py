@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,21 @@ ClientFactory = Callable[..., TestClient]
 
 
 @pytest.fixture
-def make_client(models_root: Path, tmp_path: Path) -> Iterator[ClientFactory]:
+def shm_dir() -> Iterator[Path]:
+    """A private arena directory in /dev/shm, removed after the test."""
+    path = Path("/dev/shm") / f"basehold-test-{uuid.uuid4().hex[:8]}"
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_client(models_root: Path, tmp_path: Path, shm_dir: Path) -> Iterator[ClientFactory]:
     clients: list[TestClient] = []
 
     def factory(**overrides: Any) -> TestClient:
         values: dict[str, Any] = {
             "state_dir": tmp_path / "state",
+            "shm_dir": shm_dir,
             "model_roots": [models_root, MINILM.parent],
         }
         values.update(overrides)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,6 +33,7 @@ class Server:
     process: subprocess.Popen[str]
     url: str
     log: Path
+    shm: Path
 
     def output(self) -> str:
         return self.log.read_text()
@@ -39,7 +41,9 @@ class Server:
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
+        code = self.process.wait(timeout=60)
+        shutil.rmtree(self.shm, ignore_errors=True)
+        return code
 
 
 def start(
@@ -50,7 +54,13 @@ def start(
 ) -> Server:
     port = free_port()
     log = tmp_path / f"server-{port}.log"
-    full_env = {**os.environ, "BASEHOLD_STATE_DIR": str(tmp_path / "state"), **(env or {})}
+    shm = Path(f"/dev/shm/basehold-e2e-{tmp_path.name}")
+    full_env = {
+        **os.environ,
+        "BASEHOLD_STATE_DIR": str(tmp_path / "state"),
+        "BASEHOLD_SHM_DIR": str(shm),
+        **(env or {}),
+    }
     command = [
         *(prefix or [sys.executable, "-m", "service"]),
         "serve",
@@ -64,7 +74,7 @@ def start(
         process = subprocess.Popen(
             command, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True
         )
-    server = Server(process, f"http://127.0.0.1:{port}", log)
+    server = Server(process, f"http://127.0.0.1:{port}", log, shm)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from service.handles.descriptor import Handle
+from service.handles.leases import Lease
 from service.loading.spec import LoadRequest
 from service.registry.record import ModelRecord
 
@@ -138,3 +140,39 @@ class Problem(BaseModel):
     status: int
     detail: str
     code: str = Field(examples=["model_leased"])
+
+
+class LeaseRequest(BaseModel):
+    holder: str = Field(min_length=1, max_length=128, examples=["trainer-7"])
+    ttl_seconds: int = Field(default=60, ge=1, le=3600, description="renew before it runs out")
+
+
+class LeaseOut(BaseModel):
+    lease_id: str
+    model_id: str
+    holder: str
+    ttl_seconds: int
+    expires_at: datetime
+    handle: Handle | None = Field(
+        default=None, description="JSON descriptor for service.client (on create only)"
+    )
+
+    @classmethod
+    def of(cls, lease: Lease, handle: Handle | None = None) -> LeaseOut:
+        return cls(
+            lease_id=lease.id,
+            model_id=lease.model_id,
+            holder=lease.holder,
+            ttl_seconds=lease.ttl_seconds,
+            expires_at=lease.expires_at,
+            handle=handle,
+        )
+
+
+class LeaseList(BaseModel):
+    leases: list[LeaseOut]
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for the problem+json errors a route can answer."""
+    return {s: {"model": Problem, "content": {"application/problem+json": {}}} for s in statuses}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -22,12 +22,15 @@ class Placed:
     shareable: bool
     reason: str | None = None
     arena_bytes: int = 0
+    handle: Any = None  # service.handles.descriptor.Handle for shareable models
 
 
 class Placement(Protocol):
     def place(self, model_id: str, model: nn.Module, files: Sequence[Path]) -> Placed: ...
 
     def release(self, model_id: str) -> None: ...
+
+    def arena_bytes(self) -> int: ...
 
 
 class PrivateMemory:
@@ -40,3 +43,6 @@ class PrivateMemory:
 
     def release(self, model_id: str) -> None:
         return None
+
+    def arena_bytes(self) -> int:
+        return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
 from torch import nn
 
@@ -42,6 +43,7 @@ class ModelRecord:
     shareable: bool = False
     shareable_reason: str | None = None
     leases: int = 0
+    handle: Any = field(default=None, repr=False)  # handles.descriptor.Handle when shareable
     queued_at: datetime = field(default_factory=utcnow)
     started_at: datetime | None = None
     ready_at: datetime | None = None

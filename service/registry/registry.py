@@ -9,7 +9,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from service.errors import ModelLeased, ModelNotFound, NameTaken, RemoteCodeRefused
+from service.errors import (
+    ModelLeased,
+    ModelNotFound,
+    ModelNotReady,
+    NameTaken,
+    NotShareable,
+    RemoteCodeRefused,
+)
+from service.handles.leases import Lease, LeaseTable
 from service.loading.base import Devices
 from service.loading.pipeline import LoadContext, discard, run_load, translate
 from service.loading.sources import LocalSource, parse_source
@@ -42,6 +50,7 @@ class Registry:
         self._lock = threading.RLock()
         self._executor = ThreadPoolExecutor(max_concurrent_loads, thread_name_prefix="load")
         self._listeners: list[Listener] = []
+        self.leases = LeaseTable()
 
     # -- queries ---------------------------------------------------------------------
     def get(self, model_id: str) -> ModelRecord:
@@ -51,7 +60,7 @@ class Registry:
             raise ModelNotFound(f"No model {model_id!r} is held. GET /v1/models lists them.")
         return record
 
-    def list(self) -> list[ModelRecord]:
+    def records(self) -> list[ModelRecord]:
         with self._lock:
             return list(self._records.values())
 
@@ -133,6 +142,7 @@ class Registry:
                     resolved_revision=loaded.resolved_revision,
                     shareable=loaded.placed.shareable,
                     shareable_reason=loaded.placed.reason,
+                    handle=loaded.placed.handle,
                 )
                 return
         loaded = None
@@ -176,16 +186,71 @@ class Registry:
                     f"{model_id} has {record.leases} active lease(s). Release them, or unload "
                     "with ?force=true to revoke them."
                 )
-            self._transition(record, State.UNLOADING, model=None)
+            for lease in self.leases.revoke_model(model_id):
+                log.warning(
+                    "lease %s of %s (holder %s) revoked by a forced unload",
+                    lease.id,
+                    model_id,
+                    lease.holder,
+                )
+            self._transition(record, State.UNLOADING, model=None, handle=None, leases=0)
         discard(record.id, self._ctx)
         release_memory(self._cuda)
         with self._lock:
             self._transition(record, State.GONE, by_device={})
         return None
 
+    # -- leases --------------------------------------------------------------------------
+    def lease(self, model_id: str, holder: str, ttl_seconds: int) -> tuple[Lease, object]:
+        """Grant a lease on a ready, shareable model; returns it with the model's handle."""
+        with self._lock:
+            record = self.get(model_id)
+            if record.state != State.READY:
+                raise ModelNotReady(
+                    f"{model_id} is {record.state.value}; wait until it is ready "
+                    f"(GET /v1/models/{model_id})."
+                )
+            if not record.shareable or record.handle is None:
+                raise NotShareable(
+                    f"{model_id} cannot be lent to workers: {record.shareable_reason}."
+                )
+            lease = self.leases.grant(model_id, holder, ttl_seconds)
+            record.leases = self.leases.count(model_id)
+            record.last_used_at = utcnow()
+        log.info("lease %s on %s granted to %s for %ss", lease.id, model_id, holder, ttl_seconds)
+        return lease, record.handle
+
+    def renew_lease(self, lease_id: str) -> Lease:
+        return self.leases.renew(lease_id)
+
+    def release_lease(self, lease_id: str) -> Lease:
+        lease = self.leases.release(lease_id)
+        self._recount(lease.model_id)
+        log.info("lease %s on %s released by %s", lease.id, lease.model_id, lease.holder)
+        return lease
+
+    def expire_leases(self) -> list[Lease]:
+        expired = self.leases.expire()
+        for lease in expired:
+            self._recount(lease.model_id)
+            log.warning(
+                "lease %s on %s (holder %s) expired: not renewed in %ss",
+                lease.id,
+                lease.model_id,
+                lease.holder,
+                lease.ttl_seconds,
+            )
+        return expired
+
+    def _recount(self, model_id: str) -> None:
+        with self._lock:
+            record = self._records.get(model_id)
+            if record is not None:
+                record.leases = self.leases.count(model_id)
+
     def shutdown(self) -> None:
         """Cancel loads, unload everything, stop the executor (on SIGTERM)."""
-        for record in self.list():
+        for record in self.records():
             try:
                 self.unload(record.id, force=True)
             except ModelNotFound:

@@ -16,6 +16,7 @@ router = APIRouter(prefix="/v1", tags=["memory"])
 @router.get("/memory", response_model=MemoryReport, dependencies=[require("read")])
 def memory(request: Request, registry: RegistryDep) -> MemoryReport:
     """Per GPU (torch.cuda), host (psutil) and per-model bytes counted from the tensors."""
-    models = [(r.id, r.by_device) for r in registry.list() if r.by_device]
-    snapshot = memory_snapshot(request.app.state.cuda, models)
+    models = [(r.id, r.by_device) for r in registry.records() if r.by_device]
+    arena = request.app.state.placement.arena_bytes()
+    snapshot = memory_snapshot(request.app.state.cuda, models, shared_arena_bytes=arena)
     return MemoryReport.model_validate(asdict(snapshot))

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service.api.deps import RegistryDep, require
-from service.api.schemas import ModelList, ModelStatus, Problem
+from service.api.schemas import ModelList, ModelStatus, problem_responses
 from service.loading.spec import LoadRequest
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-
-
-def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {s: {"model": Problem, "content": {"application/problem+json": {}}} for s in statuses}
 
 
 @router.post(
@@ -25,7 +21,7 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     dependencies=[require("admin")],
     responses={
         200: {"model": ModelStatus, "description": "Identical spec already held"},
-        **_problems(400, 401, 403, 404, 409, 422, 507),
+        **problem_responses(400, 401, 403, 404, 409, 422, 507),
     },
 )
 def load_model(
@@ -42,18 +38,21 @@ def load_model(
 
 
 @router.get(
-    "", response_model=ModelList, dependencies=[require("read")], responses=_problems(401, 403)
+    "",
+    response_model=ModelList,
+    dependencies=[require("read")],
+    responses=problem_responses(401, 403),
 )
 def list_models(registry: RegistryDep) -> ModelList:
     """All held, loading and failed models."""
-    return ModelList(models=[ModelStatus.of(r) for r in registry.list()])
+    return ModelList(models=[ModelStatus.of(r) for r in registry.records()])
 
 
 @router.get(
     "/{model_id}",
     response_model=ModelStatus,
     dependencies=[require("read")],
-    responses=_problems(401, 403, 404),
+    responses=problem_responses(401, 403, 404),
 )
 def show_model(model_id: str, registry: RegistryDep) -> ModelStatus:
     """One model's state, progress, memory and timings."""
@@ -66,7 +65,7 @@ def show_model(model_id: str, registry: RegistryDep) -> ModelStatus:
     dependencies=[require("admin")],
     responses={
         202: {"model": ModelStatus, "description": "Load being cancelled"},
-        **_problems(401, 403, 404, 409),
+        **problem_responses(401, 403, 404, 409),
     },
 )
 async def unload_model(

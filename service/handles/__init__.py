@@ -1,0 +1,1 @@
+"""Who may read the weights: the shared arena, leases, and attaching from a worker."""

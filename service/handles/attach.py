@@ -1,0 +1,142 @@
+"""Worker side: turn a handle into an nn.Module whose base weights are the arena's pages.
+
+The skeleton is built from the config on the `meta` device (no memory), 4-bit linears are
+swapped for bitsandbytes modules holding the arena's packed weights and QuantState, every
+other parameter and buffer is bound to a read-only view, and nothing may remain on `meta`.
+"""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig
+
+from service.handles.arena import map_readonly, views
+from service.handles.descriptor import Handle, Quant4Module
+from service.handles.share import disable_cpu_repack
+
+
+class AttachError(RuntimeError):
+    pass
+
+
+def _skeleton(handle: Handle) -> nn.Module:
+    config_dict = dict(handle.config)
+    config_dict.pop("quantization_config", None)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    model_class = getattr(transformers, handle.architecture, None)
+    if model_class is None:
+        raise AttachError(
+            f"this worker's transformers has no {handle.architecture}; "
+            "install the version the service runs"
+        )
+    with torch.device("meta"):
+        model: nn.Module = model_class._from_config(config, dtype=getattr(torch, handle.dtype))
+    return model
+
+
+def _linear4bit(spec: Quant4Module, arena: dict[str, torch.Tensor]) -> nn.Module:
+    from bitsandbytes.functional import QuantState
+    from bitsandbytes.nn.modules import Linear4bit, Params4bit
+
+    state = spec.state
+    nested = None
+    if state.nested_absmax is not None and state.nested_code is not None:
+        nested = QuantState(
+            absmax=arena[state.nested_absmax],
+            code=arena[state.nested_code],
+            blocksize=state.nested_blocksize,
+            dtype=getattr(torch, state.nested_dtype or "float32"),
+        )
+    quant_state = QuantState(
+        absmax=arena[state.absmax],
+        shape=torch.Size(state.shape),
+        code=arena[state.code],
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=getattr(torch, state.dtype),
+        offset=arena[state.offset] if state.offset is not None else None,
+        state2=nested,
+    )
+    compute = getattr(torch, spec.compute_dtype) if spec.compute_dtype else None
+    storage = getattr(torch, spec.quant_storage)
+    with torch.device("meta"):
+        module = Linear4bit(
+            spec.in_features,
+            spec.out_features,
+            bias=spec.bias,
+            compute_dtype=compute,
+            compress_statistics=spec.compress_statistics,
+            quant_type=state.quant_type,
+            quant_storage=storage,
+        )
+    module.weight = Params4bit(
+        arena[f"{spec.module}.weight"] if f"{spec.module}.weight" in arena else torch.empty(0),
+        requires_grad=False,
+        quant_state=quant_state,
+        blocksize=state.blocksize,
+        compress_statistics=spec.compress_statistics,
+        quant_type=state.quant_type,
+        quant_storage=storage,
+        module=module,
+        bnb_quantized=True,
+    )
+    module.quant_state = quant_state
+    return module
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+
+
+def build(handle: Handle, mapping: mmap.mmap) -> nn.Module:
+    arena = views(mapping, handle.entries, handle.arena.data_start)
+    model = _skeleton(handle)
+    by_entry = {name: entry for name, entry in handle.parameters.items()}
+    for spec in handle.quant4:
+        weight_entry = by_entry[f"{spec.module}.weight"]
+        arena_for = {**arena, f"{spec.module}.weight": arena[weight_entry]}
+        _set_module(model, spec.module, _linear4bit(spec, arena_for))
+    quant_weights = {f"{q.module}.weight" for q in handle.quant4}
+    shared: dict[str, nn.Parameter] = {}
+    modules = dict(model.named_modules())
+    for name, entry in handle.parameters.items():
+        if name in quant_weights:
+            continue
+        if entry not in shared:
+            shared[entry] = nn.Parameter(arena[entry], requires_grad=False)
+        owner, _, leaf = name.rpartition(".")
+        modules[owner]._parameters[leaf] = shared[entry]
+    for name, entry in handle.buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        modules[owner]._buffers[leaf] = arena[entry]
+    left = [
+        n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"
+    ]
+    if left:
+        raise AttachError(f"the handle does not cover {len(left)} tensors, e.g. {left[:3]}")
+    disable_cpu_repack(model)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def attach_handle(handle: Handle | dict[str, object]) -> nn.Module:
+    """Map the arena read-only and build the model on it."""
+    if not isinstance(handle, Handle):
+        handle = Handle.model_validate(handle)
+    path = Path(handle.arena.path)
+    if not path.exists():
+        raise AttachError(f"arena {path} is not visible here: share /dev/shm with the service")
+    mapping = map_readonly(path)
+    if len(mapping) != handle.arena.size:
+        raise AttachError(
+            f"arena {path} has {len(mapping)} bytes, the handle says {handle.arena.size}"
+        )
+    return build(handle, mapping)

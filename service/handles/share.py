@@ -1,0 +1,145 @@
+"""Service side: put a loaded model's tensors into an arena and re-point the model to it."""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.handles.arena import map_readonly, views, write_arena
+from service.handles.descriptor import ArenaInfo, Handle, Quant4Module, Quant4State
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+class NotShareableModel(Exception):
+    """Why a model stays private (the reason shows in ModelStatus.shareable_reason)."""
+
+
+@dataclass
+class _Plan:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    by_identity: dict[tuple[int, int, str, tuple[int, ...]], str] = field(default_factory=dict)
+
+    def entry(self, name: str, tensor: torch.Tensor) -> str:
+        key = (
+            tensor.data_ptr(),
+            tensor.untyped_storage().data_ptr(),
+            str(tensor.dtype),
+            tuple(tensor.shape),
+        )
+        if key not in self.by_identity:
+            self.by_identity[key] = name
+            self.tensors[name] = tensor
+        return self.by_identity[key]
+
+
+def _check(model: Any) -> None:
+    if getattr(model.config, "auto_map", None):
+        raise NotShareableModel("checkpoints with remote code cannot be attached by workers")
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.device.type == "meta":
+            raise NotShareableModel(f"{name} is offloaded (disk/cpu hooks); load without offload")
+        if tensor.device.type != "cpu":
+            raise NotShareableModel(
+                f"{name} is on {tensor.device}: CUDA arenas are not implemented yet"
+            )
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Linear8bitLt":
+            raise NotShareableModel(
+                f"{name} is bitsandbytes 8-bit, whose state cannot be shared exactly; use 4-bit"
+            )
+
+
+def _quant4(plan: _Plan, name: str, module: Any) -> Quant4Module:
+    weight = module.weight
+    state = weight.quant_state
+    nested = state.state2 if getattr(state, "nested", False) else None
+    return Quant4Module(
+        module=name,
+        in_features=module.in_features,
+        out_features=module.out_features,
+        bias=module.bias is not None,
+        compute_dtype=DTYPE_NAMES.get(module.compute_dtype) if module.compute_dtype else None,
+        quant_storage=str(weight.quant_storage).removeprefix("torch."),
+        compress_statistics=bool(weight.compress_statistics),
+        state=Quant4State(
+            absmax=plan.entry(f"{name}.weight.absmax", state.absmax),
+            code=plan.entry(f"{name}.weight.quant_map", state.code),
+            shape=list(state.shape),
+            dtype=str(state.dtype).removeprefix("torch."),
+            blocksize=int(state.blocksize),
+            quant_type=state.quant_type,
+            offset=plan.entry(f"{name}.weight.offset", state.offset) if nested else None,
+            nested_absmax=plan.entry(f"{name}.weight.nested_absmax", nested.absmax)
+            if nested
+            else None,
+            nested_code=plan.entry(f"{name}.weight.nested_quant_map", nested.code)
+            if nested
+            else None,
+            nested_blocksize=int(nested.blocksize) if nested else None,
+            nested_dtype=str(nested.dtype).removeprefix("torch.") if nested else None,
+        ),
+    )
+
+
+def _rebind(model: Any, handle: Handle, arena: dict[str, torch.Tensor]) -> None:
+    """Point the service's own model at the arena; the private copies are then freed."""
+    modules = dict(model.named_modules())
+    for name, entry in handle.parameters.items():
+        owner, _, leaf = name.rpartition(".")
+        param = modules[owner]._parameters[leaf]
+        assert param is not None
+        param.data = arena[entry]
+    for name, entry in handle.buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        modules[owner]._buffers[leaf] = arena[entry]
+    for quant in handle.quant4:
+        state = modules[quant.module].weight.quant_state
+        state.absmax = arena[quant.state.absmax]
+        state.code = arena[quant.state.code]
+        if quant.state.offset is not None:
+            state.offset = arena[quant.state.offset]
+            state.state2.absmax = arena[quant.state.nested_absmax or ""]
+            state.state2.code = arena[quant.state.nested_code or ""]
+
+
+def disable_cpu_repack(model: nn.Module) -> None:
+    """bitsandbytes repacks 4-bit weights on CPUs with AVX512-BF16 on the first no-grad
+    forward, swapping the shared view for a private copy. Held weights must not move."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
+
+
+def share(model: Any, model_id: str, directory: Path) -> tuple[Handle, mmap.mmap]:
+    """Write the arena, re-point `model` to it, and describe it for workers."""
+    _check(model)
+    plan = _Plan()
+    parameters = {n: plan.entry(n, p) for n, p in model.named_parameters(remove_duplicate=False)}
+    buffers = {n: plan.entry(n, b) for n, b in model.named_buffers(remove_duplicate=False)}
+    quant4 = [
+        _quant4(plan, n, m) for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"
+    ]
+    path, entries, data_start = write_arena(directory, model_id, plan.tensors)
+    config = model.config.to_dict()
+    handle = Handle(
+        model_id=model_id,
+        arena=ArenaInfo(path=str(path), size=path.stat().st_size, data_start=data_start),
+        entries=entries,
+        parameters=parameters,
+        buffers=buffers,
+        quant4=quant4,
+        config=config,
+        architecture=type(model).__name__,
+        dtype=DTYPE_NAMES.get(model.dtype, "float32"),
+    )
+    mapping = map_readonly(path)
+    del plan
+    _rebind(model, handle, views(mapping, entries, data_start))
+    disable_cpu_repack(model)
+    return handle, mapping
