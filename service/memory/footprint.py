@@ -23,7 +23,8 @@ def _quant_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
         yield scb
 
 
-def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def all_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters, buffers and bitsandbytes quantization state, with the owner's name."""
     for name, param in model.named_parameters(remove_duplicate=False):
         yield name, param
     for name, buf in model.named_buffers(remove_duplicate=False):
@@ -47,7 +48,7 @@ def bytes_by_device(model: nn.Module) -> dict[str, int]:
     device_map = {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
     seen: set[tuple[str, int]] = set()
     totals: dict[str, int] = {}
-    for name, tensor in _tensors(model):
+    for name, tensor in all_tensors(model):
         if tensor.device.type == "meta":
             device = _offload_target(name, device_map)
             key = (device, id(tensor))

@@ -1,0 +1,165 @@
+"""Python client for basehold, for training workers and scripts.
+
+    from service.client import Client
+    client = Client("http://127.0.0.1:8000", token=None)
+    with client.attach("llama-tiny", holder="trainer-1", ttl_seconds=30) as model:
+        ...  # base weights are the service's pages, read-only
+
+While attached, a background thread renews the lease at a third of its TTL; leaving the
+block releases it. Only httpx, torch, transformers (and bitsandbytes for 4-bit models) are
+imported here: a worker never needs the server's dependencies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+from torch import nn
+
+log = logging.getLogger("basehold.client")
+__all__ = ["BaseholdError", "Client"]
+
+
+class BaseholdError(RuntimeError):
+    """A problem+json answer from the service, with its stable `code`."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+class _Renewer(threading.Thread):
+    def __init__(self, client: Client, lease_id: str, ttl_seconds: int) -> None:
+        super().__init__(name=f"renew-{lease_id}", daemon=True)
+        self._client = client
+        self._lease_id = lease_id
+        self._every = max(ttl_seconds / 3, 0.2)
+        self._stop_event = threading.Event()
+        self.lost: BaseholdError | None = None
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._every):
+            try:
+                self._client.renew(self._lease_id)
+            except BaseholdError as exc:
+                # Revoked (forced unload) or expired: the mapped pages stay valid here, but
+                # the service no longer promises to hold the model.
+                self.lost = exc
+                log.warning("lease %s lost: %s", self._lease_id, exc.detail)
+                return
+            except httpx.TransportError as exc:
+                log.warning("lease %s: renewal failed, retrying: %s", self._lease_id, exc)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+
+class Client:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {}
+            raise BaseholdError(
+                response.status_code,
+                str(body.get("code", "http_error")),
+                str(body.get("detail", response.text)),
+            )
+        return response.json() if response.content else None
+
+    # -- models -------------------------------------------------------------------------
+    def load(self, source: str, *, hf_token: str | None = None, **spec: Any) -> dict[str, Any]:
+        """POST /v1/models; returns the ModelStatus (use `wait` for ready)."""
+        headers = {"X-HF-Token": hf_token} if hf_token else None
+        result: dict[str, Any] = self._call(
+            "POST", "/v1/models", json={"source": source, **spec}, headers=headers
+        )
+        return result
+
+    def wait(self, model_id: str, timeout: float = 3600, poll: float = 0.25) -> dict[str, Any]:
+        """Block until the model is ready; raises BaseholdError if the load failed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.get(model_id)
+            if status["state"] == "ready":
+                return status
+            if status["state"] == "failed":
+                error = status["error"]
+                raise BaseholdError(422, error["code"], error["message"])
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{model_id} is still {status['state']} after {timeout}s")
+            time.sleep(poll)
+
+    def get(self, model_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/v1/models/{model_id}")
+        return result
+
+    def models(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/v1/models")["models"]
+        return result
+
+    def unload(self, model_id: str, *, force: bool = False) -> None:
+        self._call("DELETE", f"/v1/models/{model_id}", params={"force": str(force).lower()})
+
+    def memory(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/v1/memory")
+        return result
+
+    # -- leases -------------------------------------------------------------------------
+    def lease(self, model_id: str, holder: str, ttl_seconds: int = 60) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(
+            "POST",
+            f"/v1/models/{model_id}/leases",
+            json={"holder": holder, "ttl_seconds": ttl_seconds},
+        )
+        return result
+
+    def renew(self, lease_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", f"/v1/leases/{lease_id}/renew")
+        return result
+
+    def release(self, lease_id: str) -> None:
+        self._call("DELETE", f"/v1/leases/{lease_id}")
+
+    @contextmanager
+    def attach(self, model_id: str, holder: str, ttl_seconds: int = 60) -> Iterator[nn.Module]:
+        """Lease `model_id` and yield an nn.Module on the service's read-only pages."""
+        from service.handles.attach import attach_handle
+
+        lease = self.lease(model_id, holder, ttl_seconds)
+        renewer = _Renewer(self, lease["lease_id"], ttl_seconds)
+        renewer.start()
+        try:
+            yield attach_handle(lease["handle"])
+        finally:
+            renewer.stop()
+            if renewer.lost is None:
+                try:
+                    self.release(lease["lease_id"])
+                except BaseholdError as exc:
+                    if exc.code != "lease_not_found":
+                        raise

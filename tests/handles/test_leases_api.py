@@ -1,0 +1,108 @@
+"""Lease endpoints over HTTP (in-process app): create, renew, release, list, expiry, scopes."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from tests.api.test_auth import KEYS, bearer
+from tests.conftest import ClientFactory, load
+
+
+def lease(client: TestClient, model_id: str, ttl: int = 60, **kw: object) -> object:
+    return client.post(
+        f"/v1/models/{model_id}/leases", json={"holder": "trainer-1", "ttl_seconds": ttl}, **kw
+    )
+
+
+def test_lease_lifecycle(client: TestClient, models_root: Path) -> None:
+    status = load(client, source=str(models_root / "llama"), dtype="float32")
+    assert status["shareable"] is True and status["shareable_reason"] is None
+    created = lease(client, status["id"])
+    assert created.status_code == 201, created.text  # type: ignore[attr-defined]
+    body = created.json()  # type: ignore[attr-defined]
+    handle = body["handle"]
+    assert handle["arena"]["path"].endswith(".safetensors")
+    assert handle["architecture"] == "LlamaForCausalLM"
+    assert "model.layers.0.self_attn.q_proj.weight" in handle["parameters"]
+    assert client.get(f"/v1/models/{status['id']}").json()["leases"] == 1
+    memory = client.get("/v1/memory").json()
+    assert memory["host"]["shared_arena_bytes"] == handle["arena"]["size"]
+
+    first_expiry = datetime.fromisoformat(body["expires_at"])
+    time.sleep(0.05)
+    renewed = client.post(f"/v1/leases/{body['lease_id']}/renew").json()
+    assert datetime.fromisoformat(renewed["expires_at"]) > first_expiry
+    assert renewed["handle"] is None
+    listed = client.get("/v1/leases").json()["leases"]
+    assert [x["lease_id"] for x in listed] == [body["lease_id"]]
+
+    assert client.delete(f"/v1/leases/{body['lease_id']}").status_code == 204
+    missing = client.delete(f"/v1/leases/{body['lease_id']}")
+    assert missing.status_code == 404 and missing.json()["code"] == "lease_not_found"
+    assert client.get(f"/v1/models/{status['id']}").json()["leases"] == 0
+    assert client.delete(f"/v1/models/{status['id']}").status_code == 204
+
+
+def test_unload_refused_while_leased_then_forced(client: TestClient, models_root: Path) -> None:
+    status = load(client, source=str(models_root / "gpt2"))
+    lease_id = lease(client, status["id"]).json()["lease_id"]  # type: ignore[attr-defined]
+    refused = client.delete(f"/v1/models/{status['id']}")
+    assert refused.status_code == 409 and refused.json()["code"] == "model_leased"
+    assert "force=true" in refused.json()["detail"]
+    assert client.delete(f"/v1/models/{status['id']}?force=true").status_code == 204
+    assert client.post(f"/v1/leases/{lease_id}/renew").status_code == 404
+
+
+def test_unrenewed_lease_expires(make_client: ClientFactory, models_root: Path) -> None:
+    client = make_client(lease_reap_seconds=0.1)
+    status = load(client, source=str(models_root / "gpt2"))
+    lease(client, status["id"], ttl=1)
+    deadline = time.monotonic() + 5
+    while client.get(f"/v1/models/{status['id']}").json()["leases"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.delete(f"/v1/models/{status['id']}").status_code == 204
+
+
+def test_not_shareable_models(client: TestClient, models_root: Path) -> None:
+    eight = load(client, source=str(models_root / "llama"), quantization={"method": "bnb-8bit"})
+    assert eight["shareable"] is False and "8-bit" in eight["shareable_reason"]
+    refused = lease(client, eight["id"])
+    assert refused.status_code == 409  # type: ignore[attr-defined]
+    assert refused.json()["code"] == "not_shareable"  # type: ignore[attr-defined]
+    offloaded = load(
+        client,
+        source=str(models_root / "llama"),
+        dtype="float32",
+        max_memory={"cpu": "300KB"},
+        offload=True,
+    )
+    assert offloaded["shareable"] is False and "offloaded" in offloaded["shareable_reason"]
+
+
+def test_lease_on_failed_or_missing_model(client: TestClient, models_root: Path) -> None:
+    failed = load(client, source=str(models_root / "llama"), task="seq2seq-lm")
+    refused = lease(client, failed["id"])
+    assert refused.json()["code"] == "model_not_ready"  # type: ignore[attr-defined]
+    assert lease(client, "nope").status_code == 404  # type: ignore[attr-defined]
+
+
+def test_ttl_bounds(client: TestClient, models_root: Path) -> None:
+    status = load(client, source=str(models_root / "gpt2"))
+    assert lease(client, status["id"], ttl=0).status_code == 422  # type: ignore[attr-defined]
+    assert lease(client, status["id"], ttl=7200).status_code == 422  # type: ignore[attr-defined]
+
+
+def test_only_worker_keys_get_handles(make_client: ClientFactory, models_root: Path) -> None:
+    client = make_client(api_keys=KEYS)
+    status = load(client, headers=bearer("admin-key-123"), source=str(models_root / "gpt2"))
+    for key in ("admin-key-123", "reader-key-123"):
+        denied = lease(client, status["id"], headers=bearer(key))
+        assert denied.status_code == 403  # type: ignore[attr-defined]
+    granted = lease(client, status["id"], headers=bearer("worker-key-123"))
+    assert granted.status_code == 201  # type: ignore[attr-defined]
+    assert client.get("/v1/leases", headers=bearer("reader-key-123")).status_code == 200

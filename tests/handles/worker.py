@@ -1,0 +1,120 @@
+"""A training worker, run as an independent process (not a fork of the server).
+
+    python tests/handles/worker.py URL MODEL_ID MODE SPEC_JSON
+
+Modes: `train` attaches, compares logits with its own from_pretrained of the same spec,
+trains LoRA steps and checks base tensors never left the arena; `hold` attaches, says
+"attached", waits for a line on stdin, then runs a forward pass; `write` attaches and
+writes into a base weight (must die by SIGSEGV). Prints one JSON line of results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.client import Client
+from service.memory.footprint import all_tensors
+from service.memory.resident import file_ranges
+
+
+def outside_arena(model: nn.Module, arena: str) -> list[str]:
+    ranges = file_ranges([Path(arena)])
+    return [
+        name
+        for name, tensor in all_tensors(model)
+        if "lora_" not in name
+        and tensor.numel()
+        and not any(tensor.data_ptr() in r for r in ranges)
+    ]
+
+
+def reference(spec: dict[str, Any]) -> nn.Module:
+    import transformers
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, spec.get("dtype", "float32"))}
+    quant = spec.get("quantization")
+    if quant:
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
+            bnb_4bit_use_double_quant=quant.get("double_quant", False),
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    auto = getattr(transformers, spec["auto_class"])
+    if spec.get("num_labels"):
+        kwargs["num_labels"] = spec["num_labels"]
+    return auto.from_pretrained(spec["source"], device_map="cpu", **kwargs).eval()
+
+
+def output(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    result = model(input_ids=tokens)
+    return result.logits if hasattr(result, "logits") else result.last_hidden_state
+
+
+def train(client: Client, model_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model
+
+    tokens = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    lease_arena = client.get(model_id)
+    with client.attach(model_id, holder="worker-train", ttl_seconds=30) as model:
+        arena = next(
+            line.split()[-1]
+            for line in Path("/proc/self/maps").read_text().splitlines()
+            if line.endswith(".safetensors") and "/dev/shm/" in line
+        )
+        with torch.no_grad():
+            ours = output(model, tokens)
+            theirs = output(reference(spec), tokens)
+        identical = bool(torch.equal(ours, theirs))
+        tied = spec.get("tied") and model.lm_head.weight is model.get_input_embeddings().weight
+        peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=spec["targets"]))
+        optimizer = torch.optim.AdamW(
+            [p for p in peft_model.parameters() if p.requires_grad], lr=1e-2
+        )
+        for _ in range(3):
+            loss = output(peft_model, tokens).float().pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        with torch.no_grad():
+            adapted = output(peft_model, tokens)
+        return {
+            "identical": identical,
+            "tied": bool(tied),
+            "adapter_changed": not torch.equal(adapted, ours),
+            "outside_arena": outside_arena(peft_model, arena),
+            "arena": arena,
+            "leases_while_attached": client.get(model_id)["leases"],
+            "state": lease_arena["state"],
+        }
+
+
+def main() -> None:
+    url, model_id, mode, spec_json = sys.argv[1:5]
+    spec = json.loads(spec_json)
+    client = Client(url, token=spec.get("token"))
+    if mode == "train":
+        print(json.dumps(train(client, model_id, spec)), flush=True)
+    elif mode == "hold":
+        with client.attach(model_id, holder="worker-hold", ttl_seconds=spec["ttl"]) as model:
+            print("attached", flush=True)
+            sys.stdin.readline()
+            with torch.no_grad():
+                total = float(output(model, torch.tensor([[1, 2, 3]])).sum())
+            print(json.dumps({"forward_sum": total}), flush=True)
+    elif mode == "write":
+        with client.attach(model_id, holder="worker-write", ttl_seconds=30) as model:
+            print("attached", flush=True)
+            with torch.no_grad():
+                next(model.parameters()).add_(1.0)
+            print("wrote", flush=True)
+
+
+if __name__ == "__main__":
+    main()
