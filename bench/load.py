@@ -13,11 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,12 +20,8 @@ from typing import Any
 
 import httpx
 import torch
+from common import llama, llama_checkpoint, server, wait_ready
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.checkpoints import llama  # noqa: E402
 
 SPECS: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "float32"},
@@ -61,10 +52,8 @@ def http_load(http: httpx.Client, path: Path, spec: dict[str, Any]) -> tuple[flo
     body = {"source": str(path), **spec}
     start = time.perf_counter()
     model_id = http.post("/v1/models", json=body).json()["id"]
-    while (status := http.get(f"/v1/models/{model_id}").json())["state"] not in ("ready", "failed"):
-        time.sleep(0.05)
+    wait_ready(http, model_id)
     elapsed = time.perf_counter() - start
-    assert status["state"] == "ready", status
     start = time.perf_counter()
     repeat = http.post("/v1/models", json=body)
     repeat_s = time.perf_counter() - start
@@ -77,30 +66,12 @@ def main() -> None:
     parser.add_argument("--params-m", type=int, default=250)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="basehold-bench-"))
-    layers = max(1, round((args.params_m * 1e6 - 2 * 32000 * 1024) / 12.6e6))
-    path = llama(work / "models" / "llama-bench", hidden=1024, layers=layers, vocab=32000, heads=16)
+    path = llama_checkpoint(work / "models" / "llama-bench", args.params_m)
     tiny = llama(work / "models" / "llama-tiny")
     path.joinpath("model.safetensors").read_bytes()  # both sides start from a warm page cache
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "BASEHOLD_STATE_DIR": str(work / "state")}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    http = httpx.Client(base_url=url, timeout=120)
-    try:
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        params = None
-        rows = []
+    rows = []
+    params = 0
+    with server(work) as http:
         for name, spec in SPECS.items():
             baseline(tiny, spec)
             http.delete(f"/v1/models/{http_load(http, tiny, spec)[2]}")
@@ -109,23 +80,19 @@ def main() -> None:
             params = http.get(f"/v1/models/{model_id}").json()["parameters"]
             http.delete(f"/v1/models/{model_id}")
             rows.append((name, http_s, base_s, repeat_s))
+    print(
+        f"\nbasehold load bench: Llama {params / 1e6:.0f}M params, CPU, torch {torch.__version__}\n"
+    )
+    print(
+        "| spec | HTTP POST->ready (s) | from_pretrained+touch (s) | ratio | "
+        "repeat POST of held spec (ms) |"
+    )
+    print("|---|---|---|---|---|")
+    for name, http_s, base_s, repeat_s in rows:
         print(
-            f"\nbasehold load bench: Llama {params / 1e6:.0f}M params, CPU, "
-            f"torch {torch.__version__}\n"
+            f"| {name} | {http_s:.2f} | {base_s:.2f} | {http_s / base_s:.2f} | "
+            f"{repeat_s * 1000:.1f} |"
         )
-        print(
-            "| spec | HTTP POST->ready (s) | from_pretrained+touch (s) | ratio | "
-            "repeat POST of held spec (ms) |"
-        )
-        print("|---|---|---|---|---|")
-        for name, http_s, base_s, repeat_s in rows:
-            print(
-                f"| {name} | {http_s:.2f} | {base_s:.2f} | {http_s / base_s:.2f} | "
-                f"{repeat_s * 1000:.1f} |"
-            )
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
 
 
 if __name__ == "__main__":

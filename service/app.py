@@ -13,11 +13,16 @@ from fastapi.concurrency import run_in_threadpool
 
 from service import __version__
 from service.api import problems
-from service.api.routes import health, leases, memory, models
+from service.api.routes import health, leases, memory, models, observe
+from service.api.timing import RequestMetrics
+from service.events import EventBus
 from service.handles.placement import ArenaPlacement
 from service.loading.pipeline import LoadContext
 from service.memory.cuda import CudaProbe, TorchCuda
+from service.metrics import Metrics
+from service.registry.record import ModelRecord, summary
 from service.registry.registry import Registry
+from service.registry.states import State
 from service.settings import Settings
 
 log = logging.getLogger("basehold")
@@ -47,6 +52,16 @@ def create_app(settings: Settings | None = None, *, cuda: CudaProbe | None = Non
         allow_remote_code=settings.allow_remote_code,
     )
 
+    events = EventBus()
+    metrics = Metrics()
+
+    def publish(record: ModelRecord, previous: State, target: State) -> None:
+        kind = "progress" if previous == target else "state"
+        events.publish(kind, {**summary(record), "previous": previous.value})
+
+    registry.subscribe(metrics.on_transition)
+    registry.subscribe(publish)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.auth_enabled:
@@ -57,6 +72,7 @@ def create_app(settings: Settings | None = None, *, cuda: CudaProbe | None = Non
         stale = placement.clean_stale()
         if stale:
             log.info("removed %d stale arena file(s) from %s", stale, settings.shm_dir)
+        events.bind(asyncio.get_running_loop())
         reaper = asyncio.create_task(_reap_leases(registry, settings.lease_reap_seconds))
         app.state.ready = True
         yield
@@ -77,10 +93,14 @@ def create_app(settings: Settings | None = None, *, cuda: CudaProbe | None = Non
     app.state.registry = registry
     app.state.placement = placement
     app.state.cuda = cuda
+    app.state.events = events
+    app.state.metrics = metrics
     app.state.ready = False
     problems.install(app)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(leases.router)
     app.include_router(memory.router)
+    app.include_router(observe.router)
+    app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -24,6 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.server import serve
 
+    logging.getLogger().setLevel(args.log_level.upper())
     settings = Settings()
     if (
         not settings.auth_enabled

@@ -48,6 +48,7 @@ class ModelRecord:
     started_at: datetime | None = None
     ready_at: datetime | None = None
     last_used_at: datetime = field(default_factory=utcnow)
+    progress_notified_at: float = 0.0
     model: nn.Module | None = field(default=None, repr=False)
     future: Future[None] | None = field(default=None, repr=False)
 
@@ -60,3 +61,22 @@ class ModelRecord:
         if self.started_at is None or self.ready_at is None:
             return None
         return (self.ready_at - self.started_at).total_seconds()
+
+
+def summary(record: ModelRecord) -> dict[str, object]:
+    """The compact form events carry."""
+    progress = record.progress
+    return {
+        "id": record.id,
+        "state": record.state.value,
+        "progress": {
+            "phase": progress.phase.value,
+            "bytes_done": progress.bytes_done,
+            "bytes_total": progress.bytes_total,
+        },
+        "error": {"code": record.error.code, "message": record.error.message}
+        if record.error
+        else None,
+        "footprint_bytes": record.footprint_bytes,
+        "leases": record.leases,
+    }

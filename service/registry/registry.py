@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -93,8 +94,9 @@ class Registry:
                 existing.last_used_at = utcnow()
                 return existing, False
             record = ModelRecord(id=model_id, name=spec.name, spec=spec, key=key)
+            record.progress.on_change = lambda _: self._progressed(record)
             self._records[model_id] = record
-            self._notify(record, State.QUEUED, State.QUEUED)
+            self._notify(record, State.GONE, State.QUEUED)  # created: from nothing
             record.future = self._executor.submit(self._run, record, token)
         return record, True
 
@@ -268,6 +270,14 @@ class Registry:
             del self._records[record.id]
         log.info("model %s: %s -> %s", record.id, previous.value, target.value)
         self._notify(record, previous, target)
+
+    def _progressed(self, record: ModelRecord) -> None:
+        """Progress moved: listeners hear it as (state -> same state), at most 10 times a
+        second per model."""
+        now = time.monotonic()
+        if now - record.progress_notified_at >= 0.1:
+            record.progress_notified_at = now
+            self._notify(record, record.state, record.state)
 
     def _notify(self, record: ModelRecord, previous: State, target: State) -> None:
         for listener in self._listeners:

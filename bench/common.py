@@ -1,0 +1,78 @@
+"""Shared bench plumbing: a generated checkpoint, a server on 127.0.0.1, /proc readings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.checkpoints import llama  # noqa: E402
+
+
+def llama_checkpoint(path: Path, params_m: int) -> Path:
+    """A Llama of about `params_m` million parameters (hidden 1024, vocab 32000)."""
+    layers = max(1, round((params_m * 1e6 - 2 * 32000 * 1024) / 12.6e6))
+    return llama(path, hidden=1024, layers=layers, vocab=32000, heads=16)
+
+
+@contextmanager
+def server(work: Path, **env: str) -> Iterator[httpx.Client]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    full_env = {
+        **os.environ,
+        "BASEHOLD_STATE_DIR": str(work / "state"),
+        "BASEHOLD_SHM_DIR": f"/dev/shm/basehold-bench-{port}",
+        **env,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env=full_env,
+    )
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
+    try:
+        while True:
+            try:
+                if http.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        http.server_pid = process.pid  # type: ignore[attr-defined]
+        yield http
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=300)
+
+
+def wait_ready(http: httpx.Client, model_id: str, poll: float = 0.05) -> dict[str, object]:
+    while (status := http.get(f"/v1/models/{model_id}").json())["state"] not in ("ready", "failed"):
+        time.sleep(poll)
+    assert status["state"] == "ready", status
+    return dict(status)
+
+
+def smaps(pid: int | str = "self") -> dict[str, int]:
+    """Bytes per field of /proc/PID/smaps_rollup (Rss, Pss, Private_Dirty, ...)."""
+    values = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value, *_ = line.split()
+        values[key.rstrip(":")] = int(value) * 1024
+    return values
+
+
+def private_bytes(pid: int | str = "self") -> int:
+    fields = smaps(pid)
+    return fields["Private_Clean"] + fields["Private_Dirty"]

@@ -1,0 +1,53 @@
+"""Prometheus metrics and the Server-Sent Events stream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sse_starlette.sse import EventSourceResponse
+
+from service.api.deps import require
+from service.api.schemas import problem_responses
+from service.events import EventBus
+
+router = APIRouter(tags=["observe"])
+
+
+@router.get(
+    "/metrics",
+    dependencies=[require("read")],
+    response_class=Response,
+    responses=problem_responses(401, 403),
+)
+def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    state = request.app.state
+    state.metrics.leases.set(len(state.registry.leases.active()))
+    state.metrics.arena_bytes.set(state.placement.arena_bytes())
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get(
+    "/v1/events",
+    dependencies=[require("read")],
+    response_class=EventSourceResponse,
+    responses=problem_responses(401, 403),
+)
+async def events(
+    request: Request,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> EventSourceResponse:
+    """Server-Sent Events of model state changes and progress. Reconnect with
+    Last-Event-ID to get what you missed (while it is still in the buffer)."""
+    bus: EventBus = request.app.state.events
+    start = int(last_event_id) if last_event_id and last_event_id.isdigit() else bus.last_id
+
+    async def stream() -> AsyncIterator[dict[str, Any]]:
+        async for event in bus.stream(start):
+            yield {"id": str(event.id), "event": event.type, "data": json.dumps(event.data)}
+
+    return EventSourceResponse(stream(), ping=15)
