@@ -19,7 +19,9 @@ from service.events import EventBus
 from service.handles.placement import ArenaPlacement
 from service.loading.pipeline import LoadContext
 from service.memory.cuda import CudaProbe, TorchCuda
+from service.memory.nvml import GpuProbe, Nvml
 from service.metrics import Metrics
+from service.registry.gate import MemoryGate, MemoryPolicy
 from service.registry.record import ModelRecord, summary
 from service.registry.registry import Registry
 from service.registry.states import State
@@ -34,7 +36,12 @@ async def _reap_leases(registry: Registry, every: float) -> None:
         registry.expire_leases()
 
 
-def create_app(settings: Settings | None = None, *, cuda: CudaProbe | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    cuda: CudaProbe | None = None,
+    gpus: GpuProbe | None = None,
+) -> FastAPI:
     settings = settings or Settings()
     settings.ensure_dirs()
     cuda = cuda or TorchCuda()
@@ -45,9 +52,11 @@ def create_app(settings: Settings | None = None, *, cuda: CudaProbe | None = Non
         placement=placement,
         hub_endpoint=settings.hf_endpoint,
     )
+    gate = MemoryGate(MemoryPolicy(settings.budget, settings.eviction), cuda, gpus or Nvml())
     registry = Registry(
         ctx,
         cuda,
+        gate,
         max_concurrent_loads=settings.max_concurrent_loads,
         allow_remote_code=settings.allow_remote_code,
     )
@@ -93,6 +102,7 @@ def create_app(settings: Settings | None = None, *, cuda: CudaProbe | None = Non
     app.state.registry = registry
     app.state.placement = placement
     app.state.cuda = cuda
+    app.state.gpus = gate.gpus
     app.state.events = events
     app.state.metrics = metrics
     app.state.ready = False

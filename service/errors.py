@@ -14,29 +14,109 @@ class BaseholdError(Exception):
         self.message = message
 
 
-def _error(name: str, code: str, status: int, title: str) -> type[BaseholdError]:
-    cls = type(name, (BaseholdError,), {"code": code, "status": status, "title": title})
-    cls.__doc__ = title
-    return cls
+class InvalidSpec(BaseholdError):
+    code = "invalid_spec"
+    status = 400
+    title = "Invalid load specification"
 
 
-InvalidSpec = _error("InvalidSpec", "invalid_spec", 400, "Invalid load specification")
-NameTaken = _error("NameTaken", "name_taken", 409, "Name already taken")
-ModelNotFound = _error("ModelNotFound", "model_not_found", 404, "Model not found")
-ModelNotReady = _error("ModelNotReady", "model_not_ready", 409, "Model not ready")
-ModelLeased = _error("ModelLeased", "model_leased", 409, "Model is leased")
-NotShareable = _error("NotShareable", "not_shareable", 409, "Model cannot be shared")
-LeaseNotFound = _error("LeaseNotFound", "lease_not_found", 404, "Lease not found")
-SourceNotFound = _error("SourceNotFound", "source_not_found", 404, "Source not found")
-SourceNotAllowed = _error("SourceNotAllowed", "source_not_allowed", 403, "Source not allowed")
-GatedOrUnauthorized = _error(
-    "GatedOrUnauthorized", "gated_or_unauthorized", 403, "Hub refused access"
-)
-RemoteCodeRefused = _error("RemoteCodeRefused", "remote_code_refused", 403, "Remote code refused")
-WrongModelType = _error("WrongModelType", "wrong_model_type", 400, "Task does not fit checkpoint")
-InvalidCheckpoint = _error("InvalidCheckpoint", "invalid_checkpoint", 400, "Invalid checkpoint")
-InsufficientMemory = _error("InsufficientMemory", "insufficient_memory", 507, "Insufficient memory")
-OutOfMemory = _error("OutOfMemory", "out_of_memory", 507, "Out of memory during load")
-Unauthorized = _error("Unauthorized", "unauthorized", 401, "Unauthorized")
-Forbidden = _error("Forbidden", "forbidden", 403, "Forbidden")
-LoadCancelled = _error("LoadCancelled", "load_cancelled", 409, "Load cancelled")
+class NameTaken(BaseholdError):
+    code = "name_taken"
+    status = 409
+    title = "Name already taken"
+
+
+class ModelNotFound(BaseholdError):
+    code = "model_not_found"
+    status = 404
+    title = "Model not found"
+
+
+class ModelNotReady(BaseholdError):
+    code = "model_not_ready"
+    status = 409
+    title = "Model not ready"
+
+
+class ModelLeased(BaseholdError):
+    code = "model_leased"
+    status = 409
+    title = "Model is leased"
+
+
+class NotShareable(BaseholdError):
+    code = "not_shareable"
+    status = 409
+    title = "Model cannot be shared"
+
+
+class LeaseNotFound(BaseholdError):
+    code = "lease_not_found"
+    status = 404
+    title = "Lease not found"
+
+
+class SourceNotFound(BaseholdError):
+    code = "source_not_found"
+    status = 404
+    title = "Source not found"
+
+
+class SourceNotAllowed(BaseholdError):
+    code = "source_not_allowed"
+    status = 403
+    title = "Source not allowed"
+
+
+class GatedOrUnauthorized(BaseholdError):
+    code = "gated_or_unauthorized"
+    status = 403
+    title = "Hub refused access"
+
+
+class RemoteCodeRefused(BaseholdError):
+    code = "remote_code_refused"
+    status = 403
+    title = "Remote code refused"
+
+
+class WrongModelType(BaseholdError):
+    code = "wrong_model_type"
+    status = 400
+    title = "Task does not fit checkpoint"
+
+
+class InvalidCheckpoint(BaseholdError):
+    code = "invalid_checkpoint"
+    status = 400
+    title = "Invalid checkpoint"
+
+
+class InsufficientMemory(BaseholdError):
+    code = "insufficient_memory"
+    status = 507
+    title = "Insufficient memory"
+
+
+class OutOfMemory(BaseholdError):
+    code = "out_of_memory"
+    status = 507
+    title = "Out of memory during load"
+
+
+class Unauthorized(BaseholdError):
+    code = "unauthorized"
+    status = 401
+    title = "Unauthorized"
+
+
+class Forbidden(BaseholdError):
+    code = "forbidden"
+    status = 403
+    title = "Forbidden"
+
+
+class LoadCancelled(BaseholdError):
+    code = "load_cancelled"
+    status = 409
+    title = "Load cancelled"

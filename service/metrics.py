@@ -70,5 +70,7 @@ class Metrics:
         if previous == State.READY:
             for device, nbytes in record.by_device.items():
                 self.held_bytes.labels(device).dec(nbytes)
+        if target == State.UNLOADING and record.evicted:
+            self.evictions.inc()
         if target == State.FAILED and record.error is not None:
             self.load_failures.labels(record.error.code).inc()

@@ -9,7 +9,21 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.memory.admission import Budget
+
 Scope = Literal["admin", "worker", "read"]
+
+
+def parse_size(value: str | int) -> int:
+    """'8GiB', '512MB', '0' or bytes -> bytes (accelerate's parser)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    if isinstance(value, int) or str(value).isdigit():
+        return int(value)
+    try:
+        return int(convert_file_size_to_int(value))
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a size; use e.g. '8GiB' or a number of bytes") from exc
 
 
 def _default_state_dir() -> Path:
@@ -43,6 +57,19 @@ class Settings(BaseSettings):
         default=Path("/dev/shm/basehold"),
         description="Where model arenas live (shared with training workers).",
     )
+    host_memory_budget: str | None = Field(
+        default=None,
+        description='Host bytes held models may use, e.g. "8GiB". Default: what is available '
+        "minus the headroom.",
+    )
+    memory_headroom: str = Field(
+        default="1GiB", description="Kept free on every device when admitting a load."
+    )
+    eviction: Literal["none", "lru-idle"] = Field(
+        default="none",
+        description="lru-idle: evict ready, unleased models, least recently used first, "
+        "until a new load fits.",
+    )
     lease_reap_seconds: float = Field(default=1.0, gt=0, le=60)
     hf_endpoint: str | None = Field(
         default=None, description="Hub endpoint (a mirror); default: huggingface_hub's."
@@ -69,6 +96,21 @@ class Settings(BaseSettings):
             self.model_roots = [self.state_dir.parent / "models"]
         self.model_roots = [root.expanduser().resolve() for root in self.model_roots]
         return self
+
+    @field_validator("host_memory_budget", "memory_headroom")
+    @classmethod
+    def _sizes(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+    @property
+    def budget(self) -> Budget:
+        budget = self.host_memory_budget
+        return Budget(
+            headroom_bytes=parse_size(self.memory_headroom),
+            host_budget_bytes=parse_size(budget) if budget is not None else None,
+        )
 
     @property
     def auth_enabled(self) -> bool:

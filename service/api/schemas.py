@@ -176,3 +176,13 @@ class LeaseList(BaseModel):
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the problem+json errors a route can answer."""
     return {s: {"model": Problem, "content": {"application/problem+json": {}}} for s in statuses}
+
+
+class EstimateOut(BaseModel):
+    total_bytes: int
+    by_device: dict[str, int] = Field(examples=[{"cuda:0": 4_000_000_000}])
+    largest_layer_bytes: int
+    fits: bool
+    free_bytes: dict[str, int] = Field(
+        description="free per device after headroom and what queued/loading models will take"
+    )

@@ -81,12 +81,16 @@ def _safetensors_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def inspect_checkpoint(path: Path) -> CheckpointInfo:
+def require_config(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise InvalidCheckpoint(
             f"{path} has no config.json. Point `source` at a directory written by "
             "`save_pretrained` (config.json plus weights)."
         )
+
+
+def inspect_checkpoint(path: Path) -> CheckpointInfo:
+    require_config(path)
     files = _safetensors_files(path)
     sizes: dict[str, int] = {}
     if files:

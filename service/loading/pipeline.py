@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +21,20 @@ from service.errors import (
     OutOfMemory,
     RemoteCodeRefused,
 )
-from service.loading.checkpoint import inspect_checkpoint
+from service.loading.checkpoint import inspect_checkpoint, require_config
 from service.loading.placement import Placed, Placement
 from service.loading.progress import Phase, Progress, tracking
-from service.loading.sources import HubSource, LocalSource, fetch_hub, parse_source
+from service.loading.sources import (
+    HubSource,
+    LocalSource,
+    fetch_hub,
+    fetch_hub_config,
+    parse_source,
+)
 from service.loading.spec import LoadRequest, Task
 from service.loading.strategies import get_loader
 from service.loading.tasks import resolve_task
+from service.memory.estimate import Estimate, estimate
 from service.memory.footprint import bytes_by_device, count_parameters, device_map_of
 
 log = logging.getLogger("basehold.loading")
@@ -38,6 +46,45 @@ class LoadContext:
     offload_root: Path
     placement: Placement
     hub_endpoint: str | None = None
+    # Admission for loads that could not be admitted at submit (hub sources): raises
+    # InsufficientMemory, may evict.
+    admit: Callable[[str, Estimate], None] | None = None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    path: Path
+    revision: str | None
+    config: PretrainedConfig
+    task: Task
+
+
+def resolve(
+    spec: LoadRequest,
+    token: str | None,
+    ctx: LoadContext,
+    *,
+    config_only: bool = False,
+    progress: Progress | None = None,
+) -> Resolved:
+    """Find the checkpoint (downloading it, or only its config) and decide the task."""
+    source = parse_source(spec.source, spec.revision, ctx.roots)
+    revision: str | None = None
+    if isinstance(source, HubSource):
+        if progress is not None:
+            progress.set_phase(Phase.DOWNLOADING)
+        if config_only:
+            path = fetch_hub_config(source, token, ctx.hub_endpoint)
+        else:
+            path, revision = fetch_hub(source, token, ctx.hub_endpoint)
+    else:
+        assert isinstance(source, LocalSource)
+        path = source.path
+        require_config(path)
+    config = _load_config(path, spec)
+    task = resolve_task(spec.task, config)
+    _prepare_config(config, spec, task)
+    return Resolved(path, revision, config, task)
 
 
 @dataclass
@@ -103,20 +150,13 @@ def run_load(
     model_id: str, spec: LoadRequest, token: str | None, ctx: LoadContext, progress: Progress
 ) -> LoadedModel:
     progress.set_phase(Phase.RESOLVING)
-    source = parse_source(spec.source, spec.revision, ctx.roots)
-    revision: str | None = None
-    if isinstance(source, HubSource):
-        progress.set_phase(Phase.DOWNLOADING)
-        path, revision = fetch_hub(source, token, ctx.hub_endpoint)
-    else:
-        assert isinstance(source, LocalSource)
-        path = source.path
+    resolved = resolve(spec, token, ctx, progress=progress)
+    path, config, task = resolved.path, resolved.config, resolved.task
     progress.check_cancelled()
     info = inspect_checkpoint(path)
     progress.set_total(info.bytes_total)
-    config = _load_config(path, spec)
-    task = resolve_task(spec.task, config)
-    _prepare_config(config, spec, task)
+    if ctx.admit is not None:
+        ctx.admit(model_id, estimate(spec, config, task))
     loader = get_loader(spec)
     offload = ctx.offload_root / model_id if spec.offload else None
     progress.set_phase(loader.phase)
@@ -137,7 +177,7 @@ def run_load(
         architecture=type(model).__name__,
         dtype=str(getattr(model, "dtype", "")).removeprefix("torch."),
         parameters=count_parameters(model),
-        resolved_revision=revision,
+        resolved_revision=resolved.revision,
         by_device=bytes_by_device(model),
         device_map=device_map_of(model),
         placed=placed,

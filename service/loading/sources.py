@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
-from huggingface_hub import snapshot_download
+from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.utils._validators import validate_repo_id
 
 from service.errors import (
@@ -97,21 +98,11 @@ def hub_offline() -> bool:
     return bool(hub_constants.HF_HUB_OFFLINE) or value.upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def fetch_hub(
-    source: HubSource, token: str | None, endpoint: str | None, tqdm_class: Any = None
-) -> tuple[Path, str]:
-    """Download (or find in the cache) a snapshot; returns its folder and commit sha."""
+@contextmanager
+def _hub_errors(source: HubSource) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into ours, with what to do next."""
     try:
-        folder = snapshot_download(
-            source.repo_id,
-            revision=source.revision,
-            token=token or None,
-            cache_dir=hub_cache_dir(),
-            local_files_only=hub_offline(),
-            ignore_patterns=HUB_IGNORE,
-            endpoint=endpoint,
-            tqdm_class=tqdm_class,
-        )
+        yield
     except hub_errors.GatedRepoError as exc:
         raise GatedOrUnauthorized(
             f"{source.repo_id} is gated. Accept its terms on the Hub, then pass a token with "
@@ -130,8 +121,37 @@ def fetch_hub(
         ) from exc
     except hub_errors.HfHubHTTPError as exc:
         raise _auth_or_missing(source, exc) from exc
+
+
+def fetch_hub(source: HubSource, token: str | None, endpoint: str | None) -> tuple[Path, str]:
+    """Download (or find in the cache) a snapshot; returns its folder and commit sha."""
+    with _hub_errors(source):
+        folder = snapshot_download(
+            source.repo_id,
+            revision=source.revision,
+            token=token or None,
+            cache_dir=hub_cache_dir(),
+            local_files_only=hub_offline(),
+            ignore_patterns=HUB_IGNORE,
+            endpoint=endpoint,
+        )
     path = Path(str(folder))
     return path, path.name
+
+
+def fetch_hub_config(source: HubSource, token: str | None, endpoint: str | None) -> Path:
+    """Only config.json (for estimates): the folder it sits in."""
+    with _hub_errors(source):
+        path = hf_hub_download(
+            source.repo_id,
+            "config.json",
+            revision=source.revision,
+            token=token or None,
+            cache_dir=hub_cache_dir(),
+            local_files_only=hub_offline(),
+            endpoint=endpoint,
+        )
+    return Path(path).parent
 
 
 def _auth_or_missing(source: HubSource, exc: Exception) -> Exception:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from service.memory.cuda import CudaProbe
 from service.memory.host import host_memory
+from service.memory.nvml import GpuProbe
 
 
 @dataclass(frozen=True)
@@ -43,30 +44,48 @@ class MemorySnapshot:
     models: list[ModelBytesReport]
 
 
+def _devices(cuda: CudaProbe, gpus: GpuProbe, held: dict[str, int]) -> list[DeviceReport]:
+    """NVML's view of each GPU (all processes), with this process's torch figures."""
+    nvml = {gpu.index: gpu for gpu in gpus.gpus()}
+    torch_count = cuda.device_count()
+    devices = []
+    for index in range(max(torch_count, len(nvml))):
+        device_id = f"cuda:{index}"
+        ours = cuda.memory(index) if index < torch_count else None
+        gpu = nvml.get(index)
+        if gpu is not None:
+            name, total, free, used = gpu.name, gpu.total_bytes, gpu.free_bytes, gpu.used_bytes
+        else:
+            assert ours is not None
+            name, total, free = ours.name, ours.total_bytes, ours.free_bytes
+            used = total - free
+        devices.append(
+            DeviceReport(
+                id=device_id,
+                name=name,
+                total_bytes=total,
+                free_bytes=free,
+                used_bytes=used,
+                torch_reserved_bytes=ours.reserved_bytes if ours else 0,
+                torch_allocated_bytes=ours.allocated_bytes if ours else 0,
+                held_bytes=held.get(device_id, 0),
+            )
+        )
+    return devices
+
+
 def memory_snapshot(
-    cuda: CudaProbe, models: Iterable[tuple[str, dict[str, int]]], shared_arena_bytes: int = 0
+    cuda: CudaProbe,
+    gpus: GpuProbe,
+    models: Iterable[tuple[str, dict[str, int]]],
+    shared_arena_bytes: int = 0,
 ) -> MemorySnapshot:
     per_model = [ModelBytesReport(id=mid, by_device=dict(by)) for mid, by in models]
     held: dict[str, int] = {}
     for entry in per_model:
         for device, nbytes in entry.by_device.items():
             held[device] = held.get(device, 0) + nbytes
-    devices = []
-    for index in range(cuda.device_count()):
-        mem = cuda.memory(index)
-        device_id = f"cuda:{index}"
-        devices.append(
-            DeviceReport(
-                id=device_id,
-                name=mem.name,
-                total_bytes=mem.total_bytes,
-                free_bytes=mem.free_bytes,
-                used_bytes=mem.total_bytes - mem.free_bytes,
-                torch_reserved_bytes=mem.reserved_bytes,
-                torch_allocated_bytes=mem.allocated_bytes,
-                held_bytes=held.get(device_id, 0),
-            )
-        )
+    devices = _devices(cuda, gpus, held)
     host = host_memory()
     return MemorySnapshot(
         devices=devices,

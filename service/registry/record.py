@@ -11,6 +11,7 @@ from torch import nn
 
 from service.loading.progress import Progress
 from service.loading.spec import LoadRequest
+from service.memory.estimate import Estimate
 from service.registry.states import State
 
 
@@ -49,6 +50,8 @@ class ModelRecord:
     ready_at: datetime | None = None
     last_used_at: datetime = field(default_factory=utcnow)
     progress_notified_at: float = 0.0
+    estimate: Estimate | None = field(default=None, repr=False)
+    evicted: bool = False
     model: nn.Module | None = field(default=None, repr=False)
     future: Future[None] | None = field(default=None, repr=False)
 
@@ -79,4 +82,5 @@ def summary(record: ModelRecord) -> dict[str, object]:
         else None,
         "footprint_bytes": record.footprint_bytes,
         "leases": record.leases,
+        "evicted": record.evicted,
     }

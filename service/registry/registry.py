@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from service.errors import (
@@ -20,12 +21,14 @@ from service.errors import (
 )
 from service.handles.leases import Lease, LeaseTable
 from service.loading.base import Devices
-from service.loading.pipeline import LoadContext, discard, run_load, translate
+from service.loading.pipeline import LoadContext, discard, resolve, run_load, translate
 from service.loading.sources import LocalSource, parse_source
 from service.loading.spec import LoadRequest
 from service.loading.strategies import get_loader
 from service.memory.cuda import CudaProbe
+from service.memory.estimate import Estimate, estimate
 from service.memory.release import release_memory
+from service.registry.gate import MemoryGate, refuse
 from service.registry.identity import derived_id, spec_key
 from service.registry.record import ErrorInfo, ModelRecord, utcnow
 from service.registry.states import ACTIVE, State, check_transition
@@ -40,12 +43,14 @@ class Registry:
         self,
         ctx: LoadContext,
         cuda: CudaProbe,
+        gate: MemoryGate,
         *,
         max_concurrent_loads: int,
         allow_remote_code: bool,
     ) -> None:
-        self._ctx = ctx
+        self._ctx = replace(ctx, admit=self._admit_late)
         self._cuda = cuda
+        self.gate = gate
         self._allow_remote_code = allow_remote_code
         self._records: dict[str, ModelRecord] = {}
         self._lock = threading.RLock()
@@ -93,12 +98,65 @@ class Registry:
             if existing is not None:
                 existing.last_used_at = utcnow()
                 return existing, False
-            record = ModelRecord(id=model_id, name=spec.name, spec=spec, key=key)
+        estimate = self._estimate_local(spec)  # outside the lock: builds a meta model
+        with self._lock:
+            existing = self._find(model_id, key, named=spec.name is not None)
+            if existing is not None:
+                existing.last_used_at = utcnow()
+                return existing, False
+            if estimate is not None:
+                self._admit(model_id, estimate)
+            record = ModelRecord(id=model_id, name=spec.name, spec=spec, key=key, estimate=estimate)
             record.progress.on_change = lambda _: self._progressed(record)
             self._records[model_id] = record
             self._notify(record, State.GONE, State.QUEUED)  # created: from nothing
             record.future = self._executor.submit(self._run, record, token)
         return record, True
+
+    # -- admission -------------------------------------------------------------------
+    def _estimate_local(self, spec: LoadRequest) -> Estimate | None:
+        """Estimate local sources at submit, so a load that cannot fit answers 507 at once.
+        A checkpoint that cannot even be estimated is left to the load, which fails with
+        the precise code."""
+        if not spec.source.startswith("/"):
+            return None
+        try:
+            resolved = resolve(spec, None, self._ctx, config_only=True)
+            return estimate(spec, resolved.config, resolved.task)
+        except Exception:
+            return None
+
+    def estimate(self, request: LoadRequest, token: str | None) -> tuple[Estimate, dict[str, int]]:
+        """POST /v1/estimate: nothing is loaded; hub sources fetch config.json only."""
+        spec = self.normalize(request)
+        resolved = resolve(spec, token, self._ctx, config_only=True)
+        result = estimate(spec, resolved.config, resolved.task)
+        with self._lock:
+            return result, self.gate.free(self._records.values())
+
+    def _admit(self, model_id: str, estimate: Estimate) -> None:
+        """Make room or refuse (lock held). Never evicts leased or loading models."""
+        while short := self.gate.shortfalls(estimate, self._records.values(), model_id):
+            victim = self.gate.victim(self._records.values())
+            if victim is None:
+                raise refuse(model_id, short)
+            log.warning(
+                "evicting %s (idle since %s) to make room for %s",
+                victim.id,
+                victim.last_used_at.isoformat(),
+                model_id,
+            )
+            victim.evicted = True
+            self.unload(victim.id)
+
+    def _admit_late(self, model_id: str, estimate: Estimate) -> None:
+        """Admission from the load thread, for sources estimated only once fetched."""
+        with self._lock:
+            record = self._records.get(model_id)
+            if record is None or record.estimate is not None:
+                return
+            self._admit(model_id, estimate)
+            record.estimate = estimate
 
     def _find(self, model_id: str, key: str, *, named: bool) -> ModelRecord | None:
         current = self._records.get(model_id)

@@ -8,6 +8,7 @@ import psutil
 from fastapi.testclient import TestClient
 
 from service.memory.cuda import CudaDeviceMemory
+from service.memory.nvml import GpuMemory
 from tests.conftest import ClientFactory, load
 
 
@@ -47,12 +48,36 @@ def test_host_memory_and_models(client: TestClient, models_root: Path) -> None:
     assert report["models"] == [{"id": status["id"], "by_device": status["memory"]["by_device"]}]
 
 
-def test_cuda_devices_through_the_seam(make_client: ClientFactory) -> None:
-    fake = FakeCuda(2)
+class FakeNvml:
+    def gpus(self) -> list[GpuMemory]:
+        return [
+            GpuMemory(
+                index=i,
+                name="NVIDIA H100 80GB HBM3",
+                total_bytes=80 << 30,
+                free_bytes=60 << 30,
+                used_bytes=20 << 30,
+            )
+            for i in range(2)
+        ]
+
+
+def test_gpus_through_the_seams(make_client: ClientFactory) -> None:
     client = make_client()
-    client.app.state.cuda = fake  # type: ignore[attr-defined]
+    client.app.state.cuda = FakeCuda(2)  # type: ignore[attr-defined]
+    client.app.state.gpus = FakeNvml()  # type: ignore[attr-defined]
     devices = client.get("/v1/memory").json()["devices"]
     assert [d["id"] for d in devices] == ["cuda:0", "cuda:1"]
-    assert devices[0]["used_bytes"] == 10 << 30
-    assert devices[0]["torch_reserved_bytes"] == 10 << 30
+    assert devices[0]["name"] == "NVIDIA H100 80GB HBM3"
+    assert devices[0]["used_bytes"] == 20 << 30  # NVML: every process on the GPU
+    assert devices[0]["free_bytes"] == 60 << 30
+    assert devices[0]["torch_reserved_bytes"] == 10 << 30  # torch: this process
+    assert devices[0]["torch_allocated_bytes"] == 9 << 30
     assert devices[0]["held_bytes"] == 0
+
+
+def test_torch_only_without_nvml(make_client: ClientFactory) -> None:
+    client = make_client()
+    client.app.state.cuda = FakeCuda(1)  # type: ignore[attr-defined]
+    devices = client.get("/v1/memory").json()["devices"]
+    assert devices[0]["name"] == "Fake H100" and devices[0]["free_bytes"] == 70 << 30
