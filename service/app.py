@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from service import __version__
 from service.api import problems
-from service.api.routes import health, leases, memory, models, observe
+from service.api.routes import dashboard, health, leases, memory, models, observe
 from service.api.timing import RequestMetrics
 from service.events import EventBus
 from service.handles.placement import ArenaPlacement
@@ -112,5 +112,6 @@ def create_app(
     app.include_router(leases.router)
     app.include_router(memory.router)
     app.include_router(observe.router)
+    app.include_router(dashboard.router)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -1,0 +1,80 @@
+"""The dashboard in headless Chromium (Debian's /usr/bin/chromium via Playwright)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_server_e2e import Server, start
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium"),
+]
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ADMIN = "dash-admin-key-1"
+
+
+@pytest.fixture
+def secured(tmp_path: Path, models_root: Path) -> Iterator[Server]:
+    env = {
+        "BASEHOLD_MODEL_ROOTS": json.dumps([str(models_root)]),
+        "BASEHOLD_API_KEYS": json.dumps({ADMIN: ["admin"]}),
+    }
+    running = start(tmp_path, [], env=env)
+    yield running
+    running.stop()
+
+
+def test_dashboard_shows_model_and_unloads(
+    secured: Server, models_root: Path, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    created = httpx.post(
+        f"{secured.url}/v1/models",
+        headers=auth,
+        json={
+            "source": str(models_root / "llama"),
+            "name": "dash",
+            "quantization": {"method": "bnb-4bit", "double_quant": True},
+        },
+    )
+    assert created.status_code == 202
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        page.goto(secured.url + "/")
+        # Auth is on: the page asks for a key before it shows anything.
+        expect(page.locator("#auth")).to_be_visible()
+        page.fill("#key", ADMIN)
+        page.click("#auth button")
+        row = page.locator('tr[data-model="dash"]')
+        expect(row.locator(".state")).to_have_text("ready", timeout=30_000)
+        status = httpx.get(f"{secured.url}/v1/models/dash", headers=auth).json()
+        mib = status["memory"]["footprint_bytes"] / 1024
+        expect(row.locator(".footprint")).to_have_text(f"{mib:.0f} KiB")
+        expect(row).to_contain_text("4-bit nf4 + dq")
+        expect(page.locator('.device[data-device="host"]')).to_be_visible()
+        page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+        row.locator("button").click()
+        expect(page.locator('tr[data-model="dash"]')).to_have_count(0, timeout=30_000)
+        browser.close()
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    assert httpx.get(f"{secured.url}/v1/models/dash", headers=auth).status_code == 404
