@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 
+from service.commands import add_commands, run
 from service.settings import Settings
 
 
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a small generated checkpoint into the models root and print how to load it",
     )
     serve.set_defaults(func=_serve)
+    add_commands(sub)
     return parser
 
 
@@ -83,5 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
-    return result
+    if args.command == "serve":
+        result: int = args.func(args)
+        return result
+    return run(args)

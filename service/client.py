@@ -125,6 +125,10 @@ class Client:
     def unload(self, model_id: str, *, force: bool = False) -> None:
         self._call("DELETE", f"/v1/models/{model_id}", params={"force": str(force).lower()})
 
+    def estimate(self, source: str, **spec: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/v1/estimate", json={"source": source, **spec})
+        return result
+
     def memory(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/v1/memory")
         return result

@@ -1,0 +1,87 @@
+"""`basehold` client commands against a live server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_server_e2e import ROOT, Server, start
+
+pytestmark = pytest.mark.e2e
+KEY = "cli-admin-key-1"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("cli")
+    env = {
+        "BASEHOLD_MODEL_ROOTS": json.dumps([str(models_root)]),
+        "BASEHOLD_API_KEYS": json.dumps({KEY: ["admin"]}),
+    }
+    running = start(tmp, [], env=env)
+    yield running
+    running.stop()
+
+
+def cli(server: Server, *args: str, token: str | None = KEY) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "BASEHOLD_URL": server.url, "COLUMNS": "200"}
+    env.pop("BASEHOLD_TOKEN", None)
+    if token is not None:
+        env["BASEHOLD_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_load_wait_ls_show_memory_unload(server: Server, models_root: Path) -> None:
+    loaded = cli(
+        server,
+        "load",
+        str(models_root / "gpt2"),
+        "--name",
+        "cli-gpt2",
+        "--4bit",
+        "--double-quant",
+        "--dtype",
+        "float32",
+        "--wait",
+    )
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    assert "cli-gpt2 ready" in loaded.stdout
+    listed = cli(server, "ls")
+    assert "cli-gpt2" in listed.stdout and "ready" in listed.stdout and "nf4" in listed.stdout
+    shown = json.loads(cli(server, "show", "cli-gpt2").stdout)
+    assert shown["quantization"]["double_quant"] is True
+    assert "host" in cli(server, "memory").stdout
+    assert cli(server, "unload", "cli-gpt2").returncode == 0
+    assert "cli-gpt2" not in cli(server, "ls").stdout
+
+
+def test_estimate(server: Server, models_root: Path) -> None:
+    result = cli(server, "estimate", str(models_root / "llama"), "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stdout
+    assert "fits" in result.stdout and "cpu" in result.stdout
+
+
+def test_errors_exit_non_zero_with_the_detail(server: Server, models_root: Path) -> None:
+    missing = cli(server, "unload", "no-such-model")
+    assert missing.returncode == 1
+    assert "model_not_found" in missing.stdout and "GET /v1/models" in missing.stdout
+    failed = cli(server, "load", str(models_root / "llama"), "--task", "seq2seq-lm", "--wait")
+    assert failed.returncode == 1 and "wrong_model_type" in failed.stdout
+    unauthorized = cli(server, "ls", token=None)
+    assert unauthorized.returncode == 1 and "unauthorized" in unauthorized.stdout
+    down = cli(server, "ls", "--url", "http://127.0.0.1:9")
+    assert down.returncode == 2 and "cannot reach" in down.stdout
