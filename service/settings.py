@@ -70,6 +70,12 @@ class Settings(BaseSettings):
         description="lru-idle: evict ready, unleased models, least recently used first, "
         "until a new load fits.",
     )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads torch may use for loading/quantizing. Default: all cores "
+        "but one, which stays free for the API.",
+    )
     lease_reap_seconds: float = Field(default=1.0, gt=0, le=60)
     hf_endpoint: str | None = Field(
         default=None, description="Hub endpoint (a mirror); default: huggingface_hub's."

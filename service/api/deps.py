@@ -21,12 +21,12 @@ IMPLIED: dict[str, set[str]] = {
 }
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_registry(request: Request) -> Registry:
+async def get_registry(request: Request) -> Registry:
     registry: Registry = request.app.state.registry
     return registry
 
@@ -43,7 +43,7 @@ def _scopes_of(settings: Settings, key: str) -> set[str] | None:
 
 
 def require(scope: Scope) -> Any:
-    def check(
+    async def check(
         settings: SettingsDep,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> None:

@@ -18,6 +18,6 @@ def _page() -> str:
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-def dashboard() -> HTMLResponse:
+async def dashboard() -> HTMLResponse:
     """The page itself is open; the data it polls needs a `read` key when auth is on."""
     return HTMLResponse(_page())

@@ -11,13 +11,13 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """200 while the process serves."""
     return {"status": "ok"}
 
 
 @router.get("/readyz", response_model=None)
-def readyz(request: Request) -> JSONResponse | dict[str, str]:
+async def readyz(request: Request) -> JSONResponse | dict[str, str]:
     """503 until the registry is up, then 200."""
     if not getattr(request.app.state, "ready", False):
         return problem(503, "not_ready", "Not ready", "The service is starting; retry shortly.")

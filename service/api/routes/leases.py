@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1", tags=["leases"])
     dependencies=[require("worker")],
     responses=problem_responses(401, 403, 404, 409, 422),
 )
-def create_lease(model_id: str, body: LeaseRequest, registry: RegistryDep) -> LeaseOut:
+async def create_lease(model_id: str, body: LeaseRequest, registry: RegistryDep) -> LeaseOut:
     """Lease a ready model; the handle maps its weights read-only (see service.client)."""
     lease, handle = registry.lease(model_id, body.holder, body.ttl_seconds)
     return LeaseOut.of(lease, handle)  # type: ignore[arg-type]
@@ -29,7 +29,7 @@ def create_lease(model_id: str, body: LeaseRequest, registry: RegistryDep) -> Le
     dependencies=[require("worker")],
     responses=problem_responses(401, 403, 404),
 )
-def renew_lease(lease_id: str, registry: RegistryDep) -> LeaseOut:
+async def renew_lease(lease_id: str, registry: RegistryDep) -> LeaseOut:
     """Push expires_at out by the lease's TTL."""
     return LeaseOut.of(registry.renew_lease(lease_id))
 
@@ -40,7 +40,7 @@ def renew_lease(lease_id: str, registry: RegistryDep) -> LeaseOut:
     dependencies=[require("worker")],
     responses=problem_responses(401, 403, 404),
 )
-def release_lease(lease_id: str, registry: RegistryDep) -> Response:
+async def release_lease(lease_id: str, registry: RegistryDep) -> Response:
     """Release a lease (the worker is done with the model)."""
     registry.release_lease(lease_id)
     return Response(status_code=204)
@@ -52,6 +52,6 @@ def release_lease(lease_id: str, registry: RegistryDep) -> Response:
     dependencies=[require("read")],
     responses=problem_responses(401, 403),
 )
-def list_leases(registry: RegistryDep) -> LeaseList:
+async def list_leases(registry: RegistryDep) -> LeaseList:
     """All active leases."""
     return LeaseList(leases=[LeaseOut.of(lease) for lease in registry.leases.active()])

@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1", tags=["memory"])
 
 
 @router.get("/memory", response_model=MemoryReport, dependencies=[require("read")])
-def memory(request: Request, registry: RegistryDep) -> MemoryReport:
+async def memory(request: Request, registry: RegistryDep) -> MemoryReport:
     """Per GPU (torch.cuda), host (psutil) and per-model bytes counted from the tensors."""
     models = [(r.id, r.by_device) for r in registry.records() if r.by_device]
     arena = request.app.state.placement.arena_bytes()

@@ -43,7 +43,7 @@ def load_model(
     dependencies=[require("read")],
     responses=problem_responses(401, 403),
 )
-def list_models(registry: RegistryDep) -> ModelList:
+async def list_models(registry: RegistryDep) -> ModelList:
     """All held, loading and failed models."""
     return ModelList(models=[ModelStatus.of(r) for r in registry.records()])
 
@@ -54,7 +54,7 @@ def list_models(registry: RegistryDep) -> ModelList:
     dependencies=[require("read")],
     responses=problem_responses(401, 403, 404),
 )
-def show_model(model_id: str, registry: RegistryDep) -> ModelStatus:
+async def show_model(model_id: str, registry: RegistryDep) -> ModelStatus:
     """One model's state, progress, memory and timings."""
     return ModelStatus.of(registry.get(model_id))
 

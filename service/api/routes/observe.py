@@ -23,7 +23,7 @@ router = APIRouter(tags=["observe"])
     response_class=Response,
     responses=problem_responses(401, 403),
 )
-def metrics(request: Request) -> Response:
+async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     state = request.app.state
     state.metrics.leases.set(len(state.registry.leases.active()))
