@@ -1,0 +1,63 @@
+# basehold: one container per GPU node; training workers run beside it and share its
+# /dev/shm (the CPU arena) and IPC namespace (CUDA IPC).
+#
+#   docker build -t basehold .
+#   docker run --gpus all --shm-size 32g --ipc shareable -p 8000:8000 \
+#     -e BASEHOLD_API_KEYS='{"<admin key>": ["admin"], "<worker key>": ["worker"]}' \
+#     -v hf-cache:/var/cache/huggingface -v basehold-state:/var/lib/basehold basehold
+#
+# /dev/shm must hold every model you want to lend to workers (docker's default is 64 MB):
+# set --shm-size (compose: shm_size) to at least the sum of their footprints.
+#
+# BASE_IMAGE must provide python3 with venv. The default brings CUDA and a CUDA build of
+# torch; CI passes a local Debian base and a CPU torch wheel through docker/wheels/.
+ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+
+FROM ${BASE_IMAGE} AS build
+# Optional: a CA bundle for a TLS-intercepting proxy, placed in docker/wheels/ (CI uses it).
+ARG PIP_CERT=""
+WORKDIR /src
+COPY docker/wheels /wheels
+COPY pyproject.toml README.md ./
+COPY service ./service
+RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
+    && python3 -m venv /opt/build \
+    && /opt/build/bin/pip install --no-cache-dir --quiet build==1.3.0 \
+    && /opt/build/bin/python -m build --wheel --outdir /dist .
+
+FROM ${BASE_IMAGE}
+ARG TORCH_SPEC="torch>=2.4,<2.15"
+ARG PIP_CERT=""
+ENV VIRTUAL_ENV=/opt/basehold \
+    PATH=/opt/basehold/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/var/cache/huggingface \
+    BASEHOLD_STATE_DIR=/var/lib/basehold/state \
+    BASEHOLD_MODEL_ROOTS='["/models", "/var/lib/basehold/models"]' \
+    BASEHOLD_SHM_DIR=/dev/shm/basehold \
+    BASEHOLD_PORT=8000
+COPY --from=build /dist /dist
+COPY docker/wheels /wheels
+# --system-site-packages: a base image's own torch (with CUDA) is used as is. TORCH_SPEC is
+# a range on purpose (the base's torch satisfies it); the project wheel pins the rest.
+# hadolint ignore=DL3013
+RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
+    && python3 -m venv --system-site-packages /opt/basehold \
+    && pip install --no-cache-dir --quiet --find-links /wheels "${TORCH_SPEC}" \
+    && pip install --no-cache-dir --quiet --find-links /wheels /dist/*.whl \
+    && rm -rf /dist /wheels \
+    && (getent passwd basehold || useradd --system --uid 10001 --create-home basehold) \
+    && mkdir -p /var/lib/basehold/state /var/lib/basehold/models /var/cache/huggingface /models \
+    && chown -R basehold /var/lib/basehold /var/cache/huggingface
+COPY docker/entrypoint.sh /usr/local/bin/basehold-entrypoint
+COPY docker/healthcheck.py /usr/local/lib/basehold/healthcheck.py
+COPY examples /opt/basehold-examples
+USER 10001
+WORKDIR /var/lib/basehold
+VOLUME ["/var/cache/huggingface", "/var/lib/basehold"]
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python3", "/usr/local/lib/basehold/healthcheck.py"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/basehold-entrypoint"]
+CMD ["serve"]
