@@ -11,19 +11,17 @@
 #
 # BASE_IMAGE must provide python3 with venv. The default brings CUDA and a CUDA build of
 # torch; CI passes a local Debian base and a CPU torch wheel through docker/wheels/.
+# Few layers on purpose: each one is a full copy with the vfs storage driver CI uses.
 ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 
 FROM ${BASE_IMAGE} AS build
 # Optional: a CA bundle for a TLS-intercepting proxy, placed in docker/wheels/ (CI uses it).
 ARG PIP_CERT=""
-WORKDIR /src
-COPY docker/wheels /wheels
-COPY pyproject.toml README.md ./
-COPY service ./service
-RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
+COPY . /src
+RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; else PIP_CERT="/src$PIP_CERT"; export PIP_CERT; fi \
     && python3 -m venv /opt/build \
     && /opt/build/bin/pip install --no-cache-dir --quiet build==1.3.0 \
-    && /opt/build/bin/python -m build --wheel --outdir /dist .
+    && /opt/build/bin/python -m build --wheel --outdir /dist /src
 
 FROM ${BASE_IMAGE}
 ARG TORCH_SPEC="torch>=2.4,<2.15"
@@ -36,28 +34,29 @@ ENV VIRTUAL_ENV=/opt/basehold \
     BASEHOLD_MODEL_ROOTS='["/models", "/var/lib/basehold/models"]' \
     BASEHOLD_SHM_DIR=/dev/shm/basehold \
     BASEHOLD_PORT=8000
-COPY --from=build /dist /dist
-COPY docker/wheels /wheels
-# --system-site-packages: a base image's own torch (with CUDA) is used as is. TORCH_SPEC is
-# a range on purpose (the base's torch satisfies it); the project wheel pins the rest.
-# hadolint ignore=DL3013
-RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; fi \
-    && python3 -m venv --system-site-packages /opt/basehold \
-    && pip install --no-cache-dir --quiet --find-links /wheels "${TORCH_SPEC}" \
-    && pip install --no-cache-dir --quiet --find-links /wheels /dist/*.whl \
-    && rm -rf /dist /wheels \
-    && (getent passwd basehold || useradd --system --uid 10001 --create-home basehold) \
-    && mkdir -p /var/lib/basehold/state /var/lib/basehold/models /var/cache/huggingface /models \
-    && chown -R basehold /var/lib/basehold /var/cache/huggingface
-COPY docker/entrypoint.sh /usr/local/bin/basehold-entrypoint
-COPY docker/healthcheck.py /usr/local/lib/basehold/healthcheck.py
-COPY examples /opt/basehold-examples
-USER 10001
-WORKDIR /var/lib/basehold
-VOLUME ["/var/cache/huggingface", "/var/lib/basehold"]
+# Metadata first: with the legacy builder + vfs, every later step copies the whole image.
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python3", "/usr/local/lib/basehold/healthcheck.py"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/basehold-entrypoint"]
 CMD ["serve"]
+WORKDIR /var/lib/basehold
+COPY --from=build /dist /tmp/inputs/dist
+COPY . /tmp/inputs
+# --system-site-packages: a base image's own torch (with CUDA) is used as is. TORCH_SPEC is
+# a range on purpose (the base's torch satisfies it); the project wheel pins the rest.
+# hadolint ignore=DL3013
+RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; else PIP_CERT="/tmp/inputs$PIP_CERT"; export PIP_CERT; fi \
+    && python3 -m venv --system-site-packages /opt/basehold \
+    && pip install --no-cache-dir --quiet --find-links /tmp/inputs/docker/wheels "${TORCH_SPEC}" \
+    && pip install --no-cache-dir --quiet --find-links /tmp/inputs/docker/wheels /tmp/inputs/dist/*.whl \
+    && install -m 0755 /tmp/inputs/docker/entrypoint.sh /usr/local/bin/basehold-entrypoint \
+    && install -D -m 0644 /tmp/inputs/docker/healthcheck.py /usr/local/lib/basehold/healthcheck.py \
+    && cp -r /tmp/inputs/examples /opt/basehold-examples \
+    && rm -rf /tmp/inputs \
+    && (getent passwd basehold || useradd --system --uid 10001 --create-home basehold) \
+    && mkdir -p /var/lib/basehold/state /var/lib/basehold/models /var/cache/huggingface /models \
+    && chown -R 10001 /var/lib/basehold /var/cache/huggingface
+VOLUME ["/var/cache/huggingface", "/var/lib/basehold"]
+USER 10001

@@ -18,12 +18,10 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from common import ROOT, llama_checkpoint, private_bytes, server, smaps, wait_ready
+from common import ROOT, private_bytes, server, smaps, wait_ready, workspace
 
 SPECS: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "float32"},
@@ -118,8 +116,7 @@ def main() -> None:
     parser.add_argument("--attaches", type=int, default=10)
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="basehold-bench-"))
-    path = llama_checkpoint(work / "models" / "llama-bench", args.params_m)
+    work, path = workspace(args.params_m)
     rows = []
     with server(work) as http:
         for name, spec in SPECS.items():

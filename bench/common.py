@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,12 @@ def llama_checkpoint(path: Path, params_m: int) -> Path:
     """A Llama of about `params_m` million parameters (hidden 1024, vocab 32000)."""
     layers = max(1, round((params_m * 1e6 - 2 * 32000 * 1024) / 12.6e6))
     return llama(path, hidden=1024, layers=layers, vocab=32000, heads=16)
+
+
+def workspace(params_m: int) -> tuple[Path, Path]:
+    """A fresh work folder with a generated Llama checkpoint under work/models/."""
+    work = Path(tempfile.mkdtemp(prefix="basehold-bench-"))
+    return work, llama_checkpoint(work / "models" / "llama-bench", params_m)
 
 
 @contextmanager

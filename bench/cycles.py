@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
-from pathlib import Path
 
-from common import llama_checkpoint, server, smaps, wait_ready
+from common import server, smaps, wait_ready, workspace
 
 MiB = 2**20
 
@@ -27,8 +25,7 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=50)
     parser.add_argument("--params-m", type=int, default=100)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="basehold-bench-"))
-    source = llama_checkpoint(work / "models" / "llama-bench", args.params_m)
+    work, source = workspace(args.params_m)
     specs = [{"dtype": "float32"}, {"dtype": "float32", "quantization": {"method": "bnb-4bit"}}]
     with server(work) as http:
         pid = http.server_pid  # type: ignore[attr-defined]

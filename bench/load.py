@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
-from common import llama, llama_checkpoint, server, wait_ready
+from common import llama, server, wait_ready, workspace
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 SPECS: dict[str, dict[str, Any]] = {
@@ -65,8 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--params-m", type=int, default=250)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="basehold-bench-"))
-    path = llama_checkpoint(work / "models" / "llama-bench", args.params_m)
+    work, path = workspace(args.params_m)
     tiny = llama(work / "models" / "llama-tiny")
     path.joinpath("model.safetensors").read_bytes()  # both sides start from a warm page cache
     rows = []

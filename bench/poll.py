@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from common import llama_checkpoint, server
+from common import server, workspace
 
 PATHS = ("/v1/memory", "/v1/models")
 
@@ -82,8 +81,7 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.25)
     parser.add_argument("--params-m", type=int, default=250)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="basehold-bench-"))
-    source = llama_checkpoint(work / "models" / "llama-bench", args.params_m)
+    work, source = workspace(args.params_m)
     with server(work) as http:
         idle, loading, load_s = asyncio.run(
             measure(
