@@ -63,13 +63,20 @@ def http_load(http: httpx.Client, path: Path, spec: dict[str, Any]) -> tuple[flo
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--params-m", type=int, default=250)
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="BASEHOLD_TORCH_THREADS for the server (default: cores - 1)",
+    )
     args = parser.parse_args()
     work, path = workspace(args.params_m)
     tiny = llama(work / "models" / "llama-tiny")
     path.joinpath("model.safetensors").read_bytes()  # both sides start from a warm page cache
     rows = []
     params = 0
-    with server(work) as http:
+    env = {"BASEHOLD_TORCH_THREADS": str(args.torch_threads)} if args.torch_threads else {}
+    with server(work, **env) as http:
         for name, spec in SPECS.items():
             baseline(tiny, spec)
             http.delete(f"/v1/models/{http_load(http, tiny, spec)[2]}")
@@ -79,7 +86,8 @@ def main() -> None:
             http.delete(f"/v1/models/{model_id}")
             rows.append((name, http_s, base_s, repeat_s))
     print(
-        f"\nbasehold load bench: Llama {params / 1e6:.0f}M params, CPU, torch {torch.__version__}\n"
+        f"\nbasehold load bench: Llama {params / 1e6:.0f}M params, CPU, torch "
+        f"{torch.__version__}, server torch threads: {args.torch_threads or 'cores - 1'}\n"
     )
     print(
         "| spec | HTTP POST->ready (s) | from_pretrained+touch (s) | ratio | "
