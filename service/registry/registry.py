@@ -106,6 +106,9 @@ class Registry:
                 return existing, False
             if estimate is not None:
                 self._admit(model_id, estimate)
+            previous = self._records.get(model_id)
+            if previous is not None and previous.state == State.FAILED:
+                self._transition(previous, State.GONE)  # a retry replaces the failed record
             record = ModelRecord(id=model_id, name=spec.name, spec=spec, key=key, estimate=estimate)
             record.progress.on_change = lambda _: self._progressed(record)
             self._records[model_id] = record

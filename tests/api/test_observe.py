@@ -108,3 +108,19 @@ def test_sse_stream_and_resume(server: Server, models_root: Path) -> None:
     # A client that lost the connection after the first event resumes where it left off.
     resumed = read_events(server.url, "ready", headers={"Last-Event-ID": str(ids[0])})
     assert [e["id"] for e in resumed] == ids[1:]
+
+
+def test_retried_failure_leaves_the_failed_gauge(client: TestClient, models_root: Path) -> None:
+    import shutil
+
+    broken = models_root / "retry-gauge"
+    shutil.copytree(models_root / "llama", broken, dirs_exist_ok=True)
+    config = (broken / "config.json").read_bytes()
+    (broken / "config.json").unlink()
+    assert load(client, source=str(broken))["state"] == "failed"
+    assert sample(client.get("/metrics").text, "basehold_models", state="failed") == 1
+    (broken / "config.json").write_bytes(config)
+    assert load(client, source=str(broken))["state"] == "ready"
+    text = client.get("/metrics").text
+    assert sample(text, "basehold_models", state="failed") == 0
+    assert sample(text, "basehold_models", state="ready") == 1
