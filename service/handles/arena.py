@@ -121,10 +121,3 @@ def views(
     mapping: mmap.mmap, entries: list[ArenaEntry], data_start: int
 ) -> dict[str, torch.Tensor]:
     return {e.name: view(mapping, e, data_start) for e in entries}
-
-
-def mapping_range(mapping: mmap.mmap) -> range:
-    """Address range of a mapping, to check that tensors still point into it."""
-    probe = torch.frombuffer(mapping, dtype=torch.uint8, count=1) if len(mapping) else None
-    start = probe.data_ptr() if probe is not None else 0
-    return range(start, start + len(mapping))

@@ -6,14 +6,14 @@ import logging
 import mmap
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
 
 from service.handles.descriptor import Handle
 from service.handles.share import NotShareableModel, share
-from service.loading.placement import Placed
-from service.memory.resident import copy_out_of_files
+from service.loading.placement import Placed, PrivateMemory
 
 log = logging.getLogger("basehold.handles")
 
@@ -25,6 +25,7 @@ class ArenaPlacement:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._held: dict[str, tuple[Handle, mmap.mmap]] = {}
+        self._private = PrivateMemory()
         self._lock = threading.Lock()
 
     def clean_stale(self) -> int:
@@ -39,11 +40,10 @@ class ArenaPlacement:
         try:
             handle, mapping = share(model, model_id, self.directory)
         except NotShareableModel as reason:
-            copy_out_of_files(model, files)
-            return Placed(shareable=False, reason=str(reason))
+            return replace(self._private.place(model_id, model, files), reason=str(reason))
         with self._lock:
             self._held[model_id] = (handle, mapping)
-        return Placed(shareable=True, arena_bytes=handle.arena.size, handle=handle)
+        return Placed(shareable=True, handle=handle)
 
     def release(self, model_id: str) -> None:
         """Unlink the arena. Mappings (ours until the model is freed, workers') stay valid;

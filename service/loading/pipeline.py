@@ -47,8 +47,9 @@ class LoadContext:
     placement: Placement
     hub_endpoint: str | None = None
     # Admission for loads that could not be admitted at submit (hub sources): raises
-    # InsufficientMemory, may evict.
-    admit: Callable[[str, Estimate], None] | None = None
+    # InsufficientMemory, may evict. Gets the estimate lazily: most loads were admitted
+    # already and need no second meta model.
+    admit: Callable[[str, Callable[[], Estimate]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def run_load(
     info = inspect_checkpoint(path)
     progress.set_total(info.bytes_total)
     if ctx.admit is not None:
-        ctx.admit(model_id, estimate(spec, config, task))
+        ctx.admit(model_id, lambda: estimate(spec, config, task))
     loader = get_loader(spec)
     offload = ctx.offload_root / model_id if spec.offload else None
     progress.set_phase(loader.phase)

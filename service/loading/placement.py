@@ -1,8 +1,8 @@
 """The last step of every load: where the held tensors live.
 
-Today the tensors stay in the process's private memory (`PrivateMemory`). The handles work
-swaps in a placement that moves them into a shared arena, so leases never need a second
-loader.
+The service uses `handles.placement.ArenaPlacement`, which moves the tensors into a shared
+arena so leases never need a second loader; models that cannot be shared fall back to
+`PrivateMemory`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from service.memory.resident import copy_out_of_files
 class Placed:
     shareable: bool
     reason: str | None = None
-    arena_bytes: int = 0
     handle: Any = None  # service.handles.descriptor.Handle for shareable models
 
 

@@ -124,16 +124,17 @@ class Registry:
         if not spec.source.startswith("/"):
             return None
         try:
-            resolved = resolve(spec, None, self._ctx, config_only=True)
-            return estimate(spec, resolved.config, resolved.task)
+            return self._estimate_spec(spec, None)
         except Exception:
             return None
 
+    def _estimate_spec(self, spec: LoadRequest, token: str | None) -> Estimate:
+        resolved = resolve(spec, token, self._ctx, config_only=True)
+        return estimate(spec, resolved.config, resolved.task)
+
     def estimate(self, request: LoadRequest, token: str | None) -> tuple[Estimate, dict[str, int]]:
         """POST /v1/estimate: nothing is loaded; hub sources fetch config.json only."""
-        spec = self.normalize(request)
-        resolved = resolve(spec, token, self._ctx, config_only=True)
-        result = estimate(spec, resolved.config, resolved.task)
+        result = self._estimate_spec(self.normalize(request), token)
         with self._lock:
             return result, self.gate.free(self._records.values())
 
@@ -152,14 +153,16 @@ class Registry:
             victim.evicted = True
             self.unload(victim.id)
 
-    def _admit_late(self, model_id: str, estimate: Estimate) -> None:
+    def _admit_late(self, model_id: str, estimate_of: Callable[[], Estimate]) -> None:
         """Admission from the load thread, for sources estimated only once fetched."""
         with self._lock:
             record = self._records.get(model_id)
             if record is None or record.estimate is not None:
                 return
-            self._admit(model_id, estimate)
-            record.estimate = estimate
+        late = estimate_of()  # outside the lock: builds a meta model
+        with self._lock:
+            self._admit(model_id, late)
+            record.estimate = late
 
     def _find(self, model_id: str, key: str, *, named: bool) -> ModelRecord | None:
         current = self._records.get(model_id)
