@@ -20,6 +20,7 @@ from service.api import problems
 from service.api.routes import dashboard, health, leases, memory, models, observe
 from service.api.timing import RequestMetrics
 from service.events import EventBus
+from service.handles.devices import CUDA, DeviceSegments
 from service.handles.placement import ArenaPlacement
 from service.loading.pipeline import LoadContext
 from service.memory.cuda import CudaProbe, TorchCuda
@@ -34,10 +35,12 @@ from service.settings import Settings
 log = logging.getLogger("basehold")
 
 
-async def _reap_leases(registry: Registry, every: float) -> None:
+async def _reap_leases(registry: Registry, placement: ArenaPlacement, every: float) -> None:
+    """Drop unrenewed leases; free device segments that revoked leases no longer need."""
     while True:
         await asyncio.sleep(every)
         registry.expire_leases()
+        placement.collect()
 
 
 def create_app(
@@ -45,11 +48,14 @@ def create_app(
     *,
     cuda: CudaProbe | None = None,
     gpus: GpuProbe | None = None,
+    segments: DeviceSegments | None = None,
 ) -> FastAPI:
+    """`cuda`, `gpus` and `segments` are the seams to GPU hardware (tests without one
+    pass fakes); the defaults ask torch, NVML and CUDA IPC."""
     settings = settings or Settings()
     settings.ensure_dirs()
     cuda = cuda or TorchCuda()
-    placement = ArenaPlacement(settings.shm_dir)
+    placement = ArenaPlacement(settings.shm_dir, segments or CUDA)
     ctx = LoadContext(
         roots=settings.model_roots,
         offload_root=settings.offload_dir,
@@ -96,7 +102,7 @@ def create_app(
         if stale:
             log.info("removed %d stale arena file(s) from %s", stale, settings.shm_dir)
         events.bind(asyncio.get_running_loop())
-        reaper = asyncio.create_task(_reap_leases(registry, settings.lease_reap_seconds))
+        reaper = asyncio.create_task(_reap_leases(registry, placement, settings.lease_reap_seconds))
         app.state.ready = True
         yield
         app.state.ready = False

@@ -15,15 +15,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 log = logging.getLogger("basehold.client")
-__all__ = ["BaseholdError", "Client"]
+__all__ = ["BaseholdError", "Client", "LeaseLost"]
 
 
 class BaseholdError(RuntimeError):
@@ -34,6 +35,23 @@ class BaseholdError(RuntimeError):
         self.status = status
         self.code = code
         self.detail = detail
+
+
+class LeaseLost(RuntimeError):
+    """A forward pass on a GPU-attached model whose lease is gone: the service may already
+    have given that device memory to something else. Attach again."""
+
+
+def guard_forward(model: nn.Module, lost: Callable[[], str | None]) -> RemovableHandle:
+    """Refuse forward passes once `lost()` names a reason (CPU arenas need no guard: the
+    kernel keeps mapped pages; GPU segments are freed by the service after the lease)."""
+
+    def check(module: nn.Module, args: object) -> None:
+        reason = lost()
+        if reason is not None:
+            raise LeaseLost(reason)
+
+    return model.register_forward_pre_hook(check)
 
 
 class _Renewer(threading.Thread):
@@ -155,11 +173,25 @@ class Client:
         from service.handles.attach import attach_handle
 
         lease = self.lease(model_id, holder, ttl_seconds)
-        renewer = _Renewer(self, lease["lease_id"], ttl_seconds)
+        lease_id = lease["lease_id"]
+        renewer = _Renewer(self, lease_id, ttl_seconds)
+        done = threading.Event()
+
+        def lost() -> str | None:
+            if renewer.lost is not None:
+                return f"lease {lease_id} on {model_id} was lost: {renewer.lost.detail}"
+            if done.is_set():
+                return f"the attach block for {model_id} has ended; its lease is released"
+            return None
+
         renewer.start()
         try:
-            yield attach_handle(lease["handle"])
+            model = attach_handle(lease["handle"])
+            if lease["handle"].get("segments"):
+                guard_forward(model, lost)
+            yield model
         finally:
+            done.set()
             renewer.stop()
             if renewer.lost is None:
                 try:

@@ -53,11 +53,17 @@ def _header(entries: list[ArenaEntry]) -> bytes:
     return raw + b" " * (total - 8 - len(raw))
 
 
-def plan_entries(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[ArenaEntry]:
-    """Lay tensors out largest element first, so every tensor is naturally aligned."""
+def plan_entries(
+    tensors: Iterable[tuple[str, torch.Tensor]], *, align: int = 1, segment: str | None = None
+) -> list[ArenaEntry]:
+    """Lay tensors out largest element first, so every tensor is naturally aligned.
+
+    The file keeps them contiguous (safetensors allows no holes); device segments ask for
+    a coarser `align` so kernels get the alignment a fresh allocation would have."""
     items = sorted(tensors, key=lambda kv: (-kv[1].element_size(), kv[0]))
     entries, offset = [], 0
     for name, tensor in items:
+        offset = -(-offset // align) * align
         nbytes = tensor.numel() * tensor.element_size()
         entries.append(
             ArenaEntry(
@@ -66,10 +72,17 @@ def plan_entries(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[ArenaEntry
                 shape=list(tensor.shape),
                 offset=offset,
                 nbytes=nbytes,
+                segment=segment,
             )
         )
         offset += nbytes
     return entries
+
+
+def segment_view(base: torch.Tensor, entry: ArenaEntry) -> torch.Tensor:
+    """A typed view of one entry inside a flat uint8 device segment."""
+    raw = base[entry.offset : entry.offset + entry.nbytes]
+    return raw.view(TORCH_DTYPES[entry.dtype]).view(entry.shape)
 
 
 def write_arena(

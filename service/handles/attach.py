@@ -15,9 +15,12 @@ import transformers
 from torch import nn
 from transformers import AutoConfig
 
-from service.handles.arena import map_readonly, views
+from service.handles.arena import map_readonly, segment_view, views
 from service.handles.descriptor import Handle, Quant4Module
+from service.handles.devices import CUDA, DeviceSegments, SegmentUnavailable
 from service.handles.share import disable_cpu_repack
+
+SUPPORTED_VERSION = 2
 
 
 class AttachError(RuntimeError):
@@ -95,8 +98,23 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
 
-def build(handle: Handle, mapping: mmap.mmap) -> nn.Module:
-    arena = views(mapping, handle.entries, handle.arena.data_start)
+def _arena(handle: Handle, mapping: mmap.mmap, devices: DeviceSegments) -> dict[str, torch.Tensor]:
+    """Every entry as a tensor: views of the mapped file and of the opened device segments."""
+    in_file = [e for e in handle.entries if e.segment is None]
+    arena = views(mapping, in_file, handle.arena.data_start)
+    for segment in handle.segments:
+        try:
+            base = devices.open(segment)
+        except SegmentUnavailable as exc:
+            raise AttachError(str(exc)) from exc
+        for entry in handle.entries:
+            if entry.segment == segment.name:
+                arena[entry.name] = segment_view(base, entry)
+    return arena
+
+
+def build(handle: Handle, mapping: mmap.mmap, devices: DeviceSegments = CUDA) -> nn.Module:
+    arena = _arena(handle, mapping, devices)
     model = _skeleton(handle)
     by_entry = {name: entry for name, entry in handle.parameters.items()}
     for spec in handle.quant4:
@@ -127,10 +145,15 @@ def build(handle: Handle, mapping: mmap.mmap) -> nn.Module:
     return model
 
 
-def attach_handle(handle: Handle | dict[str, object]) -> nn.Module:
-    """Map the arena read-only and build the model on it."""
+def attach_handle(handle: Handle | dict[str, object], devices: DeviceSegments = CUDA) -> nn.Module:
+    """Map the arena read-only, open its device segments, and build the model on them."""
     if not isinstance(handle, Handle):
         handle = Handle.model_validate(handle)
+    if handle.version > SUPPORTED_VERSION:
+        raise AttachError(
+            f"handle version {handle.version} is newer than this client understands "
+            f"({SUPPORTED_VERSION}); upgrade basehold in the worker"
+        )
     path = Path(handle.arena.path)
     if not path.exists():
         raise AttachError(f"arena {path} is not visible here: share /dev/shm with the service")
@@ -139,4 +162,4 @@ def attach_handle(handle: Handle | dict[str, object]) -> nn.Module:
         raise AttachError(
             f"arena {path} has {len(mapping)} bytes, the handle says {handle.arena.size}"
         )
-    return build(handle, mapping)
+    return build(handle, mapping, devices)

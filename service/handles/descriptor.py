@@ -13,6 +13,10 @@ class ArenaEntry(BaseModel):
     shape: list[int]
     offset: int = Field(description="byte offset from the start of the data section")
     nbytes: int
+    segment: str | None = Field(
+        default=None,
+        description="None: in the arena file; otherwise the name of a device segment",
+    )
 
 
 class Quant4State(BaseModel):
@@ -48,10 +52,35 @@ class ArenaInfo(BaseModel):
     data_start: int
 
 
+class CudaIpc(BaseModel):
+    """What torch's CUDA IPC needs to open the segment in another process (bytes base64)."""
+
+    handle: str = Field(description="cudaIpcMemHandle of the allocator block, base64")
+    storage_size_bytes: int
+    storage_offset_bytes: int = Field(description="offset of the segment inside that block")
+    ref_counter: str = Field(description="torch's ref-counter file name, base64")
+    ref_counter_offset: int
+    event_handle: str = Field(description="cudaIpcEventHandle, base64")
+    event_sync_required: bool
+
+
+class DeviceSegment(BaseModel):
+    """One device allocation holding every tensor of the model on that device."""
+
+    name: str = Field(description="what ArenaEntry.segment refers to, e.g. cuda:0")
+    device: str = Field(description="the device in the service's numbering")
+    device_uuid: str = Field(description="GPU UUID: the worker finds its own index by it")
+    size: int
+    ipc: CudaIpc
+
+
 class Handle(BaseModel):
-    version: int = 1
+    version: int = 2
     model_id: str
     arena: ArenaInfo
+    segments: list[DeviceSegment] = Field(
+        default_factory=list, description="device allocations (CUDA), shared by IPC handle"
+    )
     entries: list[ArenaEntry]
     parameters: dict[str, str] = Field(description="parameter name -> arena entry")
     buffers: dict[str, str] = Field(description="buffer name -> arena entry")

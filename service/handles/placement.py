@@ -3,28 +3,37 @@
 from __future__ import annotations
 
 import logging
-import mmap
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from service.handles.descriptor import Handle
-from service.handles.share import NotShareableModel, share
+from service.handles.devices import CUDA, DeviceSegments
+from service.handles.share import NotShareableModel, Shared, share
 from service.loading.placement import Placed, PrivateMemory
 
 log = logging.getLogger("basehold.handles")
 
 
 class ArenaPlacement:
-    """One arena file per model under `directory` (in /dev/shm); models that cannot be
-    shared stay in private memory with the reason recorded."""
+    """One arena file per model under `directory` (in /dev/shm) plus one device segment
+    per GPU the model lives on; models that cannot be shared stay in private memory with
+    the reason recorded.
 
-    def __init__(self, directory: Path) -> None:
+    Unlinking the file never breaks a worker (the kernel keeps mapped pages), but a freed
+    device segment would be reused under a worker's feet. So after a forced unload the
+    segments are retired, not freed, until the revoked leases' TTL has run out (the client
+    stops a revoked worker's forward passes before that)."""
+
+    def __init__(self, directory: Path, devices: DeviceSegments = CUDA) -> None:
         self.directory = directory
-        self._held: dict[str, tuple[Handle, mmap.mmap]] = {}
+        self.devices = devices
+        self._held: dict[str, Shared] = {}
+        self._retired: list[tuple[datetime, list[torch.Tensor]]] = []
         self._private = PrivateMemory()
         self._lock = threading.Lock()
 
@@ -38,21 +47,41 @@ class ArenaPlacement:
 
     def place(self, model_id: str, model: nn.Module, files: Sequence[Path]) -> Placed:
         try:
-            handle, mapping = share(model, model_id, self.directory)
+            shared = share(model, model_id, self.directory, self.devices)
         except NotShareableModel as reason:
             return replace(self._private.place(model_id, model, files), reason=str(reason))
         with self._lock:
-            self._held[model_id] = (handle, mapping)
-        return Placed(shareable=True, handle=handle)
+            self._held[model_id] = shared
+        return Placed(shareable=True, handle=shared.handle)
 
-    def release(self, model_id: str) -> None:
+    def release(self, model_id: str, keep_until: datetime | None = None) -> None:
         """Unlink the arena. Mappings (ours until the model is freed, workers') stay valid;
-        the pages return once the last one goes."""
+        the pages return once the last one goes. Device segments are freed now, or at
+        `keep_until` when revoked leases may still be reading them."""
         with self._lock:
             held = self._held.pop(model_id, None)
+            if held is not None and held.segments and keep_until is not None:
+                self._retired.append((keep_until, held.segments))
+                log.info("device segments of %s kept until %s", model_id, keep_until)
         if held is not None:
-            Path(held[0].arena.path).unlink(missing_ok=True)
+            Path(held.handle.arena.path).unlink(missing_ok=True)
+
+    def collect(self, now: datetime | None = None) -> int:
+        """Free retired device segments whose time is up; returns how many were freed."""
+        now = now or datetime.now(timezone.utc)
+        with self._lock:
+            due = [item for item in self._retired if item[0] <= now]
+            self._retired = [item for item in self._retired if item[0] > now]
+        freed = sum(len(segments) for _, segments in due)
+        if due:
+            del due
+            self.devices.empty_cache()
+        return freed
+
+    def retired(self) -> int:
+        with self._lock:
+            return sum(len(segments) for _, segments in self._retired)
 
     def arena_bytes(self) -> int:
         with self._lock:
-            return sum(handle.arena.size for handle, _ in self._held.values())
+            return sum(shared.handle.arena.size for shared in self._held.values())

@@ -10,8 +10,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.handles.arena import map_readonly, views, write_arena
-from service.handles.descriptor import ArenaInfo, Handle, Quant4Module, Quant4State
+from service.handles.arena import map_readonly, plan_entries, segment_view, views, write_arena
+from service.handles.descriptor import (
+    ArenaEntry,
+    ArenaInfo,
+    DeviceSegment,
+    Handle,
+    Quant4Module,
+    Quant4State,
+)
+from service.handles.devices import CUDA, DEVICE_ALIGN, DeviceSegments
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -38,16 +46,23 @@ class _Plan:
         return self.by_identity[key]
 
 
-def _check(model: Any) -> None:
+def _check(model: Any, devices: DeviceSegments) -> None:
     if getattr(model.config, "auto_map", None):
         raise NotShareableModel("checkpoints with remote code cannot be attached by workers")
+    seen: set[str] = set()
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.device.type == "meta":
             raise NotShareableModel(f"{name} is offloaded (disk/cpu hooks); load without offload")
-        if tensor.device.type != "cpu":
-            raise NotShareableModel(
-                f"{name} is on {tensor.device}: CUDA arenas are not implemented yet"
-            )
+        if tensor.device.type != "cpu" and not devices.claims(tensor.device):
+            raise NotShareableModel(f"{name} is on {tensor.device}, which cannot be shared")
+        seen.add(str(tensor.device))
+    if len(seen) > 1:
+        # The worker would need accelerate's dispatch hooks to move activations between
+        # devices; until that is built, workers attach models that live on one device.
+        raise NotShareableModel(
+            f"the model is split across {', '.join(sorted(seen))}; load it with "
+            'device_map "cuda:N" or "cpu" to lend it to workers'
+        )
     for name, module in model.named_modules():
         if type(module).__name__ == "Linear8bitLt":
             raise NotShareableModel(
@@ -87,6 +102,40 @@ def _quant4(plan: _Plan, name: str, module: Any) -> Quant4Module:
     )
 
 
+@dataclass
+class Shared:
+    """A model placed in an arena: the handle, and what keeps the memory alive here."""
+
+    handle: Handle
+    mapping: mmap.mmap
+    segments: list[torch.Tensor] = field(default_factory=list)
+
+
+def _fill_segments(
+    tensors: dict[str, torch.Tensor], devices: DeviceSegments
+) -> tuple[list[ArenaEntry], list[DeviceSegment], list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Copy every claimed tensor into one allocation per device and publish it."""
+    by_device: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        by_device.setdefault(str(tensor.device), {})[name] = tensor
+    entries: list[ArenaEntry] = []
+    described: list[DeviceSegment] = []
+    segments: list[torch.Tensor] = []
+    bound: dict[str, torch.Tensor] = {}
+    for device, group in by_device.items():
+        planned = plan_entries(group.items(), align=DEVICE_ALIGN, segment=device)
+        size = max((e.offset + e.nbytes for e in planned), default=0)
+        segment = devices.allocate(torch.device(device), size)
+        for entry in planned:
+            target = segment_view(segment, entry)
+            target.copy_(group[entry.name])
+            bound[entry.name] = target
+        described.append(devices.publish(device, segment))
+        entries.extend(planned)
+        segments.append(segment)
+    return entries, described, segments, bound
+
+
 def _rebind(model: Any, handle: Handle, arena: dict[str, torch.Tensor]) -> None:
     """Point the service's own model at the arena; the private copies are then freed."""
     modules = dict(model.named_modules())
@@ -116,21 +165,30 @@ def disable_cpu_repack(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
 
 
-def share(model: Any, model_id: str, directory: Path) -> tuple[Handle, mmap.mmap]:
-    """Write the arena, re-point `model` to it, and describe it for workers."""
-    _check(model)
+def share(model: Any, model_id: str, directory: Path, devices: DeviceSegments = CUDA) -> Shared:
+    """Write the arena (host tensors) and device segments (GPU tensors), re-point `model`
+    to them, and describe both for workers."""
+    _check(model, devices)
     plan = _Plan()
     parameters = {n: plan.entry(n, p) for n, p in model.named_parameters(remove_duplicate=False)}
     buffers = {n: plan.entry(n, b) for n, b in model.named_buffers(remove_duplicate=False)}
     quant4 = [
         _quant4(plan, n, m) for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"
     ]
-    path, entries, data_start = write_arena(directory, model_id, plan.tensors)
+    claimed = {n: t for n, t in plan.tensors.items() if devices.claims(t.device)}
+    host = {n: t for n, t in plan.tensors.items() if n not in claimed}
+    path, entries, data_start = write_arena(directory, model_id, host)
+    try:
+        device_entries, described, segments, bound = _fill_segments(claimed, devices)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     config = model.config.to_dict()
     handle = Handle(
         model_id=model_id,
         arena=ArenaInfo(path=str(path), size=path.stat().st_size, data_start=data_start),
-        entries=entries,
+        segments=described,
+        entries=[*entries, *device_entries],
         parameters=parameters,
         buffers=buffers,
         quant4=quant4,
@@ -139,7 +197,9 @@ def share(model: Any, model_id: str, directory: Path) -> tuple[Handle, mmap.mmap
         dtype=DTYPE_NAMES.get(model.dtype, "float32"),
     )
     mapping = map_readonly(path)
-    del plan
-    _rebind(model, handle, views(mapping, entries, data_start))
+    del plan, claimed, host
+    _rebind(model, handle, {**views(mapping, entries, data_start), **bound})
     disable_cpu_repack(model)
-    return handle, mapping
+    if segments:
+        devices.empty_cache()  # the private copies the segments replaced
+    return Shared(handle=handle, mapping=mapping, segments=segments)

@@ -7,6 +7,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -185,7 +186,8 @@ def run_load(
     )
 
 
-def discard(model_id: str, ctx: LoadContext) -> None:
-    """Remove what a load left on disk (offload folder); memory is freed by the caller."""
+def discard(model_id: str, ctx: LoadContext, keep_until: datetime | None = None) -> None:
+    """Remove what a load left on disk (offload folder) and its placement; memory is freed
+    by the caller. `keep_until`: revoked leases may read device memory until then."""
     shutil.rmtree(ctx.offload_root / model_id, ignore_errors=True)
-    ctx.placement.release(model_id)
+    ctx.placement.release(model_id, keep_until)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,7 +28,7 @@ class Placed:
 class Placement(Protocol):
     def place(self, model_id: str, model: nn.Module, files: Sequence[Path]) -> Placed: ...
 
-    def release(self, model_id: str) -> None: ...
+    def release(self, model_id: str, keep_until: datetime | None = None) -> None: ...
 
     def arena_bytes(self) -> int: ...
 
@@ -40,7 +41,7 @@ class PrivateMemory:
         copy_out_of_files(model, files)
         return Placed(shareable=False, reason="this server keeps models in private memory")
 
-    def release(self, model_id: str) -> None:
+    def release(self, model_id: str, keep_until: datetime | None = None) -> None:
         return None
 
     def arena_bytes(self) -> int:

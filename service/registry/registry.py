@@ -252,7 +252,8 @@ class Registry:
                     f"{model_id} has {record.leases} active lease(s). Release them, or unload "
                     "with ?force=true to revoke them."
                 )
-            for lease in self.leases.revoke_model(model_id):
+            revoked = self.leases.revoke_model(model_id)
+            for lease in revoked:
                 log.warning(
                     "lease %s of %s (holder %s) revoked by a forced unload",
                     lease.id,
@@ -260,7 +261,8 @@ class Registry:
                     lease.holder,
                 )
             self._transition(record, State.UNLOADING, model=None, handle=None, leases=0)
-        discard(record.id, self._ctx)
+        keep_until = max((lease.expires_at for lease in revoked), default=None)
+        discard(record.id, self._ctx, keep_until)
         release_memory(self._cuda)
         with self._lock:
             self._transition(record, State.GONE, by_device={})

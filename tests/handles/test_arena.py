@@ -69,7 +69,7 @@ def test_share_then_attach_is_bit_identical(models_root: Path, shm_dir: Path, ki
     tokens = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         before = model(tokens).logits
-    handle, _ = share(model, "m", shm_dir)
+    handle = share(model, "m", shm_dir).handle
     arena = handle.arena.path
     with torch.no_grad():
         after = model(tokens).logits

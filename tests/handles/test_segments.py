@@ -1,0 +1,170 @@
+"""Device segments (the CUDA arena) without a GPU: the host stand-in drives the whole path
+except the IPC calls; the real CudaSegments is checked where it needs no GPU."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from service.app import create_app
+from service.client import LeaseLost, guard_forward
+from service.handles.attach import AttachError, attach_handle
+from service.handles.descriptor import Handle
+from service.handles.devices import DEVICE_ALIGN, CudaSegments, SegmentUnavailable
+from service.handles.placement import ArenaPlacement
+from service.handles.share import share
+from service.memory.footprint import all_tensors
+from service.settings import Settings
+from tests.conftest import load
+from tests.handles.host_segments import HostSegments
+from tests.handles.test_arena import QUANT
+
+TOKENS = torch.tensor([[1, 2, 3, 4, 5]])
+
+
+def outside(model: nn.Module, segment: torch.Tensor) -> list[str]:
+    start = segment.data_ptr()
+    end = start + segment.numel()
+    return [n for n, t in all_tensors(model) if t.numel() and not start <= t.data_ptr() < end]
+
+
+@pytest.mark.parametrize("kind", ["fp32", "fp4-double-quant"])
+def test_model_moves_into_one_segment_and_attaches(
+    models_root: Path, shm_dir: Path, kind: str
+) -> None:
+    shm_dir.mkdir()
+    model = AutoModelForCausalLM.from_pretrained(
+        models_root / "llama-tied", device_map="cpu", **{"dtype": torch.float32, **QUANT[kind]}
+    )
+    with torch.no_grad():
+        before = model(TOKENS).logits
+    segments = HostSegments()
+    shared = share(model, "m", shm_dir, segments)
+    [segment] = shared.segments
+    handle = Handle.model_validate_json(shared.handle.model_dump_json())
+    assert [s.name for s in handle.segments] == ["cpu"]
+    assert all(e.segment == "cpu" and e.offset % DEVICE_ALIGN == 0 for e in handle.entries)
+    with safe_open(handle.arena.path, framework="pt") as empty:
+        assert list(empty.keys()) == []  # every tensor went to the segment
+    with torch.no_grad():
+        assert torch.equal(model(TOKENS).logits, before)
+    assert outside(model, segment) == [], "service tensors are not in the segment"
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert segments.emptied == 1
+
+    worker = attach_handle(handle, segments)
+    with torch.no_grad():
+        assert torch.equal(worker(TOKENS).logits, before)
+    assert outside(worker, segment) == []
+    assert worker.lm_head.weight is worker.model.embed_tokens.weight
+
+
+def test_gpu_is_found_by_uuid_whatever_its_index() -> None:
+    segments = CudaSegments(visible_uuids=lambda: ["GPU-aaa", "GPU-bbb"])
+    handle = share_handle_on("GPU-bbb")
+    assert segments.local_index(handle.segments[0]) == 1
+    hidden = CudaSegments(visible_uuids=lambda: ["GPU-aaa"])
+    with pytest.raises(SegmentUnavailable, match=r"GPU-bbb.*CUDA_VISIBLE_DEVICES"):
+        hidden.local_index(handle.segments[0])
+
+
+def share_handle_on(device_uuid: str) -> Handle:
+    segments = HostSegments()
+    published = segments.publish("cuda:3", torch.zeros(8, dtype=torch.uint8))
+    return Handle.model_validate(
+        {
+            "model_id": "m",
+            "arena": {"path": "/nonexistent", "size": 0, "data_start": 4096},
+            "segments": [published.model_copy(update={"device_uuid": device_uuid})],
+            "entries": [],
+            "parameters": {},
+            "buffers": {},
+            "config": {},
+            "architecture": "LlamaForCausalLM",
+            "dtype": "float32",
+        }
+    )
+
+
+def test_worker_without_that_gpu_gets_a_clear_error(models_root: Path, shm_dir: Path) -> None:
+    shm_dir.mkdir()
+    model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
+    handle = share(model, "m", shm_dir, HostSegments()).handle
+    with pytest.raises(AttachError, match="cannot see"):
+        attach_handle(handle, CudaSegments(visible_uuids=list))
+
+
+def test_newer_handle_is_refused() -> None:
+    handle = share_handle_on("GPU-x").model_copy(update={"version": 99})
+    with pytest.raises(AttachError, match="upgrade basehold"):
+        attach_handle(handle)
+
+
+def test_segments_outlive_a_forced_unload_until_the_revoked_lease_expires(
+    models_root: Path, shm_dir: Path
+) -> None:
+    shm_dir.mkdir()
+    placement = ArenaPlacement(shm_dir, HostSegments())
+    model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
+    placement.place("m", model, [])
+    alive = weakref.ref(placement._held["m"].segments[0])
+    del model
+    until = datetime.now(timezone.utc) + timedelta(hours=1)
+    placement.release("m", keep_until=until)
+    gc.collect()
+    assert placement.retired() == 1 and alive() is not None
+    assert placement.collect(until - timedelta(seconds=1)) == 0 and alive() is not None
+    assert placement.collect(until) == 1
+    gc.collect()
+    assert alive() is None and placement.retired() == 0
+
+
+def test_plain_unload_frees_segments_at_once(models_root: Path, shm_dir: Path) -> None:
+    shm_dir.mkdir()
+    placement = ArenaPlacement(shm_dir, HostSegments())
+    model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
+    placement.place("m", model, [])
+    alive = weakref.ref(placement._held["m"].segments[0])
+    del model
+    placement.release("m")
+    gc.collect()
+    assert alive() is None and placement.retired() == 0
+
+
+def test_forced_unload_keeps_segments_for_the_lease_ttl(
+    models_root: Path, tmp_path: Path, shm_dir: Path
+) -> None:
+    settings = Settings(state_dir=tmp_path / "state", shm_dir=shm_dir, model_roots=[models_root])
+    app = create_app(settings, segments=HostSegments())
+    with TestClient(app) as client:
+        status = load(client, source=str(models_root / "llama"), dtype="float32")
+        assert status["shareable"] is True
+        body = client.post(
+            f"/v1/models/{status['id']}/leases", json={"holder": "w", "ttl_seconds": 120}
+        ).json()
+        assert [s["name"] for s in body["handle"]["segments"]] == ["cpu"]
+        assert client.delete(f"/v1/models/{status['id']}?force=true").status_code == 204
+        placement: ArenaPlacement = app.state.placement
+        assert placement.retired() == 1
+        expires = datetime.fromisoformat(body["expires_at"])
+        assert placement.collect(expires - timedelta(seconds=1)) == 0
+        assert placement.collect(expires) == 1
+
+
+def test_forward_is_refused_once_the_lease_is_lost() -> None:
+    model = nn.Linear(2, 2)
+    reason: list[str] = []
+    guard_forward(model, lambda: reason[0] if reason else None)
+    model(torch.ones(1, 2))
+    reason.append("lease lease-1 on m was lost: revoked")
+    with pytest.raises(LeaseLost, match="revoked"):
+        model(torch.ones(1, 2))
