@@ -23,16 +23,18 @@ import argparse
 import gc
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, server, wait_ready, workspace
+from common import ROOT, llama, llama_checkpoint, server, wait_ready
 
 SPECS = ["bf16", "nf4"]
-TOKENS = [[1, 15, 27, 300, 4000, 9, 81, 2, 640, 77, 5, 1200]]
+TOKENS = [[1, 15, 27, 300, 400, 9, 81, 2, 640, 77, 5, 120]]  # < 1000: fits every vocab here
 MiB = 2**20
 
 
@@ -246,6 +248,7 @@ def main() -> int:
     parser.add_argument("--params-m", type=int, default=120)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rehearse-on-cpu", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="a ~3M-param Llama (for tests)")
     args = parser.parse_args()
     device = "cpu" if args.rehearse_on_cpu else "cuda:0"
     if device != "cpu" and not torch.cuda.is_available():
@@ -256,12 +259,20 @@ def main() -> int:
         )
         return 2
     began = time.perf_counter()
-    work, path = workspace(args.params_m)
+    work = Path(tempfile.mkdtemp(prefix="basehold-gpu-check-"))
+    path = work / "models" / "llama-check"
+    if args.tiny:
+        llama(path, hidden=256, layers=2, vocab=4000, heads=8)
+    else:
+        llama_checkpoint(path, args.params_m)
     rows = []
     env = {"BASEHOLD_MODEL_ROOTS": json.dumps([str(path.parent)])}
-    with server(work, **env) as http:
-        for name in SPECS:
-            rows.append(check(name, path, http, work, args.steps, device))
+    try:
+        with server(work, **env) as http:
+            for name in SPECS:
+                rows.append(check(name, path, http, work, args.steps, device))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     where = torch.cuda.get_device_name(0) if device != "cpu" else "CPU (rehearsal, float32)"
     print(
         f"\nbasehold gpu_check: Llama ~{args.params_m}M params on {where}, {args.steps} LoRA steps"
