@@ -109,15 +109,20 @@ def test_newer_handle_is_refused() -> None:
         attach_handle(handle)
 
 
-def test_segments_outlive_a_forced_unload_until_the_revoked_lease_expires(
-    models_root: Path, shm_dir: Path
-) -> None:
+def placed(models_root: Path, shm_dir: Path) -> tuple[ArenaPlacement, weakref.ref[torch.Tensor]]:
+    """A placement holding model "m" in a segment, and a weak reference to that segment
+    (the model itself is dropped: only the placement keeps the segment alive)."""
     shm_dir.mkdir()
     placement = ArenaPlacement(shm_dir, HostSegments())
     model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
     placement.place("m", model, [])
-    alive = weakref.ref(placement._held["m"].segments[0])
-    del model
+    return placement, weakref.ref(placement._held["m"].segments[0])
+
+
+def test_segments_outlive_a_forced_unload_until_the_revoked_lease_expires(
+    models_root: Path, shm_dir: Path
+) -> None:
+    placement, alive = placed(models_root, shm_dir)
     until = datetime.now(timezone.utc) + timedelta(hours=1)
     placement.release("m", keep_until=until)
     gc.collect()
@@ -129,12 +134,7 @@ def test_segments_outlive_a_forced_unload_until_the_revoked_lease_expires(
 
 
 def test_plain_unload_frees_segments_at_once(models_root: Path, shm_dir: Path) -> None:
-    shm_dir.mkdir()
-    placement = ArenaPlacement(shm_dir, HostSegments())
-    model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
-    placement.place("m", model, [])
-    alive = weakref.ref(placement._held["m"].segments[0])
-    del model
+    placement, alive = placed(models_root, shm_dir)
     placement.release("m")
     gc.collect()
     assert alive() is None and placement.retired() == 0
