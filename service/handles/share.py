@@ -125,7 +125,13 @@ def _fill_segments(
     for device, group in by_device.items():
         planned = plan_entries(group.items(), align=DEVICE_ALIGN, segment=device)
         size = max((e.offset + e.nbytes for e in planned), default=0)
-        segment = devices.allocate(torch.device(device), size)
+        try:
+            segment = devices.allocate(torch.device(device), size)
+        except torch.OutOfMemoryError as exc:
+            raise NotShareableModel(
+                f"{device} had no room for the shareable copy ({size / 2**30:.2f} GiB more for "
+                "a moment while placing); free memory on it and load again to lend the model"
+            ) from exc
         for entry in planned:
             target = segment_view(segment, entry)
             target.copy_(group[entry.name])

@@ -168,3 +168,21 @@ def test_forward_is_refused_once_the_lease_is_lost() -> None:
     reason.append("lease lease-1 on m was lost: revoked")
     with pytest.raises(LeaseLost, match="revoked"):
         model(torch.ones(1, 2))
+
+
+class FullDevice(HostSegments):
+    def allocate(self, device: torch.device, nbytes: int) -> torch.Tensor:
+        raise torch.OutOfMemoryError(f"tried to allocate {nbytes} bytes")
+
+
+def test_no_room_for_the_segment_keeps_the_model_private(models_root: Path, shm_dir: Path) -> None:
+    shm_dir.mkdir()
+    model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
+    with torch.no_grad():
+        before = model(TOKENS).logits
+    placed = ArenaPlacement(shm_dir, FullDevice()).place("m", model, [])
+    assert placed.shareable is False
+    assert placed.reason is not None and "no room for the shareable copy" in placed.reason
+    assert list(shm_dir.iterdir()) == []  # the arena file was taken back
+    with torch.no_grad():
+        assert torch.equal(model(TOKENS).logits, before)
