@@ -202,8 +202,9 @@ def check(name: str, path: Path, http: Any, work: Path, steps: int, device: str)
     time.sleep(0.5)
     reserved_after = service_gpu(http)
     diff = float((got - expected).abs().max())
+    on_gpu = device.startswith("cuda")
     row = {
-        "spec": name,
+        "spec": name if on_gpu or name != "bf16" else "bf16 (float32 on CPU)",
         "model_mib": model_bytes / MiB,
         "service_reserved_mib": (reserved_before, reserved_held, reserved_after),
         "attach_ms": first["attach_ms"],
@@ -226,7 +227,7 @@ def check(name: str, path: Path, http: Any, work: Path, steps: int, device: str)
             "unload answered 204": unloaded == 204,
         },
     }
-    if device.startswith("cuda"):
+    if on_gpu:
         row["checks"].update(
             {
                 "one IPC storage holds every base tensor": first["storages"] == 1,
