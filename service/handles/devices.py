@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 from service.handles.descriptor import CudaIpc, DeviceSegment
+from service.memory.cuda import TorchCuda
 
 # Segment entries start on this boundary: what the CUDA caching allocator gives a fresh
 # tensor, so vectorised kernels see the alignment they expect.
@@ -133,9 +134,7 @@ class CudaSegments:
         return tensor
 
     def empty_cache(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+        TorchCuda().empty_cache()
 
 
 CUDA = CudaSegments()
