@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from common import ROOT, private_bytes, server, smaps, wait_ready, workspace
+from common import ROOT, pretrained_kwargs, private_bytes, server, smaps, wait_ready, workspace
 
 SPECS: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "float32"},
@@ -35,7 +35,7 @@ def worker_main(mode: str, arg: str) -> None:
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM  # noqa: F401
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
 
     from service.client import Client
 
@@ -64,13 +64,7 @@ def worker_main(mode: str, arg: str) -> None:
     elif mode == "pretrained":
         path, spec_name = arg.split(",")
         print(smaps()["Pss"], flush=True)
-        dtype = torch.bfloat16 if spec_name == "bf16" else torch.float32
-        kwargs: dict[str, Any] = {"dtype": dtype, "device_map": "cpu"}
-        if spec_name == "nf4":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-            )
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **pretrained_kwargs(SPECS[spec_name]))
         with torch.no_grad():
             model(torch.tensor([[1, 2, 3]]))
             for tensor in model.parameters():

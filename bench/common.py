@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -19,6 +20,27 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.checkpoints import llama  # noqa: E402
+
+
+def pretrained_kwargs(spec: dict[str, Any], device_map: str = "cpu") -> dict[str, Any]:
+    """The `from_pretrained` arguments that match a basehold load request (dtype and
+    bitsandbytes 4-bit): the baseline every bench compares the service with."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, spec.get("dtype", "float32")),
+        "device_map": device_map,
+    }
+    quant = spec.get("quantization")
+    if quant is not None:
+        assert quant["method"] == "bnb-4bit", quant
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
+            bnb_4bit_compute_dtype=getattr(torch, quant.get("compute_dtype", "float32")),
+        )
+    return kwargs
 
 
 def llama_checkpoint(path: Path, params_m: int) -> Path:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, llama, llama_checkpoint, server, wait_ready
+from common import ROOT, llama, llama_checkpoint, pretrained_kwargs, server, wait_ready
 
 SPECS = ["bf16", "nf4"]
 TOKENS = [[1, 15, 27, 300, 400, 9, 81, 2, 640, 77, 5, 120]]  # < 1000: fits every vocab here
@@ -156,15 +156,9 @@ def run_worker(
 def reference_logits(path: Path, name: str, device: str) -> Any:
     """`from_pretrained` of the same spec, in this process."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    body = spec(name, device)
-    dtype = getattr(torch, body["dtype"])
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device}
-    if name == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
-        )
+    kwargs = pretrained_kwargs(spec(name, device), device_map=device)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     with torch.no_grad():
         logits = model(torch.tensor(TOKENS, device=device)).logits.float().cpu()

@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 import torch
-from common import llama, server, wait_ready, workspace
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from common import llama, pretrained_kwargs, server, wait_ready, workspace
+from transformers import AutoModelForCausalLM
 
 SPECS: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "float32"},
@@ -30,11 +30,7 @@ SPECS: dict[str, dict[str, Any]] = {
 
 
 def baseline(path: Path, spec: dict[str, Any]) -> float:
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, spec["dtype"]), "device_map": "cpu"}
-    if "quantization" in spec:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-        )
+    kwargs = pretrained_kwargs(spec)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     with torch.no_grad():
