@@ -19,9 +19,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from common import ROOT, pretrained_kwargs, private_bytes, server, smaps, wait_ready, workspace
+from common import ROOT, private_bytes, reference_model, server, smaps, wait_ready, workspace
 
 SPECS: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "float32"},
@@ -64,7 +65,7 @@ def worker_main(mode: str, arg: str) -> None:
     elif mode == "pretrained":
         path, spec_name = arg.split(",")
         print(smaps()["Pss"], flush=True)
-        model = AutoModelForCausalLM.from_pretrained(path, **pretrained_kwargs(SPECS[spec_name]))
+        model = reference_model(Path(path), SPECS[spec_name])
         with torch.no_grad():
             model(torch.tensor([[1, 2, 3]]))
             for tensor in model.parameters():

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.checkpoints import llama  # noqa: E402
+from tests.reference import from_pretrained  # noqa: E402
 
 
 def pretrained_kwargs(spec: dict[str, Any], device_map: str = "cpu") -> dict[str, Any]:
@@ -41,6 +42,14 @@ def pretrained_kwargs(spec: dict[str, Any], device_map: str = "cpu") -> dict[str
             bnb_4bit_compute_dtype=getattr(torch, quant.get("compute_dtype", "float32")),
         )
     return kwargs
+
+
+def reference_model(path: Path, spec: dict[str, Any], device_map: str = "cpu") -> Any:
+    """`AutoModelForCausalLM.from_pretrained` of the same spec, with bitsandbytes' CPU
+    repack off as on held models (see tests/reference.py)."""
+    from transformers import AutoModelForCausalLM
+
+    return from_pretrained(AutoModelForCausalLM, path, **pretrained_kwargs(spec, device_map))
 
 
 def llama_checkpoint(path: Path, params_m: int) -> Path:

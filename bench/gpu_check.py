@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, llama, llama_checkpoint, pretrained_kwargs, server, wait_ready
+from common import ROOT, llama, llama_checkpoint, reference_model, server, wait_ready
 
 SPECS = ["bf16", "nf4"]
 TOKENS = [[1, 15, 27, 300, 400, 9, 81, 2, 640, 77, 5, 120]]  # < 1000: fits every vocab here
@@ -156,10 +156,8 @@ def run_worker(
 def reference_logits(path: Path, name: str, device: str) -> Any:
     """`from_pretrained` of the same spec, in this process."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    kwargs = pretrained_kwargs(spec(name, device), device_map=device)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = reference_model(path, spec(name, device), device_map=device)
     with torch.no_grad():
         logits = model(torch.tensor(TOKENS, device=device)).logits.float().cpu()
     del model

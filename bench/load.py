@@ -19,8 +19,7 @@ from typing import Any
 
 import httpx
 import torch
-from common import llama, pretrained_kwargs, server, wait_ready, workspace
-from transformers import AutoModelForCausalLM
+from common import llama, reference_model, server, wait_ready, workspace
 
 SPECS: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "float32"},
@@ -30,9 +29,8 @@ SPECS: dict[str, dict[str, Any]] = {
 
 
 def baseline(path: Path, spec: dict[str, Any]) -> float:
-    kwargs = pretrained_kwargs(spec)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = reference_model(path, spec)
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             tensor.float().sum() if tensor.is_floating_point() else tensor.sum()

@@ -16,6 +16,7 @@ from service.handles.attach import attach_handle
 from service.handles.share import NotShareableModel, share
 from service.memory.footprint import all_tensors
 from service.memory.resident import file_ranges
+from tests.reference import from_pretrained
 
 
 def test_arena_is_valid_safetensors(shm_dir: Path) -> None:
@@ -63,8 +64,8 @@ QUANT = {
 def test_share_then_attach_is_bit_identical(models_root: Path, shm_dir: Path, kind: str) -> None:
     shm_dir.mkdir()
     kwargs = {"dtype": torch.float32, **QUANT[kind]}
-    model = AutoModelForCausalLM.from_pretrained(
-        models_root / "llama-tied", device_map="cpu", **kwargs
+    model = from_pretrained(
+        AutoModelForCausalLM, models_root / "llama-tied", device_map="cpu", **kwargs
     )
     tokens = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():

@@ -27,6 +27,7 @@ from service.settings import Settings
 from tests.conftest import load
 from tests.handles.host_segments import HostSegments
 from tests.handles.test_arena import QUANT
+from tests.reference import from_pretrained
 
 TOKENS = torch.tensor([[1, 2, 3, 4, 5]])
 
@@ -42,8 +43,11 @@ def test_model_moves_into_one_segment_and_attaches(
     models_root: Path, shm_dir: Path, kind: str
 ) -> None:
     shm_dir.mkdir()
-    model = AutoModelForCausalLM.from_pretrained(
-        models_root / "llama-tied", device_map="cpu", **{"dtype": torch.float32, **QUANT[kind]}
+    model = from_pretrained(
+        AutoModelForCausalLM,
+        models_root / "llama-tied",
+        device_map="cpu",
+        **{"dtype": torch.float32, **QUANT[kind]},
     )
     with torch.no_grad():
         before = model(TOKENS).logits

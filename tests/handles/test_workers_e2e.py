@@ -19,7 +19,6 @@ import pytest
 from tests.test_server_e2e import ROOT, Server, start
 
 pytestmark = pytest.mark.e2e
-WORKER = str(ROOT / "tests" / "handles" / "worker.py")
 
 
 def shm_used() -> int:
@@ -54,7 +53,15 @@ def load(server: Server, **body: Any) -> dict[str, Any]:
 
 def worker(server: Server, model_id: str, mode: str, spec: dict[str, Any]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, WORKER, server.url, model_id, mode, json.dumps(spec)],
+        [
+            sys.executable,
+            "-m",
+            "tests.handles.worker",
+            server.url,
+            model_id,
+            mode,
+            json.dumps(spec),
+        ],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -1,6 +1,6 @@
 """A training worker, run as an independent process (not a fork of the server).
 
-    python tests/handles/worker.py URL MODEL_ID MODE SPEC_JSON
+    python -m tests.handles.worker URL MODEL_ID MODE SPEC_JSON
 
 Modes: `train` attaches, compares logits with its own from_pretrained of the same spec,
 trains LoRA steps and checks base tensors never left the arena; `hold` attaches, says
@@ -21,6 +21,7 @@ from torch import nn
 from service.client import Client
 from service.memory.footprint import all_tensors
 from service.memory.resident import file_ranges
+from tests.reference import from_pretrained
 
 
 def outside_arena(model: nn.Module, arena: str) -> list[str]:
@@ -49,7 +50,7 @@ def reference(spec: dict[str, Any]) -> nn.Module:
     auto = getattr(transformers, spec["auto_class"])
     if spec.get("num_labels"):
         kwargs["num_labels"] = spec["num_labels"]
-    return auto.from_pretrained(spec["source"], device_map="cpu", **kwargs).eval()
+    return from_pretrained(auto, spec["source"], device_map="cpu", **kwargs)
 
 
 def output(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
