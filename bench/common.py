@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +65,39 @@ def workspace(params_m: int) -> tuple[Path, Path]:
     return work, llama_checkpoint(work / "models" / "llama-bench", params_m)
 
 
-@contextmanager
-def server(work: Path, **env: str) -> Iterator[httpx.Client]:
+@dataclass
+class Served:
+    """A `basehold serve` process on 127.0.0.1 and a client for it."""
+
+    process: subprocess.Popen[bytes]
+    http: httpx.Client
+    port: int
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=60)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=300)
+        self.http.close()
+
+
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return int(sock.getsockname()[1])
+
+
+def launch(work: Path, port: int | None = None, timeout: float = 600, **env: str) -> Served:
+    """Start a server with its state in `work`/state; return once /readyz answers 200.
+    Raises if the process dies or `timeout` passes first."""
+    port = port or free_port()
     full_env = {
         **os.environ,
         "BASEHOLD_STATE_DIR": str(work / "state"),
-        "BASEHOLD_SHM_DIR": f"/dev/shm/basehold-bench-{port}",
+        "BASEHOLD_SHM_DIR": f"/dev/shm/basehold-bench-{work.name}",
         **env,
     }
     process = subprocess.Popen(
@@ -81,18 +106,29 @@ def server(work: Path, **env: str) -> Iterator[httpx.Client]:
         env=full_env,
     )
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} while starting")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise TimeoutError(f"the server was not ready after {timeout:.0f}s")
+        try:
+            if http.get("/readyz").status_code == 200:
+                return Served(process, http, port)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+
+
+@contextmanager
+def server(work: Path, **env: str) -> Iterator[httpx.Client]:
+    served = launch(work, **env)
+    served.http.server_pid = served.process.pid  # type: ignore[attr-defined]
     try:
-        while True:
-            try:
-                if http.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        http.server_pid = process.pid  # type: ignore[attr-defined]
-        yield http
+        yield served.http
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=300)
+        served.stop()
 
 
 def wait_ready(http: httpx.Client, model_id: str, poll: float = 0.05) -> dict[str, object]:

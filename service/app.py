@@ -21,26 +21,72 @@ from service.api.routes import dashboard, health, leases, memory, models, observ
 from service.api.timing import RequestMetrics
 from service.events import EventBus
 from service.handles.devices import CUDA, DeviceSegments
+from service.handles.leases import LeaseTable
+from service.handles.lending import Lending
 from service.handles.placement import ArenaPlacement
 from service.loading.pipeline import LoadContext
 from service.memory.cuda import CudaProbe, TorchCuda
 from service.memory.nvml import GpuProbe, Nvml
 from service.metrics import Metrics
 from service.registry.gate import MemoryGate, MemoryPolicy
+from service.registry.persist import Persistence
 from service.registry.record import ModelRecord, summary
 from service.registry.registry import Registry
 from service.registry.states import State
 from service.settings import Settings
+from service.state.database import StateDB
+from service.state.leftovers import clean_offload, instance_tag
+from service.state.lock import StateLock
 
 log = logging.getLogger("basehold")
 
 
-async def _reap_leases(registry: Registry, placement: ArenaPlacement, every: float) -> None:
+async def _reap_leases(lending: Lending, placement: ArenaPlacement, every: float) -> None:
     """Drop unrenewed leases; free device segments that revoked leases no longer need."""
     while True:
         await asyncio.sleep(every)
-        registry.expire_leases()
+        await asyncio.to_thread(lending.expire)  # writes the state database
         placement.collect()
+
+
+def _start_state(
+    settings: Settings, registry: Registry, table: LeaseTable, placement: ArenaPlacement
+) -> StateDB:
+    """With the state lock held: clean what a crashed instance left, open the database,
+    write through from now on, and restore (or forget) what it holds. Runs in a thread."""
+    offload = clean_offload(settings.offload_dir)
+    arenas = placement.clean_stale()
+    if offload or arenas:
+        log.info(
+            "removed what a previous instance left: %d offload folder(s), %d arena file(s)",
+            offload,
+            arenas,
+        )
+    db = StateDB.open(settings.state_dir)
+    registry.persist_to(Persistence(db))
+    table.persist_to(db)
+    if not settings.restore:
+        forgot_models, forgot_leases = db.forget_all()
+        log.warning(
+            "BASEHOLD_RESTORE=false: starting empty; forgot %d recorded model(s) and %d "
+            "lease(s) in %s",
+            forgot_models,
+            forgot_leases,
+            db.path,
+        )
+        return db
+    rows = db.models()
+    leases = table.restore(db.leases(), {row.id for row in rows})
+    restored = registry.restore(rows)
+    if restored or leases:
+        log.info(
+            "restoring %d model(s) (most recently used first: %s) and %d lease(s) from %s",
+            len(restored),
+            ", ".join(r.id for r in restored) or "-",
+            len(leases),
+            db.path,
+        )
+    return db
 
 
 def create_app(
@@ -49,13 +95,19 @@ def create_app(
     cuda: CudaProbe | None = None,
     gpus: GpuProbe | None = None,
     segments: DeviceSegments | None = None,
+    lock: StateLock | None = None,
 ) -> FastAPI:
     """`cuda`, `gpus` and `segments` are the seams to GPU hardware (tests without one
-    pass fakes); the defaults ask torch, NVML and CUDA IPC."""
+    pass fakes); the defaults ask torch, NVML and CUDA IPC. `lock`: the state directory's
+    lock if the caller took it already (the CLI does, to refuse with a clear line);
+    otherwise startup takes it."""
     settings = settings or Settings()
     settings.ensure_dirs()
+    lock = lock or StateLock(settings.state_dir)
     cuda = cuda or TorchCuda()
-    placement = ArenaPlacement(settings.shm_dir, segments or CUDA)
+    placement = ArenaPlacement(
+        settings.shm_dir, segments or CUDA, tag=instance_tag(settings.state_dir)
+    )
     ctx = LoadContext(
         roots=settings.model_roots,
         offload_root=settings.offload_dir,
@@ -63,13 +115,16 @@ def create_app(
         hub_endpoint=settings.hf_endpoint,
     )
     gate = MemoryGate(MemoryPolicy(settings.budget, settings.eviction), cuda, gpus or Nvml())
+    table = LeaseTable()
     registry = Registry(
         ctx,
         cuda,
         gate,
+        table,
         max_concurrent_loads=settings.max_concurrent_loads,
         allow_remote_code=settings.allow_remote_code,
     )
+    lending = Lending(registry, table)
 
     events = EventBus()
     metrics = Metrics()
@@ -98,19 +153,26 @@ def create_app(
         # A load thread running Python-heavy loader code would otherwise hold the GIL for
         # 5 ms slices; shorter slices let the event loop answer pollers in between.
         sys.setswitchinterval(0.001)
-        stale = placement.clean_stale()
-        if stale:
-            log.info("removed %d stale arena file(s) from %s", stale, settings.shm_dir)
+        lock.acquire()
         events.bind(asyncio.get_running_loop())
-        reaper = asyncio.create_task(_reap_leases(registry, placement, settings.lease_reap_seconds))
+        db = await run_in_threadpool(_start_state, settings, registry, table, placement)
+        restoring = registry.restoring()
+        if restoring:
+            events.publish("restore", {"restoring": restoring, "leases": len(table.active())})
+        reaper = asyncio.create_task(_reap_leases(lending, placement, settings.lease_reap_seconds))
         app.state.ready = True
-        yield
-        app.state.ready = False
-        reaper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reaper
-        log.info("shutting down: cancelling loads and unloading models")
-        await run_in_threadpool(registry.shutdown)
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            log.info("shutting down: cancelling loads and unloading models")
+            db.freeze()  # what is held now is what the next start restores
+            await run_in_threadpool(registry.shutdown)
+            db.close()
+            lock.release()
 
     app = FastAPI(
         title="basehold",
@@ -120,6 +182,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.registry = registry
+    app.state.lending = lending
     app.state.placement = placement
     app.state.cuda = cuda
     app.state.gpus = gate.gpus

@@ -24,6 +24,7 @@ def _is_loopback(host: str) -> bool:
 def _serve(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.server import serve
+    from service.state.lock import StateDirLocked, StateLock
 
     logging.getLogger().setLevel(args.log_level.upper())
     settings = Settings()
@@ -38,9 +39,16 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    settings.ensure_dirs()
+    lock = StateLock(settings.state_dir)
+    try:
+        lock.acquire()
+    except StateDirLocked as exc:
+        print(f"basehold: refusing to start: {exc}", file=sys.stderr)
+        return 2
     if args.demo:
         _write_demo(settings, args.host, args.port)
-    serve(create_app(settings), args.host, args.port, args.log_level)
+    serve(create_app(settings, lock=lock), args.host, args.port, args.log_level)
     return 0
 
 

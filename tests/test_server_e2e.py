@@ -38,6 +38,11 @@ class Server:
     def output(self) -> str:
         return self.log.read_text()
 
+    def kill(self) -> None:
+        """SIGKILL: nothing runs on the way out (what a crash or the OOM killer does)."""
+        self.process.kill()
+        self.process.wait(timeout=60)
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -51,9 +56,14 @@ def start(
     args: list[str],
     env: dict[str, str] | None = None,
     prefix: list[str] | None = None,
+    port: int | None = None,
+    ready: bool = True,
 ) -> Server:
-    port = free_port()
-    log = tmp_path / f"server-{port}.log"
+    """Start `basehold serve` with its state in `tmp_path`/state and wait until /readyz
+    answers 200 (`ready=False`: until it answers at all). Pass the `port` of a killed
+    server to restart it where clients expect it."""
+    port = port or free_port()
+    log = tmp_path / f"server-{port}-{time.monotonic_ns()}.log"
     shm = Path(f"/dev/shm/basehold-e2e-{tmp_path.name}")
     full_env = {
         **os.environ,
@@ -80,7 +90,8 @@ def start(
         if process.poll() is not None:
             raise AssertionError(f"server exited early:\n{server.output()}")
         try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+            answer = httpx.get(f"{server.url}/readyz", timeout=2).status_code
+            if answer == 200 or not ready:
                 return server
         except httpx.TransportError:
             pass

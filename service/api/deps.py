@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.errors import Forbidden, Unauthorized
+from service.handles.lending import Lending
 from service.registry.registry import Registry
 from service.settings import Scope, Settings
 
@@ -31,8 +32,14 @@ async def get_registry(request: Request) -> Registry:
     return registry
 
 
+async def get_lending(request: Request) -> Lending:
+    lending: Lending = request.app.state.lending
+    return lending
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
+LendingDep = Annotated[Lending, Depends(get_lending)]
 
 
 def _scopes_of(settings: Settings, key: str) -> set[str] | None:

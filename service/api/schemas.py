@@ -34,6 +34,9 @@ class Timings(BaseModel):
     started_at: datetime | None = None
     ready_at: datetime | None = None
     load_seconds: float | None = None
+    restored_at: datetime | None = Field(
+        default=None, description="set when this record was restored after a restart"
+    )
 
 
 class ModelStatus(BaseModel):
@@ -64,11 +67,13 @@ class ModelStatus(BaseModel):
         spec = record.spec
         progress = record.progress
         error = record.error
+        loaded = record.loaded
+        placed = loaded.placed if loaded is not None else None
         return cls(
             id=record.id,
             name=record.name,
             source=spec.source,
-            resolved_revision=record.resolved_revision,
+            resolved_revision=loaded.resolved_revision if loaded else None,
             spec=spec,
             state=record.state.value,
             progress=ProgressOut(
@@ -77,23 +82,22 @@ class ModelStatus(BaseModel):
                 bytes_total=progress.bytes_total,
             ),
             error=ErrorOut(code=error.code, message=error.message) if error else None,
-            architecture=record.architecture,
-            task=record.task or (spec.task.value if spec.task else None),
-            dtype=record.dtype,
+            architecture=loaded.architecture if loaded else None,
+            task=loaded.task.value if loaded else (spec.task.value if spec.task else None),
+            dtype=loaded.dtype if loaded else None,
             quantization=spec.quantization.model_dump(mode="json") if spec.quantization else None,
-            parameters=record.parameters,
-            memory=ModelMemory(
-                footprint_bytes=record.footprint_bytes, by_device=dict(record.by_device)
-            ),
-            device_map=record.device_map,
-            shareable=record.shareable,
-            shareable_reason=record.shareable_reason,
+            parameters=loaded.parameters if loaded else None,
+            memory=ModelMemory(footprint_bytes=record.footprint_bytes, by_device=record.by_device),
+            device_map=loaded.device_map if loaded else None,
+            shareable=placed is not None and placed.shareable,
+            shareable_reason=placed.reason if placed is not None else None,
             leases=record.leases,
             timings=Timings(
                 queued_at=record.queued_at,
                 started_at=record.started_at,
                 ready_at=record.ready_at,
                 load_seconds=record.load_seconds,
+                restored_at=record.restored_at,
             ),
         )
 

@@ -1,33 +1,57 @@
-"""Leases: who holds a handle to which model, until when. Unrenewed leases expire."""
+"""Leases: who holds a handle to which model, until when. Unrenewed leases expire.
+
+The table writes through to the state database (when given one), so leases survive a
+restart with their ids: a worker that was training renews into the restarted service.
+"""
 
 from __future__ import annotations
 
 import threading
 import uuid
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 from service.errors import LeaseNotFound
+from service.state.database import LeaseRow, StateDB
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-@dataclass(frozen=True)
-class Lease:
-    id: str
-    model_id: str
-    holder: str
-    ttl_seconds: int
-    created_at: datetime
-    expires_at: datetime
+# A lease is exactly what the state database keeps of it (the secret only as a hash).
+Lease = LeaseRow
 
 
 class LeaseTable:
     def __init__(self) -> None:
         self._leases: dict[str, Lease] = {}
         self._lock = threading.Lock()
+        self._db: StateDB | None = None
+
+    def persist_to(self, db: StateDB) -> None:
+        """Write through to `db` from now on (set at startup, state lock held)."""
+        self._db = db
+
+    def restore(self, rows: list[LeaseRow], models: set[str]) -> list[Lease]:
+        """Take back the leases a previous process granted on `models` (others are
+        dropped). Their holders could not renew while the service was down, so each gets a
+        full TTL from now."""
+        now = _now()
+        kept, dropped = [], []
+        for row in rows:
+            if row.model_id not in models:
+                dropped.append(row.id)
+                continue
+            expires = max(row.expires_at, now + timedelta(seconds=row.ttl_seconds))
+            kept.append(replace(row, expires_at=expires))
+        with self._lock:
+            for lease in kept:
+                self._leases[lease.id] = lease
+                self._put(lease)
+            self._delete(dropped)
+        return kept
 
     def grant(self, model_id: str, holder: str, ttl_seconds: int) -> Lease:
         now = _now()
@@ -38,9 +62,11 @@ class LeaseTable:
             ttl_seconds=ttl_seconds,
             created_at=now,
             expires_at=now + timedelta(seconds=ttl_seconds),
+            secret_hash=None,
         )
         with self._lock:
             self._leases[lease.id] = lease
+            self._put(lease)
         return lease
 
     def renew(self, lease_id: str) -> Lease:
@@ -48,13 +74,19 @@ class LeaseTable:
             lease = self._get(lease_id)
             renewed = replace(lease, expires_at=_now() + timedelta(seconds=lease.ttl_seconds))
             self._leases[lease_id] = renewed
+            self._put(renewed)
         return renewed
 
     def release(self, lease_id: str) -> Lease:
         with self._lock:
             lease = self._get(lease_id)
             del self._leases[lease_id]
+            self._delete([lease_id])
         return lease
+
+    def get(self, lease_id: str) -> Lease:
+        with self._lock:
+            return self._get(lease_id)
 
     def _get(self, lease_id: str) -> Lease:
         lease = self._leases.get(lease_id)
@@ -74,16 +106,24 @@ class LeaseTable:
             return sum(1 for lease in self._leases.values() if lease.model_id == model_id)
 
     def revoke_model(self, model_id: str) -> list[Lease]:
-        with self._lock:
-            gone = [lease for lease in self._leases.values() if lease.model_id == model_id]
-            for lease in gone:
-                del self._leases[lease.id]
-        return gone
+        return self._drop(lambda lease: lease.model_id == model_id)
 
     def expire(self) -> list[Lease]:
         now = _now()
+        return self._drop(lambda lease: lease.expires_at <= now)
+
+    def _drop(self, which: Callable[[Lease], bool]) -> list[Lease]:
         with self._lock:
-            gone = [lease for lease in self._leases.values() if lease.expires_at <= now]
+            gone = [lease for lease in self._leases.values() if which(lease)]
             for lease in gone:
                 del self._leases[lease.id]
+            self._delete([lease.id for lease in gone])
         return gone
+
+    def _put(self, lease: Lease) -> None:
+        if self._db is not None:
+            self._db.put_lease(lease)
+
+    def _delete(self, lease_ids: list[str]) -> None:
+        if self._db is not None and lease_ids:
+            self._db.delete_leases(lease_ids)

@@ -29,8 +29,9 @@ class ArenaPlacement:
     segments are retired, not freed, until the revoked leases' TTL has run out (the client
     stops a revoked worker's forward passes before that)."""
 
-    def __init__(self, directory: Path, devices: DeviceSegments = CUDA) -> None:
+    def __init__(self, directory: Path, devices: DeviceSegments = CUDA, tag: str = "bh") -> None:
         self.directory = directory
+        self.tag = tag
         self.devices = devices
         self._held: dict[str, Shared] = {}
         self._retired: list[tuple[datetime, list[torch.Tensor]]] = []
@@ -38,31 +39,35 @@ class ArenaPlacement:
         self._lock = threading.Lock()
 
     def clean_stale(self) -> int:
-        """Remove arenas a previous process left (their workers keep their mappings)."""
+        """Remove arenas a previous process of this state directory left (their workers
+        keep their mappings); other services' files in the same folder are not touched."""
         removed = 0
-        for path in [*self.directory.glob("*.safetensors"), *self.directory.glob("*.tmp")]:
+        stale = [*self.directory.glob(f"{self.tag}-*.safetensors")]
+        stale += self.directory.glob(f"{self.tag}-*.tmp")
+        for path in stale:
             path.unlink(missing_ok=True)
             removed += 1
         return removed
 
-    def place(self, model_id: str, model: nn.Module, files: Sequence[Path]) -> Placed:
+    def place(self, model_id: str, load_id: str, model: nn.Module, files: Sequence[Path]) -> Placed:
         try:
-            shared = share(model, model_id, self.directory, self.devices)
+            shared = share(model, model_id, self.directory, self.devices, f"{self.tag}-{load_id}")
         except NotShareableModel as reason:
-            return replace(self._private.place(model_id, model, files), reason=str(reason))
+            private = self._private.place(model_id, load_id, model, files)
+            return replace(private, reason=str(reason))
         with self._lock:
-            self._held[model_id] = shared
+            self._held[load_id] = shared
         return Placed(shareable=True, handle=shared.handle)
 
-    def release(self, model_id: str, keep_until: datetime | None = None) -> None:
+    def release(self, load_id: str, keep_until: datetime | None = None) -> None:
         """Unlink the arena. Mappings (ours until the model is freed, workers') stay valid;
         the pages return once the last one goes. Device segments are freed now, or at
         `keep_until` when revoked leases may still be reading them."""
         with self._lock:
-            held = self._held.pop(model_id, None)
+            held = self._held.pop(load_id, None)
             if held is not None and held.segments and keep_until is not None:
                 self._retired.append((keep_until, held.segments))
-                log.info("device segments of %s kept until %s", model_id, keep_until)
+                log.info("device segments of %s kept until %s", load_id, keep_until)
         if held is not None:
             Path(held.handle.arena.path).unlink(missing_ok=True)
 

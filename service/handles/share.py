@@ -171,9 +171,16 @@ def disable_cpu_repack(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
 
 
-def share(model: Any, model_id: str, directory: Path, devices: DeviceSegments = CUDA) -> Shared:
+def share(
+    model: Any,
+    model_id: str,
+    directory: Path,
+    devices: DeviceSegments = CUDA,
+    stem: str | None = None,
+) -> Shared:
     """Write the arena (host tensors) and device segments (GPU tensors), re-point `model`
-    to them, and describe both for workers."""
+    to them, and describe both for workers. `stem` names the arena file (default: the
+    model id)."""
     _check(model, devices)
     plan = _Plan()
     parameters = {n: plan.entry(n, p) for n, p in model.named_parameters(remove_duplicate=False)}
@@ -183,7 +190,7 @@ def share(model: Any, model_id: str, directory: Path, devices: DeviceSegments = 
     ]
     claimed = {n: t for n, t in plan.tensors.items() if devices.claims(t.device)}
     host = {n: t for n, t in plan.tensors.items() if n not in claimed}
-    path, entries, data_start = write_arena(directory, model_id, host)
+    path, entries, data_start = write_arena(directory, stem or model_id, host)
     try:
         device_entries, described, segments, bound = _fill_segments(claimed, devices)
     except BaseException:

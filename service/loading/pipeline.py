@@ -1,11 +1,12 @@
-"""One load from request to held model: resolve, check, load, place. Runs in a worker thread."""
+"""One load from request to held model, as steps the registry drives:
+`prepare` (resolve, check, estimate) → the registry admits → `load_and_place`.
+Nothing here calls back into the registry. Runs in a worker thread."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from service.errors import (
     OutOfMemory,
     RemoteCodeRefused,
 )
-from service.loading.checkpoint import inspect_checkpoint, require_config
+from service.loading.checkpoint import CheckpointInfo, inspect_checkpoint, require_config
 from service.loading.placement import Placed, Placement
 from service.loading.progress import Phase, Progress, tracking
 from service.loading.sources import (
@@ -47,10 +48,6 @@ class LoadContext:
     offload_root: Path
     placement: Placement
     hub_endpoint: str | None = None
-    # Admission for loads that could not be admitted at submit (hub sources): raises
-    # InsufficientMemory, may evict. Gets the estimate lazily: most loads were admitted
-    # already and need no second meta model.
-    admit: Callable[[str, Callable[[], Estimate]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +56,36 @@ class Resolved:
     revision: str | None
     config: PretrainedConfig
     task: Task
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything known before any weight is read: where the checkpoint is, what it is,
+    and what it will take. The registry admits a load on this."""
+
+    spec: LoadRequest
+    resolved: Resolved
+    checkpoint: CheckpointInfo
+    estimate: Estimate
+
+
+@dataclass
+class LoadedModel:
+    """A held model and the facts about it; the registry record keeps it whole."""
+
+    model: nn.Module | None
+    task: Task
+    architecture: str
+    dtype: str
+    parameters: int
+    resolved_revision: str | None
+    by_device: dict[str, int]
+    device_map: dict[str, str]
+    placed: Placed
+
+    def drop_model(self) -> None:
+        """Let go of the module (unload); the facts stay for accounting until gone."""
+        self.model = None
 
 
 def resolve(
@@ -89,17 +116,21 @@ def resolve(
     return Resolved(path, revision, config, task)
 
 
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    task: Task
-    architecture: str
-    dtype: str
-    parameters: int
-    resolved_revision: str | None
-    by_device: dict[str, int]
-    device_map: dict[str, str]
-    placed: Placed
+def estimate_only(spec: LoadRequest, token: str | None, ctx: LoadContext) -> Estimate:
+    """POST /v1/estimate: the config alone (hub sources fetch config.json only)."""
+    resolved = resolve(spec, token, ctx, config_only=True)
+    return estimate(spec, resolved.config, resolved.task)
+
+
+def prepare(
+    spec: LoadRequest, token: str | None, ctx: LoadContext, progress: Progress | None = None
+) -> Prepared:
+    """Resolve (download hub snapshots), check the checkpoint's files, estimate."""
+    if progress is not None:
+        progress.set_phase(Phase.RESOLVING)
+    resolved = resolve(spec, token, ctx, progress=progress)
+    checkpoint = inspect_checkpoint(resolved.path)
+    return Prepared(spec, resolved, checkpoint, estimate(spec, resolved.config, resolved.task))
 
 
 def _load_config(path: Path, spec: LoadRequest) -> PretrainedConfig:
@@ -148,34 +179,30 @@ def translate(exc: BaseException) -> BaseholdError:
     return BaseholdError(f"{type(exc).__name__}: {exc}")
 
 
-def run_load(
-    model_id: str, spec: LoadRequest, token: str | None, ctx: LoadContext, progress: Progress
+def load_and_place(
+    model_id: str, load_id: str, prepared: Prepared, ctx: LoadContext, progress: Progress
 ) -> LoadedModel:
-    progress.set_phase(Phase.RESOLVING)
-    resolved = resolve(spec, token, ctx, progress=progress)
-    path, config, task = resolved.path, resolved.config, resolved.task
+    """Load the weights and place them (shared arena or private memory). `load_id` is
+    unique per load: offload folders and placements are keyed by it, so the cleanup of a
+    cancelled load can never touch a newer load of the same model id."""
+    spec, resolved = prepared.spec, prepared.resolved
+    progress.set_total(prepared.checkpoint.bytes_total)
     progress.check_cancelled()
-    info = inspect_checkpoint(path)
-    progress.set_total(info.bytes_total)
-    if ctx.admit is not None:
-        ctx.admit(model_id, lambda: estimate(spec, config, task))
     loader = get_loader(spec)
-    offload = ctx.offload_root / model_id if spec.offload else None
+    offload = ctx.offload_root / load_id if spec.offload else None
     progress.set_phase(loader.phase)
     try:
-        with tracking(progress, info.tensor_bytes):
-            model = loader.load(spec, path, task, config, offload)
+        with tracking(progress, prepared.checkpoint.tensor_bytes):
+            model = loader.load(spec, resolved.path, resolved.task, resolved.config, offload)
         progress.set_phase(Phase.SHARING)
-        placed = ctx.placement.place(model_id, model, info.weight_files)
+        placed = ctx.placement.place(model_id, load_id, model, prepared.checkpoint.weight_files)
         progress.check_cancelled()
     except BaseException:
-        ctx.placement.release(model_id)
-        if offload is not None:
-            shutil.rmtree(offload, ignore_errors=True)
+        discard(load_id, ctx)
         raise
     return LoadedModel(
         model=model,
-        task=task,
+        task=resolved.task,
         architecture=type(model).__name__,
         dtype=str(getattr(model, "dtype", "")).removeprefix("torch."),
         parameters=count_parameters(model),
@@ -186,8 +213,8 @@ def run_load(
     )
 
 
-def discard(model_id: str, ctx: LoadContext, keep_until: datetime | None = None) -> None:
+def discard(load_id: str, ctx: LoadContext, keep_until: datetime | None = None) -> None:
     """Remove what a load left on disk (offload folder) and its placement; memory is freed
     by the caller. `keep_until`: revoked leases may read device memory until then."""
-    shutil.rmtree(ctx.offload_root / model_id, ignore_errors=True)
-    ctx.placement.release(model_id, keep_until)
+    shutil.rmtree(ctx.offload_root / load_id, ignore_errors=True)
+    ctx.placement.release(load_id, keep_until)

@@ -26,9 +26,13 @@ class Placed:
 
 
 class Placement(Protocol):
-    def place(self, model_id: str, model: nn.Module, files: Sequence[Path]) -> Placed: ...
+    """Placements are keyed by `load_id` (unique per load), never by the model id alone."""
 
-    def release(self, model_id: str, keep_until: datetime | None = None) -> None: ...
+    def place(
+        self, model_id: str, load_id: str, model: nn.Module, files: Sequence[Path]
+    ) -> Placed: ...
+
+    def release(self, load_id: str, keep_until: datetime | None = None) -> None: ...
 
     def arena_bytes(self) -> int: ...
 
@@ -37,11 +41,11 @@ class PrivateMemory:
     """Keep tensors where transformers put them, but resident: tensors still mapped from the
     checkpoint files are copied out. Such models cannot be leased to workers."""
 
-    def place(self, model_id: str, model: nn.Module, files: Sequence[Path]) -> Placed:
+    def place(self, model_id: str, load_id: str, model: nn.Module, files: Sequence[Path]) -> Placed:
         copy_out_of_files(model, files)
         return Placed(shareable=False, reason="this server keeps models in private memory")
 
-    def release(self, model_id: str, keep_until: datetime | None = None) -> None:
+    def release(self, load_id: str, keep_until: datetime | None = None) -> None:
         return None
 
     def arena_bytes(self) -> int:

@@ -26,9 +26,21 @@ class MemoryGate:
         self._cuda = cuda
         self.gpus = gpus
 
-    def free(self, records: Iterable[ModelRecord], exclude: str | None = None) -> dict[str, int]:
+    def free(
+        self,
+        records: Iterable[ModelRecord],
+        exclude: str | None = None,
+        freed: Iterable[ModelRecord] = (),
+    ) -> dict[str, int]:
+        """Free bytes per device for a new load. `exclude`: the load being admitted (its
+        own estimate is not yet committed); `freed`: models that would be evicted."""
         records = list(records)
-        held = add(r.by_device for r in records if r.state in (State.READY, State.UNLOADING))
+        gone = {id(r) for r in freed}
+        held = add(
+            r.by_device
+            for r in records
+            if r.state in (State.READY, State.UNLOADING) and id(r) not in gone
+        )
         committed = add(
             r.estimate.by_device
             for r in records
@@ -36,19 +48,30 @@ class MemoryGate:
             and r.estimate is not None
             and r.id != exclude
         )
-        return free_bytes(self.policy.budget, self._cuda, self.gpus, held, committed)
+        free = free_bytes(self.policy.budget, self._cuda, self.gpus, held, committed)
+        budgeted = self.policy.budget.host_budget_bytes is not None
+        for device, nbytes in add(r.by_device for r in records if id(r) in gone).items():
+            # Measured free memory (host without a budget, GPUs) still counts the victims'
+            # bytes as used; a host budget already left them out of `held`.
+            if not (device == "cpu" and budgeted):
+                free[device] = free.get(device, 0) + nbytes
+        return free
 
     def shortfalls(
-        self, estimate: Estimate, records: Iterable[ModelRecord], exclude: str | None = None
+        self,
+        estimate: Estimate,
+        records: Iterable[ModelRecord],
+        exclude: str | None = None,
+        freed: Iterable[ModelRecord] = (),
     ) -> list[Shortfall]:
-        return shortfalls(estimate.by_device, self.free(records, exclude))
+        return shortfalls(estimate.by_device, self.free(records, exclude, freed))
 
-    def victim(self, records: Iterable[ModelRecord]) -> ModelRecord | None:
-        """Least recently used ready model without leases, if eviction is on."""
+    def candidates(self, records: Iterable[ModelRecord]) -> list[ModelRecord]:
+        """Ready models without leases, least recently used first, if eviction is on."""
         if self.policy.eviction != "lru-idle":
-            return None
+            return []
         idle = [r for r in records if r.state == State.READY and r.leases == 0]
-        return min(idle, key=lambda r: r.last_used_at, default=None)
+        return sorted(idle, key=lambda r: r.last_used_at)
 
 
 def refuse(model_id: str, short: list[Shortfall]) -> InsufficientMemory:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
 
-from torch import nn
-
+from service.loading.pipeline import LoadedModel, Prepared
 from service.loading.progress import Progress
 from service.loading.spec import LoadRequest
 from service.memory.estimate import Estimate
@@ -25,45 +24,63 @@ class ErrorInfo:
     message: str
 
 
+def new_load_id(model_id: str) -> str:
+    """Unique per load attempt: what a load leaves behind (offload folder, placement) is
+    keyed by it, so cleaning up one load never touches another of the same model id."""
+    return f"{model_id}.{uuid.uuid4().hex[:8]}"
+
+
 @dataclass
 class ModelRecord:
     id: str
     name: str | None
     spec: LoadRequest
     key: str
+    load_id: str = ""
     state: State = State.QUEUED
     progress: Progress = field(default_factory=Progress)
     error: ErrorInfo | None = None
-    architecture: str | None = None
-    task: str | None = None
-    dtype: str | None = None
-    parameters: int | None = None
-    by_device: dict[str, int] = field(default_factory=dict)
-    device_map: dict[str, str] | None = None
-    resolved_revision: str | None = None
-    shareable: bool = False
-    shareable_reason: str | None = None
+    # Set at submit for local sources (admitted at once), else by the load thread.
+    prepared: Prepared | None = field(default=None, repr=False)
+    admitted: bool = False
+    estimate: Estimate | None = field(default=None, repr=False)
+    loaded: LoadedModel | None = field(default=None, repr=False)
     leases: int = 0
-    handle: Any = field(default=None, repr=False)  # handles.descriptor.Handle when shareable
     queued_at: datetime = field(default_factory=utcnow)
     started_at: datetime | None = None
     ready_at: datetime | None = None
+    restored_at: datetime | None = None
     last_used_at: datetime = field(default_factory=utcnow)
     progress_notified_at: float = 0.0
-    estimate: Estimate | None = field(default=None, repr=False)
     evicted: bool = False
-    model: nn.Module | None = field(default=None, repr=False)
     future: Future[None] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.load_id:
+            self.load_id = new_load_id(self.id)
+
+    @property
+    def by_device(self) -> dict[str, int]:
+        return dict(self.loaded.by_device) if self.loaded is not None else {}
 
     @property
     def footprint_bytes(self) -> int:
         return sum(self.by_device.values())
 
     @property
+    def shareable(self) -> bool:
+        return self.loaded is not None and self.loaded.placed.shareable
+
+    @property
     def load_seconds(self) -> float | None:
         if self.started_at is None or self.ready_at is None:
             return None
         return (self.ready_at - self.started_at).total_seconds()
+
+    @property
+    def restoring(self) -> bool:
+        """Restored after a restart and not settled yet (ready or failed)."""
+        return self.restored_at is not None and self.state in (State.QUEUED, State.LOADING)
 
 
 def summary(record: ModelRecord) -> dict[str, object]:
@@ -83,4 +100,5 @@ def summary(record: ModelRecord) -> dict[str, object]:
         "footprint_bytes": record.footprint_bytes,
         "leases": record.leases,
         "evicted": record.evicted,
+        "restored": record.restored_at is not None,
     }

@@ -1,4 +1,11 @@
-"""The registry: held models, their one transition point, and the bounded load executor."""
+"""The registry: held models, their one transition point, and the bounded load executor.
+
+A load is a sequence the registry drives: `prepare` (resolve, check, estimate; no lock) →
+admit under the lock (one admission path for every source; eviction victims are chosen
+and marked there) → victims' memory released *after* the lock is let go → `load_and_place`
+in a worker thread. Nothing slow ever runs under the lock, so async routes that read the
+registry never wait behind an unload.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,10 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+from pydantic import ValidationError
 
 from service.errors import (
     ModelLeased,
@@ -19,23 +28,41 @@ from service.errors import (
     NotShareable,
     RemoteCodeRefused,
 )
-from service.handles.leases import Lease, LeaseTable
 from service.loading.base import Devices
-from service.loading.pipeline import LoadContext, discard, resolve, run_load, translate
+from service.loading.pipeline import (
+    LoadContext,
+    Prepared,
+    discard,
+    estimate_only,
+    load_and_place,
+    prepare,
+    translate,
+)
 from service.loading.sources import LocalSource, parse_source
 from service.loading.spec import LoadRequest
 from service.loading.strategies import get_loader
 from service.memory.cuda import CudaProbe
-from service.memory.estimate import Estimate, estimate
+from service.memory.estimate import Estimate
 from service.memory.release import release_memory
 from service.registry.gate import MemoryGate, refuse
 from service.registry.identity import derived_id, spec_key
+from service.registry.persist import Persistence
 from service.registry.record import ErrorInfo, ModelRecord, utcnow
 from service.registry.states import ACTIVE, State, check_transition
+from service.state.database import ModelRow
 
 log = logging.getLogger("basehold.registry")
 
 Listener = Callable[[ModelRecord, State, State], None]
+T = TypeVar("T")
+
+
+class LeaseBook(Protocol):
+    """What the registry asks of the leases (they live in `service.handles`)."""
+
+    def count(self, model_id: str) -> int: ...
+
+    def revoke_model(self, model_id: str) -> list[Any]: ...
 
 
 class Registry:
@@ -44,19 +71,21 @@ class Registry:
         ctx: LoadContext,
         cuda: CudaProbe,
         gate: MemoryGate,
+        leases: LeaseBook,
         *,
         max_concurrent_loads: int,
         allow_remote_code: bool,
     ) -> None:
-        self._ctx = replace(ctx, admit=self._admit_late)
+        self._ctx = ctx
         self._cuda = cuda
         self.gate = gate
+        self._leases = leases
         self._allow_remote_code = allow_remote_code
         self._records: dict[str, ModelRecord] = {}
         self._lock = threading.RLock()
         self._executor = ThreadPoolExecutor(max_concurrent_loads, thread_name_prefix="load")
         self._listeners: list[Listener] = []
-        self.leases = LeaseTable()
+        self._persistence: Persistence | None = None
 
     # -- queries ---------------------------------------------------------------------
     def get(self, model_id: str) -> ModelRecord:
@@ -70,8 +99,17 @@ class Registry:
         with self._lock:
             return list(self._records.values())
 
+    def restoring(self) -> int:
+        """Restored models that have not settled yet (ready or failed)."""
+        with self._lock:
+            return sum(1 for r in self._records.values() if r.restoring)
+
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def persist_to(self, persistence: Persistence) -> None:
+        """Write every transition through from now on (set at startup, lock held)."""
+        self._persistence = persistence
 
     # -- load ------------------------------------------------------------------------
     def normalize(self, request: LoadRequest) -> LoadRequest:
@@ -89,80 +127,131 @@ class Registry:
         return get_loader(request).normalize(request, devices)
 
     def submit(self, request: LoadRequest, token: str | None) -> tuple[ModelRecord, bool]:
-        """Find or start a load. Returns the record and whether a new load was queued."""
+        """Find or start a load. Returns the record and whether a new load was queued.
+        Local sources are prepared and admitted here, so a load that cannot fit answers
+        507 at once; hub sources are admitted by the load thread once fetched."""
         spec = self.normalize(request)
         key = spec_key(spec)
         model_id = spec.name or derived_id(spec, key)
+        if (existing := self._existing(model_id, key, named=spec.name is not None)) is not None:
+            return existing, False
+        prepared = self._prepare_local(spec)  # outside the lock: builds a meta model
         with self._lock:
             existing = self._find(model_id, key, named=spec.name is not None)
             if existing is not None:
-                existing.last_used_at = utcnow()
+                self._touch(existing)
                 return existing, False
-        estimate = self._estimate_local(spec)  # outside the lock: builds a meta model
-        with self._lock:
-            existing = self._find(model_id, key, named=spec.name is not None)
-            if existing is not None:
-                existing.last_used_at = utcnow()
-                return existing, False
-            if estimate is not None:
-                self._admit(model_id, estimate)
-            previous = self._records.get(model_id)
-            if previous is not None and previous.state == State.FAILED:
-                self._transition(previous, State.GONE)  # a retry replaces the failed record
-            record = ModelRecord(id=model_id, name=spec.name, spec=spec, key=key, estimate=estimate)
-            record.progress.on_change = lambda _: self._progressed(record)
-            self._records[model_id] = record
-            self._notify(record, State.GONE, State.QUEUED)  # created: from nothing
-            record.future = self._executor.submit(self._run, record, token)
+            record = ModelRecord(id=model_id, name=spec.name, spec=spec, key=key)
+            victims: list[ModelRecord] = []
+            if prepared is not None:
+                victims = self._admit(record, prepared.estimate)
+                record.prepared = prepared
+            self._add(record)
+        self._evict(victims)
+        self._start(record, token)
         return record, True
 
-    # -- admission -------------------------------------------------------------------
-    def _estimate_local(self, spec: LoadRequest) -> Estimate | None:
-        """Estimate local sources at submit, so a load that cannot fit answers 507 at once.
-        A checkpoint that cannot even be estimated is left to the load, which fails with
-        the precise code."""
+    def restore(self, rows: list[ModelRow]) -> list[ModelRecord]:
+        """Queue the models a previous process held, most recently used first, under their
+        ids and specs. Each is admitted and loaded like any hub load; one that cannot come
+        back ends `failed` with its usual code."""
+        restored: list[ModelRecord] = []
+        now = utcnow()
+        for row in rows:
+            try:
+                spec = LoadRequest.model_validate(row.spec)
+            except ValidationError as exc:
+                log.error("not restoring %s: its recorded spec is invalid (%s)", row.id, exc)
+                if self._persistence is not None:
+                    self._persistence.forget(row.id)
+                continue
+            record = ModelRecord(
+                id=row.id,
+                name=row.name,
+                spec=spec,
+                key=row.spec_key,
+                queued_at=row.queued_at,
+                last_used_at=row.last_used_at,
+                restored_at=now,
+            )
+            with self._lock:
+                record.leases = self._leases.count(record.id)
+                self._add(record)
+            restored.append(record)
+        for record in restored:
+            self._start(record, None)  # restored hub loads use the server's HF_TOKEN
+        return restored
+
+    def _existing(self, model_id: str, key: str, *, named: bool) -> ModelRecord | None:
+        with self._lock:
+            existing = self._find(model_id, key, named=named)
+            if existing is not None:
+                self._touch(existing)
+            return existing
+
+    def _add(self, record: ModelRecord) -> None:
+        """Insert a new record (lock held); a failed one of the same id is replaced."""
+        previous = self._records.get(record.id)
+        if previous is not None and previous.state == State.FAILED:
+            self._transition(previous, State.GONE)
+        record.progress.on_change = lambda _: self._progressed(record)
+        self._records[record.id] = record
+        if self._persistence is not None:
+            self._persistence.on_transition(record, State.GONE, State.QUEUED)
+        self._notify(record, State.GONE, State.QUEUED)  # created: from nothing
+
+    def _start(self, record: ModelRecord, token: str | None) -> None:
+        future = self._executor.submit(self._run, record, token)
+        with self._lock:
+            record.future = future
+
+    def _prepare_local(self, spec: LoadRequest) -> Prepared | None:
+        """Local checkpoints are prepared at submit. One that cannot even be prepared is
+        left to the load, which fails with the precise code."""
         if not spec.source.startswith("/"):
             return None
         try:
-            return self._estimate_spec(spec, None)
+            return prepare(spec, None, self._ctx)
         except Exception:
             return None
 
-    def _estimate_spec(self, spec: LoadRequest, token: str | None) -> Estimate:
-        resolved = resolve(spec, token, self._ctx, config_only=True)
-        return estimate(spec, resolved.config, resolved.task)
-
     def estimate(self, request: LoadRequest, token: str | None) -> tuple[Estimate, dict[str, int]]:
         """POST /v1/estimate: nothing is loaded; hub sources fetch config.json only."""
-        result = self._estimate_spec(self.normalize(request), token)
+        result = estimate_only(self.normalize(request), token, self._ctx)
         with self._lock:
             return result, self.gate.free(self._records.values())
 
-    def _admit(self, model_id: str, estimate: Estimate) -> None:
-        """Make room or refuse (lock held). Never evicts leased or loading models."""
-        while short := self.gate.shortfalls(estimate, self._records.values(), model_id):
-            victim = self.gate.victim(self._records.values())
-            if victim is None:
-                raise refuse(model_id, short)
+    # -- admission -------------------------------------------------------------------
+    def _admit(self, record: ModelRecord, estimate: Estimate) -> list[ModelRecord]:
+        """Admit `record` or raise InsufficientMemory (lock held). Evicts only when that
+        makes the load fit, and never leased or loading models. Victims are marked
+        unloading here; their memory is released by the caller after the lock is let go."""
+        records = list(self._records.values())
+        short = self.gate.shortfalls(estimate, records, exclude=record.id)
+        victims: list[ModelRecord] = []
+        for candidate in self.gate.candidates(records) if short else []:
+            victims.append(candidate)
+            short = self.gate.shortfalls(estimate, records, exclude=record.id, freed=victims)
+            if not short:
+                break
+        if short:
+            raise refuse(record.id, short)
+        record.estimate = estimate
+        record.admitted = True
+        for victim in victims:
             log.warning(
                 "evicting %s (idle since %s) to make room for %s",
                 victim.id,
                 victim.last_used_at.isoformat(),
-                model_id,
+                record.id,
             )
             victim.evicted = True
-            self.unload(victim.id)
+            self._transition(victim, State.UNLOADING)
+        return victims
 
-    def _admit_late(self, model_id: str, estimate_of: Callable[[], Estimate]) -> None:
-        """Admission from the load thread, for sources estimated only once fetched."""
-        with self._lock:
-            record = self._records.get(model_id)
-            if record is None or record.estimate is not None:
-                return
-        late = estimate_of()  # outside the lock: builds a meta model
-        with self._lock:
-            self._admit(model_id, late)
-            record.estimate = late
+    def _evict(self, victims: list[ModelRecord]) -> None:
+        for victim in victims:
+            self._release(victim, None)
 
     def _find(self, model_id: str, key: str, *, named: bool) -> ModelRecord | None:
         current = self._records.get(model_id)
@@ -188,31 +277,22 @@ class Registry:
         loaded = None
         failure: ErrorInfo | None = None
         try:
-            loaded = run_load(record.id, record.spec, token, self._ctx, record.progress)
+            prepared = record.prepared or prepare(record.spec, token, self._ctx, record.progress)
+            record.prepared = None
+            if not record.admitted:
+                with self._lock:
+                    victims = self._admit(record, prepared.estimate)
+                self._evict(victims)
+            loaded = load_and_place(record.id, record.load_id, prepared, self._ctx, record.progress)
         except BaseException as exc:
             failure = self._describe(record, exc)
         with self._lock:
             if loaded is not None and not record.progress.cancel.is_set():
                 record.progress.finish()
-                self._transition(
-                    record,
-                    State.READY,
-                    model=loaded.model,
-                    ready_at=utcnow(),
-                    task=loaded.task.value,
-                    architecture=loaded.architecture,
-                    dtype=loaded.dtype,
-                    parameters=loaded.parameters,
-                    by_device=loaded.by_device,
-                    device_map=loaded.device_map,
-                    resolved_revision=loaded.resolved_revision,
-                    shareable=loaded.placed.shareable,
-                    shareable_reason=loaded.placed.reason,
-                    handle=loaded.placed.handle,
-                )
+                self._transition(record, State.READY, loaded=loaded, ready_at=utcnow())
                 return
         loaded = None
-        discard(record.id, self._ctx)
+        discard(record.load_id, self._ctx)
         release_memory(self._cuda)
         with self._lock:
             if record.state == State.CANCELLED:
@@ -231,12 +311,28 @@ class Registry:
 
     # -- unload ----------------------------------------------------------------------
     def unload(self, model_id: str, *, force: bool = False) -> ModelRecord | None:
-        """Unload or cancel. Returns the record while a cancel is still cleaning up,
-        None once the model is gone. Blocking: call it from a worker thread."""
+        """Unload or cancel. Returns the record while it is still being unloaded or
+        cancelled (also to a concurrent second request), None once the model is gone.
+        Blocking: call it from a worker thread."""
         with self._lock:
             record = self.get(model_id)
-            if record.state == State.CANCELLED:
+            if record.state in (State.UNLOADING, State.CANCELLED):
                 return record
+            leased = self._leases.count(model_id)
+            if leased and not force:
+                raise ModelLeased(
+                    f"{model_id} has {leased} active lease(s). Release them, or unload "
+                    "with ?force=true to revoke them."
+                )
+            revoked = self._leases.revoke_model(model_id)
+            for lease in revoked:
+                log.warning(
+                    "lease %s of %s (holder %s) revoked by a forced unload",
+                    lease.id,
+                    model_id,
+                    lease.holder,
+                )
+            record.leases = 0
             if record.state in (State.QUEUED, State.LOADING):
                 record.progress.cancel.set()
                 self._transition(record, State.CANCELLED)
@@ -247,77 +343,50 @@ class Registry:
             if record.state == State.FAILED:
                 self._transition(record, State.GONE)
                 return None
-            if record.leases and not force:
-                raise ModelLeased(
-                    f"{model_id} has {record.leases} active lease(s). Release them, or unload "
-                    "with ?force=true to revoke them."
-                )
-            revoked = self.leases.revoke_model(model_id)
-            for lease in revoked:
-                log.warning(
-                    "lease %s of %s (holder %s) revoked by a forced unload",
-                    lease.id,
-                    model_id,
-                    lease.holder,
-                )
-            self._transition(record, State.UNLOADING, model=None, handle=None, leases=0)
+            self._transition(record, State.UNLOADING)
         keep_until = max((lease.expires_at for lease in revoked), default=None)
-        discard(record.id, self._ctx, keep_until)
-        release_memory(self._cuda)
-        with self._lock:
-            self._transition(record, State.GONE, by_device={})
+        self._release(record, keep_until)
         return None
 
-    # -- leases --------------------------------------------------------------------------
-    def lease(self, model_id: str, holder: str, ttl_seconds: int) -> tuple[Lease, object]:
-        """Grant a lease on a ready, shareable model; returns it with the model's handle."""
+    def _release(self, record: ModelRecord, keep_until: datetime | None) -> None:
+        """Free an unloading model's memory (lock not held), then it is gone."""
+        if record.loaded is not None:
+            record.loaded.drop_model()
+        discard(record.load_id, self._ctx, keep_until)
+        release_memory(self._cuda)
+        with self._lock:
+            self._transition(record, State.GONE)
+
+    # -- leases ------------------------------------------------------------------------
+    def lend(self, model_id: str, take: Callable[[ModelRecord], T]) -> tuple[T, Any]:
+        """Run `take` (grant a lease) while `model_id` is ready and shareable, atomically
+        with unloads; returns its result and the model's handle."""
         with self._lock:
             record = self.get(model_id)
-            if record.state != State.READY:
+            if record.state != State.READY or record.loaded is None:
                 raise ModelNotReady(
                     f"{model_id} is {record.state.value}; wait until it is ready "
                     f"(GET /v1/models/{model_id})."
                 )
-            if not record.shareable or record.handle is None:
-                raise NotShareable(
-                    f"{model_id} cannot be lent to workers: {record.shareable_reason}."
-                )
-            lease = self.leases.grant(model_id, holder, ttl_seconds)
-            record.leases = self.leases.count(model_id)
-            record.last_used_at = utcnow()
-        log.info("lease %s on %s granted to %s for %ss", lease.id, model_id, holder, ttl_seconds)
-        return lease, record.handle
+            placed = record.loaded.placed
+            if not placed.shareable or placed.handle is None:
+                raise NotShareable(f"{model_id} cannot be lent to workers: {placed.reason}.")
+            result = take(record)
+            record.leases = self._leases.count(model_id)
+            self._touch(record)
+            return result, placed.handle
 
-    def renew_lease(self, lease_id: str) -> Lease:
-        return self.leases.renew(lease_id)
-
-    def release_lease(self, lease_id: str) -> Lease:
-        lease = self.leases.release(lease_id)
-        self._recount(lease.model_id)
-        log.info("lease %s on %s released by %s", lease.id, lease.model_id, lease.holder)
-        return lease
-
-    def expire_leases(self) -> list[Lease]:
-        expired = self.leases.expire()
-        for lease in expired:
-            self._recount(lease.model_id)
-            log.warning(
-                "lease %s on %s (holder %s) expired: not renewed in %ss",
-                lease.id,
-                lease.model_id,
-                lease.holder,
-                lease.ttl_seconds,
-            )
-        return expired
-
-    def _recount(self, model_id: str) -> None:
+    def recount(self, model_id: str) -> None:
+        """The leases of `model_id` changed: refresh the count its status shows."""
         with self._lock:
             record = self._records.get(model_id)
             if record is not None:
-                record.leases = self.leases.count(model_id)
+                record.leases = self._leases.count(model_id)
 
     def shutdown(self) -> None:
-        """Cancel loads, unload everything, stop the executor (on SIGTERM)."""
+        """Cancel loads, unload everything, stop the executor (on SIGTERM). What the state
+        database holds is left as it is (the app stops persisting first), so the next
+        start restores these models."""
         for record in self.records():
             try:
                 self.unload(record.id, force=True)
@@ -326,15 +395,27 @@ class Registry:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     # -- the one transition point --------------------------------------------------------
+    def _touch(self, record: ModelRecord) -> None:
+        """A POST of the same spec or a lease: the model was used (eviction order)."""
+        record.last_used_at = utcnow()
+        if self._persistence is not None:
+            self._persistence.touch(record)
+
     def _transition(self, record: ModelRecord, target: State, **changes: Any) -> None:
         previous = record.state
         check_transition(previous, target)
         for name, value in changes.items():
+            if not hasattr(record, name):
+                raise AttributeError(f"ModelRecord has no field {name!r}")
             setattr(record, name, value)
         record.state = target
-        if target == State.GONE and self._records.get(record.id) is record:
+        current = self._records.get(record.id) is record
+        if target == State.GONE and current:
             del self._records[record.id]
         log.info("model %s: %s -> %s", record.id, previous.value, target.value)
+        # Write through; a superseded record (same id, a newer load) never touches the row.
+        if self._persistence is not None and current:
+            self._persistence.on_transition(record, previous, target)
         self._notify(record, previous, target)
 
     def _progressed(self, record: ModelRecord) -> None:

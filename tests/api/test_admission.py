@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import MINILM, ClientFactory, load
+from tests.conftest import LLAMA_LAYERS_ON_DISK, MINILM, ClientFactory, estimated_sizes, load
 
 QUANTS: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "float32"},
@@ -49,13 +49,7 @@ def test_estimate_with_disk_map(client: TestClient, models_root: Path) -> None:
         "source": str(models_root / "llama"),
         "dtype": "float32",
         "offload": True,
-        "device_map": {
-            "model.embed_tokens": "cpu",
-            "model.layers": "disk",
-            "model.norm": "cpu",
-            "model.rotary_emb": "cpu",
-            "lm_head": "cpu",
-        },
+        "device_map": LLAMA_LAYERS_ON_DISK,
     }
     predicted = client.post("/v1/estimate", json=body).json()
     status = load(client, **body)
@@ -92,18 +86,9 @@ def test_small_budget_is_507(make_client: ClientFactory, models_root: Path) -> N
     assert fits.status_code == 507  # 4-bit llama-tiny still needs > 300 KB
 
 
-def sizes(client: TestClient, models_root: Path, *names: str) -> list[int]:
-    return [
-        client.post(
-            "/v1/estimate", json={"source": str(models_root / n), "dtype": "float32"}
-        ).json()["total_bytes"]
-        for n in names
-    ]
-
-
 def test_lru_idle_eviction_order(make_client: ClientFactory, models_root: Path) -> None:
     probe = make_client()
-    gpt2, llama, t5 = sizes(probe, models_root, "gpt2", "llama", "t5")
+    gpt2, llama, t5 = estimated_sizes(probe, models_root, "gpt2", "llama", "t5")
     budget = gpt2 + llama + t5 // 2
     client = make_client(host_memory_budget=str(budget), memory_headroom="0", eviction="lru-idle")
     first = load(client, source=str(models_root / "gpt2"), dtype="float32")
@@ -125,7 +110,7 @@ def test_lru_idle_eviction_order(make_client: ClientFactory, models_root: Path) 
 
 def test_never_evicts_leased(make_client: ClientFactory, models_root: Path) -> None:
     probe = make_client()
-    gpt2, llama = sizes(probe, models_root, "gpt2", "llama")
+    gpt2, llama = estimated_sizes(probe, models_root, "gpt2", "llama")
     client = make_client(
         host_memory_budget=str(gpt2 + llama // 2), memory_headroom="0", eviction="lru-idle"
     )

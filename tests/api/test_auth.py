@@ -59,7 +59,7 @@ def test_scopes(secured: TestClient, models_root: Path) -> None:
 
 def test_health_is_open(secured: TestClient) -> None:
     assert secured.get("/healthz").status_code == 200
-    assert secured.get("/readyz").json() == {"status": "ready"}
+    assert secured.get("/readyz").json() == {"status": "ready", "restoring": 0}
 
 
 def test_short_keys_are_refused_at_startup(make_client: ClientFactory) -> None:

@@ -10,12 +10,13 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import MINILM, ClientFactory, load, wait_for
+from tests.conftest import LLAMA_LAYERS_ON_DISK, MINILM, ClientFactory, load, wait_for
 
 
 def held_model(client: TestClient, model_id: str) -> torch.nn.Module:
-    model = client.app.state.registry.get(model_id).model  # type: ignore[attr-defined]
-    assert model is not None
+    loaded = client.app.state.registry.get(model_id).loaded  # type: ignore[attr-defined]
+    assert loaded is not None and loaded.model is not None
+    model: torch.nn.Module = loaded.model
     return model
 
 
@@ -123,13 +124,7 @@ def test_named_device_maps(client: TestClient, models_root: Path, device_map: st
 
 
 def test_explicit_device_map_with_disk(client: TestClient, models_root: Path) -> None:
-    device_map = {
-        "model.embed_tokens": "cpu",
-        "model.layers": "disk",
-        "model.norm": "cpu",
-        "model.rotary_emb": "cpu",
-        "lm_head": "cpu",
-    }
+    device_map = LLAMA_LAYERS_ON_DISK
     status = load(
         client,
         source=str(models_root / "llama"),

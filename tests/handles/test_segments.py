@@ -119,7 +119,7 @@ def placed(models_root: Path, shm_dir: Path) -> tuple[ArenaPlacement, weakref.re
     shm_dir.mkdir()
     placement = ArenaPlacement(shm_dir, HostSegments())
     model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
-    placement.place("m", model, [])
+    placement.place("m", "m", model, [])
     return placement, weakref.ref(placement._held["m"].segments[0])
 
 
@@ -184,7 +184,7 @@ def test_no_room_for_the_segment_keeps_the_model_private(models_root: Path, shm_
     model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
     with torch.no_grad():
         before = model(TOKENS).logits
-    placed = ArenaPlacement(shm_dir, FullDevice()).place("m", model, [])
+    placed = ArenaPlacement(shm_dir, FullDevice()).place("m", "m", model, [])
     assert placed.shareable is False
     assert placed.reason is not None and "no room for the shareable copy" in placed.reason
     assert list(shm_dir.iterdir()) == []  # the arena file was taken back

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from service.api.deps import RegistryDep
 from service.api.problems import problem
 
 router = APIRouter(tags=["health"])
@@ -17,8 +18,19 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", response_model=None)
-async def readyz(request: Request) -> JSONResponse | dict[str, str]:
-    """503 until the registry is up, then 200."""
+async def readyz(request: Request, registry: RegistryDep) -> JSONResponse | dict[str, object]:
+    """503 until the registry is up and every model restored after a restart has settled
+    (ready or failed); the body says how many are still restoring."""
     if not getattr(request.app.state, "ready", False):
         return problem(503, "not_ready", "Not ready", "The service is starting; retry shortly.")
-    return {"status": "ready"}
+    restoring = registry.restoring()
+    if restoring:
+        return problem(
+            503,
+            "restoring",
+            "Restoring",
+            f"{restoring} model(s) held before the restart are still loading; retry shortly "
+            "(GET /v1/models shows their progress).",
+            restoring=restoring,
+        )
+    return {"status": "ready", "restoring": 0}

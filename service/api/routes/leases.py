@@ -1,10 +1,14 @@
-"""Leases: lend a held model to a training worker as a zero-copy handle."""
+"""Leases: lend a held model to a training worker as a zero-copy handle.
+
+The routes are plain `def` (run in the threadpool): granting, renewing and releasing write
+the state database, which never happens on the event loop.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from service.api.deps import RegistryDep, require
+from service.api.deps import LendingDep, require
 from service.api.schemas import LeaseList, LeaseOut, LeaseRequest, problem_responses
 
 router = APIRouter(prefix="/v1", tags=["leases"])
@@ -17,10 +21,10 @@ router = APIRouter(prefix="/v1", tags=["leases"])
     dependencies=[require("worker")],
     responses=problem_responses(401, 403, 404, 409, 422),
 )
-async def create_lease(model_id: str, body: LeaseRequest, registry: RegistryDep) -> LeaseOut:
+def create_lease(model_id: str, body: LeaseRequest, lending: LendingDep) -> LeaseOut:
     """Lease a ready model; the handle maps its weights read-only (see service.client)."""
-    lease, handle = registry.lease(model_id, body.holder, body.ttl_seconds)
-    return LeaseOut.of(lease, handle)  # type: ignore[arg-type]
+    lease, handle = lending.grant(model_id, body.holder, body.ttl_seconds)
+    return LeaseOut.of(lease, handle)
 
 
 @router.post(
@@ -29,9 +33,9 @@ async def create_lease(model_id: str, body: LeaseRequest, registry: RegistryDep)
     dependencies=[require("worker")],
     responses=problem_responses(401, 403, 404),
 )
-async def renew_lease(lease_id: str, registry: RegistryDep) -> LeaseOut:
+def renew_lease(lease_id: str, lending: LendingDep) -> LeaseOut:
     """Push expires_at out by the lease's TTL."""
-    return LeaseOut.of(registry.renew_lease(lease_id))
+    return LeaseOut.of(lending.renew(lease_id))
 
 
 @router.delete(
@@ -40,9 +44,9 @@ async def renew_lease(lease_id: str, registry: RegistryDep) -> LeaseOut:
     dependencies=[require("worker")],
     responses=problem_responses(401, 403, 404),
 )
-async def release_lease(lease_id: str, registry: RegistryDep) -> Response:
+def release_lease(lease_id: str, lending: LendingDep) -> Response:
     """Release a lease (the worker is done with the model)."""
-    registry.release_lease(lease_id)
+    lending.release(lease_id)
     return Response(status_code=204)
 
 
@@ -52,6 +56,6 @@ async def release_lease(lease_id: str, registry: RegistryDep) -> Response:
     dependencies=[require("read")],
     responses=problem_responses(401, 403),
 )
-async def list_leases(registry: RegistryDep) -> LeaseList:
+async def list_leases(lending: LendingDep) -> LeaseList:
     """All active leases."""
-    return LeaseList(leases=[LeaseOut.of(lease) for lease in registry.leases.active()])
+    return LeaseList(leases=[LeaseOut.of(lease) for lease in lending.table.active()])

@@ -26,7 +26,7 @@ router = APIRouter(tags=["observe"])
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     state = request.app.state
-    state.metrics.leases.set(len(state.registry.leases.active()))
+    state.metrics.leases.set(len(state.lending.table.active()))
     state.metrics.arena_bytes.set(state.placement.arena_bytes())
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -1,0 +1,1 @@
+"""What outlives the process: the state database, the one-instance lock, stale files."""

@@ -1,0 +1,30 @@
+"""What a crashed instance of this state directory left behind, and how to recognise it.
+
+Called once at start, with the state lock held: nothing else can be using these files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+
+def instance_tag(state_dir: Path) -> str:
+    """A short name for this state directory. Files a service puts in shared folders
+    (arenas in /dev/shm) start with it, so cleanup never touches another service's."""
+    return "bh" + hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+
+
+def clean_offload(offload_dir: Path) -> int:
+    """Remove every disk-offload folder (one per load; only loads of this process use them)."""
+    removed = 0
+    if not offload_dir.is_dir():
+        return 0
+    for entry in offload_dir.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed += 1
+    return removed

@@ -1,0 +1,112 @@
+"""The state database on real SQLite: migrations, rows, corruption, the event-loop rule."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from service.state.database import (
+    FILENAME,
+    SCHEMA_VERSION,
+    LeaseRow,
+    ModelRow,
+    StateDB,
+    StateError,
+)
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+
+
+def model_row(model_id: str, used: datetime = NOW) -> ModelRow:
+    return ModelRow(
+        id=model_id,
+        name=model_id,
+        spec={"source": "/models/x", "dtype": "float32"},
+        spec_key="k" * 64,
+        state="queued",
+        queued_at=NOW,
+        last_used_at=used,
+    )
+
+
+def lease_row(lease_id: str, model_id: str) -> LeaseRow:
+    return LeaseRow(lease_id, model_id, "w", 30, NOW, NOW + timedelta(seconds=30), "h" * 64)
+
+
+def test_fresh_database_is_wal_and_at_the_latest_schema(tmp_path: Path) -> None:
+    db = StateDB.open(tmp_path)
+    db.close()
+    conn = sqlite3.connect(tmp_path / FILENAME)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+def test_rows_round_trip_most_recently_used_first(tmp_path: Path) -> None:
+    db = StateDB.open(tmp_path)
+    db.put_model(model_row("old", NOW - timedelta(hours=1)))
+    db.put_model(model_row("new"))
+    db.set_model_state("old", "ready")
+    db.touch_model("old", NOW + timedelta(hours=1))
+    db.put_lease(lease_row("l1", "old"))
+    db.close()
+    reopened = StateDB.open(tmp_path)
+    assert [r.id for r in reopened.models()] == ["old", "new"]
+    assert reopened.models()[0].state == "ready"
+    assert reopened.models()[0].spec == {"source": "/models/x", "dtype": "float32"}
+    assert reopened.leases() == [lease_row("l1", "old")]
+    reopened.delete_leases(["l1"])
+    reopened.delete_model("new")
+    assert [r.id for r in reopened.models()] == ["old"] and reopened.leases() == []
+    assert reopened.forget_all() == (1, 0)
+
+
+def test_frozen_database_writes_nothing(tmp_path: Path) -> None:
+    db = StateDB.open(tmp_path)
+    db.put_model(model_row("kept"))
+    db.freeze()
+    db.delete_model("kept")
+    db.put_model(model_row("never"))
+    assert [r.id for r in db.models()] == ["kept"]
+
+
+def test_writes_on_the_event_loop_are_refused(tmp_path: Path) -> None:
+    db = StateDB.open(tmp_path)
+
+    async def on_loop() -> None:
+        db.put_model(model_row("x"))
+
+    with pytest.raises(RuntimeError, match="event loop"):
+        asyncio.run(on_loop())
+
+    async def in_thread() -> None:
+        await asyncio.to_thread(db.put_model, model_row("y"))
+
+    asyncio.run(in_thread())
+    assert [r.id for r in db.models()] == ["y"]
+
+
+def test_corrupt_database_is_moved_aside_not_overwritten(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    garbage = b"this is not an sqlite database" * 100
+    (tmp_path / FILENAME).write_bytes(garbage)
+    db = StateDB.open(tmp_path)
+    assert db.moved_aside is not None and db.moved_aside.read_bytes() == garbage
+    assert db.models() == []
+    assert "STATE DATABASE UNREADABLE" in caplog.text and str(db.moved_aside) in caplog.text
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    StateDB.open(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / FILENAME)
+    conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION + 1,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StateError, match="newer than this basehold"):
+        StateDB.open(tmp_path)
+    assert (tmp_path / FILENAME).exists()  # left as it is
