@@ -1,13 +1,11 @@
-# basehold: one container per GPU node; training workers run beside it and share its
-# /dev/shm (the CPU arena) and IPC namespace (CUDA IPC).
+# basehold: one container per GPU node; training workers run beside it, share the folder
+# of its arena socket (/run/basehold: workers get the sealed CPU arenas there) and, for
+# models on a GPU, its IPC namespace (CUDA IPC).
 #
 #   docker build -t basehold .
-#   docker run --gpus all --shm-size 32g --ipc shareable -p 8000:8000 \
+#   docker run --gpus all --ipc shareable -p 8000:8000 -v basehold-run:/run/basehold \
 #     -e BASEHOLD_API_KEYS='{"<admin key>": ["admin"], "<worker key>": ["worker"]}' \
 #     -v hf-cache:/var/cache/huggingface -v basehold-state:/var/lib/basehold basehold
-#
-# /dev/shm must hold every model you want to lend to workers (docker's default is 64 MB):
-# set --shm-size (compose: shm_size) to at least the sum of their footprints.
 #
 # BASE_IMAGE must provide python3 with venv. The default brings CUDA and a CUDA build of
 # torch; CI passes a local Debian base and a CPU torch wheel through docker/wheels/.
@@ -32,7 +30,7 @@ ENV VIRTUAL_ENV=/opt/basehold \
     HF_HOME=/var/cache/huggingface \
     BASEHOLD_STATE_DIR=/var/lib/basehold/state \
     BASEHOLD_MODEL_ROOTS='["/models", "/var/lib/basehold/models"]' \
-    BASEHOLD_SHM_DIR=/dev/shm/basehold \
+    BASEHOLD_SOCKET=/run/basehold/basehold.sock \
     BASEHOLD_PORT=8000
 # Metadata first: with the legacy builder + vfs, every later step copies the whole image.
 EXPOSE 8000
@@ -57,6 +55,7 @@ RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; else PIP_CERT="/tmp/inputs$PIP_C
     && rm -rf /tmp/inputs \
     && (getent passwd basehold || useradd --system --uid 10001 --create-home basehold) \
     && mkdir -p /var/lib/basehold/state /var/lib/basehold/models /var/cache/huggingface /models \
+    && install -d -m 0700 -o 10001 /run/basehold \
     && chown -R 10001 /var/lib/basehold /var/cache/huggingface
 VOLUME ["/var/cache/huggingface", "/var/lib/basehold"]
 USER 10001

@@ -97,7 +97,7 @@ def launch(work: Path, port: int | None = None, timeout: float = 600, **env: str
     full_env = {
         **os.environ,
         "BASEHOLD_STATE_DIR": str(work / "state"),
-        "BASEHOLD_SHM_DIR": f"/dev/shm/basehold-bench-{work.name}",
+        "BASEHOLD_SOCKET": str(work / "run" / "basehold.sock"),
         **env,
     }
     process = subprocess.Popen(

@@ -1,5 +1,6 @@
-"""Leak check: N load/unload cycles through the HTTP API; the server's RSS and /dev/shm
-usage before and after (and the peak while a model is held).
+"""Leak check: N load/unload cycles through the HTTP API; the server's RSS and the kernel's
+shared memory (Shmem: where the sealed arenas live) before and after (and the peak while a
+model is held).
 
     .venv/bin/python bench/cycles.py [--cycles 50] [--params-m 100]
 """
@@ -7,17 +8,13 @@ usage before and after (and the peak while a model is held).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from common import server, smaps, wait_ready, workspace
 
+from service.memory.host import shared_memory_bytes as shm_used
+
 MiB = 2**20
-
-
-def shm_used() -> int:
-    stat = os.statvfs("/dev/shm")
-    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
 
 
 def main() -> None:
@@ -56,7 +53,7 @@ def main() -> None:
         f"{(rss1 - rss0) / MiB:+.1f} |"
     )
     print(
-        f"| /dev/shm used | {shm0 / MiB:.0f} | {peak_shm / MiB:.0f} | {shm1 / MiB:.0f} | "
+        f"| Shmem (arenas) | {shm0 / MiB:.0f} | {peak_shm / MiB:.0f} | {shm1 / MiB:.0f} | "
         f"{(shm1 - shm0) / MiB:+.1f} |"
     )
 

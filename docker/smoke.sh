@@ -88,7 +88,7 @@ llama(__import__('pathlib').Path('$models/tiny'))
 "
 chmod -R a+rX "$models"
 
-docker run -d --name basehold-smoke --network host --shm-size 256m \
+docker run -d --name basehold-smoke --network host \
     -v "$models:/models:ro" -e BASEHOLD_PORT="$port" -e BASEHOLD_HOST=127.0.0.1 \
     basehold:smoke >/dev/null
 "$python" - "$port" <<'PY'

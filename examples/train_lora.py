@@ -1,7 +1,8 @@
 """A training worker: attach to a model held by basehold and train a LoRA adapter on it.
 
 The base weights are the service's own memory pages (read-only, zero-copy); only the
-adapter lives in this process. Runs anywhere that shares the service's /dev/shm.
+adapter lives in this process. Runs where it can reach the service's arena socket
+(BASEHOLD_SOCKET's folder, shared with the service's container).
 
     BASEHOLD_URL=http://127.0.0.1:8000 python examples/train_lora.py --model demo \\
         --targets q_proj v_proj --steps 20 --out ./adapter

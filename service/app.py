@@ -21,6 +21,7 @@ from service.api.routes import dashboard, health, leases, memory, models, observ
 from service.api.timing import RequestMetrics
 from service.events import EventBus
 from service.handles.devices import CUDA, DeviceSegments
+from service.handles.fdpass import ArenaServer
 from service.handles.leases import LeaseTable
 from service.handles.lending import Lending
 from service.handles.placement import ArenaPlacement
@@ -35,7 +36,7 @@ from service.registry.registry import Registry
 from service.registry.states import State
 from service.settings import Settings
 from service.state.database import StateDB
-from service.state.leftovers import clean_offload, instance_tag
+from service.state.leftovers import clean_offload
 from service.state.lock import StateLock
 
 log = logging.getLogger("basehold")
@@ -49,19 +50,12 @@ async def _reap_leases(lending: Lending, placement: ArenaPlacement, every: float
         placement.collect()
 
 
-def _start_state(
-    settings: Settings, registry: Registry, table: LeaseTable, placement: ArenaPlacement
-) -> StateDB:
+def _start_state(settings: Settings, registry: Registry, table: LeaseTable) -> StateDB:
     """With the state lock held: clean what a crashed instance left, open the database,
     write through from now on, and restore (or forget) what it holds. Runs in a thread."""
     offload = clean_offload(settings.offload_dir)
-    arenas = placement.clean_stale()
-    if offload or arenas:
-        log.info(
-            "removed what a previous instance left: %d offload folder(s), %d arena file(s)",
-            offload,
-            arenas,
-        )
+    if offload:
+        log.info("removed %d offload folder(s) a previous instance left", offload)
     db = StateDB.open(settings.state_dir)
     registry.persist_to(Persistence(db))
     table.persist_to(db)
@@ -105,9 +99,7 @@ def create_app(
     settings.ensure_dirs()
     lock = lock or StateLock(settings.state_dir)
     cuda = cuda or TorchCuda()
-    placement = ArenaPlacement(
-        settings.shm_dir, segments or CUDA, tag=instance_tag(settings.state_dir)
-    )
+    placement = ArenaPlacement(settings.socket, segments or CUDA)
     ctx = LoadContext(
         roots=settings.model_roots,
         offload_root=settings.offload_dir,
@@ -124,7 +116,8 @@ def create_app(
         max_concurrent_loads=settings.max_concurrent_loads,
         allow_remote_code=settings.allow_remote_code,
     )
-    lending = Lending(registry, table)
+    lending = Lending(registry, table, placement, settings.max_leases_per_model)
+    arenas = ArenaServer(settings.socket, lending.arena_fd)
 
     events = EventBus()
     metrics = Metrics()
@@ -155,7 +148,8 @@ def create_app(
         sys.setswitchinterval(0.001)
         lock.acquire()
         events.bind(asyncio.get_running_loop())
-        db = await run_in_threadpool(_start_state, settings, registry, table, placement)
+        db = await run_in_threadpool(_start_state, settings, registry, table)
+        arenas.start()
         restoring = registry.restoring()
         if restoring:
             events.publish("restore", {"restoring": restoring, "leases": len(table.active())})
@@ -170,6 +164,7 @@ def create_app(
                 await reaper
             log.info("shutting down: cancelling loads and unloading models")
             db.freeze()  # what is held now is what the next start restores
+            arenas.stop()
             await run_in_threadpool(registry.shutdown)
             db.close()
             lock.release()

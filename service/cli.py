@@ -23,6 +23,7 @@ def _is_loopback(host: str) -> bool:
 
 def _serve(args: argparse.Namespace) -> int:
     from service.app import create_app
+    from service.handles.fdpass import SocketUnsafe, check_folder
     from service.server import serve
     from service.state.lock import StateDirLocked, StateLock
 
@@ -43,7 +44,8 @@ def _serve(args: argparse.Namespace) -> int:
     lock = StateLock(settings.state_dir)
     try:
         lock.acquire()
-    except StateDirLocked as exc:
+        check_folder(settings.socket.parent)
+    except (StateDirLocked, SocketUnsafe) as exc:
         print(f"basehold: refusing to start: {exc}", file=sys.stderr)
         return 2
     if args.demo:

@@ -54,11 +54,16 @@ def guard_forward(model: nn.Module, lost: Callable[[], str | None]) -> Removable
     return model.register_forward_pre_hook(check)
 
 
+def _secret_header(secret: str | None) -> dict[str, str] | None:
+    return {"X-Lease-Secret": secret} if secret else None
+
+
 class _Renewer(threading.Thread):
-    def __init__(self, client: Client, lease_id: str, ttl_seconds: int) -> None:
+    def __init__(self, client: Client, lease_id: str, secret: str, ttl_seconds: int) -> None:
         super().__init__(name=f"renew-{lease_id}", daemon=True)
         self._client = client
         self._lease_id = lease_id
+        self._secret = secret
         self._every = max(ttl_seconds / 3, 0.2)
         self._stop_event = threading.Event()
         self.lost: BaseholdError | None = None
@@ -66,7 +71,7 @@ class _Renewer(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.wait(self._every):
             try:
-                self._client.renew(self._lease_id)
+                self._client.renew(self._lease_id, self._secret)
             except BaseholdError as exc:
                 # Revoked (forced unload) or expired: the mapped pages stay valid here, but
                 # the service no longer promises to hold the model.
@@ -177,6 +182,7 @@ class Client:
 
     # -- leases -------------------------------------------------------------------------
     def lease(self, model_id: str, holder: str, ttl_seconds: int = 60) -> dict[str, Any]:
+        """POST a lease: the answer has `lease_id`, `secret` (shown only here) and `handle`."""
         result: dict[str, Any] = self._call(
             "POST",
             f"/v1/models/{model_id}/leases",
@@ -184,12 +190,15 @@ class Client:
         )
         return result
 
-    def renew(self, lease_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("POST", f"/v1/leases/{lease_id}/renew")
+    def renew(self, lease_id: str, secret: str | None = None) -> dict[str, Any]:
+        """Renew with the lease's secret (an admin token needs none)."""
+        result: dict[str, Any] = self._call(
+            "POST", f"/v1/leases/{lease_id}/renew", headers=_secret_header(secret)
+        )
         return result
 
-    def release(self, lease_id: str) -> None:
-        self._call("DELETE", f"/v1/leases/{lease_id}")
+    def release(self, lease_id: str, secret: str | None = None) -> None:
+        self._call("DELETE", f"/v1/leases/{lease_id}", headers=_secret_header(secret))
 
     @contextmanager
     def attach(self, model_id: str, holder: str, ttl_seconds: int = 60) -> Iterator[nn.Module]:
@@ -197,8 +206,8 @@ class Client:
         from service.handles.attach import attach_handle
 
         lease = self.lease(model_id, holder, ttl_seconds)
-        lease_id = lease["lease_id"]
-        renewer = _Renewer(self, lease_id, ttl_seconds)
+        lease_id, secret = lease["lease_id"], lease["secret"]
+        renewer = _Renewer(self, lease_id, secret, ttl_seconds)
         done = threading.Event()
 
         def lost() -> str | None:
@@ -210,7 +219,7 @@ class Client:
 
         renewer.start()
         try:
-            model = attach_handle(lease["handle"])
+            model = attach_handle(lease["handle"], lease_id, secret)
             if lease["handle"].get("segments"):
                 guard_forward(model, lost)
             yield model
@@ -218,8 +227,20 @@ class Client:
             done.set()
             renewer.stop()
             if renewer.lost is None:
-                try:
-                    self.release(lease["lease_id"])
-                except BaseholdError as exc:
-                    if exc.code != "lease_not_found":
-                        raise
+                self._release_quietly(lease_id, secret, ttl_seconds)
+
+    def _release_quietly(self, lease_id: str, secret: str, ttl_seconds: int) -> None:
+        """Leaving an attach block never raises for the release: a lease that is already
+        gone is fine, and a service that cannot be reached lets it expire."""
+        try:
+            self.release(lease_id, secret)
+        except BaseholdError as exc:
+            if exc.code != "lease_not_found":
+                log.warning("lease %s: release refused: %s", lease_id, exc)
+        except httpx.TransportError as exc:
+            log.warning(
+                "lease %s: could not release it (%s); the service drops it after its %ss TTL",
+                lease_id,
+                exc,
+                ttl_seconds,
+            )

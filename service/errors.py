@@ -120,3 +120,15 @@ class LoadCancelled(BaseholdError):
     code = "load_cancelled"
     status = 409
     title = "Load cancelled"
+
+
+class LeaseForbidden(BaseholdError):
+    code = "lease_forbidden"
+    status = 403
+    title = "Lease secret required"
+
+
+class TooManyLeases(BaseholdError):
+    code = "too_many_leases"
+    status = 429
+    title = "Too many leases"

@@ -26,6 +26,12 @@ def parse_size(value: str | int) -> int:
         raise ValueError(f"{value!r} is not a size; use e.g. '8GiB' or a number of bytes") from exc
 
 
+def _default_socket() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    folder = Path(runtime) / "basehold" if runtime else Path(f"/tmp/basehold-{os.getuid()}")
+    return folder / "basehold.sock"
+
+
 def _default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "basehold" / "state"
@@ -59,9 +65,13 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Bearer key -> scopes. Empty: no auth (then bind 127.0.0.1 only).",
     )
-    shm_dir: Path = Field(
-        default=Path("/dev/shm/basehold"),
-        description="Where model arenas live (shared with training workers).",
+    socket: Path = Field(
+        default_factory=_default_socket,
+        description="Unix socket workers get model arenas from (with a lease's secret). Its "
+        "folder must be writable by this user only; share that folder with workers.",
+    )
+    max_leases_per_model: int = Field(
+        default=64, ge=1, le=100_000, description="More leases on one model answer 429."
     )
     host_memory_budget: str | None = Field(
         default=None,
@@ -135,6 +145,5 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.offload_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.shm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         for root in self.model_roots:
             root.mkdir(parents=True, exist_ok=True)

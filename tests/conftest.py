@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,22 +43,22 @@ ClientFactory = Callable[..., TestClient]
 
 
 @pytest.fixture
-def shm_dir() -> Iterator[Path]:
-    """A private arena directory in /dev/shm, removed after the test."""
-    path = Path("/dev/shm") / f"basehold-test-{uuid.uuid4().hex[:8]}"
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def socket_path() -> Iterator[Path]:
+    """A private arena socket (short: AF_UNIX paths are limited to 107 bytes)."""
+    folder = Path(tempfile.mkdtemp(prefix="bh-"))
+    yield folder / "basehold.sock"
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
-def make_client(models_root: Path, tmp_path: Path, shm_dir: Path) -> Iterator[ClientFactory]:
+def make_client(models_root: Path, tmp_path: Path, socket_path: Path) -> Iterator[ClientFactory]:
     clients: list[TestClient] = []
 
     def factory(**overrides: Any) -> TestClient:
         values: dict[str, Any] = {
             # One state directory per app: a state directory serves one app at a time.
             "state_dir": tmp_path / f"state-{len(clients)}",
-            "shm_dir": shm_dir,
+            "socket": socket_path.with_name(f"s{len(clients)}.sock"),
             "model_roots": [models_root, MINILM.parent],
         }
         values.update(overrides)

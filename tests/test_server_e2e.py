@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -33,7 +34,11 @@ class Server:
     process: subprocess.Popen[str]
     url: str
     log: Path
-    shm: Path
+    socket: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def output(self) -> str:
         return self.log.read_text()
@@ -47,8 +52,18 @@ class Server:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         code = self.process.wait(timeout=60)
-        shutil.rmtree(self.shm, ignore_errors=True)
+        shutil.rmtree(self.socket.parent, ignore_errors=True)
         return code
+
+
+def server_env(tmp_path: Path) -> dict[str, str]:
+    """State in `tmp_path`; the arena socket in a short private folder of its own
+    (AF_UNIX paths are limited to 107 bytes)."""
+    tag = hashlib.sha1(str(tmp_path).encode()).hexdigest()[:10]
+    return {
+        "BASEHOLD_STATE_DIR": str(tmp_path / "state"),
+        "BASEHOLD_SOCKET": f"/tmp/bh-e2e-{tag}/basehold.sock",
+    }
 
 
 def start(
@@ -64,13 +79,7 @@ def start(
     server to restart it where clients expect it."""
     port = port or free_port()
     log = tmp_path / f"server-{port}-{time.monotonic_ns()}.log"
-    shm = Path(f"/dev/shm/basehold-e2e-{tmp_path.name}")
-    full_env = {
-        **os.environ,
-        "BASEHOLD_STATE_DIR": str(tmp_path / "state"),
-        "BASEHOLD_SHM_DIR": str(shm),
-        **(env or {}),
-    }
+    full_env = {**os.environ, **server_env(tmp_path), **(env or {})}
     command = [
         *(prefix or [sys.executable, "-m", "service"]),
         "serve",
@@ -84,7 +93,7 @@ def start(
         process = subprocess.Popen(
             command, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True
         )
-    server = Server(process, f"http://127.0.0.1:{port}", log, shm)
+    server = Server(process, f"http://127.0.0.1:{port}", log, Path(full_env["BASEHOLD_SOCKET"]))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:

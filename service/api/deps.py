@@ -49,19 +49,35 @@ def _scopes_of(settings: Settings, key: str) -> set[str] | None:
     return None
 
 
-def require(scope: Scope) -> Any:
-    async def check(
-        settings: SettingsDep,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> None:
-        if not settings.auth_enabled:
-            return
-        if credentials is None:
-            raise Unauthorized("Send `Authorization: Bearer <key>` with a key from the operator.")
-        scopes = _scopes_of(settings, credentials.credentials)
-        if scopes is None:
-            raise Unauthorized("That API key is not valid. Check the key or ask the operator.")
-        if scope not in scopes:
-            raise Forbidden(f"This key lacks the {scope!r} scope needed here. Use a key with it.")
+async def caller_scopes(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> frozenset[str]:
+    """The scopes of the request's key; every scope when no keys are configured."""
+    if not settings.auth_enabled:
+        return frozenset(IMPLIED) | frozenset({"anonymous"})
+    if credentials is None:
+        raise Unauthorized("Send `Authorization: Bearer <key>` with a key from the operator.")
+    scopes = _scopes_of(settings, credentials.credentials)
+    if scopes is None:
+        raise Unauthorized("That API key is not valid. Check the key or ask the operator.")
+    return frozenset(scopes)
+
+
+ScopesDep = Annotated[frozenset[str], Depends(caller_scopes)]
+
+
+def require(*scopes: Scope) -> Any:
+    """The request's key must have one of `scopes`."""
+
+    async def check(granted: ScopesDep) -> None:
+        if not granted.intersection(scopes):
+            needed = " or ".join(repr(s) for s in scopes)
+            raise Forbidden(f"This key lacks the {needed} scope needed here. Use a key with it.")
 
     return Depends(check)
+
+
+def is_admin(scopes: frozenset[str]) -> bool:
+    """An admin *key* (with no keys configured nobody is admin: lease secrets still count)."""
+    return "admin" in scopes and "anonymous" not in scopes

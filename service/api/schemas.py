@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.handles.descriptor import Handle
 from service.handles.leases import Lease
+from service.handles.lending import Grant
 from service.loading.spec import LoadRequest
 from service.registry.record import ModelRecord
 
@@ -147,8 +148,22 @@ class Problem(BaseModel):
 
 
 class LeaseRequest(BaseModel):
-    holder: str = Field(min_length=1, max_length=128, examples=["trainer-7"])
+    model_config = ConfigDict(extra="forbid")
+
+    holder: str = Field(
+        min_length=1,
+        max_length=128,
+        examples=["trainer-7"],
+        description="who holds the lease (printable text, no control characters)",
+    )
     ttl_seconds: int = Field(default=60, ge=1, le=3600, description="renew before it runs out")
+
+    @field_validator("holder")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not value.isprintable():
+            raise ValueError("holder must be printable text without control characters")
+        return value
 
 
 class LeaseOut(BaseModel):
@@ -157,19 +172,30 @@ class LeaseOut(BaseModel):
     holder: str
     ttl_seconds: int
     expires_at: datetime
-    handle: Handle | None = Field(
-        default=None, description="JSON descriptor for service.client (on create only)"
-    )
 
     @classmethod
-    def of(cls, lease: Lease, handle: Handle | None = None) -> LeaseOut:
+    def of(cls, lease: Lease) -> LeaseOut:
         return cls(
             lease_id=lease.id,
             model_id=lease.model_id,
             holder=lease.holder,
             ttl_seconds=lease.ttl_seconds,
             expires_at=lease.expires_at,
-            handle=handle,
+        )
+
+
+class LeaseGrant(LeaseOut):
+    """A new lease: the only answer that carries its secret."""
+
+    secret: str = Field(
+        description="shown once: renew, release and the arena socket need it (X-Lease-Secret)"
+    )
+    handle: Handle = Field(description="JSON descriptor for service.client")
+
+    @classmethod
+    def of_grant(cls, grant: Grant) -> LeaseGrant:
+        return cls(
+            **LeaseOut.of(grant.lease).model_dump(), secret=grant.secret, handle=grant.handle
         )
 
 

@@ -1,20 +1,25 @@
-"""The arena: one immutable file per model that is itself a valid safetensors file.
+"""The arena: one sealed memfd per model whose bytes are a valid safetensors file.
 
-Written once (streamed tensor by tensor, never rewritten or truncated: a reader of a
-truncated shared file dies with SIGBUS), published by rename, then mapped PROT_READ by the
-service and by every worker. Tensors are views of that mapping; `torch.frombuffer` keeps
-the mapping alive for as long as any view exists, so the mapping is never closed by hand.
+Written once (streamed tensor by tensor), then sealed with F_SEAL_WRITE, F_SEAL_SHRINK,
+F_SEAL_GROW and F_SEAL_SEAL: from then on the kernel refuses every write, truncation and
+writable shared mapping to anyone, the service included, also through /proc/<pid>/fd. It
+lives in no filesystem: nothing can swap it, and it is freed when the last fd or mapping
+goes, however its holders die. The service maps it PROT_READ/MAP_SHARED; a worker maps it
+MAP_PRIVATE with write access, so reads share the service's pages and a write (an
+in-place op, `merge_and_unload()`) copies only the page written into the worker.
+Tensors are views of a mapping; `torch.frombuffer` keeps the mapping alive for as long as
+any view exists, so mappings are never closed by hand.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
-import uuid
 import warnings
 from collections.abc import Iterable
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +40,18 @@ DTYPE_CODES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
 }
 TORCH_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+@dataclass(frozen=True)
+class Arena:
+    """A written, sealed arena: the service's fd and where the tensors are."""
+
+    fd: int
+    name: str
+    size: int
+    data_start: int
+    entries: list[ArenaEntry]
 
 
 def _header(entries: list[ArenaEntry]) -> bytes:
@@ -85,36 +102,50 @@ def segment_view(base: torch.Tensor, entry: ArenaEntry) -> torch.Tensor:
     return raw.view(TORCH_DTYPES[entry.dtype]).view(entry.shape)
 
 
-def write_arena(
-    directory: Path, stem: str, tensors: dict[str, torch.Tensor]
-) -> tuple[Path, list[ArenaEntry], int]:
-    """Write and publish an arena; returns (path, entries, data_start)."""
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def write_arena(name: str, tensors: dict[str, torch.Tensor]) -> Arena:
+    """Write the tensors into a new memfd and seal it. The caller owns the returned fd."""
     entries = plan_entries(tensors.items())
     header = _header(entries)
-    final = directory / f"{stem}-{uuid.uuid4().hex[:8]}.safetensors"
-    tmp = final.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    fd = os.memfd_create(f"basehold:{name}", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
     try:
-        with os.fdopen(fd, "wb", buffering=0) as out:
-            out.write(len(header).to_bytes(8, "little"))
-            out.write(header)
-            for entry in entries:
-                flat = tensors[entry.name].detach().contiguous().reshape(-1)
-                if flat.numel():
-                    out.write(flat.view(torch.uint8).numpy().data)
-        os.rename(tmp, final)
+        _write_all(fd, len(header).to_bytes(8, "little"))
+        _write_all(fd, header)
+        for entry in entries:
+            flat = tensors[entry.name].detach().contiguous().reshape(-1)
+            if flat.numel():
+                _write_all(fd, flat.view(torch.uint8).numpy().data)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        size = os.fstat(fd).st_size
     except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return final, entries, 8 + len(header)
-
-
-def map_readonly(path: Path) -> mmap.mmap:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
-    finally:
         os.close(fd)
+        raise
+    return Arena(
+        fd=fd, name=f"basehold:{name}", size=size, data_start=8 + len(header), entries=entries
+    )
+
+
+def is_sealed(fd: int) -> bool:
+    return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS
+
+
+def map_shared(fd: int) -> mmap.mmap:
+    """The service's mapping: read-only, the arena's own pages."""
+    return mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+
+
+def map_copy_on_write(fd: int) -> mmap.mmap:
+    """A worker's mapping: reads share the arena's pages; a write copies that page into
+    this process only (the seal keeps the arena itself unchanged)."""
+    if not is_sealed(fd):
+        raise ValueError("refusing an arena that is not sealed: its bytes could still change")
+    return mmap.mmap(fd, 0, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 def view(mapping: mmap.mmap, entry: ArenaEntry, data_start: int) -> torch.Tensor:
@@ -122,7 +153,7 @@ def view(mapping: mmap.mmap, entry: ArenaEntry, data_start: int) -> torch.Tensor
     if entry.nbytes == 0:
         return torch.empty(entry.shape, dtype=dtype)
     with warnings.catch_warnings():
-        # Read-only on purpose: a write through these views faults instead of corrupting.
+        # The service's mapping is read-only on purpose: a write through it faults.
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         raw = torch.frombuffer(
             mapping, dtype=torch.uint8, count=entry.nbytes, offset=data_start + entry.offset

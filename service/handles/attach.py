@@ -1,26 +1,29 @@
-"""Worker side: turn a handle into an nn.Module whose base weights are the arena's pages.
+"""Worker side: turn a handle into an nn.Module whose base weights are the arena's pages
+(mapped copy-on-write: an in-place write stays this worker's own).
 
 The skeleton is built from the config on the `meta` device (no memory), 4-bit linears are
 swapped for bitsandbytes modules holding the arena's packed weights and QuantState, every
-other parameter and buffer is bound to a read-only view, and nothing may remain on `meta`.
+other parameter and buffer is bound to a view of the mapping, and nothing may remain on
+`meta`.
 """
 
 from __future__ import annotations
 
 import mmap
-from pathlib import Path
+import os
 
 import torch
 import transformers
 from torch import nn
 from transformers import AutoConfig
 
-from service.handles.arena import map_readonly, segment_view, views
+from service.handles.arena import map_copy_on_write, segment_view, views
 from service.handles.descriptor import Handle, Quant4Module
 from service.handles.devices import CUDA, DeviceSegments, SegmentUnavailable
+from service.handles.fdpass import ArenaRefused, receive_arena
 from service.handles.share import disable_cpu_repack
 
-SUPPORTED_VERSION = 2
+SUPPORTED_VERSION = 3
 
 
 class AttachError(RuntimeError):
@@ -145,21 +148,48 @@ def build(handle: Handle, mapping: mmap.mmap, devices: DeviceSegments = CUDA) ->
     return model
 
 
-def attach_handle(handle: Handle | dict[str, object], devices: DeviceSegments = CUDA) -> nn.Module:
-    """Map the arena read-only, open its device segments, and build the model on them."""
+def _validated(handle: Handle | dict[str, object]) -> Handle:
     if not isinstance(handle, Handle):
         handle = Handle.model_validate(handle)
-    if handle.version > SUPPORTED_VERSION:
+    if handle.version != SUPPORTED_VERSION:
         raise AttachError(
-            f"handle version {handle.version} is newer than this client understands "
-            f"({SUPPORTED_VERSION}); upgrade basehold in the worker"
+            f"handle version {handle.version} does not match this client's "
+            f"({SUPPORTED_VERSION}); upgrade basehold in the worker to the service's version"
         )
-    path = Path(handle.arena.path)
-    if not path.exists():
-        raise AttachError(f"arena {path} is not visible here: share /dev/shm with the service")
-    mapping = map_readonly(path)
+    return handle
+
+
+def attach_fd(
+    handle: Handle | dict[str, object], fd: int, devices: DeviceSegments = CUDA
+) -> nn.Module:
+    """Map the arena `fd` copy-on-write, open the device segments, build the model. The
+    caller keeps `fd` (close it once attached: the mapping stays valid)."""
+    handle = _validated(handle)
+    try:
+        mapping = map_copy_on_write(fd)
+    except ValueError as exc:
+        raise AttachError(str(exc)) from exc
     if len(mapping) != handle.arena.size:
         raise AttachError(
-            f"arena {path} has {len(mapping)} bytes, the handle says {handle.arena.size}"
+            f"the arena has {len(mapping)} bytes, the handle says {handle.arena.size}"
         )
     return build(handle, mapping, devices)
+
+
+def attach_handle(
+    handle: Handle | dict[str, object],
+    lease_id: str,
+    secret: str,
+    devices: DeviceSegments = CUDA,
+) -> nn.Module:
+    """Fetch the arena from the service's socket with the lease's id and secret, map it,
+    open its device segments, and build the model on them."""
+    handle = _validated(handle)
+    try:
+        fd = receive_arena(handle.arena.socket, lease_id, secret)
+    except ArenaRefused as exc:
+        raise AttachError(f"the service refused the arena: {exc.detail}") from exc
+    try:
+        return attach_fd(handle, fd, devices)
+    finally:
+        os.close(fd)

@@ -47,7 +47,11 @@ class Quant4Module(BaseModel):
 
 
 class ArenaInfo(BaseModel):
-    path: str
+    """The sealed memfd holding the model's host tensors. A worker gets its fd from the
+    service's Unix socket by presenting its lease id and secret (`service.client` does)."""
+
+    socket: str = Field(description="the service's Unix socket (BASEHOLD_SOCKET)")
+    name: str = Field(description="the memfd's name, as /proc/<pid>/maps shows it")
     size: int
     data_start: int
 
@@ -75,7 +79,7 @@ class DeviceSegment(BaseModel):
 
 
 class Handle(BaseModel):
-    version: int = 2
+    version: int = 3
     model_id: str
     arena: ArenaInfo
     segments: list[DeviceSegment] = Field(

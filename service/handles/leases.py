@@ -1,23 +1,32 @@
 """Leases: who holds a handle to which model, until when. Unrenewed leases expire.
 
-The table writes through to the state database (when given one), so leases survive a
-restart with their ids: a worker that was training renews into the restarted service.
+A lease is a capability: its secret is returned once, at grant, and only its SHA-256 is
+kept (here and in the state database). Renewing, releasing and fetching the arena need the
+secret. The table writes through to the state database (when given one), so leases
+survive a restart with their ids and secrets: a worker renews into the restarted service.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
-from service.errors import LeaseNotFound
+from service.errors import LeaseForbidden, LeaseNotFound
 from service.state.database import LeaseRow, StateDB
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 # A lease is exactly what the state database keeps of it (the secret only as a hash).
@@ -53,8 +62,10 @@ class LeaseTable:
             self._delete(dropped)
         return kept
 
-    def grant(self, model_id: str, holder: str, ttl_seconds: int) -> Lease:
+    def grant(self, model_id: str, holder: str, ttl_seconds: int) -> tuple[Lease, str]:
+        """A new lease and its secret (shown once; only its hash is kept)."""
         now = _now()
+        secret = secrets.token_urlsafe(32)
         lease = Lease(
             id=f"lease-{uuid.uuid4().hex[:16]}",
             model_id=model_id,
@@ -62,11 +73,23 @@ class LeaseTable:
             ttl_seconds=ttl_seconds,
             created_at=now,
             expires_at=now + timedelta(seconds=ttl_seconds),
-            secret_hash=None,
+            secret_hash=_hash(secret),
         )
         with self._lock:
             self._leases[lease.id] = lease
             self._put(lease)
+        return lease, secret
+
+    def check(self, lease_id: str, secret: str | None) -> Lease:
+        """The lease, if `secret` is its secret; else LeaseForbidden (or LeaseNotFound)."""
+        lease = self.get(lease_id)
+        expected = lease.secret_hash or ""
+        if not secret or not hmac.compare_digest(_hash(secret), expected):
+            raise LeaseForbidden(
+                f"Lease {lease_id} needs its secret: send the `secret` returned when the lease "
+                "was granted in the X-Lease-Secret header (service.client does), or use an "
+                "admin key."
+            )
         return lease
 
     def renew(self, lease_id: str) -> Lease:

@@ -1,4 +1,5 @@
-"""Lending held models to training workers: grant, renew, release and expire leases.
+"""Lending held models to training workers: grant, renew, release and expire leases, and
+hand a lease's holder the model's arena.
 
 Leases live here, not in the registry; the registry only asks "is this model leased?"
 (`LeaseTable.count`) and revokes them on a forced unload. Every call may write the state
@@ -8,38 +9,83 @@ database: call these from worker threads, never on the event loop.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
+from service.errors import TooManyLeases
 from service.handles.descriptor import Handle
 from service.handles.leases import Lease, LeaseTable
+from service.handles.placement import ArenaPlacement
 from service.registry.record import ModelRecord
 from service.registry.registry import Registry
 
 log = logging.getLogger("basehold.handles")
 
 
+@dataclass(frozen=True)
+class Grant:
+    lease: Lease
+    secret: str  # shown once, in the grant's answer
+    handle: Handle
+
+
 class Lending:
-    def __init__(self, registry: Registry, table: LeaseTable) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        table: LeaseTable,
+        placement: ArenaPlacement,
+        max_leases_per_model: int,
+    ) -> None:
         self.registry = registry
         self.table = table
+        self.placement = placement
+        self.max_leases_per_model = max_leases_per_model
 
-    def grant(self, model_id: str, holder: str, ttl_seconds: int) -> tuple[Lease, Handle]:
-        """A lease on a ready, shareable model, with the model's handle."""
+    def grant(self, model_id: str, holder: str, ttl_seconds: int) -> Grant:
+        """A lease on a ready, shareable model, with its secret and the model's handle."""
 
-        def take(record: ModelRecord) -> Lease:
+        def take(record: ModelRecord) -> tuple[Lease, str]:
+            held = self.table.count(record.id)
+            if held >= self.max_leases_per_model:
+                raise TooManyLeases(
+                    f"{record.id} already has {held} leases (BASEHOLD_MAX_LEASES_PER_MODEL="
+                    f"{self.max_leases_per_model}). Release leases you no longer use, or "
+                    "ask the operator to raise the limit."
+                )
             return self.table.grant(record.id, holder, ttl_seconds)
 
-        lease, handle = self.registry.lend(model_id, take)
+        (lease, secret), handle = self.registry.lend(model_id, take)
         log.info("lease %s on %s granted to %s for %ss", lease.id, model_id, holder, ttl_seconds)
-        return lease, handle
+        return Grant(lease, secret, handle)
 
-    def renew(self, lease_id: str) -> Lease:
+    def renew(self, lease_id: str, secret: str | None, *, admin: bool = False) -> Lease:
+        if not admin:
+            self.table.check(lease_id, secret)
         return self.table.renew(lease_id)
 
-    def release(self, lease_id: str) -> Lease:
+    def release(self, lease_id: str, secret: str | None, *, admin: bool = False) -> Lease:
+        if not admin:
+            self.table.check(lease_id, secret)
         lease = self.table.release(lease_id)
         self.registry.recount(lease.model_id)
         log.info("lease %s on %s released by %s", lease.id, lease.model_id, lease.holder)
         return lease
+
+    def arena_fd(self, lease_id: str, secret: str, peer: str) -> int:
+        """For the arena socket: a new fd of the leased model's arena, if `secret` is the
+        lease's (the caller sends and closes it)."""
+        lease = self.table.check(lease_id, secret)
+        fd, _ = self.registry.lend(
+            lease.model_id, lambda record: self.placement.dup_fd(record.load_id)
+        )
+        log.info(
+            "arena of %s sent to %s (lease %s, holder %s)",
+            lease.model_id,
+            peer,
+            lease.id,
+            lease.holder,
+        )
+        return fd
 
     def expire(self) -> list[Lease]:
         expired = self.table.expire()

@@ -1,8 +1,9 @@
-"""Placement into the shared arena: the last step of every load when handles are on."""
+"""Placement into a sealed arena: the last step of every load when handles are on."""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from service.errors import ModelNotReady
 from service.handles.devices import CUDA, DeviceSegments
 from service.handles.share import NotShareableModel, Shared, share
 from service.loading.placement import Placed, PrivateMemory
@@ -20,38 +22,27 @@ log = logging.getLogger("basehold.handles")
 
 
 class ArenaPlacement:
-    """One arena file per model under `directory` (in /dev/shm) plus one device segment
-    per GPU the model lives on; models that cannot be shared stay in private memory with
-    the reason recorded.
+    """One sealed memfd arena per model plus one device segment per GPU the model lives on;
+    models that cannot be shared stay in private memory with the reason recorded. Workers
+    get a copy of an arena's fd over `socket` (see `handles.fdpass`).
 
-    Unlinking the file never breaks a worker (the kernel keeps mapped pages), but a freed
-    device segment would be reused under a worker's feet. So after a forced unload the
-    segments are retired, not freed, until the revoked leases' TTL has run out (the client
-    stops a revoked worker's forward passes before that)."""
+    Releasing an arena closes the service's fd; a worker that still maps it keeps working
+    and the pages return once the last mapping goes. But a freed device segment would be
+    reused under a worker's feet, so after a forced unload the segments are retired, not
+    freed, until the revoked leases' TTL has run out (the client stops a revoked worker's
+    forward passes before that)."""
 
-    def __init__(self, directory: Path, devices: DeviceSegments = CUDA, tag: str = "bh") -> None:
-        self.directory = directory
-        self.tag = tag
+    def __init__(self, socket: Path, devices: DeviceSegments = CUDA) -> None:
+        self.socket = socket
         self.devices = devices
         self._held: dict[str, Shared] = {}
         self._retired: list[tuple[datetime, list[torch.Tensor]]] = []
         self._private = PrivateMemory()
         self._lock = threading.Lock()
 
-    def clean_stale(self) -> int:
-        """Remove arenas a previous process of this state directory left (their workers
-        keep their mappings); other services' files in the same folder are not touched."""
-        removed = 0
-        stale = [*self.directory.glob(f"{self.tag}-*.safetensors")]
-        stale += self.directory.glob(f"{self.tag}-*.tmp")
-        for path in stale:
-            path.unlink(missing_ok=True)
-            removed += 1
-        return removed
-
     def place(self, model_id: str, load_id: str, model: nn.Module, files: Sequence[Path]) -> Placed:
         try:
-            shared = share(model, model_id, self.directory, self.devices, f"{self.tag}-{load_id}")
+            shared = share(model, model_id, str(self.socket), self.devices, name=load_id)
         except NotShareableModel as reason:
             private = self._private.place(model_id, load_id, model, files)
             return replace(private, reason=str(reason))
@@ -59,17 +50,26 @@ class ArenaPlacement:
             self._held[load_id] = shared
         return Placed(shareable=True, handle=shared.handle)
 
+    def dup_fd(self, load_id: str) -> int:
+        """A new fd of the arena, for sending to a worker (the caller closes it). Taken
+        under the lock, so a concurrent release can never hand out a recycled fd number."""
+        with self._lock:
+            held = self._held.get(load_id)
+            if held is None:
+                raise ModelNotReady("The model was unloaded; take a new lease once it is held.")
+            return os.dup(held.fd)
+
     def release(self, load_id: str, keep_until: datetime | None = None) -> None:
-        """Unlink the arena. Mappings (ours until the model is freed, workers') stay valid;
-        the pages return once the last one goes. Device segments are freed now, or at
-        `keep_until` when revoked leases may still be reading them."""
+        """Close the arena's fd. Mappings (ours until the model is freed, workers') stay
+        valid; the pages return once the last one goes. Device segments are freed now, or
+        at `keep_until` when revoked leases may still be reading them."""
         with self._lock:
             held = self._held.pop(load_id, None)
             if held is not None and held.segments and keep_until is not None:
                 self._retired.append((keep_until, held.segments))
                 log.info("device segments of %s kept until %s", load_id, keep_until)
         if held is not None:
-            Path(held.handle.arena.path).unlink(missing_ok=True)
+            os.close(held.fd)
 
     def collect(self, now: datetime | None = None) -> int:
         """Free retired device segments whose time is up; returns how many were freed."""

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import mmap
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from service.handles.arena import map_readonly, plan_entries, segment_view, views, write_arena
+from service.handles.arena import Arena, map_shared, plan_entries, segment_view, views, write_arena
 from service.handles.descriptor import (
     ArenaEntry,
     ArenaInfo,
@@ -104,11 +104,17 @@ def _quant4(plan: _Plan, name: str, module: Any) -> Quant4Module:
 
 @dataclass
 class Shared:
-    """A model placed in an arena: the handle, and what keeps the memory alive here."""
+    """A model placed in an arena: the handle, and what keeps the memory alive here (the
+    arena's fd, which workers get copies of, and the service's own mapping)."""
 
     handle: Handle
+    arena: Arena
     mapping: mmap.mmap
     segments: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def fd(self) -> int:
+        return self.arena.fd
 
 
 def _fill_segments(
@@ -174,13 +180,13 @@ def disable_cpu_repack(model: nn.Module) -> None:
 def share(
     model: Any,
     model_id: str,
-    directory: Path,
+    socket: str,
     devices: DeviceSegments = CUDA,
-    stem: str | None = None,
+    name: str | None = None,
 ) -> Shared:
     """Write the arena (host tensors) and device segments (GPU tensors), re-point `model`
-    to them, and describe both for workers. `stem` names the arena file (default: the
-    model id)."""
+    to them, and describe both for workers, who fetch the arena from `socket`. `name`
+    names the memfd (default: the model id). The caller owns `Shared.fd`."""
     _check(model, devices)
     plan = _Plan()
     parameters = {n: plan.entry(n, p) for n, p in model.named_parameters(remove_duplicate=False)}
@@ -190,29 +196,30 @@ def share(
     ]
     claimed = {n: t for n, t in plan.tensors.items() if devices.claims(t.device)}
     host = {n: t for n, t in plan.tensors.items() if n not in claimed}
-    path, entries, data_start = write_arena(directory, stem or model_id, host)
+    arena = write_arena(name or model_id, host)
     try:
         device_entries, described, segments, bound = _fill_segments(claimed, devices)
+        mapping = map_shared(arena.fd)
     except BaseException:
-        path.unlink(missing_ok=True)
+        os.close(arena.fd)
         raise
-    config = model.config.to_dict()
     handle = Handle(
         model_id=model_id,
-        arena=ArenaInfo(path=str(path), size=path.stat().st_size, data_start=data_start),
+        arena=ArenaInfo(
+            socket=socket, name=arena.name, size=arena.size, data_start=arena.data_start
+        ),
         segments=described,
-        entries=[*entries, *device_entries],
+        entries=[*arena.entries, *device_entries],
         parameters=parameters,
         buffers=buffers,
         quant4=quant4,
-        config=config,
+        config=model.config.to_dict(),
         architecture=type(model).__name__,
         dtype=DTYPE_NAMES.get(model.dtype, "float32"),
     )
-    mapping = map_readonly(path)
     del plan, claimed, host
-    _rebind(model, handle, {**views(mapping, entries, data_start), **bound})
+    _rebind(model, handle, {**views(mapping, arena.entries, arena.data_start), **bound})
     disable_cpu_repack(model)
     if segments:
         devices.empty_cache()  # the private copies the segments replaced
-    return Shared(handle=handle, mapping=mapping, segments=segments)
+    return Shared(handle=handle, arena=arena, mapping=mapping, segments=segments)

@@ -21,3 +21,9 @@ def host_memory() -> HostMemory:
         available_bytes=int(vm.available),
         process_rss_bytes=int(psutil.Process().memory_info().rss),
     )
+
+
+def shared_memory_bytes() -> int:
+    """The kernel's Shmem: tmpfs, /dev/shm and memfd pages (where arenas live), system-wide.
+    An arena counts here until its last fd and mapping are gone, in whatever process."""
+    return int(psutil.virtual_memory().shared)

@@ -5,15 +5,8 @@ Called once at start, with the state lock held: nothing else can be using these 
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
-
-
-def instance_tag(state_dir: Path) -> str:
-    """A short name for this state directory. Files a service puts in shared folders
-    (arenas in /dev/shm) start with it, so cleanup never touches another service's."""
-    return "bh" + hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
 
 
 def clean_offload(offload_dir: Path) -> int:

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +84,25 @@ def test_compose_config() -> None:
     services = json.loads(result.stdout)["services"]
     service, worker = services["basehold"], services["worker"]
     assert service["ipc"] == "shareable" and worker["ipc"] == "service:basehold"
-    assert int(service["shm_size"]) >= 1 << 30
+    assert "shm_size" not in service  # arenas are memfds, not /dev/shm files
+    socket_folder = str(Path(dockerfile_env()["BASEHOLD_SOCKET"]).parent)
+    volume = {v["target"]: v["source"] for v in service["volumes"]}[socket_folder]
+    assert {v["target"]: v["source"] for v in worker["volumes"]}[socket_folder] == volume
     for name in ("basehold", "worker"):
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["capabilities"] == ["gpu"]
     assert "/opt/basehold-examples/train_lora.py" in worker["entrypoint"]
     assert (ROOT / "examples" / "train_lora.py").is_file()
+
+
+def dockerfile_env() -> dict[str, str]:
+    text = (ROOT / "Dockerfile").read_text()
+    return dict(re.findall(r"^\s+(BASEHOLD_\w+)=(\S+)", text, re.M))
+
+
+def test_dockerfile_makes_a_private_socket_folder() -> None:
+    folder = str(Path(dockerfile_env()["BASEHOLD_SOCKET"]).parent)
+    assert f"install -d -m 0700 -o 10001 {folder}" in (ROOT / "Dockerfile").read_text()
 
 
 def test_kubernetes_validate_strict() -> None:
@@ -117,7 +131,7 @@ def routes(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
     app = create_app(
         Settings(
             state_dir=tmp / "state",
-            shm_dir=Path("/dev/shm") / tmp.name,
+            socket=Path(tempfile.mkdtemp(prefix="bh-")) / "basehold.sock",
             api_keys={"deploy-check-key": ["admin"]},
         )
     )
@@ -139,17 +153,23 @@ def test_probes_are_real_open_routes(routes: TestClient) -> None:
     assert seen >= 3
 
 
-def test_gpu_limit_and_shm() -> None:
+def test_gpu_limit_socket_folder_and_shm() -> None:
     for where, spec in pod_specs():
         volumes = {v["name"]: v for v in spec["volumes"]}
         service = next(c for c in containers(spec) if c["name"] == "basehold")
         assert service["resources"]["limits"]["nvidia.com/gpu"] == 1, where
+        env = {e["name"]: e.get("value") for e in service["env"]}
+        socket = Path(env["BASEHOLD_SOCKET"])
         for container in containers(spec):
             mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
             if container["name"] in ("basehold", "worker"):
+                # CUDA IPC's bookkeeping needs a shared /dev/shm; the models do not.
                 shm = volumes[mounts["/dev/shm"]]
                 assert shm["emptyDir"]["medium"] == "Memory", where
-                assert shm["emptyDir"]["sizeLimit"], where
+                assert shm["emptyDir"]["sizeLimit"] == "256Mi", where
+                # Every container sees the socket at the path the service's handles name.
+                mount = next(m for m in mounts if socket.is_relative_to(m))
+                assert mounts[mount] == "run" and "emptyDir" in volumes["run"], where
         assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"]), where
 
 

@@ -11,36 +11,64 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from service.handles.arena import write_arena
-from service.handles.attach import attach_handle
+from service.handles.arena import is_sealed, map_copy_on_write, write_arena
+from service.handles.attach import attach_fd
 from service.handles.share import NotShareableModel, share
 from service.memory.footprint import all_tensors
 from service.memory.resident import file_ranges
 from tests.reference import from_pretrained
 
-
-def test_arena_is_valid_safetensors(shm_dir: Path) -> None:
-    shm_dir.mkdir()
-    tensors = {
-        "a": torch.arange(10, dtype=torch.float32),
-        "b": torch.ones(3, dtype=torch.bfloat16),
-        "c": torch.tensor([1, 2], dtype=torch.uint8),
-        "scalar": torch.tensor(3.5),
-    }
-    path, entries, data_start = write_arena(shm_dir, "m", tensors)
-    assert data_start % mmap.PAGESIZE == 0
-    assert os.stat(path).st_mode & 0o777 == 0o600
-    with safe_open(str(path), framework="pt") as handle:
-        for name, tensor in tensors.items():
-            assert torch.equal(handle.get_tensor(name), tensor)
-    assert {e.name for e in entries} == set(tensors)
+TENSORS = {
+    "a": torch.arange(10, dtype=torch.float32),
+    "b": torch.ones(3, dtype=torch.bfloat16),
+    "c": torch.tensor([1, 2], dtype=torch.uint8),
+    "scalar": torch.tensor(3.5),
+}
 
 
-def in_arena(model: torch.nn.Module, arena: str) -> list[str]:
-    ranges = file_ranges([Path(arena)])
+def test_arena_is_a_sealed_memfd_holding_valid_safetensors() -> None:
+    arena = write_arena("m", TENSORS)
+    try:
+        assert arena.data_start % mmap.PAGESIZE == 0
+        assert is_sealed(arena.fd)
+        assert os.readlink(f"/proc/self/fd/{arena.fd}").startswith("/memfd:basehold:m")
+        with safe_open(f"/proc/self/fd/{arena.fd}", framework="pt") as handle:
+            for name, tensor in TENSORS.items():
+                assert torch.equal(handle.get_tensor(name), tensor)
+        assert {e.name for e in arena.entries} == set(TENSORS)
+    finally:
+        os.close(arena.fd)
+
+
+def test_nobody_can_change_a_sealed_arena() -> None:
+    """Not the owner, not through a fresh open of /proc/self/fd, not by mapping it."""
+    arena = write_arena("m", TENSORS)
+    before = os.pread(arena.fd, arena.size, 0)
+    reopened = os.open(f"/proc/self/fd/{arena.fd}", os.O_RDWR)
+    try:
+        for fd in (arena.fd, reopened):
+            with pytest.raises(PermissionError):
+                os.pwrite(fd, b"poison", arena.data_start)
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 0)
+            with pytest.raises(PermissionError):
+                mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        private = map_copy_on_write(arena.fd)
+        private[arena.data_start] = 0xFF  # copy-on-write: this mapping's own page
+        assert private[arena.data_start] == 0xFF
+        assert os.pread(arena.fd, arena.size, 0) == before
+    finally:
+        os.close(reopened)
+        os.close(arena.fd)
+
+
+def in_arena(model: torch.nn.Module, arena_name: str) -> list[str]:
+    ranges = file_ranges([Path(f"/memfd:{arena_name}")])
+    assert ranges, f"{arena_name} is not mapped here"
     return [n for n, t in all_tensors(model) if not any(t.data_ptr() in r for r in ranges)]
 
 
+SOCKET = "/nonexistent/basehold.sock"  # in-process attaches take the fd directly
 QUANT = {
     "fp32": {},
     "bf16": {"dtype": torch.bfloat16},
@@ -61,8 +89,7 @@ QUANT = {
 
 
 @pytest.mark.parametrize("kind", list(QUANT))
-def test_share_then_attach_is_bit_identical(models_root: Path, shm_dir: Path, kind: str) -> None:
-    shm_dir.mkdir()
+def test_share_then_attach_is_bit_identical(models_root: Path, kind: str) -> None:
     kwargs = {"dtype": torch.float32, **QUANT[kind]}
     model = from_pretrained(
         AutoModelForCausalLM, models_root / "llama-tied", device_map="cpu", **kwargs
@@ -70,14 +97,14 @@ def test_share_then_attach_is_bit_identical(models_root: Path, shm_dir: Path, ki
     tokens = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         before = model(tokens).logits
-    handle = share(model, "m", shm_dir).handle
-    arena = handle.arena.path
+    shared = share(model, "m", SOCKET)
+    handle, arena = shared.handle, shared.handle.arena.name
     with torch.no_grad():
         after = model(tokens).logits
     assert torch.equal(before, after)
     assert in_arena(model, arena) == [], "service tensors left the arena after a forward"
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    worker = attach_handle(handle.model_dump(mode="json"))
+    worker = attach_fd(handle.model_dump(mode="json"), shared.fd)
     with torch.no_grad():
         theirs = worker(tokens).logits
     assert torch.equal(before, theirs)
@@ -86,11 +113,25 @@ def test_share_then_attach_is_bit_identical(models_root: Path, shm_dir: Path, ki
     assert not any(p.requires_grad for p in worker.parameters())
 
 
-def test_eight_bit_is_not_shareable(models_root: Path, shm_dir: Path) -> None:
+def test_an_in_place_write_in_a_worker_stays_its_own(models_root: Path) -> None:
+    model = from_pretrained(AutoModelForCausalLM, models_root / "llama", device_map="cpu")
+    shared = share(model, "m", SOCKET)
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        before = model(tokens).logits
+        writer = attach_fd(shared.handle, shared.fd)
+        for parameter in writer.parameters():
+            parameter.add_(1.0)  # what merge_and_unload() and friends do
+        assert not torch.equal(writer(tokens).logits, before)
+        assert torch.equal(model(tokens).logits, before)
+        assert torch.equal(attach_fd(shared.handle, shared.fd)(tokens).logits, before)
+
+
+def test_eight_bit_is_not_shareable(models_root: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         models_root / "llama",
         device_map="cpu",
         quantization_config=BitsAndBytesConfig(load_in_8bit=True),
     )
     with pytest.raises(NotShareableModel, match="8-bit"):
-        share(model, "m", shm_dir)
+        share(model, "m", SOCKET)

@@ -25,7 +25,8 @@ def test_lease_lifecycle(client: TestClient, models_root: Path) -> None:
     assert created.status_code == 201, created.text  # type: ignore[attr-defined]
     body = created.json()  # type: ignore[attr-defined]
     handle = body["handle"]
-    assert handle["arena"]["path"].endswith(".safetensors")
+    assert handle["arena"]["name"].startswith("basehold:") and handle["arena"]["socket"]
+    assert len(body["secret"]) >= 32
     assert handle["architecture"] == "LlamaForCausalLM"
     assert "model.layers.0.self_attn.q_proj.weight" in handle["parameters"]
     assert client.get(f"/v1/models/{status['id']}").json()["leases"] == 1
@@ -34,14 +35,16 @@ def test_lease_lifecycle(client: TestClient, models_root: Path) -> None:
 
     first_expiry = datetime.fromisoformat(body["expires_at"])
     time.sleep(0.05)
-    renewed = client.post(f"/v1/leases/{body['lease_id']}/renew").json()
+    secret = {"X-Lease-Secret": body["secret"]}
+    renewed = client.post(f"/v1/leases/{body['lease_id']}/renew", headers=secret).json()
     assert datetime.fromisoformat(renewed["expires_at"]) > first_expiry
-    assert renewed["handle"] is None
+    assert "handle" not in renewed and "secret" not in renewed
     listed = client.get("/v1/leases").json()["leases"]
     assert [x["lease_id"] for x in listed] == [body["lease_id"]]
+    assert body["secret"] not in client.get("/v1/leases").text
 
-    assert client.delete(f"/v1/leases/{body['lease_id']}").status_code == 204
-    missing = client.delete(f"/v1/leases/{body['lease_id']}")
+    assert client.delete(f"/v1/leases/{body['lease_id']}", headers=secret).status_code == 204
+    missing = client.delete(f"/v1/leases/{body['lease_id']}", headers=secret)
     assert missing.status_code == 404 and missing.json()["code"] == "lease_not_found"
     assert client.get(f"/v1/models/{status['id']}").json()["leases"] == 0
     assert client.delete(f"/v1/models/{status['id']}").status_code == 204
@@ -49,12 +52,15 @@ def test_lease_lifecycle(client: TestClient, models_root: Path) -> None:
 
 def test_unload_refused_while_leased_then_forced(client: TestClient, models_root: Path) -> None:
     status = load(client, source=str(models_root / "gpt2"))
-    lease_id = lease(client, status["id"]).json()["lease_id"]  # type: ignore[attr-defined]
+    body = lease(client, status["id"]).json()  # type: ignore[attr-defined]
     refused = client.delete(f"/v1/models/{status['id']}")
     assert refused.status_code == 409 and refused.json()["code"] == "model_leased"
     assert "force=true" in refused.json()["detail"]
     assert client.delete(f"/v1/models/{status['id']}?force=true").status_code == 204
-    assert client.post(f"/v1/leases/{lease_id}/renew").status_code == 404
+    renew = client.post(
+        f"/v1/leases/{body['lease_id']}/renew", headers={"X-Lease-Secret": body["secret"]}
+    )
+    assert renew.status_code == 404
 
 
 def test_unrenewed_lease_expires(make_client: ClientFactory, models_root: Path) -> None:
@@ -106,3 +112,48 @@ def test_only_worker_keys_get_handles(make_client: ClientFactory, models_root: P
     granted = lease(client, status["id"], headers=bearer("worker-key-123"))
     assert granted.status_code == 201  # type: ignore[attr-defined]
     assert client.get("/v1/leases", headers=bearer("reader-key-123")).status_code == 200
+
+
+def test_renew_and_release_need_the_secret_or_an_admin_key(
+    make_client: ClientFactory, models_root: Path
+) -> None:
+    client = make_client(api_keys={**KEYS, "worker-key-456": ["worker"]})
+    status = load(client, headers=bearer("admin-key-123"), source=str(models_root / "gpt2"))
+    mine = lease(client, status["id"], headers=bearer("worker-key-123")).json()  # type: ignore[attr-defined]
+    url = f"/v1/leases/{mine['lease_id']}"
+    other_worker = bearer("worker-key-456")
+    for secret in (None, "wrong-secret", "x" * 43):
+        headers = {**other_worker, **({"X-Lease-Secret": secret} if secret else {})}
+        for response in (
+            client.post(f"{url}/renew", headers=headers),
+            client.delete(url, headers=headers),
+        ):
+            assert response.status_code == 403, response.text
+            assert response.json()["code"] == "lease_forbidden"
+            assert "X-Lease-Secret" in response.json()["detail"]
+    reader = client.post(f"{url}/renew", headers=bearer("reader-key-123"))
+    assert reader.status_code == 403 and reader.json()["code"] == "forbidden"
+    good = {**other_worker, "X-Lease-Secret": mine["secret"]}
+    assert client.post(f"{url}/renew", headers=good).status_code == 200
+    assert client.post(f"{url}/renew", headers=bearer("admin-key-123")).status_code == 200
+    assert client.delete(url, headers=bearer("admin-key-123")).status_code == 204
+
+
+def test_holder_must_be_printable_and_bounded(client: TestClient, models_root: Path) -> None:
+    status = load(client, source=str(models_root / "gpt2"))
+    url = f"/v1/models/{status['id']}/leases"
+    for holder in ("forged\nINFO lease granted", "tab\there", "bell\x07", "x" * 129, ""):
+        refused = client.post(url, json={"holder": holder, "ttl_seconds": 30})
+        assert refused.status_code == 422, holder
+        assert refused.json()["code"] == "invalid_spec"
+    assert client.post(url, json={"holder": "trainer 7 (ü)", "ttl_seconds": 30}).status_code == 201
+
+
+def test_lease_cap_per_model(make_client: ClientFactory, models_root: Path) -> None:
+    client = make_client(max_leases_per_model=2)
+    status = load(client, source=str(models_root / "gpt2"))
+    assert [lease(client, status["id"]).status_code for _ in range(2)] == [201, 201]  # type: ignore[attr-defined]
+    refused = lease(client, status["id"])
+    assert refused.status_code == 429  # type: ignore[attr-defined]
+    assert refused.json()["code"] == "too_many_leases"  # type: ignore[attr-defined]
+    assert "BASEHOLD_MAX_LEASES_PER_MODEL" in refused.json()["detail"]  # type: ignore[attr-defined]

@@ -4,6 +4,7 @@ except the IPC calls; the real CudaSegments is checked where it needs no GPU."""
 from __future__ import annotations
 
 import gc
+import os
 import weakref
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from service.app import create_app
 from service.client import LeaseLost, guard_forward
-from service.handles.attach import AttachError, attach_handle
+from service.handles.attach import AttachError, attach_fd
 from service.handles.descriptor import Handle
 from service.handles.devices import DEVICE_ALIGN, CudaSegments, SegmentUnavailable
 from service.handles.placement import ArenaPlacement
@@ -30,6 +31,7 @@ from tests.handles.test_arena import QUANT
 from tests.reference import from_pretrained
 
 TOKENS = torch.tensor([[1, 2, 3, 4, 5]])
+SOCKET = "/nonexistent/basehold.sock"  # in-process attaches take the fd directly
 
 
 def outside(model: nn.Module, segment: torch.Tensor) -> list[str]:
@@ -39,10 +41,7 @@ def outside(model: nn.Module, segment: torch.Tensor) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["fp32", "fp4-double-quant"])
-def test_model_moves_into_one_segment_and_attaches(
-    models_root: Path, shm_dir: Path, kind: str
-) -> None:
-    shm_dir.mkdir()
+def test_model_moves_into_one_segment_and_attaches(models_root: Path, kind: str) -> None:
     model = from_pretrained(
         AutoModelForCausalLM,
         models_root / "llama-tied",
@@ -52,12 +51,12 @@ def test_model_moves_into_one_segment_and_attaches(
     with torch.no_grad():
         before = model(TOKENS).logits
     segments = HostSegments()
-    shared = share(model, "m", shm_dir, segments)
+    shared = share(model, "m", SOCKET, segments)
     [segment] = shared.segments
     handle = Handle.model_validate_json(shared.handle.model_dump_json())
     assert [s.name for s in handle.segments] == ["cpu"]
     assert all(e.segment == "cpu" and e.offset % DEVICE_ALIGN == 0 for e in handle.entries)
-    with safe_open(handle.arena.path, framework="pt") as empty:
+    with safe_open(f"/proc/self/fd/{shared.fd}", framework="pt") as empty:
         assert list(empty.keys()) == []  # every tensor went to the segment
     with torch.no_grad():
         assert torch.equal(model(TOKENS).logits, before)
@@ -65,7 +64,7 @@ def test_model_moves_into_one_segment_and_attaches(
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert segments.emptied == 1
 
-    worker = attach_handle(handle, segments)
+    worker = attach_fd(handle, shared.fd, segments)
     with torch.no_grad():
         assert torch.equal(worker(TOKENS).logits, before)
     assert outside(worker, segment) == []
@@ -87,7 +86,7 @@ def share_handle_on(device_uuid: str) -> Handle:
     return Handle.model_validate(
         {
             "model_id": "m",
-            "arena": {"path": "/nonexistent", "size": 0, "data_start": 4096},
+            "arena": {"socket": SOCKET, "name": "m", "size": 0, "data_start": 4096},
             "segments": [published.model_copy(update={"device_uuid": device_uuid})],
             "entries": [],
             "parameters": {},
@@ -99,34 +98,32 @@ def share_handle_on(device_uuid: str) -> Handle:
     )
 
 
-def test_worker_without_that_gpu_gets_a_clear_error(models_root: Path, shm_dir: Path) -> None:
-    shm_dir.mkdir()
+def test_worker_without_that_gpu_gets_a_clear_error(models_root: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
-    handle = share(model, "m", shm_dir, HostSegments()).handle
+    shared = share(model, "m", SOCKET, HostSegments())
     with pytest.raises(AttachError, match="cannot see"):
-        attach_handle(handle, CudaSegments(visible_uuids=list))
+        attach_fd(shared.handle, shared.fd, CudaSegments(visible_uuids=list))
 
 
 def test_newer_handle_is_refused() -> None:
     handle = share_handle_on("GPU-x").model_copy(update={"version": 99})
     with pytest.raises(AttachError, match="upgrade basehold"):
-        attach_handle(handle)
+        attach_fd(handle, -1)
 
 
-def placed(models_root: Path, shm_dir: Path) -> tuple[ArenaPlacement, weakref.ref[torch.Tensor]]:
+def placed(models_root: Path) -> tuple[ArenaPlacement, weakref.ref[torch.Tensor]]:
     """A placement holding model "m" in a segment, and a weak reference to that segment
     (the model itself is dropped: only the placement keeps the segment alive)."""
-    shm_dir.mkdir()
-    placement = ArenaPlacement(shm_dir, HostSegments())
+    placement = ArenaPlacement(Path(SOCKET), HostSegments())
     model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
     placement.place("m", "m", model, [])
     return placement, weakref.ref(placement._held["m"].segments[0])
 
 
 def test_segments_outlive_a_forced_unload_until_the_revoked_lease_expires(
-    models_root: Path, shm_dir: Path
+    models_root: Path,
 ) -> None:
-    placement, alive = placed(models_root, shm_dir)
+    placement, alive = placed(models_root)
     until = datetime.now(timezone.utc) + timedelta(hours=1)
     placement.release("m", keep_until=until)
     gc.collect()
@@ -137,17 +134,17 @@ def test_segments_outlive_a_forced_unload_until_the_revoked_lease_expires(
     assert alive() is None and placement.retired() == 0
 
 
-def test_plain_unload_frees_segments_at_once(models_root: Path, shm_dir: Path) -> None:
-    placement, alive = placed(models_root, shm_dir)
+def test_plain_unload_frees_segments_at_once(models_root: Path) -> None:
+    placement, alive = placed(models_root)
     placement.release("m")
     gc.collect()
     assert alive() is None and placement.retired() == 0
 
 
 def test_forced_unload_keeps_segments_for_the_lease_ttl(
-    models_root: Path, tmp_path: Path, shm_dir: Path
+    models_root: Path, tmp_path: Path, socket_path: Path
 ) -> None:
-    settings = Settings(state_dir=tmp_path / "state", shm_dir=shm_dir, model_roots=[models_root])
+    settings = Settings(state_dir=tmp_path / "state", socket=socket_path, model_roots=[models_root])
     app = create_app(settings, segments=HostSegments())
     with TestClient(app) as client:
         status = load(client, source=str(models_root / "llama"), dtype="float32")
@@ -179,14 +176,14 @@ class FullDevice(HostSegments):
         raise torch.OutOfMemoryError(f"tried to allocate {nbytes} bytes")
 
 
-def test_no_room_for_the_segment_keeps_the_model_private(models_root: Path, shm_dir: Path) -> None:
-    shm_dir.mkdir()
+def test_no_room_for_the_segment_keeps_the_model_private(models_root: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
     with torch.no_grad():
         before = model(TOKENS).logits
-    placed = ArenaPlacement(shm_dir, FullDevice()).place("m", "m", model, [])
+    fds = set(os.listdir("/proc/self/fd"))
+    placed = ArenaPlacement(Path(SOCKET), FullDevice()).place("m", "m", model, [])
     assert placed.shareable is False
     assert placed.reason is not None and "no room for the shareable copy" in placed.reason
-    assert list(shm_dir.iterdir()) == []  # the arena file was taken back
+    assert set(os.listdir("/proc/self/fd")) <= fds  # the arena's memfd was closed
     with torch.no_grad():
         assert torch.equal(model(TOKENS).logits, before)

@@ -4,8 +4,9 @@
 
 Modes: `train` attaches, compares logits with its own from_pretrained of the same spec,
 trains LoRA steps and checks base tensors never left the arena; `hold` attaches, says
-"attached", waits for a line on stdin, then runs a forward pass; `write` attaches and
-writes into a base weight (must die by SIGSEGV). Prints one JSON line of results.
+"attached", waits for a line on stdin, then runs a forward pass (and `steps` LoRA steps);
+`write` attaches and writes into every base weight in place (copy-on-write: only this
+worker sees it). Prints one JSON line of results.
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ from service.client import Client
 from service.memory.footprint import all_tensors
 from service.memory.resident import file_ranges
 from tests.reference import from_pretrained
+
+
+def mapped_arena() -> str:
+    """The memfd arena this process maps, as /proc/self/maps names it."""
+    return next(
+        line.split(maxsplit=5)[5].removesuffix(" (deleted)")
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if "/memfd:basehold:" in line
+    )
 
 
 def outside_arena(model: nn.Module, arena: str) -> list[str]:
@@ -59,30 +69,16 @@ def output(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def train(client: Client, model_id: str, spec: dict[str, Any]) -> dict[str, Any]:
-    from peft import LoraConfig, get_peft_model
-
     tokens = torch.tensor([[1, 5, 9, 42, 7, 3]])
     lease_arena = client.get(model_id)
     with client.attach(model_id, holder="worker-train", ttl_seconds=30) as model:
-        arena = next(
-            line.split()[-1]
-            for line in Path("/proc/self/maps").read_text().splitlines()
-            if line.endswith(".safetensors") and "/dev/shm/" in line
-        )
+        arena = mapped_arena()
         with torch.no_grad():
             ours = output(model, tokens)
             theirs = output(reference(spec), tokens)
         identical = bool(torch.equal(ours, theirs))
         tied = spec.get("tied") and model.lm_head.weight is model.get_input_embeddings().weight
-        peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=spec["targets"]))
-        optimizer = torch.optim.AdamW(
-            [p for p in peft_model.parameters() if p.requires_grad], lr=1e-2
-        )
-        for _ in range(3):
-            loss = output(peft_model, tokens).float().pow(2).mean()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        peft_model = lora_steps(model, spec["targets"], tokens, 3)
         with torch.no_grad():
             adapted = output(peft_model, tokens)
         return {
@@ -96,6 +92,19 @@ def train(client: Client, model_id: str, spec: dict[str, Any]) -> dict[str, Any]
         }
 
 
+def lora_steps(model: nn.Module, targets: list[str], tokens: torch.Tensor, steps: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=targets))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        loss = output(peft_model, tokens).float().pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return peft_model
+
+
 def main() -> None:
     url, model_id, mode, spec_json = sys.argv[1:5]
     spec = json.loads(spec_json)
@@ -106,15 +115,21 @@ def main() -> None:
         with client.attach(model_id, holder="worker-hold", ttl_seconds=spec["ttl"]) as model:
             print("attached", flush=True)
             sys.stdin.readline()
+            tokens = torch.tensor([[1, 2, 3]])
             with torch.no_grad():
-                total = float(output(model, torch.tensor([[1, 2, 3]])).sum())
-            print(json.dumps({"forward_sum": total}), flush=True)
+                total = float(output(model, tokens).sum())
+            if spec.get("steps"):
+                lora_steps(model, ["q_proj", "v_proj"], tokens, spec["steps"])
+        print(json.dumps({"forward_sum": total}), flush=True)
     elif mode == "write":
-        with client.attach(model_id, holder="worker-write", ttl_seconds=30) as model:
-            print("attached", flush=True)
-            with torch.no_grad():
-                next(model.parameters()).add_(1.0)
-            print("wrote", flush=True)
+        tokens = torch.tensor([[1, 2, 3]])
+        attached = client.attach(model_id, holder="worker-write", ttl_seconds=30)
+        with attached as model, torch.no_grad():
+            before = output(model, tokens)
+            for parameter in model.parameters():
+                parameter.add_(1.0)
+            changed = not torch.equal(output(model, tokens), before)
+        print(json.dumps({"changed": changed}), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import psutil
@@ -10,6 +9,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from service.memory.host import shared_memory_bytes
 from tests import checkpoints
 from tests.conftest import ClientFactory, load
 
@@ -27,14 +27,8 @@ def rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def shm_used() -> int:
-    """Bytes used in /dev/shm, where arenas live (also while unlinked but still mapped)."""
-    stat = os.statvfs("/dev/shm")
-    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
-
-
 def used() -> int:
-    return rss() + shm_used()
+    return rss() + shared_memory_bytes()
 
 
 @pytest.mark.slow

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
+from service.errors import ModelNotReady
 from service.handles.placement import ArenaPlacement
 from service.loading.pipeline import LoadContext, discard, load_and_place, prepare
 from service.loading.progress import Progress
@@ -58,17 +61,21 @@ def test_every_load_of_a_name_has_its_own_load_id(client: TestClient, models_roo
 
 
 def test_cleanup_of_a_cancelled_load_never_touches_a_newer_one(
-    models_root: Path, shm_dir: Path, tmp_path: Path
+    models_root: Path, socket_path: Path, tmp_path: Path
 ) -> None:
     """What a cancelled load leaves is discarded by its own load id, so it cannot remove
     the arena or offload folder of a newer load of the same model id."""
-    shm_dir.mkdir()
-    ctx = LoadContext(roots=[models_root], offload_root=tmp_path, placement=ArenaPlacement(shm_dir))
+    placement = ArenaPlacement(socket_path)
+    ctx = LoadContext(roots=[models_root], offload_root=tmp_path, placement=placement)
     spec = LoadRequest(source=str(models_root / "llama"), dtype="float32", device_map="cpu")
     cancelled, newer = new_load_id("m"), new_load_id("m")
+    (tmp_path / newer).mkdir()  # the newer load's offload folder
     loaded = load_and_place("m", newer, prepare(spec, None, ctx), ctx, Progress())
+    assert loaded.placed.shareable
     discard(cancelled, ctx)  # the cancelled load's cleanup, running late
-    handle = loaded.placed.handle
-    assert handle is not None and Path(handle.arena.path).exists()
+    os.close(placement.dup_fd(newer))  # the newer arena is still held
+    assert (tmp_path / newer).is_dir()
     discard(newer, ctx)
-    assert not Path(handle.arena.path).exists()
+    with pytest.raises(ModelNotReady):
+        placement.dup_fd(newer)
+    assert not (tmp_path / newer).exists()

@@ -2,12 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.state.leftovers import clean_offload, instance_tag
-
-
-def test_instance_tag_is_stable_and_per_directory(tmp_path: Path) -> None:
-    assert instance_tag(tmp_path / "a") == instance_tag(tmp_path / "a")
-    assert instance_tag(tmp_path / "a") != instance_tag(tmp_path / "b")
+from service.state.leftovers import clean_offload
 
 
 def test_clean_offload_removes_every_folder(tmp_path: Path) -> None:

@@ -22,11 +22,11 @@ from transformers import AutoModelForCausalLM
 
 from service.client import Client
 from service.state.database import FILENAME
-from service.state.leftovers import instance_tag
 from tests import checkpoints
 from tests.conftest import LLAMA_LAYERS_ON_DISK
+from tests.handles.arenas import arena_fds
 from tests.reference import from_pretrained
-from tests.test_server_e2e import ROOT, Server, start, wait_ready
+from tests.test_server_e2e import ROOT, Server, server_env, start, wait_ready
 
 pytestmark = pytest.mark.e2e
 TOKENS = torch.tensor([[1, 5, 9, 42, 7, 3]])
@@ -90,16 +90,10 @@ def test_ready_models_and_leases_come_back_after_sigkill(tmp_path: Path, models_
         lease = httpx.post(
             f"{server.url}/v1/models/a/leases", json={"holder": "trainer-1", "ttl_seconds": 30}
         ).json()
-        # Leftovers: an arena of this state directory, and another service's.
-        ours = server.shm / f"{instance_tag(tmp_path / 'state')}-a.dead-00000000.safetensors"
-        theirs = server.shm / "bh0123456789-other-00000000.safetensors"
-        ours.write_bytes(b"x")
-        theirs.write_bytes(b"y")
 
         server = restart(server, tmp_path, env)
         log = server.output()
         assert "restoring 2 model(s) (most recently used first: a, b) and 1 lease(s)" in log
-        assert not ours.exists() and theirs.exists()
         for model_id in ("a", "b"):
             status = wait_ready(server.url, model_id)
             assert status["state"] == "ready", status
@@ -107,7 +101,10 @@ def test_ready_models_and_leases_come_back_after_sigkill(tmp_path: Path, models_
             assert status["timings"]["restored_at"] is not None  # type: ignore[index]
         assert httpx.get(f"{server.url}/readyz").json() == {"status": "ready", "restoring": 0}
         assert wait_ready(server.url, "a")["leases"] == 1
-        renewed = httpx.post(f"{server.url}/v1/leases/{lease['lease_id']}/renew")
+        renewed = httpx.post(
+            f"{server.url}/v1/leases/{lease['lease_id']}/renew",
+            headers={"X-Lease-Secret": lease["secret"]},
+        )
         assert renewed.status_code == 200, renewed.text
         assert renewed.json()["holder"] == "trainer-1"
         restored = events(server, {"restore", "state"}, 3)
@@ -124,7 +121,6 @@ def test_ready_models_and_leases_come_back_after_sigkill(tmp_path: Path, models_
         assert db_models(tmp_path) == {"a": "ready", "b": "ready"}
     finally:
         server.stop()
-        theirs.unlink(missing_ok=True)
 
 
 def test_a_worker_keeps_its_lease_through_a_restart(tmp_path: Path, models_root: Path) -> None:
@@ -289,7 +285,7 @@ def test_a_second_instance_on_the_same_state_dir_is_refused(tmp_path: Path) -> N
         second = subprocess.run(
             [sys.executable, "-m", "service", "serve", "--port", "1"],
             cwd=ROOT,
-            env=server_env(tmp_path),
+            env={**os.environ, **server_env(tmp_path)},
             capture_output=True,
             text=True,
             timeout=120,
@@ -299,14 +295,6 @@ def test_a_second_instance_on_the_same_state_dir_is_refused(tmp_path: Path) -> N
         assert httpx.get(f"{server.url}/healthz").status_code == 200
     finally:
         server.stop()
-
-
-def server_env(tmp_path: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "BASEHOLD_STATE_DIR": str(tmp_path / "state"),
-        "BASEHOLD_SHM_DIR": f"/dev/shm/basehold-e2e-{tmp_path.name}",
-    }
 
 
 def test_a_corrupt_database_is_moved_aside(tmp_path: Path, models_root: Path) -> None:
@@ -360,7 +348,6 @@ def test_twenty_random_kill_restart_cycles_leave_registry_db_and_memory_agreeing
     rng = random.Random(20261128)
     env = env_for(models_root)
     server = start(tmp_path, [], env=env)
-    tag = instance_tag(tmp_path / "state")
     held_at_kill = 0
     try:
         for cycle in range(20):
@@ -378,8 +365,7 @@ def test_twenty_random_kill_restart_cycles_leave_registry_db_and_memory_agreeing
             assert db_models(tmp_path) == states, cycle
             memory = httpx.get(f"{server.url}/v1/memory").json()
             assert {m["id"] for m in memory["models"]} == set(states), cycle
-            arenas = list(server.shm.glob(f"{tag}-*.safetensors"))
-            assert len(arenas) == len(states), (cycle, arenas)
+            assert len(arena_fds(server.pid)) == len(states), cycle
             held = sum(m["memory"]["footprint_bytes"] for m in models)
             assert memory["host"]["held_bytes"] == held, cycle
             held_at_kill += bool(states)

@@ -6,47 +6,63 @@ the state database, which never happens on the event loop.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
 
-from service.api.deps import LendingDep, require
-from service.api.schemas import LeaseList, LeaseOut, LeaseRequest, problem_responses
+from fastapi import APIRouter, Header, Response
+
+from service.api.deps import LendingDep, ScopesDep, is_admin, require
+from service.api.schemas import LeaseGrant, LeaseList, LeaseOut, LeaseRequest, problem_responses
 
 router = APIRouter(prefix="/v1", tags=["leases"])
+
+
+LeaseSecret = Annotated[
+    str | None,
+    Header(
+        alias="X-Lease-Secret",
+        max_length=256,
+        description="the secret returned when the lease was granted (not needed with an admin key)",
+    ),
+]
 
 
 @router.post(
     "/models/{model_id}/leases",
     status_code=201,
-    response_model=LeaseOut,
+    response_model=LeaseGrant,
     dependencies=[require("worker")],
-    responses=problem_responses(401, 403, 404, 409, 422),
+    responses=problem_responses(401, 403, 404, 409, 422, 429),
 )
-def create_lease(model_id: str, body: LeaseRequest, lending: LendingDep) -> LeaseOut:
-    """Lease a ready model; the handle maps its weights read-only (see service.client)."""
-    lease, handle = lending.grant(model_id, body.holder, body.ttl_seconds)
-    return LeaseOut.of(lease, handle)
+def create_lease(model_id: str, body: LeaseRequest, lending: LendingDep) -> LeaseGrant:
+    """Lease a ready model. The answer carries the lease's secret (shown once) and the
+    handle that service.client turns into a model on the service's pages."""
+    return LeaseGrant.of_grant(lending.grant(model_id, body.holder, body.ttl_seconds))
 
 
 @router.post(
     "/leases/{lease_id}/renew",
     response_model=LeaseOut,
-    dependencies=[require("worker")],
+    dependencies=[require("worker", "admin")],
     responses=problem_responses(401, 403, 404),
 )
-def renew_lease(lease_id: str, lending: LendingDep) -> LeaseOut:
-    """Push expires_at out by the lease's TTL."""
-    return LeaseOut.of(lending.renew(lease_id))
+def renew_lease(
+    lease_id: str, lending: LendingDep, scopes: ScopesDep, secret: LeaseSecret = None
+) -> LeaseOut:
+    """Push expires_at out by the lease's TTL (needs the lease's secret, or an admin key)."""
+    return LeaseOut.of(lending.renew(lease_id, secret, admin=is_admin(scopes)))
 
 
 @router.delete(
     "/leases/{lease_id}",
     status_code=204,
-    dependencies=[require("worker")],
+    dependencies=[require("worker", "admin")],
     responses=problem_responses(401, 403, 404),
 )
-def release_lease(lease_id: str, lending: LendingDep) -> Response:
-    """Release a lease (the worker is done with the model)."""
-    lending.release(lease_id)
+def release_lease(
+    lease_id: str, lending: LendingDep, scopes: ScopesDep, secret: LeaseSecret = None
+) -> Response:
+    """Release a lease (needs the lease's secret, or an admin key)."""
+    lending.release(lease_id, secret, admin=is_admin(scopes))
     return Response(status_code=204)
 
 
