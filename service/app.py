@@ -16,7 +16,8 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from service import __version__
-from service.api import problems
+from service.api import openapi, problems
+from service.api.guards import RequestGuards
 from service.api.routes import dashboard, health, leases, memory, models, observe
 from service.api.timing import RequestMetrics
 from service.events import EventBus
@@ -185,6 +186,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.ready = False
     problems.install(app)
+    openapi.install(app)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(leases.router)
@@ -192,4 +194,11 @@ def create_app(
     app.include_router(observe.router)
     app.include_router(dashboard.router)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    # Outermost: before routing, auth and body parsing.
+    app.add_middleware(
+        RequestGuards,
+        max_body_bytes=settings.max_body_bytes,
+        check_host=not settings.auth_enabled,
+        allowed_hosts=settings.allowed_hosts,
+    )
     return app

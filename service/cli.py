@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import sys
 
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from service.api.guards import is_loopback
 from service.commands import add_commands, run
+from service.logsafe import configure
 from service.settings import Settings
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -28,10 +23,17 @@ def _serve(args: argparse.Namespace) -> int:
     from service.state.lock import StateDirLocked, StateLock
 
     logging.getLogger().setLevel(args.log_level.upper())
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"basehold: invalid settings: {describe_settings_error(exc)}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # a value that is not even JSON; the message names no value
+        print(f"basehold: invalid settings: {exc}", file=sys.stderr)
+        return 2
     if (
         not settings.auth_enabled
-        and not _is_loopback(args.host)
+        and not is_loopback(args.host)
         and not (settings.allow_unauthenticated_remote)
     ):
         print(
@@ -52,6 +54,15 @@ def _serve(args: argparse.Namespace) -> int:
         _write_demo(settings, args.host, args.port)
     serve(create_app(settings, lock=lock), args.host, args.port, args.log_level)
     return 0
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """Which setting is wrong and why, never its value (BASEHOLD_API_KEYS holds secrets)."""
+    parts = []
+    for error in exc.errors():
+        name = "BASEHOLD_" + str(error["loc"][0]).upper() if error["loc"] else "settings"
+        parts.append(f"{name}: {error['msg']}")
+    return "; ".join(parts)
 
 
 def _write_demo(settings: Settings, host: str, port: int) -> None:
@@ -91,9 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure(logging.INFO)
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         result: int = args.func(args)

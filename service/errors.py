@@ -132,3 +132,9 @@ class TooManyLeases(BaseholdError):
     code = "too_many_leases"
     status = 429
     title = "Too many leases"
+
+
+class FileNotFound(BaseholdError):
+    code = "file_not_found"
+    status = 404
+    title = "File not found"

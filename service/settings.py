@@ -22,7 +22,7 @@ def parse_size(value: str | int) -> int:
         return int(value)
     try:
         return int(convert_file_size_to_int(value))
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         raise ValueError(f"{value!r} is not a size; use e.g. '8GiB' or a number of bytes") from exc
 
 
@@ -40,7 +40,10 @@ def _default_state_dir() -> Path:
 class Settings(BaseSettings):
     """Every knob of the service. See the README's settings table."""
 
-    model_config = SettingsConfigDict(env_prefix="BASEHOLD_", extra="ignore")
+    # hide_input_in_errors: a validation error never prints a value (API keys are secrets).
+    model_config = SettingsConfigDict(
+        env_prefix="BASEHOLD_", extra="ignore", hide_input_in_errors=True
+    )
 
     state_dir: Path = Field(
         default_factory=_default_state_dir,
@@ -100,15 +103,27 @@ class Settings(BaseSettings):
         default=False,
         description="Serve on a non-loopback address with no API keys (not recommended).",
     )
+    max_body_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        le=1 << 30,
+        description="Larger request bodies answer 413 before they are read.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Without API keys, Host names accepted besides loopback ones (DNS "
+        'rebinding guard), e.g. ["basehold.internal"].',
+    )
 
     @field_validator("api_keys")
     @classmethod
     def _keys_not_blank(cls, value: dict[str, list[Scope]]) -> dict[str, list[Scope]]:
-        for key, scopes in value.items():
+        # The messages never quote a key, not even part of one: they end up in logs.
+        for number, (key, scopes) in enumerate(value.items(), start=1):
             if len(key) < 8:
-                raise ValueError("every API key must be at least 8 characters long")
+                raise ValueError(f"API key number {number} is shorter than 8 characters")
             if not scopes:
-                raise ValueError(f"API key ending in ...{key[-4:]} has no scopes")
+                raise ValueError(f"API key number {number} has no scopes")
         return value
 
     @model_validator(mode="after")

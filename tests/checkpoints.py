@@ -92,3 +92,46 @@ def bert_cls(path: Path) -> Path:
         num_labels=3,
     )
     return _save(BertForSequenceClassification(config), path)
+
+
+def llama_with_tokenizer(path: Path, tokenizer_from: Path) -> Path:
+    """A tiny Llama that ships a real tokenizer (copied from `tokenizer_from`, the MiniLM
+    checkpoint) and a generation config of its own: eos [2, 0], sampling settings."""
+    import json
+    import shutil
+
+    vocab = sum(1 for _ in (tokenizer_from / "vocab.txt").open())
+    llama(path, hidden=32, layers=2, vocab=vocab, heads=4)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(tokenizer_from / name, path / name)
+    generation = {
+        "bos_token_id": 1,
+        "eos_token_id": [2, 0],
+        "pad_token_id": 0,
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "max_new_tokens": 17,
+    }
+    (path / "generation_config.json").write_text(json.dumps(generation))
+    return path
+
+
+def hub_cache_repo(cache: Path, repo_id: str, source: Path, commit: str) -> Path:
+    """Lay `source`'s files out as the HF hub cache does (blobs, a snapshot of symlinks,
+    refs/main): what huggingface_hub finds offline."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    blobs = repo / "blobs"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in source.iterdir():
+        if file.is_file():
+            blob = blobs / f"blob-{file.name}"
+            shutil.copy(file, blob)
+            (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

@@ -62,7 +62,8 @@ def make_client(models_root: Path, tmp_path: Path, socket_path: Path) -> Iterato
             "model_roots": [models_root, MINILM.parent],
         }
         values.update(overrides)
-        client = TestClient(create_app(Settings(**values)))
+        # A loopback Host: without API keys the service refuses other names.
+        client = TestClient(create_app(Settings(**values)), base_url="http://localhost")
         client.__enter__()
         clients.append(client)
         return client

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.errors import Forbidden, Unauthorized
@@ -37,6 +37,10 @@ async def get_lending(request: Request) -> Lending:
     return lending
 
 
+# Hub tokens are passed to huggingface_hub and never stored, logged or echoed.
+HubToken = Annotated[
+    str | None, Header(alias="X-HF-Token", max_length=512, description="Hub token; never stored")
+]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 LendingDep = Annotated[Lending, Depends(get_lending)]

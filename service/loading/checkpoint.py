@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.errors import InvalidCheckpoint
+from service.errors import InvalidCheckpoint, SourceNotAllowed
 
 _MAX_HEADER = 100 * 1024 * 1024
 _REDO = "Re-download or re-save the checkpoint."
@@ -63,14 +64,42 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, object]]:
     return header
 
 
+def _inside(real: Path, allowed: Sequence[Path]) -> bool:
+    return any(real == root or root in real.parents for root in allowed)
+
+
+def confine_folder(path: Path, allowed: Sequence[Path]) -> None:
+    """Every file in the checkpoint folder must resolve inside `allowed` (the model roots,
+    or the hub cache for hub snapshots): a symlink that leaves them is refused, whatever
+    it is named, since a load (or a worker asking for the tokenizer) may read it."""
+    for entry in path.iterdir():
+        if not _inside(entry.resolve(), allowed):
+            raise SourceNotAllowed(
+                f"{entry.name} in the checkpoint is a link that leaves the allowed model "
+                "roots. Replace it with the file itself, or add the folder it points to with "
+                "BASEHOLD_MODEL_ROOTS."
+            )
+
+
+def _index_entry(path: Path, name: object) -> Path:
+    relative = Path(str(name))
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise SourceNotAllowed(
+            f"{SAFETENSORS_INDEX} names the shard {str(name)[:200]!r}, outside the checkpoint "
+            "folder. Shards must be files in the folder; fix the index."
+        )
+    return path / relative
+
+
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / SAFETENSORS_INDEX
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (KeyError, json.JSONDecodeError) as exc:
+            names = set(weight_map.values())
+        except (KeyError, TypeError, AttributeError, UnicodeDecodeError, ValueError) as exc:
             raise InvalidCheckpoint(f"{index.name} is not a valid index ({exc}).") from exc
-        files = sorted({path / str(name) for name in weight_map.values()})
+        files = sorted({_index_entry(path, name) for name in names})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise InvalidCheckpoint(
@@ -89,9 +118,15 @@ def require_config(path: Path) -> None:
         )
 
 
-def inspect_checkpoint(path: Path) -> CheckpointInfo:
+def inspect_checkpoint(path: Path, allowed: Sequence[Path]) -> CheckpointInfo:
     require_config(path)
     files = _safetensors_files(path)
+    for file in files:
+        if not _inside(file.resolve(), allowed):
+            raise SourceNotAllowed(
+                f"{file.name} resolves outside the allowed model roots (a symlink?). Put the "
+                "weights themselves in the checkpoint folder."
+            )
     sizes: dict[str, int] = {}
     if files:
         for file in files:

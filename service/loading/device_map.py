@@ -7,13 +7,21 @@ from typing import Any
 from accelerate.utils import convert_file_size_to_int
 
 from service.errors import InvalidSpec
-from service.loading.spec import CUDA_DEVICE, DEVICE_MAP_STRATEGIES, DeviceMap, MemorySize
+from service.loading.spec import (
+    CUDA_DEVICE,
+    CUDA_INDEX,
+    DEVICE_MAP_STRATEGIES,
+    DeviceMap,
+    MemorySize,
+)
 
 _PLACEMENT_STRATEGIES = {"auto", "balanced", "balanced_low_0", "sequential"}
 
 
 def _cuda_index(value: str | int, cuda_count: int, where: str) -> int:
-    if isinstance(value, int) or value.isdigit():
+    if isinstance(value, int):
+        index = value
+    elif CUDA_INDEX.match(value):
         index = int(value)
     else:
         match = CUDA_DEVICE.match(value)
@@ -58,11 +66,14 @@ def normalize_max_memory(
     for key, size in value.items():
         name = key if key in ("cpu", "disk") else str(_cuda_index(key, cuda_count, "max_memory"))
         try:
-            normalized[name] = int(convert_file_size_to_int(size))
-        except ValueError as exc:
+            nbytes = int(convert_file_size_to_int(size))
+        except (ValueError, TypeError, OverflowError) as exc:
             raise InvalidSpec(
                 f"max_memory[{key!r}] = {size!r} is not a size; use e.g. '20GiB' or bytes."
             ) from exc
+        if nbytes < 0:
+            raise InvalidSpec(f"max_memory[{key!r}] = {size!r} is negative; give a size.")
+        normalized[name] = nbytes
     return dict(sorted(normalized.items()))
 
 
@@ -81,7 +92,7 @@ def accelerate_device_map(value: DeviceMap) -> Any:
 def accelerate_max_memory(value: dict[str, MemorySize] | None) -> dict[Any, Any] | None:
     if value is None:
         return None
-    return {int(k) if k.isdigit() else k: v for k, v in value.items()}
+    return {int(k) if CUDA_INDEX.match(k) else k: v for k, v in value.items()}
 
 
 def uses_disk(device_map: DeviceMap) -> bool:

@@ -23,7 +23,12 @@ from service.errors import (
     OutOfMemory,
     RemoteCodeRefused,
 )
-from service.loading.checkpoint import CheckpointInfo, inspect_checkpoint, require_config
+from service.loading.checkpoint import (
+    CheckpointInfo,
+    confine_folder,
+    inspect_checkpoint,
+    require_config,
+)
 from service.loading.placement import Placed, Placement
 from service.loading.progress import Phase, Progress, tracking
 from service.loading.sources import (
@@ -31,6 +36,7 @@ from service.loading.sources import (
     LocalSource,
     fetch_hub,
     fetch_hub_config,
+    hub_cache_dir,
     parse_source,
 )
 from service.loading.spec import LoadRequest, Task
@@ -56,6 +62,8 @@ class Resolved:
     revision: str | None
     config: PretrainedConfig
     task: Task
+    # Where every file the load reads must resolve: the model roots, or the hub cache.
+    allowed: tuple[Path, ...]
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,7 @@ def resolve(
     source = parse_source(spec.source, spec.revision, ctx.roots)
     revision: str | None = None
     if isinstance(source, HubSource):
+        allowed: tuple[Path, ...] = (Path(hub_cache_dir()).resolve(),)
         if progress is not None:
             progress.set_phase(Phase.DOWNLOADING)
         if config_only:
@@ -108,12 +117,14 @@ def resolve(
             path, revision = fetch_hub(source, token, ctx.hub_endpoint)
     else:
         assert isinstance(source, LocalSource)
+        allowed = tuple(ctx.roots)
         path = source.path
         require_config(path)
+    confine_folder(path, allowed)
     config = _load_config(path, spec)
     task = resolve_task(spec.task, config)
     _prepare_config(config, spec, task)
-    return Resolved(path, revision, config, task)
+    return Resolved(path, revision, config, task, allowed)
 
 
 def estimate_only(spec: LoadRequest, token: str | None, ctx: LoadContext) -> Estimate:
@@ -129,7 +140,7 @@ def prepare(
     if progress is not None:
         progress.set_phase(Phase.RESOLVING)
     resolved = resolve(spec, token, ctx, progress=progress)
-    checkpoint = inspect_checkpoint(resolved.path)
+    checkpoint = inspect_checkpoint(resolved.path, resolved.allowed)
     return Prepared(spec, resolved, checkpoint, estimate(spec, resolved.config, resolved.task))
 
 

@@ -47,10 +47,24 @@ class AttnImplementation(str, Enum):
 
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
-CUDA_DEVICE = re.compile(r"^cuda:(\d+)$")
+# ASCII digits only: str.isdigit() and \d also accept other scripts' digits.
+CUDA_DEVICE = re.compile(r"^cuda:([0-9]{1,4})$")
+CUDA_INDEX = re.compile(r"^[0-9]{1,4}$")
 ModelName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
-DeviceMap = str | dict[str, str | int]
-MemorySize = str | int
+# Every list and dict in a request is bounded, and so is every string in them: a request
+# costs at most a few hundred KB of parsing however it is built.
+ModulePath = Annotated[str, StringConstraints(min_length=0, max_length=512)]
+DeviceName = Annotated[str, StringConstraints(max_length=16)]
+DeviceIndex = Annotated[int, Field(ge=0, le=1023)]
+MAX_DEVICE_MAP_ENTRIES = 4096
+DeviceMap = (
+    Annotated[str, StringConstraints(max_length=32)]
+    | Annotated[
+        dict[ModulePath, DeviceName | DeviceIndex], Field(max_length=MAX_DEVICE_MAP_ENTRIES)
+    ]
+)
+MemoryKey = Annotated[str, StringConstraints(max_length=16)]
+MemorySize = Annotated[str, StringConstraints(max_length=32)] | Annotated[int, Field(ge=0)]
 
 
 class Quantization(BaseModel):
@@ -64,8 +78,10 @@ class Quantization(BaseModel):
         default=None, description="4-bit only; default: `dtype`, else bfloat16 on CUDA, float32"
     )
     double_quant: bool | None = Field(default=None, description="4-bit only; default false")
-    skip_modules: list[str] | None = Field(
-        default=None, description="modules kept in full precision, e.g. ['lm_head']"
+    skip_modules: list[ModulePath] | None = Field(
+        default=None,
+        max_length=1024,
+        description="modules kept in full precision, e.g. ['lm_head']",
     )
     int8_threshold: float | None = Field(
         default=None, ge=0, description="8-bit only (LLM.int8 outlier threshold); default 6.0"
@@ -113,8 +129,10 @@ class LoadRequest(BaseModel):
         description="auto | balanced | balanced_low_0 | sequential | cpu | cuda:N | "
         '{"module.path": "cuda:0" | "cpu" | "disk"}',
     )
-    max_memory: dict[str, MemorySize] | None = Field(
-        default=None, description='accelerate syntax, e.g. {"0": "20GiB", "cpu": "64GiB"}'
+    max_memory: dict[MemoryKey, MemorySize] | None = Field(
+        default=None,
+        max_length=64,
+        description='accelerate syntax, e.g. {"0": "20GiB", "cpu": "64GiB"}',
     )
     offload: bool = Field(default=False, description="Allow disk offload (server-managed)")
     num_labels: int | None = Field(default=None, ge=1, le=100_000)

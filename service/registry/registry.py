@@ -21,12 +21,14 @@ from typing import Any, Protocol, TypeVar
 from pydantic import ValidationError
 
 from service.errors import (
+    InvalidSpec,
     ModelLeased,
     ModelNotFound,
     ModelNotReady,
     NameTaken,
     NotShareable,
     RemoteCodeRefused,
+    SourceNotAllowed,
 )
 from service.loading.base import Devices
 from service.loading.pipeline import (
@@ -206,12 +208,16 @@ class Registry:
             record.future = future
 
     def _prepare_local(self, spec: LoadRequest) -> Prepared | None:
-        """Local checkpoints are prepared at submit. One that cannot even be prepared is
-        left to the load, which fails with the precise code."""
+        """Local checkpoints are prepared at submit. A request the server refuses (a file
+        outside the roots, remote code, an impossible spec) is answered at once; a
+        checkpoint that cannot be prepared otherwise is left to the load, which fails with
+        the precise code (and can be retried once the files are fixed)."""
         if not spec.source.startswith("/"):
             return None
         try:
             return prepare(spec, None, self._ctx)
+        except (SourceNotAllowed, RemoteCodeRefused, InvalidSpec):
+            raise
         except Exception:
             return None
 

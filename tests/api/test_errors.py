@@ -85,7 +85,12 @@ def test_config_needing_remote_code(client: TestClient, copy_llama: Path) -> Non
     config = json.loads((copy_llama / "config.json").read_text())
     config.update(model_type="acme-secret", auto_map={"AutoConfig": "acme.AcmeConfig"})
     (copy_llama / "config.json").write_text(json.dumps(config))
-    assert "trust_remote_code" in failed_with(client, "remote_code_refused", source=str(copy_llama))
+    # A local checkpoint is prepared at POST: refused at once, nothing queued.
+    response = client.post("/v1/models", json={"source": str(copy_llama)})
+    assert "trust_remote_code" in str(
+        assert_problem(response, 403, "remote_code_refused")["detail"]
+    )
+    assert client.get("/v1/models").json()["models"] == []
 
 
 def test_trust_remote_code_refused_by_server(client: TestClient, models_root: Path) -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +13,7 @@ from typing import ClassVar
 import pytest
 from fastapi.testclient import TestClient
 
+from tests import checkpoints
 from tests.conftest import ClientFactory, load
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -22,17 +22,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 @pytest.fixture
 def hub_cache(tmp_path: Path, models_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "hf" / "hub"
-    repo = cache / "models--acme--tiny-llama"
-    snapshot = repo / "snapshots" / COMMIT
-    blobs = repo / "blobs"
-    blobs.mkdir(parents=True)
-    snapshot.mkdir(parents=True)
-    for file in (models_root / "llama").iterdir():
-        blob = blobs / f"blob-{file.name}"
-        shutil.copy(file, blob)
-        (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
+    checkpoints.hub_cache_repo(cache, "acme/tiny-llama", models_root / "llama", COMMIT)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache

@@ -146,7 +146,7 @@ def test_forced_unload_keeps_segments_for_the_lease_ttl(
 ) -> None:
     settings = Settings(state_dir=tmp_path / "state", socket=socket_path, model_roots=[models_root])
     app = create_app(settings, segments=HostSegments())
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         status = load(client, source=str(models_root / "llama"), dtype="float32")
         assert status["shareable"] is True
         body = client.post(

@@ -7,7 +7,6 @@ import mmap
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,8 @@ from service.handles.fdpass import ArenaRefused, receive_arena
 from service.memory.host import shared_memory_bytes
 from tests import checkpoints
 from tests.handles.arenas import arena_fds, arena_of, sealed, sha256
-from tests.test_server_e2e import ROOT, Server, start
+from tests.handles.spawn import spawn_worker
+from tests.test_server_e2e import Server, start
 
 pytestmark = pytest.mark.e2e
 
@@ -47,22 +47,7 @@ def load(server: Server, **body: Any) -> dict[str, Any]:
 
 
 def worker(server: Server, model_id: str, mode: str, spec: dict[str, Any]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.handles.worker",
-            server.url,
-            model_id,
-            mode,
-            json.dumps(spec),
-        ],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return spawn_worker(server.url, model_id, mode, spec)
 
 
 CASES = {

@@ -19,7 +19,7 @@ def write(path: Path) -> Path:
 def test_sizes_come_from_the_header(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     write(tmp_path / "model.safetensors")
-    info = inspect_checkpoint(tmp_path)
+    info = inspect_checkpoint(tmp_path, [tmp_path])
     assert info.tensor_bytes == {"a": 40, "b": 24}
     assert info.bytes_total == 64
 
@@ -48,4 +48,4 @@ def test_tiny_file(tmp_path: Path) -> None:
 def test_bin_checkpoints_count_file_bytes(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"x" * 100)
-    assert inspect_checkpoint(tmp_path).bytes_total == 100
+    assert inspect_checkpoint(tmp_path, [tmp_path]).bytes_total == 100

@@ -25,6 +25,7 @@ from service.state.database import FILENAME
 from tests import checkpoints
 from tests.conftest import LLAMA_LAYERS_ON_DISK
 from tests.handles.arenas import arena_fds
+from tests.handles.spawn import spawn_worker
 from tests.reference import from_pretrained
 from tests.test_server_e2e import ROOT, Server, server_env, start, wait_ready
 
@@ -130,14 +131,7 @@ def test_a_worker_keeps_its_lease_through_a_restart(tmp_path: Path, models_root:
     try:
         post(server, source=str(models_root / "llama"), name="a", dtype="float32")
         wait_ready(server.url, "a")
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "tests.handles.worker", server.url, "a", "hold", '{"ttl": 3}'],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        worker = spawn_worker(server.url, "a", "hold", {"ttl": 3})
         assert worker.stdout is not None and worker.stdout.readline().strip() == "attached"
         [lease] = httpx.get(f"{server.url}/v1/leases").json()["leases"]
         server.kill()

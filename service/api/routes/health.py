@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.deps import RegistryDep
 from service.api.problems import problem
+from service.api.schemas import problem_responses
 
 router = APIRouter(tags=["health"])
 
@@ -17,7 +18,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
+@router.get("/readyz", response_model=None, responses=problem_responses(503))
 async def readyz(request: Request, registry: RegistryDep) -> JSONResponse | dict[str, object]:
     """503 until the registry is up and every model restored after a restart has settled
     (ready or failed); the body says how many are still restoring."""

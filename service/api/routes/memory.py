@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Request
 
-from service.api.deps import RegistryDep, require
+from service.api.deps import HubToken, RegistryDep, ScopesDep, require
 from service.api.schemas import EstimateOut, MemoryReport, problem_responses
+from service.errors import Forbidden
 from service.loading.spec import LoadRequest
 from service.memory.report import memory_snapshot
 
@@ -29,15 +29,22 @@ async def memory(request: Request, registry: RegistryDep) -> MemoryReport:
     "/estimate",
     response_model=EstimateOut,
     dependencies=[require("read")],
-    responses=problem_responses(400, 401, 403, 404, 422),
+    responses=problem_responses(400, 401, 403, 404, 413, 422),
 )
 def estimate(
     request: LoadRequest,
     registry: RegistryDep,
-    x_hf_token: Annotated[str | None, Header(description="Hub token; never stored")] = None,
+    scopes: ScopesDep,
+    x_hf_token: HubToken = None,
 ) -> EstimateOut:
     """What a load would take per device, from the config on the meta device; nothing is
-    loaded (hub sources fetch config.json only)."""
+    loaded (hub sources fetch config.json only). With `trust_remote_code` the config's own
+    code runs, so that needs an admin key."""
+    if request.trust_remote_code and "admin" not in scopes:
+        raise Forbidden(
+            "Estimating with trust_remote_code runs the checkpoint's code: that needs an admin "
+            "key. Drop trust_remote_code or ask the operator."
+        )
     result, free = registry.estimate(request, x_hf_token)
     fits = all(n <= free.get(d, 0) for d, n in result.by_device.items() if d != "disk")
     return EstimateOut(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import RegistryDep, require
+from service.api.deps import HubToken, RegistryDep, require
 from service.api.schemas import ModelList, ModelStatus, problem_responses
 from service.loading.spec import LoadRequest
 
@@ -28,7 +28,7 @@ def load_model(
     request: LoadRequest,
     registry: RegistryDep,
     response: Response,
-    x_hf_token: Annotated[str | None, Header(description="Hub token; never stored")] = None,
+    x_hf_token: HubToken = None,
 ) -> ModelStatus:
     """Load a model in the background (202), or return the identical held one (200)."""
     record, created = registry.submit(request, x_hf_token)

@@ -35,16 +35,23 @@ async def metrics(request: Request) -> Response:
     "/v1/events",
     dependencies=[require("read")],
     response_class=EventSourceResponse,
-    responses=problem_responses(401, 403),
+    responses=problem_responses(401, 403, 422),
 )
 async def events(
     request: Request,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            pattern=r"^[0-9]{1,18}$",
+            description="the id of the last event you got (a number)",
+        ),
+    ] = None,
 ) -> EventSourceResponse:
     """Server-Sent Events of model state changes and progress. Reconnect with
     Last-Event-ID to get what you missed (while it is still in the buffer)."""
     bus: EventBus = request.app.state.events
-    start = int(last_event_id) if last_event_id and last_event_id.isdigit() else bus.last_id
+    start = int(last_event_id) if last_event_id is not None else bus.last_id
 
     async def stream() -> AsyncIterator[dict[str, Any]]:
         async for event in bus.stream(start):

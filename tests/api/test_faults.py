@@ -1,0 +1,252 @@
+"""The fault matrix: every way a load or a lease can go wrong, as one parametrized test.
+
+One real server takes every row but the out-of-memory one, which gets a server of its own
+under an address-space limit (so a big load really runs out of memory). Each row must end
+in its named state, leave nothing behind (the server's RSS, the kernel's shared memory,
+open arenas, offload folders) and leave the service serving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+
+from service.memory.host import shared_memory_bytes
+from tests import checkpoints
+from tests.conftest import LLAMA_LAYERS_ON_DISK
+from tests.handles.arenas import arena_fds
+from tests.handles.spawn import spawn_worker
+from tests.test_server_e2e import ROOT, Server, start
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+MiB = 1 << 20
+
+
+@dataclass
+class Bench:
+    server: Server
+    models: Path
+    state: Path
+    tmp: Path
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def copy(self, name: str) -> Path:
+        target = self.models / f"{name}-{time.monotonic_ns()}"
+        shutil.copytree(self.models / "llama", target)
+        return target
+
+    def post(self, **body: Any) -> httpx.Response:
+        return httpx.post(f"{self.url}/v1/models", json=body, timeout=60)
+
+    def settle(self, model_id: str, timeout: float = 300) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            answer = httpx.get(f"{self.url}/v1/models/{model_id}")
+            if answer.status_code == 404:
+                return {"state": "gone"}
+            status: dict[str, Any] = answer.json()
+            if status["state"] in ("ready", "failed"):
+                return status
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+
+
+def failed(bench: Bench, **body: Any) -> str:
+    answer = bench.post(**body)
+    assert answer.status_code == 202, answer.text
+    status = bench.settle(answer.json()["id"])
+    assert status["state"] == "failed" and status["memory"]["footprint_bytes"] == 0, status
+    httpx.delete(f"{bench.url}/v1/models/{status['id']}")
+    return f"failed:{status['error']['code']}"
+
+
+def refused(bench: Bench, **body: Any) -> str:
+    answer = bench.post(**body)
+    assert answer.status_code >= 400, answer.text
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    return f"refused:{answer.status_code}:{answer.json()['code']}"
+
+
+def corrupt_shard(bench: Bench) -> str:
+    folder = bench.copy("corrupt")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b"\xff" * 32
+    weights.write_bytes(bytes(data))
+    return failed(bench, source=str(folder))
+
+
+def truncated_shard(bench: Bench) -> str:
+    folder = bench.copy("truncated")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return failed(bench, source=str(folder))
+
+
+def missing_config(bench: Bench) -> str:
+    folder = bench.copy("noconfig")
+    (folder / "config.json").unlink()
+    return failed(bench, source=str(folder))
+
+
+def missing_shard(bench: Bench) -> str:
+    folder = bench.copy("noshard")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return failed(bench, source=str(folder))
+
+
+def wrong_task(bench: Bench) -> str:
+    return failed(bench, source=str(bench.models / "llama"), task="seq2seq-lm")
+
+
+def remote_code(bench: Bench) -> str:
+    folder = bench.copy("remote")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="acme", auto_map={"AutoConfig": "acme.AcmeConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return refused(bench, source=str(folder))
+
+
+def traversal(bench: Bench) -> str:
+    return refused(bench, source=f"{bench.models}/../../etc")
+
+
+def symlinked_file(bench: Bench) -> str:
+    folder = bench.copy("symlinked")
+    outside = bench.state.parent / "outside.safetensors"
+    (folder / "model.safetensors").rename(outside)
+    (folder / "model.safetensors").symlink_to(outside)
+    return refused(bench, source=str(folder))
+
+
+def admission_refusal(bench: Bench) -> str:
+    """A config that promises ~60 GB (weights on disk are tiny): the estimate refuses it."""
+    folder = bench.models / "huge-config"
+    folder.mkdir(exist_ok=True)
+    config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80)
+    config.save_pretrained(folder)
+    save_file({"lm_head.weight": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
+    return refused(bench, source=str(folder), dtype="float32")
+
+
+def oom_during_load(bench: Bench) -> str:
+    """Under an address-space limit a little above what the server needs idle."""
+    env = {"BASEHOLD_MODEL_ROOTS": json.dumps([str(bench.models)]), "MALLOC_ARENA_MAX": "2"}
+    limited = [sys.executable, str(ROOT / "tests" / "limited_serve.py"), str(200 * MiB)]
+    (bench.tmp / "oom").mkdir(exist_ok=True)
+    server = start(bench.tmp / "oom", [], env=env, prefix=limited)
+    try:
+        own = Bench(server, bench.models, bench.tmp / "oom" / "state", bench.tmp / "oom")
+        rss = psutil.Process(server.pid).memory_info().rss
+        state = failed(own, source=str(bench.models / "big"), dtype="float32")
+        assert psutil.Process(server.pid).memory_info().rss - rss < 40 * MiB
+        small = own.post(source=str(bench.models / "llama"), dtype="float32")
+        assert own.settle(small.json()["id"])["state"] == "ready"  # still serving
+        return state
+    finally:
+        assert server.stop() == 0
+
+
+def worker_sigkill_with_lease(bench: Bench) -> str:
+    answer = bench.post(source=str(bench.models / "llama"), name="leased", dtype="float32")
+    assert bench.settle(answer.json()["id"])["state"] == "ready"
+    worker = spawn_worker(bench.url, "leased", "hold", {"ttl": 1})
+    assert worker.stdout is not None and worker.stdout.readline().strip() == "attached"
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while (status := bench.settle("leased"))["leases"]:
+        assert time.monotonic() < deadline, "the dead worker's lease never expired"
+        time.sleep(0.1)
+    assert httpx.delete(f"{bench.url}/v1/models/leased").status_code == 204
+    return f"{status['state']}:leases={status['leases']}"
+
+
+def cancel_mid_load(bench: Bench) -> str:
+    body = {
+        "source": str(bench.models / "big"),
+        "name": "cancelled",
+        "dtype": "float32",
+        "offload": True,
+        "device_map": LLAMA_LAYERS_ON_DISK,
+    }
+    assert bench.post(**body).status_code == 202
+    deadline = time.monotonic() + 120
+    while (status := httpx.get(f"{bench.url}/v1/models/cancelled").json())["state"] != "loading":
+        assert status["state"] == "queued" and time.monotonic() < deadline, status["error"]
+        time.sleep(0.01)
+    assert httpx.delete(f"{bench.url}/v1/models/cancelled").status_code == 202
+    return str(bench.settle("cancelled")["state"])
+
+
+ROWS: dict[str, tuple[Callable[[Bench], str], str]] = {
+    "corrupt-shard": (corrupt_shard, "failed:invalid_checkpoint"),
+    "truncated-shard": (truncated_shard, "failed:invalid_checkpoint"),
+    "missing-config": (missing_config, "failed:invalid_checkpoint"),
+    "missing-shard-of-index": (missing_shard, "failed:invalid_checkpoint"),
+    "wrong-task": (wrong_task, "failed:wrong_model_type"),
+    "remote-code": (remote_code, "refused:403:remote_code_refused"),
+    "traversal": (traversal, "refused:403:source_not_allowed"),
+    "symlinked-file": (symlinked_file, "refused:403:source_not_allowed"),
+    "admission-refusal": (admission_refusal, "refused:507:insufficient_memory"),
+    "oom-during-load": (oom_during_load, "failed:out_of_memory"),
+    "worker-sigkill-with-lease": (worker_sigkill_with_lease, "ready:leases=0"),
+    "cancel-mid-load": (cancel_mid_load, "gone"),
+}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory, models_root: Path) -> Iterator[Bench]:
+    tmp = tmp_path_factory.mktemp("faults")
+    models = tmp / "models"
+    shutil.copytree(models_root / "llama", models / "llama")
+    checkpoints.llama_100m(models / "big")
+    env = {
+        "BASEHOLD_MODEL_ROOTS": json.dumps([str(models)]),
+        "BASEHOLD_LEASE_REAP_SECONDS": "0.2",
+    }
+    server = start(tmp, [], env=env)
+    bench = Bench(server, models, tmp / "state", tmp)
+    # Warm up the code paths a first load allocates for good.
+    answer = bench.post(source=str(models / "llama"), name="warmup", dtype="float32")
+    assert bench.settle(answer.json()["id"])["state"] == "ready"
+    assert httpx.delete(f"{server.url}/v1/models/warmup").status_code == 204
+    yield bench
+    assert server.stop() == 0
+
+
+def footprint(bench: Bench) -> tuple[int, int, int, list[str]]:
+    rss = psutil.Process(bench.server.pid).memory_info().rss
+    offload = sorted(p.name for p in (bench.state / "offload").iterdir())
+    return rss, shared_memory_bytes(), len(arena_fds(bench.server.pid)), offload
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_fault_matrix(bench: Bench, row: str) -> None:
+    action, expected = ROWS[row]
+    rss, shmem, arenas, offload = footprint(bench)
+    assert action(bench) == expected
+    rss_after, shmem_after, arenas_after, offload_after = footprint(bench)
+    assert rss_after - rss < 40 * MiB, f"RSS grew {(rss_after - rss) / MiB:.0f} MiB"
+    assert shmem_after - shmem < 8 * MiB, f"Shmem grew {(shmem_after - shmem) / MiB:.0f} MiB"
+    assert (arenas_after, offload_after) == (arenas, offload)
+    assert httpx.get(f"{bench.url}/healthz").status_code == 200
+    assert httpx.get(f"{bench.url}/v1/models").json()["models"] == []
+    assert "Traceback" not in bench.server.output()
