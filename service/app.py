@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from service import __version__
 from service.api import openapi, problems
 from service.api.guards import RequestGuards
-from service.api.routes import dashboard, health, leases, memory, models, observe
+from service.api.routes import dashboard, files, health, leases, memory, models, observe
 from service.api.timing import RequestMetrics
 from service.events import EventBus
 from service.handles.devices import CUDA, DeviceSegments
@@ -190,6 +190,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(leases.router)
+    app.include_router(files.router)
     app.include_router(memory.router)
     app.include_router(observe.router)
     app.include_router(dashboard.router)

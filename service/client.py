@@ -2,29 +2,37 @@
 
     from service.client import Client
     client = Client("http://127.0.0.1:8000", token=None)
-    with client.attach("llama-tiny", holder="trainer-1", ttl_seconds=30) as model:
-        ...  # base weights are the service's pages, read-only
+    tokenizer = client.tokenizer("llama-q4")           # over HTTP, no shared filesystem
+    with client.attach("llama-q4") as model:           # waits for ready; holder: host-pid
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, ...,
+                             callbacks=[client.lease_callback(model)])
+        trainer.train()
 
 While attached, a background thread renews the lease at a third of its TTL; leaving the
-block releases it. Only httpx, torch, transformers (and bitsandbytes for 4-bit models) are
-imported here: a worker never needs the server's dependencies.
+block releases it. `model.basehold_lease` tells the lease's state. Only httpx, torch,
+transformers (and bitsandbytes for 4-bit models) are imported here: a worker never needs
+the server's dependencies.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import os
+import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 from torch import nn
-from torch.utils.hooks import RemovableHandle
+
+from service.handles.lease_state import LeaseLost, LeaseState, OnLost, Renewer, guard_forward
 
 log = logging.getLogger("basehold.client")
-__all__ = ["BaseholdError", "Client", "LeaseLost"]
+__all__ = ["BaseholdError", "Client", "LeaseLost", "LeaseState", "default_holder"]
 
 
 class BaseholdError(RuntimeError):
@@ -37,53 +45,13 @@ class BaseholdError(RuntimeError):
         self.detail = detail
 
 
-class LeaseLost(RuntimeError):
-    """A forward pass on a GPU-attached model whose lease is gone: the service may already
-    have given that device memory to something else. Attach again."""
-
-
-def guard_forward(model: nn.Module, lost: Callable[[], str | None]) -> RemovableHandle:
-    """Refuse forward passes once `lost()` names a reason (CPU arenas need no guard: the
-    kernel keeps mapped pages; GPU segments are freed by the service after the lease)."""
-
-    def check(module: nn.Module, args: object) -> None:
-        reason = lost()
-        if reason is not None:
-            raise LeaseLost(reason)
-
-    return model.register_forward_pre_hook(check)
-
-
 def _secret_header(secret: str | None) -> dict[str, str] | None:
     return {"X-Lease-Secret": secret} if secret else None
 
 
-class _Renewer(threading.Thread):
-    def __init__(self, client: Client, lease_id: str, secret: str, ttl_seconds: int) -> None:
-        super().__init__(name=f"renew-{lease_id}", daemon=True)
-        self._client = client
-        self._lease_id = lease_id
-        self._secret = secret
-        self._every = max(ttl_seconds / 3, 0.2)
-        self._stop_event = threading.Event()
-        self.lost: BaseholdError | None = None
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self._every):
-            try:
-                self._client.renew(self._lease_id, self._secret)
-            except BaseholdError as exc:
-                # Revoked (forced unload) or expired: the mapped pages stay valid here, but
-                # the service no longer promises to hold the model.
-                self.lost = exc
-                log.warning("lease %s lost: %s", self._lease_id, exc.detail)
-                return
-            except httpx.TransportError as exc:
-                log.warning("lease %s: renewal failed, retrying: %s", self._lease_id, exc)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(timeout=5)
+def default_holder() -> str:
+    """`hostname-pid`: who holds a lease when the caller does not say."""
+    return f"{socket.gethostname()}-{os.getpid()}"[:128]
 
 
 class Client:
@@ -201,33 +169,94 @@ class Client:
         self._call("DELETE", f"/v1/leases/{lease_id}", headers=_secret_header(secret))
 
     @contextmanager
-    def attach(self, model_id: str, holder: str, ttl_seconds: int = 60) -> Iterator[nn.Module]:
-        """Lease `model_id` and yield an nn.Module on the service's read-only pages."""
+    def attach(
+        self,
+        model_id: str,
+        holder: str | None = None,
+        ttl_seconds: int = 60,
+        *,
+        on_lost: OnLost = "warn",
+        wait: float = 600.0,
+    ) -> Iterator[nn.Module]:
+        """Wait until `model_id` is ready (up to `wait` seconds), lease it and yield an
+        nn.Module on the service's sealed pages. `holder` defaults to `hostname-pid`.
+
+        `model.basehold_lease` is the lease's state. If the lease is lost (revoked by a
+        forced unload, expired), `on_lost="warn"` warns and lets training go on (on the
+        CPU the mapped pages stay valid), `on_lost="raise"` makes the next forward raise
+        `LeaseLost`. On a GPU a lost lease always raises."""
         from service.handles.attach import attach_handle
 
-        lease = self.lease(model_id, holder, ttl_seconds)
-        lease_id, secret = lease["lease_id"], lease["secret"]
-        renewer = _Renewer(self, lease_id, secret, ttl_seconds)
-        done = threading.Event()
+        self.wait(model_id, timeout=wait)
+        grant = self.lease(model_id, holder or default_holder(), ttl_seconds)
+        lease_id, secret = grant["lease_id"], grant["secret"]
+        lease = LeaseState(
+            lease_id=lease_id,
+            model_id=model_id,
+            holder=grant["holder"],
+            ttl_seconds=ttl_seconds,
+            expires_at=datetime.fromisoformat(grant["expires_at"]),
+        )
 
-        def lost() -> str | None:
-            if renewer.lost is not None:
-                return f"lease {lease_id} on {model_id} was lost: {renewer.lost.detail}"
-            if done.is_set():
-                return f"the attach block for {model_id} has ended; its lease is released"
-            return None
+        def renew() -> datetime:
+            return datetime.fromisoformat(self.renew(lease_id, secret)["expires_at"])
 
+        renewer = Renewer(lease, renew, BaseholdError, httpx.TransportError, on_lost)
         renewer.start()
         try:
-            model = attach_handle(lease["handle"], lease_id, secret)
-            if lease["handle"].get("segments"):
-                guard_forward(model, lost)
+            model = attach_handle(grant["handle"], lease_id, secret)
+            model.basehold_lease = lease  # type: ignore[assignment]
+            if grant["handle"].get("segments") or on_lost == "raise":
+                guard_forward(model, lease.why_not_usable)
             yield model
         finally:
-            done.set()
             renewer.stop()
-            if renewer.lost is None:
+            if not lease.lost:
+                lease.state = "released"
                 self._release_quietly(lease_id, secret, ttl_seconds)
+
+    def lease_callback(self, model: nn.Module) -> Any:
+        """A `transformers.TrainerCallback` for a model from `attach`: saves a checkpoint
+        and stops training when the lease is lost, and names the base model (hub id and
+        revision) in the PEFT config the adapter is saved with."""
+        from service.handles.callback import LeaseCallback
+
+        lease: LeaseState = getattr(model, "basehold_lease")  # noqa: B009 - set by attach
+        provenance = getattr(model, "basehold_provenance", {}) or {}
+        name = str(getattr(model, "name_or_path", "") or lease.model_id)
+        return LeaseCallback(lease, name, provenance.get("revision"))
+
+    # -- checkpoint files ------------------------------------------------------------------
+    def files(self, model_id: str) -> Path:
+        """The checkpoint's tokenizer, generation and model config files, fetched over HTTP
+        into a private cache (`$BASEHOLD_CACHE`, default ~/.cache/basehold); returns the
+        folder holding them."""
+        from service.handles.files_cache import fetch_files
+
+        listing = self._call("GET", f"/v1/models/{model_id}/files")
+
+        def download(name: str) -> bytes:
+            response = self._http.get(f"/v1/models/{model_id}/files/{name}")
+            if response.status_code >= 400:
+                self._call("GET", f"/v1/models/{model_id}/files/{name}")  # raises the problem
+            return bytes(response.content)
+
+        return fetch_files(listing, download)
+
+    def tokenizer(self, model_id: str) -> Any:
+        """The checkpoint's tokenizer (`AutoTokenizer` over the fetched files)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.files(model_id)))
+
+    def generation_config(self, model_id: str) -> Any:
+        """The checkpoint's `generation_config.json` (or one derived from its config)."""
+        from transformers import AutoConfig, GenerationConfig
+
+        folder = self.files(model_id)
+        if (folder / "generation_config.json").is_file():
+            return GenerationConfig.from_pretrained(str(folder))
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(folder)))
 
     def _release_quietly(self, lease_id: str, secret: str, ttl_seconds: int) -> None:
         """Leaving an attach block never raises for the release: a lease that is already

@@ -102,8 +102,12 @@ def llama_with_tokenizer(path: Path, tokenizer_from: Path) -> Path:
 
     vocab = sum(1 for _ in (tokenizer_from / "vocab.txt").open())
     llama(path, hidden=32, layers=2, vocab=vocab, heads=4)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+    for name in ("tokenizer.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copy(tokenizer_from / name, path / name)
+    # A causal LM's tokenizer names its sequence ends (TRL appends eos to every example).
+    tokenizer_config = json.loads((tokenizer_from / "tokenizer_config.json").read_text())
+    tokenizer_config.update(bos_token="[CLS]", eos_token="[SEP]")
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     generation = {
         "bos_token_id": 1,
         "eos_token_id": [2, 0],

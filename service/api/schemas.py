@@ -216,3 +216,15 @@ class EstimateOut(BaseModel):
     free_bytes: dict[str, int] = Field(
         description="free per device after headroom and what queued/loading models will take"
     )
+
+
+class FileOut(BaseModel):
+    name: str = Field(examples=["tokenizer.json"])
+    size: int
+    sha256: str
+
+
+class FileList(BaseModel):
+    model_id: str
+    revision: str | None = Field(default=None, description="hub commit, null for local")
+    files: list[FileOut]

@@ -17,6 +17,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig
 
+from service.handles import hf_meta
 from service.handles.arena import map_copy_on_write, segment_view, views
 from service.handles.descriptor import Handle, Quant4Module
 from service.handles.devices import CUDA, DeviceSegments, SegmentUnavailable
@@ -143,6 +144,8 @@ def build(handle: Handle, mapping: mmap.mmap, devices: DeviceSegments = CUDA) ->
     if left:
         raise AttachError(f"the handle does not cover {len(left)} tensors, e.g. {left[:3]}")
     disable_cpu_repack(model)
+    hf_meta.apply(model, handle)
+    model.basehold_provenance = handle.provenance.model_dump()  # type: ignore[assignment]
     model.eval()
     model.requires_grad_(False)
     return model

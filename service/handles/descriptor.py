@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from service.loading.sources import Provenance
+
 
 class ArenaEntry(BaseModel):
     name: str
@@ -92,3 +94,7 @@ class Handle(BaseModel):
     config: dict[str, Any]
     architecture: str = Field(description="transformers model class, e.g. LlamaForCausalLM")
     dtype: str
+    provenance: Provenance
+    generation_config: dict[str, Any] | None = Field(
+        default=None, description="the checkpoint's generation config (models that generate)"
+    )

@@ -17,6 +17,7 @@ from service.errors import ModelNotReady
 from service.handles.devices import CUDA, DeviceSegments
 from service.handles.share import NotShareableModel, Shared, share
 from service.loading.placement import Placed, PrivateMemory
+from service.loading.sources import Provenance
 
 log = logging.getLogger("basehold.handles")
 
@@ -40,11 +41,18 @@ class ArenaPlacement:
         self._private = PrivateMemory()
         self._lock = threading.Lock()
 
-    def place(self, model_id: str, load_id: str, model: nn.Module, files: Sequence[Path]) -> Placed:
+    def place(
+        self,
+        model_id: str,
+        load_id: str,
+        model: nn.Module,
+        files: Sequence[Path],
+        provenance: Provenance,
+    ) -> Placed:
         try:
-            shared = share(model, model_id, str(self.socket), self.devices, name=load_id)
+            shared = share(model, model_id, str(self.socket), self.devices, load_id, provenance)
         except NotShareableModel as reason:
-            private = self._private.place(model_id, load_id, model, files)
+            private = self._private.place(model_id, load_id, model, files, provenance)
             return replace(private, reason=str(reason))
         with self._lock:
             self._held[load_id] = shared

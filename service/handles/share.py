@@ -20,6 +20,7 @@ from service.handles.descriptor import (
     Quant4State,
 )
 from service.handles.devices import CUDA, DEVICE_ALIGN, DeviceSegments
+from service.loading.sources import Provenance
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -177,12 +178,28 @@ def disable_cpu_repack(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
 
 
+def _public_config(model: Any) -> dict[str, Any]:
+    """The config for workers, without the server-local path it was loaded from."""
+    config: dict[str, Any] = model.config.to_dict()
+    config.pop("_name_or_path", None)
+    return config
+
+
+def _generation_config(model: Any) -> dict[str, Any] | None:
+    generation = getattr(model, "generation_config", None)
+    if generation is None or not getattr(model, "can_generate", lambda: False)():
+        return None
+    described: dict[str, Any] = generation.to_dict()
+    return described
+
+
 def share(
     model: Any,
     model_id: str,
     socket: str,
     devices: DeviceSegments = CUDA,
     name: str | None = None,
+    provenance: Provenance | None = None,
 ) -> Shared:
     """Write the arena (host tensors) and device segments (GPU tensors), re-point `model`
     to them, and describe both for workers, who fetch the arena from `socket`. `name`
@@ -213,9 +230,11 @@ def share(
         parameters=parameters,
         buffers=buffers,
         quant4=quant4,
-        config=model.config.to_dict(),
+        config=_public_config(model),
         architecture=type(model).__name__,
         dtype=DTYPE_NAMES.get(model.dtype, "float32"),
+        provenance=provenance or Provenance(source=model_id),
+        generation_config=_generation_config(model),
     )
     del plan, claimed, host
     _rebind(model, handle, {**views(mapping, arena.entries, arena.data_start), **bound})

@@ -38,6 +38,7 @@ from service.loading.sources import (
     fetch_hub_config,
     hub_cache_dir,
     parse_source,
+    provenance_of,
 )
 from service.loading.spec import LoadRequest, Task
 from service.loading.strategies import get_loader
@@ -90,6 +91,8 @@ class LoadedModel:
     by_device: dict[str, int]
     device_map: dict[str, str]
     placed: Placed
+    checkpoint: Path  # the resolved folder (tokenizer and config files are served from it)
+    allowed: tuple[Path, ...]  # where its files must resolve
 
     def drop_model(self) -> None:
         """Let go of the module (unload); the facts stay for accounting until gone."""
@@ -206,7 +209,9 @@ def load_and_place(
         with tracking(progress, prepared.checkpoint.tensor_bytes):
             model = loader.load(spec, resolved.path, resolved.task, resolved.config, offload)
         progress.set_phase(Phase.SHARING)
-        placed = ctx.placement.place(model_id, load_id, model, prepared.checkpoint.weight_files)
+        provenance = provenance_of(spec.source, resolved.revision)
+        files = prepared.checkpoint.weight_files
+        placed = ctx.placement.place(model_id, load_id, model, files, provenance)
         progress.check_cancelled()
     except BaseException:
         discard(load_id, ctx)
@@ -221,6 +226,8 @@ def load_and_place(
         by_device=bytes_by_device(model),
         device_map=device_map_of(model),
         placed=placed,
+        checkpoint=resolved.path,
+        allowed=resolved.allowed,
     )
 
 

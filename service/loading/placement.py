@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from service.loading.sources import Provenance
 from service.memory.resident import copy_out_of_files
 
 
@@ -29,7 +30,12 @@ class Placement(Protocol):
     """Placements are keyed by `load_id` (unique per load), never by the model id alone."""
 
     def place(
-        self, model_id: str, load_id: str, model: nn.Module, files: Sequence[Path]
+        self,
+        model_id: str,
+        load_id: str,
+        model: nn.Module,
+        files: Sequence[Path],
+        provenance: Provenance,
     ) -> Placed: ...
 
     def release(self, load_id: str, keep_until: datetime | None = None) -> None: ...
@@ -41,7 +47,14 @@ class PrivateMemory:
     """Keep tensors where transformers put them, but resident: tensors still mapped from the
     checkpoint files are copied out. Such models cannot be leased to workers."""
 
-    def place(self, model_id: str, load_id: str, model: nn.Module, files: Sequence[Path]) -> Placed:
+    def place(
+        self,
+        model_id: str,
+        load_id: str,
+        model: nn.Module,
+        files: Sequence[Path],
+        provenance: Provenance,
+    ) -> Placed:
         copy_out_of_files(model, files)
         return Placed(shareable=False, reason="this server keeps models in private memory")
 

@@ -12,6 +12,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.utils._validators import validate_repo_id
+from pydantic import BaseModel, Field
 
 from service.errors import (
     GatedOrUnauthorized,
@@ -48,6 +49,21 @@ class HubSource:
 
 
 Source = LocalSource | HubSource
+
+
+class Provenance(BaseModel):
+    """What a saved adapter should name as its base: the hub id and commit for hub loads,
+    never a server-local path."""
+
+    source: str = Field(description="the load request's source (hub id or local path)")
+    hub_id: str | None = Field(default=None, examples=["meta-llama/Llama-3.2-1B"])
+    revision: str | None = Field(default=None, description="the hub commit sha")
+
+
+def provenance_of(source: str, revision: str | None) -> Provenance:
+    """Hub sources name their repo and commit; local ones name nothing of the server's."""
+    hub = not source.startswith("/")
+    return Provenance(source=source, hub_id=source if hub else None, revision=revision)
 
 
 def parse_source(source: str, revision: str | None, roots: list[Path]) -> Source:

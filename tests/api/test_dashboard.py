@@ -28,13 +28,14 @@ ARGS = [
     "--disable-sync",
 ]
 ADMIN = "dash-admin-key-1"
+WORKER = "dash-worker-key-1"
 
 
 @pytest.fixture
 def secured(tmp_path: Path, models_root: Path) -> Iterator[Server]:
     env = {
         "BASEHOLD_MODEL_ROOTS": json.dumps([str(models_root)]),
-        "BASEHOLD_API_KEYS": json.dumps({ADMIN: ["admin"]}),
+        "BASEHOLD_API_KEYS": json.dumps({ADMIN: ["admin"], WORKER: ["worker"]}),
     }
     running = start(tmp_path, [], env=env)
     yield running
@@ -72,7 +73,28 @@ def test_dashboard_shows_model_and_unloads(
         expect(row.locator(".footprint")).to_have_text(f"{mib:.0f} KiB")
         expect(row).to_contain_text("4-bit nf4 + dq")
         expect(page.locator('.device[data-device="host"]')).to_be_visible()
+        lease = httpx.post(
+            f"{secured.url}/v1/models/dash/leases",
+            headers={"Authorization": f"Bearer {WORKER}"},
+            json={"holder": "trainer-on-the-dashboard", "ttl_seconds": 600},
+        ).json()
+        leased = page.locator(f'tr[data-lease="{lease["lease_id"]}"]')
+        expect(leased.locator(".holder")).to_have_text("trainer-on-the-dashboard")
+        expect(leased).to_contain_text("dash")
+        expect(leased.locator(".expiry")).to_contain_text(" s")
+        # The memory chart keeps a point per poll: after a few seconds the host line has
+        # several.
+        chart = page.locator('.chart[data-chart="host"] polyline.line-used')
+        page.wait_for_function(
+            """() => {
+              const line = document.querySelector('.chart[data-chart="host"] .line-used');
+              return line && line.getAttribute("points").split(" ").length >= 3;
+            }""",
+            timeout=30_000,
+        )
+        expect(chart).to_have_count(1)
         page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+        page.once("dialog", lambda dialog: dialog.accept())  # "revoke its leases?"
         row.locator("button").click()
         expect(page.locator('tr[data-model="dash"]')).to_have_count(0, timeout=30_000)
         browser.close()

@@ -23,6 +23,7 @@ from service.handles.descriptor import Handle
 from service.handles.devices import DEVICE_ALIGN, CudaSegments, SegmentUnavailable
 from service.handles.placement import ArenaPlacement
 from service.handles.share import share
+from service.loading.sources import Provenance
 from service.memory.footprint import all_tensors
 from service.settings import Settings
 from tests.conftest import load
@@ -94,6 +95,7 @@ def share_handle_on(device_uuid: str) -> Handle:
             "config": {},
             "architecture": "LlamaForCausalLM",
             "dtype": "float32",
+            "provenance": {"source": "m"},
         }
     )
 
@@ -116,7 +118,7 @@ def placed(models_root: Path) -> tuple[ArenaPlacement, weakref.ref[torch.Tensor]
     (the model itself is dropped: only the placement keeps the segment alive)."""
     placement = ArenaPlacement(Path(SOCKET), HostSegments())
     model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
-    placement.place("m", "m", model, [])
+    placement.place("m", "m", model, [], Provenance(source="m"))
     return placement, weakref.ref(placement._held["m"].segments[0])
 
 
@@ -181,7 +183,9 @@ def test_no_room_for_the_segment_keeps_the_model_private(models_root: Path) -> N
     with torch.no_grad():
         before = model(TOKENS).logits
     fds = set(os.listdir("/proc/self/fd"))
-    placed = ArenaPlacement(Path(SOCKET), FullDevice()).place("m", "m", model, [])
+    placed = ArenaPlacement(Path(SOCKET), FullDevice()).place(
+        "m", "m", model, [], Provenance(source="m")
+    )
     assert placed.shareable is False
     assert placed.reason is not None and "no room for the shareable copy" in placed.reason
     assert set(os.listdir("/proc/self/fd")) <= fds  # the arena's memfd was closed

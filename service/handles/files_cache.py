@@ -1,0 +1,51 @@
+"""Worker side: the checkpoint's small files (tokenizer, generation config, ...) fetched over
+HTTP into a private cache, so a worker needs no view of the service's filesystem.
+
+The cache lives in `$BASEHOLD_CACHE` (default `~/.cache/basehold`), one folder per model
+and revision (hub loads) or per content digest (local loads). Every file is checked
+against the SHA-256 the service lists and published by rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BASEHOLD_CACHE") or Path.home() / ".cache" / "basehold")
+
+
+def fetch_files(
+    listing: dict[str, Any], download: Callable[[str], bytes], root: Path | None = None
+) -> Path:
+    """Make sure every listed file is in the cache; returns the model's cache folder."""
+    files = listing["files"]
+    digest = hashlib.sha256(
+        "".join(f"{f['name']}:{f['sha256']};" for f in files).encode()
+    ).hexdigest()[:16]
+    key = f"{listing['revision']}-{digest}" if listing.get("revision") else digest
+    folder = (root or cache_root()) / "files" / _SAFE.sub("_", listing["model_id"]) / key
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in files:
+        name = Path(entry["name"]).name
+        target = folder / name
+        if target.is_file() and _sha256(target.read_bytes()) == entry["sha256"]:
+            continue
+        data = download(name)
+        if _sha256(data) != entry["sha256"]:
+            raise OSError(f"{name} changed while it was fetched; try again")
+        partial = folder / f".{name}.{os.getpid()}.partial"
+        partial.write_bytes(data)
+        partial.replace(target)
+    return folder
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

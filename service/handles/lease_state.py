@@ -1,0 +1,110 @@
+"""Worker side: what an attached model knows about its lease, and the thread that renews it.
+
+`model.basehold_lease` is a `LeaseState`: `state` ("active", "lost", "released"),
+`expires_at`, `lost`, `reason`. The renewer renews at a third of the TTL; a refusal
+(revoked by a forced unload, expired) marks the lease lost, while a service that cannot be
+reached (restarting) is retried. What a lost lease does to forward passes is the
+attach's `on_lost` choice: "warn" (a warning, training goes on: on the CPU the mapped
+pages stay valid) or "raise" (`LeaseLost` from the next forward). On a GPU a lost lease
+always raises: the service may reuse that device memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+log = logging.getLogger("basehold.client")
+OnLost = Literal["warn", "raise"]
+
+
+class LeaseLost(RuntimeError):
+    """A forward pass on an attached model whose lease is gone (revoked, expired, or its
+    attach block ended). Attach again."""
+
+
+@dataclass
+class LeaseState:
+    lease_id: str
+    model_id: str
+    holder: str
+    ttl_seconds: int
+    expires_at: datetime | None = None
+    state: Literal["active", "lost", "released"] = "active"
+    reason: str | None = None
+
+    @property
+    def lost(self) -> bool:
+        return self.state == "lost"
+
+    def why_not_usable(self) -> str | None:
+        if self.state == "lost":
+            return f"lease {self.lease_id} on {self.model_id} was lost: {self.reason}"
+        if self.state == "released":
+            return f"the attach block for {self.model_id} has ended; its lease is released"
+        return None
+
+
+def guard_forward(model: nn.Module, lost: Callable[[], str | None]) -> RemovableHandle:
+    """Refuse forward passes once `lost()` names a reason."""
+
+    def check(module: nn.Module, args: object) -> None:
+        reason = lost()
+        if reason is not None:
+            raise LeaseLost(reason)
+
+    return model.register_forward_pre_hook(check)
+
+
+class Renewer(threading.Thread):
+    """Renews `lease` every TTL/3 with `renew()`, which returns the new expiry or raises
+    `refused` (the lease is gone) or `unreachable` (retry)."""
+
+    def __init__(
+        self,
+        lease: LeaseState,
+        renew: Callable[[], datetime],
+        refused: type[Exception],
+        unreachable: type[Exception],
+        on_lost: OnLost,
+    ) -> None:
+        super().__init__(name=f"renew-{lease.lease_id}", daemon=True)
+        self.lease = lease
+        self._renew = renew
+        self._refused = refused
+        self._unreachable = unreachable
+        self._on_lost = on_lost
+        self._every = max(lease.ttl_seconds / 3, 0.2)
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._every):
+            try:
+                self.lease.expires_at = self._renew()
+            except self._refused as exc:
+                self._lose(str(getattr(exc, "detail", exc)))
+                return
+            except self._unreachable as exc:
+                log.warning("lease %s: renewal failed, retrying: %s", self.lease.lease_id, exc)
+
+    def _lose(self, reason: str) -> None:
+        self.lease.state = "lost"
+        self.lease.reason = reason
+        message = (
+            f"basehold lease {self.lease.lease_id} on {self.lease.model_id} was lost: {reason}"
+        )
+        log.warning(message)
+        if self._on_lost == "warn":
+            warnings.warn(message + " (the mapped weights stay valid on the CPU)", stacklevel=1)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
