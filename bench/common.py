@@ -40,6 +40,7 @@ def pretrained_kwargs(spec: dict[str, Any], device_map: str = "cpu") -> dict[str
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
+            bnb_4bit_use_double_quant=bool(quant.get("double_quant", False)),
             bnb_4bit_compute_dtype=getattr(torch, quant.get("compute_dtype", "float32")),
         )
     return kwargs
@@ -90,9 +91,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch(work: Path, port: int | None = None, timeout: float = 600, **env: str) -> Served:
+def launch(
+    work: Path,
+    port: int | None = None,
+    timeout: float = 600,
+    command: list[str] | None = None,
+    **env: str,
+) -> Served:
     """Start a server with its state in `work`/state; return once /readyz answers 200.
-    Raises if the process dies or `timeout` passes first."""
+    Raises if the process dies or `timeout` passes first. `command`: another way to
+    serve (it gets `--port N --log-level warning`)."""
     port = port or free_port()
     full_env = {
         **os.environ,
@@ -100,10 +108,9 @@ def launch(work: Path, port: int | None = None, timeout: float = 600, **env: str
         "BASEHOLD_SOCKET": str(work / "run" / "basehold.sock"),
         **env,
     }
+    serve = command or [sys.executable, "-m", "service", "serve"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT,
-        env=full_env,
+        [*serve, "--port", str(port), "--log-level", "warning"], cwd=ROOT, env=full_env
     )
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
     deadline = time.monotonic() + timeout
@@ -131,8 +138,21 @@ def server(work: Path, **env: str) -> Iterator[httpx.Client]:
         served.stop()
 
 
-def wait_ready(http: httpx.Client, model_id: str, poll: float = 0.05) -> dict[str, object]:
+def wait_ready(
+    http: httpx.Client,
+    model_id: str,
+    poll: float = 0.05,
+    timeout: float = 600,
+    process: subprocess.Popen[bytes] | None = None,
+) -> dict[str, object]:
+    """Poll until the model is ready; raises if it failed, `timeout` passes, or the
+    server `process` died."""
+    deadline = time.monotonic() + timeout
     while (status := http.get(f"/v1/models/{model_id}").json())["state"] not in ("ready", "failed"):
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server died ({process.returncode}) while {model_id} loaded")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{model_id} still {status['state']} after {timeout:.0f}s")
         time.sleep(poll)
     assert status["state"] == "ready", status
     return dict(status)

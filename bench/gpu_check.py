@@ -1,20 +1,26 @@
-"""Handles on one CUDA GPU, end to end, in a few minutes.
+"""Validate a GPU node for basehold's handles, end to end, in under five minutes.
 
-For bf16 and nf4 (bnb 4-bit, bf16 compute): a real `basehold serve` on 127.0.0.1 loads a
-generated Llama on cuda:0; an independent worker process (a fresh interpreter, not a fork)
-attaches through `Client.attach`, and the script checks that
-  - every base tensor in the worker is a view of the one CUDA IPC segment, and the worker's
-    caching allocator (and the device's free memory) did not grow by the model's bytes;
-  - the worker's logits equal `from_pretrained` of the same spec in this process;
-  - LoRA steps (peft, q_proj/v_proj) lower the loss and change the adapter output;
-  - the base bytes are unchanged: sha256 over every base tensor before and after training,
-    and again from a second worker attached afterwards (it reads the service's memory);
-  - unload gives the service's GPU memory back.
-It prints a table and exits non-zero if a check fails.
+    python bench/gpu_check.py                    # on a node with a CUDA GPU
+    python bench/gpu_check.py --rehearse-on-cpu  # the same flow without one (CI runs it)
 
-    python bench/gpu_check.py [--params-m 120] [--steps 5]
-    python bench/gpu_check.py --rehearse-on-cpu   # the same flow on CPU (float32), for
-                                                  # checking the script where no GPU is
+1. Preflight (< 15 s): versions of torch, CUDA, the driver, bitsandbytes, peft and
+   transformers; the GPU's name and UUID; the CUDA allocator's configuration. Then a 1 MiB
+   device segment is published through the real `CudaSegments` and opened in a second
+   process, which checks its bytes. Any failure stops the run with one clear line.
+2. For bf16, nf4, nf4 with double quant and a tied-embedding checkpoint: a real
+   `basehold serve` loads a generated Llama on cuda:0; independent workers attach through
+   `Client.attach` and the script checks that every base tensor is a view of the one
+   segment, that the worker's allocator did not grow by the model, that the logits equal
+   `from_pretrained` of the same spec, that LoRA steps lower the loss without changing a
+   base byte, that a second worker gets identical logits, that the service's reserved
+   memory while held is at most 1.25x the model's bytes and returns after unload.
+3. A forced unload while a worker is attached: the worker's next forward raises
+   `LeaseLost`, and the segment is freed once the revoked lease's TTL has run out.
+
+Every wait has a deadline and notices a dead server. One table, PASS/FAIL lines, exit 1
+on any failure. `--rehearse-on-cpu` runs the same flow with the host stand-in for device
+segments (tests/handles/host_segments.py) in the server and the workers, float32 standing
+in for bf16: everything but the CUDA calls themselves.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import gc
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,11 +38,35 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, llama, llama_checkpoint, reference_model, server, wait_ready
+from common import ROOT, Served, launch, llama, llama_checkpoint, reference_model, wait_ready
 
-SPECS = ["bf16", "nf4"]
 TOKENS = [[1, 15, 27, 300, 400, 9, 81, 2, 640, 77, 5, 120]]  # < 1000: fits every vocab here
 MiB = 2**20
+SPECS = ("bf16", "nf4", "nf4-dq", "tied")
+HOST_SERVE = [sys.executable, str(ROOT / "tests" / "handles" / "host_serve.py")]
+STAND_IN_FD = "/memfd:basehold-segment"
+GRACE_S = 2.0  # BASEHOLD_SEGMENT_GRACE_SECONDS for the server: segments outlive a release
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self, at_most: float = 1e9) -> float:
+        remaining = self.end - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("gpu_check ran out of its time budget")
+        return min(remaining, at_most)
+
+
+# -- the worker side (a fresh interpreter) ---------------------------------------------------
+def devices_for(where: str) -> Any:
+    """How a worker opens segments: CUDA IPC, or the host stand-in in a rehearsal."""
+    if where.startswith("cuda"):
+        return None
+    from tests.handles.host_segments import HostSegments
+
+    return HostSegments()
 
 
 def base_tensors(model: Any) -> list[Any]:
@@ -44,31 +75,18 @@ def base_tensors(model: Any) -> list[Any]:
     return [t for _, t in all_tensors(model) if t.numel()]
 
 
-def _bytes(tensor: Any) -> bytes:
+def sha256_of(tensors: list[Any]) -> str:
     import torch
 
-    flat = tensor.detach().contiguous().reshape(-1)
-    return bytes(flat.view(torch.uint8).cpu().numpy().tobytes())
-
-
-def sha256_of(tensors: list[Any]) -> str:
     digest = hashlib.sha256()
     seen = set()
     for tensor in sorted(tensors, key=lambda t: t.data_ptr()):
         key = (tensor.data_ptr(), tensor.numel(), str(tensor.dtype))
         if key not in seen:
             seen.add(key)
-            digest.update(_bytes(tensor))
+            flat = tensor.detach().contiguous().reshape(-1)
+            digest.update(bytes(flat.view(torch.uint8).cpu().numpy().tobytes()))
     return digest.hexdigest()
-
-
-def spec(name: str, device: str) -> dict[str, Any]:
-    """The load request; on CPU (rehearsal) float32 stands in for bf16, which is slow there."""
-    dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    body: dict[str, Any] = {"device_map": device, "dtype": dtype}
-    if name == "nf4":
-        body["quantization"] = {"method": "bnb-4bit", "quant_type": "nf4", "compute_dtype": dtype}
-    return body
 
 
 def device_memory(device: Any) -> tuple[int, int]:
@@ -81,35 +99,55 @@ def device_memory(device: Any) -> tuple[int, int]:
     return torch.cuda.memory_allocated(device), torch.cuda.mem_get_info(device)[0]
 
 
-def worker_main(url: str, model_id: str, steps: int, logits_out: str, where: str) -> None:
-    """An independent worker: attach, measure, forward, train LoRA, checksum."""
+def worker_main(url: str, model_id: str, mode: str, steps: int, out: str, where: str) -> None:
+    """`train`: attach, measure, forward, LoRA, checksum. `hold`: attach, say so, wait for a
+    line, wait until the lease is lost, then try a forward pass."""
     import torch
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
 
-    from service.client import Client
+    from service.client import Client, LeaseLost
 
     device = torch.device(where)
     torch.zeros(1, device=device)  # CUDA context first: it is not the model's memory
+    client = Client(url)
+    attach = client.attach(
+        model_id, ttl_seconds=3 if mode == "hold" else 60, devices=devices_for(where), wait=60
+    )
+    if mode == "hold":
+        with attach as model:
+            print("attached", flush=True)
+            sys.stdin.readline()
+            lease = model.basehold_lease
+            deadline = time.monotonic() + 10
+            while not lease.lost and time.monotonic() < deadline:
+                time.sleep(0.1)
+            try:
+                with torch.no_grad():
+                    model(torch.tensor(TOKENS, device=device))
+                raised = False
+            except LeaseLost:
+                raised = True
+            print(json.dumps({"lost": lease.lost, "raised": raised}), flush=True)
+        return
     allocated_before, free_before = device_memory(device)
     start = time.perf_counter()
     result: dict[str, Any] = {}
-    with Client(url).attach(model_id, holder="gpu-check", ttl_seconds=60) as model:
+    with attach as model:
         base = base_tensors(model)
         allocated_after, free_after = device_memory(device)
         result["attach_ms"] = (time.perf_counter() - start) * 1000
         result["allocated_growth"] = allocated_after - allocated_before
         result["free_drop"] = free_before - free_after
-        storages = {t.untyped_storage().data_ptr() for t in base}
         result["base_tensors"] = len(base)
         result["on_device"] = sum(t.device == device for t in base)
-        result["storages"] = len(storages)
+        result["storages"] = len({t.untyped_storage().data_ptr() for t in base})
         pointers = {t.data_ptr() for t in base}
         result["sha_before"] = sha256_of(base)
         tokens = torch.tensor(TOKENS, device=device)
         with torch.no_grad():
             logits = model(tokens).logits.float()
-        save_file({"logits": logits.cpu().contiguous()}, logits_out)
+        save_file({"logits": logits.cpu().contiguous()}, out)
         if steps:
             config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
             lora = get_peft_model(model, config)
@@ -131,26 +169,121 @@ def worker_main(url: str, model_id: str, steps: int, logits_out: str, where: str
             frozen = [t for t in base_tensors(model) if not t.requires_grad]
             result["pointers_kept"] = {t.data_ptr() for t in frozen} == pointers
             result["sha_after"] = sha256_of(frozen)
-            result["trainable"] = sum(p.numel() for p in trainable)
             del lora, optimizer
     print(json.dumps(result), flush=True)
 
 
-def run_worker(
-    url: str, model_id: str, steps: int, logits_out: Path, device: str
-) -> dict[str, Any]:
-    args = [url, model_id, str(steps), str(logits_out), device]
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", *args],
+def worker(url: str, model_id: str, mode: str, steps: int, out: Path, where: str) -> Any:
+    return subprocess.Popen(
+        [sys.executable, __file__, "--worker", url, model_id, mode, str(steps), str(out), where],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: Any, deadline: Deadline, stdin: str | None = None) -> dict[str, Any]:
+    try:
+        out, err = proc.communicate(stdin, timeout=deadline.left(180))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed ({proc.returncode}):\n{err[-4000:]}")
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+# -- preflight -------------------------------------------------------------------------------
+def segment_probe_main(where: str) -> None:
+    """Second process of the preflight: open the published segment, print its digest."""
+    from service.handles.descriptor import DeviceSegment
+    from service.handles.devices import CUDA
+
+    described = DeviceSegment.model_validate_json(sys.stdin.readline())
+    devices = devices_for(where) or CUDA
+    opened = devices.open(described)
+    print(hashlib.sha256(bytes(opened.cpu().numpy().tobytes())).hexdigest(), flush=True)
+
+
+def preflight(where: str) -> list[str]:
+    """Versions and the one GPU, then a 1 MiB segment opened by another process. Returns
+    the lines to print; raises SystemExit with one clear line on failure."""
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    from service.handles.devices import CUDA, expandable_segments
+
+    lines = [
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers "
+        f"{transformers.__version__}, peft {peft.__version__}, bitsandbytes "
+        f"{bitsandbytes.__version__}",
+        "allocator: PYTORCH_CUDA_ALLOC_CONF="
+        f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '<unset>')}",
+    ]
+    if where.startswith("cuda"):
+        props = torch.cuda.get_device_properties(0)
+        driver = "?"
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            driver = str(pynvml.nvmlSystemGetDriverVersion())
+        except Exception as exc:  # NVML is optional for handles; say so
+            driver = f"unknown (NVML: {exc})"
+        lines.append(
+            f"GPU: {props.name}, UUID GPU-{props.uuid}, {props.total_memory / 2**30:.0f} GiB, "
+            f"driver {driver}, {torch.cuda.device_count()} visible"
+        )
+        if expandable_segments():
+            raise SystemExit(
+                "FAIL preflight: PYTORCH_CUDA_ALLOC_CONF enables expandable_segments; the "
+                "service keeps GPU models private then. Unset it and run again."
+            )
+        devices: Any = CUDA
+    else:
+        lines.append("GPU: none (rehearsal: host stand-in for device segments)")
+        devices = devices_for(where)
+    segment = devices.allocate(torch.device(where), MiB)
+    segment.copy_(torch.arange(MiB, dtype=torch.int64).remainder(251).to(torch.uint8))
+    described = devices.publish(where, segment)
+    expected = hashlib.sha256(bytes(segment.cpu().numpy().tobytes())).hexdigest()
+    probe = subprocess.run(
+        [sys.executable, __file__, "--segment-probe", where],
+        input=described.model_dump_json() + "\n",
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=60,
     )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    got = probe.stdout.strip().splitlines()[-1] if probe.stdout.strip() else ""
+    if probe.returncode != 0 or got != expected:
+        raise SystemExit(
+            f"FAIL preflight: a second process could not read a 1 MiB device segment "
+            f"({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else got})"
+        )
+    lines.append("segment: 1 MiB published and read back by a second process")
+    del segment
+    return lines
+
+
+# -- the checks ------------------------------------------------------------------------------
+def spec(name: str, device: str) -> dict[str, Any]:
+    """The load request; on CPU (rehearsal) float32 stands in for bf16, which is slow there."""
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    body: dict[str, Any] = {"device_map": device, "dtype": dtype}
+    if name.startswith("nf4"):
+        body["quantization"] = {
+            "method": "bnb-4bit",
+            "quant_type": "nf4",
+            "compute_dtype": dtype,
+            "double_quant": name == "nf4-dq",
+        }
+    return body
 
 
 def reference_logits(path: Path, name: str, device: str) -> Any:
@@ -167,82 +300,139 @@ def reference_logits(path: Path, name: str, device: str) -> Any:
     return logits
 
 
-def service_gpu(http: Any) -> int:
-    devices = http.get("/v1/memory").json()["devices"]
+def service_reserved(served: Served) -> int:
+    devices = served.http.get("/v1/memory").json()["devices"]
     return int(devices[0]["torch_reserved_bytes"]) if devices else 0
 
 
-def check(name: str, path: Path, http: Any, work: Path, steps: int, device: str) -> dict[str, Any]:
+def stand_in_segments(served: Served) -> int:
+    """Rehearsal: device segments the server still holds (distinct memfds it has open)."""
+    inodes = set()
+    for fd in Path(f"/proc/{served.process.pid}/fd").iterdir():
+        try:
+            if os.readlink(fd).startswith(STAND_IN_FD):
+                inodes.add(os.stat(fd).st_ino)
+        except OSError:
+            continue
+    return len(inodes)
+
+
+def segments_held(served: Served, device: str) -> int:
+    """What the service holds for device segments: reserved bytes on a GPU, or the
+    stand-in segments in a rehearsal."""
+    return service_reserved(served) if device.startswith("cuda") else stand_in_segments(served)
+
+
+def load(served: Served, path: Path, name: str, device: str, deadline: Deadline) -> dict[str, Any]:
+    body = {"source": str(path), "name": name, **spec(name, device)}
+    served.http.post("/v1/models", json=body).raise_for_status()
+    status = wait_ready(served.http, name, timeout=deadline.left(240), process=served.process)
+    if not status["shareable"]:
+        raise RuntimeError(f"{name}: not shareable: {status['shareable_reason']}")
+    return status
+
+
+def check(
+    name: str, path: Path, served: Served, work: Path, steps: int, device: str, deadline: Deadline
+) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
     expected = reference_logits(path, name, device)
-    reserved_before = service_gpu(http)
-    body = {"source": str(path), **spec(name, device)}
-    status = wait_ready(http, http.post("/v1/models", json=body).json()["id"])
-    if not status["shareable"]:
-        raise RuntimeError(f"{name}: not shareable: {status['shareable_reason']}")
-    model_id = str(status["id"])
+    reserved_before = service_reserved(served)
+    status = load(served, path, name, device, deadline)
     model_bytes = int(status["memory"]["by_device"].get(device, 0))
-    reserved_held = service_gpu(http)
-    url = str(http.base_url)
-    first = run_worker(url, model_id, steps, work / f"{name}-1.safetensors", device)
-    second = run_worker(url, model_id, 0, work / f"{name}-2.safetensors", device)
-    got = load_file(str(work / f"{name}-1.safetensors"))["logits"]
-    again = load_file(str(work / f"{name}-2.safetensors"))["logits"]
-    unloaded = http.delete(f"/v1/models/{model_id}").status_code
-    time.sleep(0.5)
-    reserved_after = service_gpu(http)
-    diff = float((got - expected).abs().max())
+    reserved_held = service_reserved(served)
+    url = str(served.http.base_url).rstrip("/")
+    first = finish(worker(url, name, "train", steps, work / f"{name}-1.st", device), deadline)
+    second = finish(worker(url, name, "train", 0, work / f"{name}-2.st", device), deadline)
+    got = load_file(str(work / f"{name}-1.st"))["logits"]
+    again = load_file(str(work / f"{name}-2.st"))["logits"]
+    unloaded = served.http.delete(f"/v1/models/{name}").status_code
+    kept = segments_held(served, device)
+    time.sleep(min(deadline.left(), GRACE_S + 1.5))  # the grace after a release, the reaper
+    reserved_after = service_reserved(served)
+    freed = segments_held(served, device)
     on_gpu = device.startswith("cuda")
     row = {
-        "spec": name if on_gpu or name != "bf16" else "bf16 (float32 on CPU)",
+        "spec": name if on_gpu or not name.startswith(("bf16", "tied")) else f"{name} (float32)",
         "model_mib": model_bytes / MiB,
-        "service_reserved_mib": (reserved_before, reserved_held, reserved_after),
+        "reserved": (reserved_before, reserved_held, reserved_after),
         "attach_ms": first["attach_ms"],
         "worker_alloc_mib": first["allocated_growth"] / MiB,
-        "worker_free_drop_mib": first["free_drop"] / MiB,
-        "in_segment": f"{first['on_device']}/{first['base_tensors']} on {device}, "
+        "in_segment": f"{first['on_device']}/{first['base_tensors']} in "
         f"{first['storages']} storage(s)",
-        "logits_max_diff": diff,
+        "logits_max_diff": float((got - expected).abs().max()),
         "losses": (first["losses"][0], first["losses"][-1]),
         "checks": {
             "every base tensor is on the model's device": first["on_device"]
             == first["base_tensors"],
+            "one segment holds every base tensor": first["storages"] == 1,
             "logits match from_pretrained": torch.allclose(got, expected, atol=2e-2, rtol=2e-2),
             "LoRA lowered the loss": first["losses"][-1] < first["losses"][0],
             "adapter output changed": first["adapter_changed"],
             "base tensors never moved": first["pointers_kept"],
             "base bytes unchanged by training": first["sha_before"] == first["sha_after"],
             "a second worker reads the same bytes": second["sha_before"] == first["sha_before"],
-            "second worker's logits are identical": torch.equal(got, again),
+            "a second worker's logits are identical": torch.equal(got, again),
             "unload answered 204": unloaded == 204,
+            "segments outlived the release for the grace, then were freed": kept > freed
+            and (freed == 0 or device.startswith("cuda")),
         },
     }
     if on_gpu:
         row["checks"].update(
             {
-                "one IPC storage holds every base tensor": first["storages"] == 1,
                 "worker allocated < 1% of the model": first["allocated_growth"]
                 < 0.01 * model_bytes,
-                "device free memory fell < 10% of the model": first["free_drop"]
+                "device free memory fell < 10% of the model in the worker": first["free_drop"]
                 < 0.1 * model_bytes,
-                "service GPU memory returned": reserved_after
+                "service reserved while held <= 1.25x the model": reserved_held - reserved_before
+                <= 1.25 * model_bytes,
+                "service reserved memory returned after unload": reserved_after
                 <= reserved_before + 0.05 * model_bytes,
             }
         )
     return row
 
 
-def main() -> int:
-    import torch
+def forced_unload(
+    path: Path, served: Served, work: Path, device: str, deadline: Deadline
+) -> dict[str, bool]:
+    """A worker holds the model; a forced unload revokes its lease (TTL 3 s)."""
+    name = "forced"
+    load(served, path, name, device, deadline)
+    held = segments_held(served, device)
+    url = str(served.http.base_url).rstrip("/")
+    proc = worker(url, name, "hold", 0, work / "forced.st", device)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "attached":
+        raise RuntimeError(f"the holding worker did not attach:\n{proc.stderr.read()[-3000:]}")
+    forced = served.http.delete(f"/v1/models/{name}", params={"force": "true"}).status_code
+    kept = segments_held(served, device)
+    result = finish(proc, deadline, "go\n")
+    time.sleep(min(deadline.left(), 3 + 1.5))  # the revoked lease's TTL, plus the reaper
+    freed = segments_held(served, device)
+    return {
+        "forced unload answered 204": forced == 204,
+        "the segment outlived the forced unload": kept == held and held > 0,
+        "the worker saw its lease lost": result["lost"],
+        "the worker's next forward raised LeaseLost": result["raised"],
+        "the segment was freed after the TTL": freed < held
+        and (freed == 0 or device.startswith("cuda")),
+    }
 
+
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--params-m", type=int, default=120)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=290, help="seconds for the whole run")
     parser.add_argument("--rehearse-on-cpu", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="a ~3M-param Llama (for tests)")
     args = parser.parse_args()
+    import torch
+
     device = "cpu" if args.rehearse_on_cpu else "cuda:0"
     if device != "cpu" and not torch.cuda.is_available():
         print(
@@ -252,39 +442,48 @@ def main() -> int:
         )
         return 2
     began = time.perf_counter()
+    deadline = Deadline(args.budget)
+    for line in preflight(device):
+        print(f"preflight: {line}", flush=True)
+    print(f"preflight: done in {time.perf_counter() - began:.1f} s", flush=True)
     work = Path(tempfile.mkdtemp(prefix="basehold-gpu-check-"))
-    path = work / "models" / "llama-check"
+    path, tied = work / "models" / "llama-check", work / "models" / "llama-tied"
     if args.tiny:
         llama(path, hidden=256, layers=2, vocab=4000, heads=8)
+        llama(tied, hidden=256, layers=2, vocab=4000, heads=8, tied=True)
     else:
         llama_checkpoint(path, args.params_m)
-    rows = []
-    env = {"BASEHOLD_MODEL_ROOTS": json.dumps([str(path.parent)])}
+        llama(tied, hidden=1024, layers=4, vocab=32000, heads=16, tied=True)
+    rows, extra = [], {}
+    env = {
+        "BASEHOLD_MODEL_ROOTS": json.dumps([str(path.parent)]),
+        "BASEHOLD_SEGMENT_GRACE_SECONDS": str(GRACE_S),
+    }
+    command = HOST_SERVE if device == "cpu" else None
+    served = launch(work, timeout=deadline.left(120), command=command, **env)
     try:
-        with server(work, **env) as http:
-            for name in SPECS:
-                rows.append(check(name, path, http, work, args.steps, device))
+        extra = forced_unload(path, served, work, device, deadline)  # first: nothing retired
+        for name in SPECS:
+            source = tied if name == "tied" else path
+            rows.append(check(name, source, served, work, args.steps, device, deadline))
     finally:
+        served.stop()
         shutil.rmtree(work, ignore_errors=True)
     where = torch.cuda.get_device_name(0) if device != "cpu" else "CPU (rehearsal, float32)"
-    print(
-        f"\nbasehold gpu_check: Llama ~{args.params_m}M params on {where}, {args.steps} LoRA steps"
-    )
+    print(f"\nbasehold gpu_check: Llama ~{args.params_m}M params on {where}, {args.steps} steps")
     print(
         "\n| spec | model on the device (MiB) | attach (ms) | worker allocator growth (MiB) "
-        "| device free drop in worker (MiB) | base tensors | logits max abs diff vs "
-        "from_pretrained | LoRA loss first -> last | service reserved before / held / after "
-        "unload (MiB) |"
+        "| base tensors | logits max abs diff vs from_pretrained | LoRA loss first -> last "
+        "| service reserved before / held / after unload (MiB) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        before, held, after = (x / MiB for x in row["service_reserved_mib"])
+        before, held, after = (x / MiB for x in row["reserved"])
         print(
             f"| {row['spec']} | {row['model_mib']:.0f} | {row['attach_ms']:.0f} | "
-            f"{row['worker_alloc_mib']:.2f} | {row['worker_free_drop_mib']:.0f} | "
-            f"{row['in_segment']} | {row['logits_max_diff']:.3g} | "
-            f"{row['losses'][0]:.3f} -> {row['losses'][1]:.3f} | "
-            f"{before:.0f} / {held:.0f} / {after:.0f} |"
+            f"{row['worker_alloc_mib']:.2f} | {row['in_segment']} | "
+            f"{row['logits_max_diff']:.3g} | {row['losses'][0]:.3f} -> {row['losses'][1]:.3f} "
+            f"| {before:.0f} / {held:.0f} / {after:.0f} |"
         )
     failed = 0
     print()
@@ -292,13 +491,20 @@ def main() -> int:
         for what, ok in row["checks"].items():
             failed += not ok
             print(f"{'PASS' if ok else 'FAIL'}  {row['spec']}: {what}")
+    for what, ok in extra.items():
+        failed += not ok
+        print(f"{'PASS' if ok else 'FAIL'}  forced unload: {what}")
     print(f"\n{failed} check(s) failed; {time.perf_counter() - began:.0f} s in all")
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+    if len(sys.argv) > 1 and sys.argv[1] in ("--worker", "--segment-probe"):
         sys.path.insert(0, str(ROOT))
-        worker_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6])
+        if sys.argv[1] == "--worker":
+            a = sys.argv[2:]
+            worker_main(a[0], a[1], a[2], int(a[3]), a[4], a[5])
+        else:
+            segment_probe_main(sys.argv[2])
     else:
         sys.exit(main())

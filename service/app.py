@@ -108,7 +108,7 @@ def create_app(
         hub_endpoint=settings.hf_endpoint,
     )
     gate = MemoryGate(MemoryPolicy(settings.budget, settings.eviction), cuda, gpus or Nvml())
-    table = LeaseTable()
+    table = LeaseTable(settings.segment_grace_seconds)
     registry = Registry(
         ctx,
         cuda,

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 from torch import nn
 
+from service.handles.devices import DeviceSegments
 from service.handles.lease_state import LeaseLost, LeaseState, OnLost, Renewer, guard_forward
 
 log = logging.getLogger("basehold.client")
@@ -47,6 +48,13 @@ class BaseholdError(RuntimeError):
 
 def _secret_header(secret: str | None) -> dict[str, str] | None:
     return {"X-Lease-Secret": secret} if secret else None
+
+
+def _synchronize_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def default_holder() -> str:
@@ -177,6 +185,7 @@ class Client:
         *,
         on_lost: OnLost = "warn",
         wait: float = 600.0,
+        devices: DeviceSegments | None = None,
     ) -> Iterator[nn.Module]:
         """Wait until `model_id` is ready (up to `wait` seconds), lease it and yield an
         nn.Module on the service's sealed pages. `holder` defaults to `hostname-pid`.
@@ -186,6 +195,7 @@ class Client:
         CPU the mapped pages stay valid), `on_lost="raise"` makes the next forward raise
         `LeaseLost`. On a GPU a lost lease always raises."""
         from service.handles.attach import attach_handle
+        from service.handles.devices import CUDA
 
         self.wait(model_id, timeout=wait)
         grant = self.lease(model_id, holder or default_holder(), ttl_seconds)
@@ -203,8 +213,9 @@ class Client:
 
         renewer = Renewer(lease, renew, BaseholdError, httpx.TransportError, on_lost)
         renewer.start()
+        model: nn.Module | None = None
         try:
-            model = attach_handle(grant["handle"], lease_id, secret)
+            model = attach_handle(grant["handle"], lease_id, secret, devices or CUDA)
             model.basehold_lease = lease  # type: ignore[assignment]
             if grant["handle"].get("segments") or on_lost == "raise":
                 guard_forward(model, lease.why_not_usable)
@@ -212,7 +223,12 @@ class Client:
         finally:
             renewer.stop()
             if not lease.lost:
-                lease.state = "released"
+                lease.state = "released"  # the guard refuses forwards from here on
+                if grant["handle"].get("segments"):
+                    # Our references go, and every kernel that read the segment has
+                    # finished, before the service may free it.
+                    model = None
+                    _synchronize_cuda()
                 self._release_quietly(lease_id, secret, ttl_seconds)
 
     def lease_callback(self, model: nn.Module) -> Any:

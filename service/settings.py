@@ -96,6 +96,13 @@ class Settings(BaseSettings):
         "but one, which stays free for the API.",
     )
     lease_reap_seconds: float = Field(default=1.0, gt=0, le=60)
+    segment_grace_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="How long a GPU model's device memory outlives its last released lease "
+        "when the model is unloaded (a slow worker may still read it).",
+    )
     hf_endpoint: str | None = Field(
         default=None, description="Hub endpoint (a mirror); default: huggingface_hub's."
     )

@@ -1,6 +1,8 @@
 """bench/gpu_check.py cannot run here (no GPU), but its flow can: the CPU rehearsal runs the
-same server, independent workers, logits, LoRA and checksum checks, so the script a GPU
-machine runs is known to work up to the CUDA calls."""
+preflight, the same server with the host stand-in for device segments (so placement,
+publish, open, rebind, the forward guard and segment lifetimes all run), independent
+workers, logits, LoRA, checksum and forced-unload checks: the script a GPU machine runs is
+known to work up to the CUDA calls."""
 
 from __future__ import annotations
 
@@ -26,8 +28,11 @@ def test_gpu_check_rehearsal_passes_every_check() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 check(s) failed" in proc.stdout
-    assert proc.stdout.count("PASS") == 18
-    assert "| nf4 |" in proc.stdout and "| bf16 (float32 on CPU) |" in proc.stdout
+    assert proc.stdout.count("PASS") == 4 * 11 + 5
+    for row in ("| bf16 (float32) |", "| nf4 |", "| nf4-dq |", "| tied (float32) |"):
+        assert row in proc.stdout
+    assert "1 MiB published and read back by a second process" in proc.stdout
+    assert "PASS  forced unload: the worker's next forward raised LeaseLost" in proc.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -151,7 +151,7 @@ def build(handle: Handle, mapping: mmap.mmap, devices: DeviceSegments = CUDA) ->
     return model
 
 
-def _validated(handle: Handle | dict[str, object]) -> Handle:
+def _validated(handle: Handle | dict[str, object], devices: DeviceSegments) -> Handle:
     if not isinstance(handle, Handle):
         handle = Handle.model_validate(handle)
     if handle.version != SUPPORTED_VERSION:
@@ -159,6 +159,21 @@ def _validated(handle: Handle | dict[str, object]) -> Handle:
             f"handle version {handle.version} does not match this client's "
             f"({SUPPORTED_VERSION}); upgrade basehold in the worker to the service's version"
         )
+    if handle.segments:
+        # A CUDA IPC handle is torch's own byte format: both sides must speak the same one.
+        ours = torch.__version__.split("+")[0]
+        theirs = handle.torch_version.split("+")[0]
+        if ours != theirs:
+            raise AttachError(
+                f"the service runs torch {handle.torch_version}, this worker {torch.__version__}: "
+                f"their CUDA IPC handles differ. Install torch=={theirs} in the worker."
+            )
+        if handle.ipc_format != devices.ipc_format:
+            raise AttachError(
+                f"the handle's device segments are in the {handle.ipc_format!r} format; this "
+                f"worker opens {devices.ipc_format!r}. Run the worker beside the service, with "
+                "the same basehold and torch."
+            )
     return handle
 
 
@@ -167,7 +182,7 @@ def attach_fd(
 ) -> nn.Module:
     """Map the arena `fd` copy-on-write, open the device segments, build the model. The
     caller keeps `fd` (close it once attached: the mapping stays valid)."""
-    handle = _validated(handle)
+    handle = _validated(handle, devices)
     try:
         mapping = map_copy_on_write(fd)
     except ValueError as exc:
@@ -187,7 +202,7 @@ def attach_handle(
 ) -> nn.Module:
     """Fetch the arena from the service's socket with the lease's id and secret, map it,
     open its device segments, and build the model on them."""
-    handle = _validated(handle)
+    handle = _validated(handle, devices)
     try:
         fd = receive_arena(handle.arena.socket, lease_id, secret)
     except ArenaRefused as exc:

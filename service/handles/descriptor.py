@@ -95,6 +95,10 @@ class Handle(BaseModel):
     architecture: str = Field(description="transformers model class, e.g. LlamaForCausalLM")
     dtype: str
     provenance: Provenance
+    torch_version: str = Field(description="the service's torch (CUDA IPC depends on it)")
+    ipc_format: str | None = Field(
+        default=None, description="what `segments[].ipc` means; null without segments"
+    )
     generation_config: dict[str, Any] | None = Field(
         default=None, description="the checkpoint's generation config (models that generate)"
     )

@@ -36,6 +36,13 @@ class SegmentUnavailable(RuntimeError):
 
 
 class DeviceSegments(Protocol):
+    # What the handle's `ipc` fields mean; a worker refuses a handle in another format.
+    ipc_format: str
+
+    def unavailable(self) -> str | None:
+        """Why segments cannot be published in this process (None: they can)."""
+        ...
+
     def claims(self, device: torch.device) -> bool:
         """Whether tensors on `device` go into a device segment (else: the arena file)."""
         ...
@@ -63,9 +70,31 @@ def _torch_uuids() -> list[str]:
     return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
 
 
+def expandable_segments() -> bool:
+    """Whether the CUDA caching allocator is configured with expandable segments (its
+    blocks are exported differently; basehold does not lend from them)."""
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        for option in os.environ.get(name, "").split(","):
+            key, _, value = option.partition(":")
+            if key.strip() == "expandable_segments" and value.strip().lower() == "true":
+                return True
+    return False
+
+
 class CudaSegments:
+    # The 8 fields of torch's UntypedStorage._share_cuda_() (torch >= 2.0).
+    ipc_format = "torch-share-cuda/8"
+
     def __init__(self, visible_uuids: Callable[[], list[str]] = _torch_uuids) -> None:
         self._visible_uuids = visible_uuids
+
+    def unavailable(self) -> str | None:
+        if expandable_segments():
+            return (
+                "PYTORCH_CUDA_ALLOC_CONF enables expandable_segments, whose memory basehold "
+                "does not export over CUDA IPC; start the service without it to lend GPU models"
+            )
+        return None
 
     def claims(self, device: torch.device) -> bool:
         return device.type == "cuda"

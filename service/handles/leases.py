@@ -34,10 +34,15 @@ Lease = LeaseRow
 
 
 class LeaseTable:
-    def __init__(self) -> None:
+    """`grace_seconds`: how long a model's device segments outlive its last released lease
+    (a slow worker may still be reading them)."""
+
+    def __init__(self, grace_seconds: float = 30.0) -> None:
         self._leases: dict[str, Lease] = {}
         self._lock = threading.Lock()
         self._db: StateDB | None = None
+        self._grace = timedelta(seconds=grace_seconds)
+        self._holds: dict[str, datetime] = {}
 
     def persist_to(self, db: StateDB) -> None:
         """Write through to `db` from now on (set at startup, state lock held)."""
@@ -105,7 +110,22 @@ class LeaseTable:
             lease = self._get(lease_id)
             del self._leases[lease_id]
             self._delete([lease_id])
+            self._hold(lease.model_id, _now() + self._grace)
         return lease
+
+    def _hold(self, model_id: str, until: datetime) -> None:
+        self._holds[model_id] = max(until, self._holds.get(model_id, until))
+
+    def hold_until(self, model_id: str) -> datetime | None:
+        """Until when an unload must keep the model's device segments for leases that have
+        ended: a grace after a release, one more TTL after an expiry (the worker's renewer
+        notices within a third of it and stops its forward passes)."""
+        with self._lock:
+            until = self._holds.get(model_id)
+            if until is not None and until <= _now():
+                del self._holds[model_id]
+                return None
+            return until
 
     def get(self, lease_id: str) -> Lease:
         with self._lock:
@@ -133,7 +153,11 @@ class LeaseTable:
 
     def expire(self) -> list[Lease]:
         now = _now()
-        return self._drop(lambda lease: lease.expires_at <= now)
+        expired = self._drop(lambda lease: lease.expires_at <= now)
+        with self._lock:
+            for lease in expired:
+                self._hold(lease.model_id, now + timedelta(seconds=lease.ttl_seconds))
+        return expired
 
     def _drop(self, which: Callable[[Lease], bool]) -> list[Lease]:
         with self._lock:

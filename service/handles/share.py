@@ -10,7 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.handles.arena import Arena, map_shared, plan_entries, segment_view, views, write_arena
+from service.handles.arena import (
+    DTYPE_CODES,
+    Arena,
+    map_shared,
+    plan_entries,
+    segment_view,
+    views,
+    write_arena,
+)
 from service.handles.descriptor import (
     ArenaEntry,
     ArenaInfo,
@@ -56,6 +64,13 @@ def _check(model: Any, devices: DeviceSegments) -> None:
             raise NotShareableModel(f"{name} is offloaded (disk/cpu hooks); load without offload")
         if tensor.device.type != "cpu" and not devices.claims(tensor.device):
             raise NotShareableModel(f"{name} is on {tensor.device}, which cannot be shared")
+        if tensor.dtype not in DTYPE_CODES:
+            raise NotShareableModel(
+                f"{name} is {str(tensor.dtype).removeprefix('torch.')}, which the arena format "
+                "cannot describe; the model is held privately"
+            )
+        if devices.claims(tensor.device) and (reason := devices.unavailable()) is not None:
+            raise NotShareableModel(reason)
         seen.add(str(tensor.device))
     if len(seen) > 1:
         # The worker would need accelerate's dispatch hooks to move activations between
@@ -234,6 +249,8 @@ def share(
         architecture=type(model).__name__,
         dtype=DTYPE_NAMES.get(model.dtype, "float32"),
         provenance=provenance or Provenance(source=model_id),
+        torch_version=torch.__version__,
+        ipc_format=devices.ipc_format if described else None,
         generation_config=_generation_config(model),
     )
     del plan, claimed, host

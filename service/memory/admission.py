@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from service.memory.cuda import CudaProbe
 from service.memory.host import host_memory
-from service.memory.nvml import GpuProbe
+from service.memory.nvml import GpuProbe, by_torch_index
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def free_bytes(
     else:
         host = host_memory().available_bytes - budget.headroom_bytes
     free = {"cpu": host - committed.get("cpu", 0)}
-    nvml = {gpu.index: gpu.free_bytes for gpu in gpus.gpus()}
+    nvml = {index: gpu.free_bytes for index, gpu in by_torch_index(gpus, cuda).items()}
     for index in range(max(cuda.device_count(), len(nvml))):
         device = f"cuda:{index}"
         raw = nvml[index] if index in nvml else cuda.memory(index).free_bytes

@@ -17,10 +17,15 @@ class CudaDeviceMemory:
     free_bytes: int
     allocated_bytes: int
     reserved_bytes: int
+    uuid: str = ""  # the device's UUID (NVML's "GPU-..." form); matches NVML's view
 
 
 class CudaProbe(Protocol):
     def device_count(self) -> int: ...
+
+    def uuids(self) -> list[str]:
+        """Each visible device's UUID, by this process's index."""
+        ...
 
     def memory(self, index: int) -> CudaDeviceMemory: ...
 
@@ -31,6 +36,11 @@ class TorchCuda:
     def device_count(self) -> int:
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
+    def uuids(self) -> list[str]:
+        return [
+            f"GPU-{torch.cuda.get_device_properties(i).uuid}" for i in range(self.device_count())
+        ]
+
     def memory(self, index: int) -> CudaDeviceMemory:
         free, total = torch.cuda.mem_get_info(index)
         return CudaDeviceMemory(
@@ -40,6 +50,7 @@ class TorchCuda:
             free_bytes=int(free),
             allocated_bytes=int(torch.cuda.memory_allocated(index)),
             reserved_bytes=int(torch.cuda.memory_reserved(index)),
+            uuid=f"GPU-{torch.cuda.get_device_properties(index).uuid}",
         )
 
     def empty_cache(self) -> None:

@@ -7,18 +7,41 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from service.memory.cuda import CudaProbe
+
 
 @dataclass(frozen=True)
 class GpuMemory:
-    index: int
+    index: int  # NVML's index: all GPUs of the node, whatever CUDA_VISIBLE_DEVICES says
     name: str
     total_bytes: int
     free_bytes: int
     used_bytes: int
+    uuid: str  # "GPU-..." as NVML writes it
 
 
 class GpuProbe(Protocol):
     def gpus(self) -> list[GpuMemory]: ...
+
+
+def same_gpu(a: str, b: str) -> bool:
+    """NVML writes UUIDs as "GPU-xxxxxxxx-...", torch without the prefix."""
+    return a.lower().removeprefix("gpu-") == b.lower().removeprefix("gpu-")
+
+
+def by_torch_index(probe: GpuProbe, cuda: CudaProbe) -> dict[int, GpuMemory]:
+    """NVML's GPUs keyed by this process's torch index, matched by UUID (torch indices
+    follow CUDA_VISIBLE_DEVICES, NVML's do not). With no torch devices, NVML's indices."""
+    gpus = probe.gpus()
+    torch_uuids = cuda.uuids() if cuda.device_count() else []
+    if not torch_uuids:
+        return {gpu.index: gpu for gpu in gpus}
+    matched = {}
+    for index, uuid in enumerate(torch_uuids):
+        gpu = next((g for g in gpus if same_gpu(g.uuid, uuid)), None)
+        if gpu is not None:
+            matched[index] = gpu
+    return matched
 
 
 class Nvml:
@@ -48,6 +71,7 @@ class Nvml:
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             info = nvml.nvmlDeviceGetMemoryInfo(handle)
             name = nvml.nvmlDeviceGetName(handle)
+            uuid = nvml.nvmlDeviceGetUUID(handle)
             result.append(
                 GpuMemory(
                     index=index,
@@ -55,6 +79,7 @@ class Nvml:
                     total_bytes=int(info.total),
                     free_bytes=int(info.free),
                     used_bytes=int(info.used),
+                    uuid=uuid.decode() if isinstance(uuid, bytes) else str(uuid),
                 )
             )
         return result

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from service.memory.cuda import CudaProbe
 from service.memory.host import host_memory
-from service.memory.nvml import GpuProbe
+from service.memory.nvml import GpuProbe, by_torch_index
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ class MemorySnapshot:
 
 def _devices(cuda: CudaProbe, gpus: GpuProbe, held: dict[str, int]) -> list[DeviceReport]:
     """NVML's view of each GPU (all processes), with this process's torch figures."""
-    nvml = {gpu.index: gpu for gpu in gpus.gpus()}
     torch_count = cuda.device_count()
+    nvml = by_torch_index(gpus, cuda)
     devices = []
     for index in range(max(torch_count, len(nvml))):
         device_id = f"cuda:{index}"

@@ -66,6 +66,10 @@ class LeaseBook(Protocol):
 
     def revoke_model(self, model_id: str) -> list[Any]: ...
 
+    def hold_until(self, model_id: str) -> datetime | None:
+        """Until when leases that ended may still read the model's device memory."""
+        ...
+
 
 class Registry:
     def __init__(
@@ -350,8 +354,9 @@ class Registry:
                 self._transition(record, State.GONE)
                 return None
             self._transition(record, State.UNLOADING)
-        keep_until = max((lease.expires_at for lease in revoked), default=None)
-        self._release(record, keep_until)
+            ended = self._leases.hold_until(model_id)
+        holds = [lease.expires_at for lease in revoked] + ([ended] if ended else [])
+        self._release(record, max(holds, default=None))
         return None
 
     def _release(self, record: ModelRecord, keep_until: datetime | None) -> None:

@@ -22,6 +22,9 @@ class FakeCuda:
     def device_count(self) -> int:
         return self.count
 
+    def uuids(self) -> list[str]:
+        return [f"GPU-fake-{i}" for i in range(self.count)]
+
     def memory(self, index: int) -> CudaDeviceMemory:
         return CudaDeviceMemory(
             index=index,
@@ -30,6 +33,7 @@ class FakeCuda:
             free_bytes=70 << 30,
             allocated_bytes=9 << 30,
             reserved_bytes=10 << 30,
+            uuid=f"GPU-fake-{index}",
         )
 
     def empty_cache(self) -> None:
@@ -55,8 +59,9 @@ class FakeNvml:
                 index=i,
                 name="NVIDIA H100 80GB HBM3",
                 total_bytes=80 << 30,
-                free_bytes=60 << 30,
-                used_bytes=20 << 30,
+                free_bytes=(60 - 10 * i) << 30,
+                used_bytes=(20 + 10 * i) << 30,
+                uuid=f"gpu-FAKE-{i}",  # NVML's prefix, another case: still the same GPU
             )
             for i in range(2)
         ]
@@ -74,6 +79,22 @@ def test_gpus_through_the_seams(make_client: ClientFactory) -> None:
     assert devices[0]["torch_reserved_bytes"] == 10 << 30  # torch: this process
     assert devices[0]["torch_allocated_bytes"] == 9 << 30
     assert devices[0]["held_bytes"] == 0
+
+
+class SecondGpuOnly(FakeCuda):
+    """CUDA_VISIBLE_DEVICES=1: torch's cuda:0 is NVML's GPU 1."""
+
+    def uuids(self) -> list[str]:
+        return ["GPU-fake-1"]
+
+
+def test_nvml_devices_are_matched_to_torch_by_uuid(make_client: ClientFactory) -> None:
+    client = make_client()
+    client.app.state.cuda = SecondGpuOnly(1)  # type: ignore[attr-defined]
+    client.app.state.gpus = FakeNvml()  # type: ignore[attr-defined]
+    devices = client.get("/v1/memory").json()["devices"]
+    assert [d["id"] for d in devices] == ["cuda:0"]
+    assert devices[0]["free_bytes"] == 50 << 30 and devices[0]["used_bytes"] == 30 << 30
 
 
 def test_torch_only_without_nvml(make_client: ClientFactory) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 import weakref
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -20,7 +21,13 @@ from service.app import create_app
 from service.client import LeaseLost, guard_forward
 from service.handles.attach import AttachError, attach_fd
 from service.handles.descriptor import Handle
-from service.handles.devices import DEVICE_ALIGN, CudaSegments, SegmentUnavailable
+from service.handles.devices import (
+    DEVICE_ALIGN,
+    CudaSegments,
+    SegmentUnavailable,
+    expandable_segments,
+)
+from service.handles.leases import LeaseTable
 from service.handles.placement import ArenaPlacement
 from service.handles.share import share
 from service.loading.sources import Provenance
@@ -68,7 +75,10 @@ def test_model_moves_into_one_segment_and_attaches(models_root: Path, kind: str)
     worker = attach_fd(handle, shared.fd, segments)
     with torch.no_grad():
         assert torch.equal(worker(TOKENS).logits, before)
-    assert outside(worker, segment) == []
+    # The worker opened the segment itself (its own mapping of the same memory): every
+    # base tensor is a view of that one storage.
+    storages = {t.untyped_storage().data_ptr() for _, t in all_tensors(worker) if t.numel()}
+    assert len(storages) == 1 and storages != {segment.untyped_storage().data_ptr()}
     assert worker.lm_head.weight is worker.model.embed_tokens.weight
 
 
@@ -83,7 +93,7 @@ def test_gpu_is_found_by_uuid_whatever_its_index() -> None:
 
 def share_handle_on(device_uuid: str) -> Handle:
     segments = HostSegments()
-    published = segments.publish("cuda:3", torch.zeros(8, dtype=torch.uint8))
+    published = segments.publish("cuda:3", segments.allocate(torch.device("cpu"), 8))
     return Handle.model_validate(
         {
             "model_id": "m",
@@ -96,6 +106,8 @@ def share_handle_on(device_uuid: str) -> Handle:
             "architecture": "LlamaForCausalLM",
             "dtype": "float32",
             "provenance": {"source": "m"},
+            "torch_version": torch.__version__,
+            "ipc_format": HostSegments.ipc_format,
         }
     )
 
@@ -103,8 +115,9 @@ def share_handle_on(device_uuid: str) -> Handle:
 def test_worker_without_that_gpu_gets_a_clear_error(models_root: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
     shared = share(model, "m", SOCKET, HostSegments())
+    as_cuda = shared.handle.model_copy(update={"ipc_format": CudaSegments.ipc_format})
     with pytest.raises(AttachError, match="cannot see"):
-        attach_fd(shared.handle, shared.fd, CudaSegments(visible_uuids=list))
+        attach_fd(as_cuda, shared.fd, CudaSegments(visible_uuids=list))
 
 
 def test_newer_handle_is_refused() -> None:
@@ -191,3 +204,68 @@ def test_no_room_for_the_segment_keeps_the_model_private(models_root: Path) -> N
     assert set(os.listdir("/proc/self/fd")) <= fds  # the arena's memfd was closed
     with torch.no_grad():
         assert torch.equal(model(TOKENS).logits, before)
+
+
+def test_a_worker_with_another_torch_or_ipc_format_refuses(models_root: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
+    shared = share(model, "m", SOCKET, HostSegments())
+    older = shared.handle.model_copy(update={"torch_version": "2.4.0+cu121"})
+    with pytest.raises(AttachError, match=r"Install torch==2\.4\.0"):
+        attach_fd(older, shared.fd, HostSegments())
+    with pytest.raises(AttachError, match="format"):
+        attach_fd(shared.handle, shared.fd, CudaSegments(visible_uuids=list))
+
+
+def test_expandable_segments_keep_gpu_models_private(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert CudaSegments().unavailable() is None or expandable_segments()
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64,expandable_segments:True")
+    reason = CudaSegments().unavailable()
+    assert reason is not None and "expandable_segments" in reason
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    assert CudaSegments().unavailable() is None
+
+
+def test_a_dtype_the_arena_cannot_describe_keeps_the_model_private(models_root: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
+    model.model.norm.weight.data = model.model.norm.weight.data.to(torch.float8_e4m3fn)
+    placed = ArenaPlacement(Path(SOCKET)).place("m", "m", model, [], Provenance(source="m"))
+    assert placed.shareable is False
+    assert placed.reason is not None and "float8_e4m3fn" in placed.reason
+
+
+@pytest.mark.parametrize(("grace", "retired"), [(60.0, 1), (0.0, 0)])
+def test_a_plain_unload_right_after_a_release_keeps_segments_for_the_grace(
+    models_root: Path, tmp_path: Path, socket_path: Path, grace: float, retired: int
+) -> None:
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        socket=socket_path,
+        model_roots=[models_root],
+        segment_grace_seconds=grace,
+    )
+    app = create_app(settings, segments=HostSegments())
+    with TestClient(app, base_url="http://localhost") as client:
+        status = load(client, source=str(models_root / "llama"), dtype="float32")
+        body = client.post(
+            f"/v1/models/{status['id']}/leases", json={"holder": "w", "ttl_seconds": 120}
+        ).json()
+        secret = {"X-Lease-Secret": body["secret"]}
+        assert client.delete(f"/v1/leases/{body['lease_id']}", headers=secret).status_code == 204
+        assert client.delete(f"/v1/models/{status['id']}").status_code == 204
+        placement: ArenaPlacement = app.state.placement
+        assert placement.retired() == retired
+        assert placement.collect(datetime.now(timezone.utc) + timedelta(seconds=61)) == retired
+
+
+def test_expired_leases_hold_segments_for_one_more_ttl() -> None:
+    table = LeaseTable(grace_seconds=5)
+    lease, _ = table.grant("m", "w", ttl_seconds=1)
+    assert table.hold_until("m") is None
+    time.sleep(1.1)
+    assert [e.id for e in table.expire()] == [lease.id]
+    held = table.hold_until("m")
+    assert held is not None and 0.5 < (held - datetime.now(timezone.utc)).total_seconds() <= 1
+    released, _ = table.grant("n", "w", ttl_seconds=60)
+    table.release(released.id)
+    until = table.hold_until("n")
+    assert until is not None and 4 < (until - datetime.now(timezone.utc)).total_seconds() <= 5
