@@ -18,7 +18,7 @@ import pytest
 from service.handles.fdpass import ArenaRefused, receive_arena
 from service.memory.host import shared_memory_bytes
 from tests import checkpoints
-from tests.handles.arenas import arena_fds, arena_of, sealed, sha256
+from tests.handles.arenas import arena_fds, arena_of, rss_shmem, sealed, sha256
 from tests.handles.spawn import spawn_worker
 from tests.test_server_e2e import Server, start
 
@@ -80,7 +80,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_attach_train_release_unload(server: Server, models_root: Path, case: str) -> None:
     load_spec, folder, extra = CASES[case]
-    baseline = shared_memory_bytes()
+    baseline = rss_shmem(server.pid)
     source = str(models_root / folder)
     status = load(server, source=source, **load_spec)
     assert status["shareable"] is True, status
@@ -103,7 +103,7 @@ def test_attach_train_release_unload(server: Server, models_root: Path, case: st
     assert httpx.get(f"{server.url}/v1/leases").json()["leases"] == []
     assert httpx.delete(f"{server.url}/v1/models/{status['id']}").status_code == 204
     assert arena_fds(server.pid) == {}
-    assert shared_memory_bytes() - baseline < 1 << 20
+    assert rss_shmem(server.pid) - baseline < 1 << 20
 
 
 def test_sigkilled_worker_lease_expires(server: Server, models_root: Path) -> None:
@@ -126,7 +126,7 @@ def test_sigkilled_worker_lease_expires(server: Server, models_root: Path) -> No
 def test_unload_is_refused_then_forced_and_worker_survives(
     server: Server, models_root: Path
 ) -> None:
-    baseline = shared_memory_bytes()
+    baseline = rss_shmem(server.pid)
     status = load(server, source=str(models_root / "llama"), dtype="float32")
     proc = worker(server, status["id"], "hold", {"ttl": 30})
     assert proc.stdout is not None and proc.stdout.readline().strip() == "attached"
@@ -139,7 +139,7 @@ def test_unload_is_refused_then_forced_and_worker_survives(
     out, err = proc.communicate("go\n", timeout=120)
     assert proc.returncode == 0, err
     assert "forward_sum" in out
-    assert shared_memory_bytes() - baseline < 1 << 20
+    assert rss_shmem(server.pid) - baseline < 1 << 20
 
 
 def test_an_in_place_write_in_a_worker_changes_nobody_elses_weights(
