@@ -48,7 +48,7 @@ async def _reap_leases(lending: Lending, placement: ArenaPlacement, every: float
     while True:
         await asyncio.sleep(every)
         await asyncio.to_thread(lending.expire)  # writes the state database
-        placement.collect()
+        await asyncio.to_thread(placement.collect)  # may synchronize a GPU
 
 
 def _start_state(settings: Settings, registry: Registry, table: LeaseTable) -> StateDB:

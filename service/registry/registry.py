@@ -308,6 +308,12 @@ class Registry:
             if record.state == State.CANCELLED:
                 self._transition(record, State.GONE)
             else:
+                # Leases restored for a model that could not come back end with it.
+                for lease in self._leases.revoke_model(record.id):
+                    log.warning(
+                        "lease %s of %s ended: the model failed to load", lease.id, record.id
+                    )
+                record.leases = 0
                 self._transition(record, State.FAILED, error=failure)
 
     def _describe(self, record: ModelRecord, exc: BaseException) -> ErrorInfo:

@@ -229,6 +229,9 @@ def test_a_source_that_is_gone_fails_and_the_rest_restore(
         post(server, source=str(models_root / "gpt2"), name="kept", dtype="float32")
         assert wait_ready(server.url, "doomed")["state"] == "ready"
         assert wait_ready(server.url, "kept")["state"] == "ready"
+        lease = httpx.post(
+            f"{server.url}/v1/models/doomed/leases", json={"holder": "w", "ttl_seconds": 60}
+        ).json()
         shutil.rmtree(models / "doomed")
         server = restart(server, tmp_path, env)
         failed = httpx.get(f"{server.url}/v1/models/doomed").json()
@@ -237,6 +240,8 @@ def test_a_source_that_is_gone_fails_and_the_rest_restore(
         assert "Check the path" in failed["error"]["message"]
         assert httpx.get(f"{server.url}/v1/models/kept").json()["state"] == "ready"
         assert db_models(tmp_path) == {"kept": "ready"}  # a failed model is not restored again
+        leases = httpx.get(f"{server.url}/v1/leases").json()["leases"]
+        assert lease["lease_id"] not in {x["lease_id"] for x in leases}  # ended with it
     finally:
         server.stop()
 
