@@ -76,7 +76,8 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The response, or the problem it answers as a BaseholdError."""
         response = self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
             try:
@@ -88,6 +89,10 @@ class Client:
                 str(body.get("code", "http_error")),
                 str(body.get("detail", response.text)),
             )
+        return response
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._send(method, path, **kwargs)
         return response.json() if response.content else None
 
     # -- models -------------------------------------------------------------------------
@@ -252,10 +257,7 @@ class Client:
         listing = self._call("GET", f"/v1/models/{model_id}/files")
 
         def download(name: str) -> bytes:
-            response = self._http.get(f"/v1/models/{model_id}/files/{name}")
-            if response.status_code >= 400:
-                self._call("GET", f"/v1/models/{model_id}/files/{name}")  # raises the problem
-            return bytes(response.content)
+            return bytes(self._send("GET", f"/v1/models/{model_id}/files/{name}").content)
 
         return fetch_files(listing, download)
 
