@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.errors import InvalidCheckpoint, SourceNotAllowed
+from service.loading.sources import within
 
 _MAX_HEADER = 100 * 1024 * 1024
 _REDO = "Re-download or re-save the checkpoint."
@@ -64,16 +65,12 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, object]]:
     return header
 
 
-def _inside(real: Path, allowed: Sequence[Path]) -> bool:
-    return any(real == root or root in real.parents for root in allowed)
-
-
 def confine_folder(path: Path, allowed: Sequence[Path]) -> None:
     """Every file in the checkpoint folder must resolve inside `allowed` (the model roots,
     or the hub cache for hub snapshots): a symlink that leaves them is refused, whatever
     it is named, since a load (or a worker asking for the tokenizer) may read it."""
     for entry in path.iterdir():
-        if not _inside(entry.resolve(), allowed):
+        if not within(entry.resolve(), allowed):
             raise SourceNotAllowed(
                 f"{entry.name} in the checkpoint is a link that leaves the allowed model "
                 "roots. Replace it with the file itself, or add the folder it points to with "
@@ -122,7 +119,7 @@ def inspect_checkpoint(path: Path, allowed: Sequence[Path]) -> CheckpointInfo:
     require_config(path)
     files = _safetensors_files(path)
     for file in files:
-        if not _inside(file.resolve(), allowed):
+        if not within(file.resolve(), allowed):
             raise SourceNotAllowed(
                 f"{file.name} resolves outside the allowed model roots (a symlink?). Put the "
                 "weights themselves in the checkpoint folder."

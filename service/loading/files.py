@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from service.errors import FileNotFound
+from service.loading.sources import within
 
 MAX_FILE_BYTES = 64 << 20
 NAMES = frozenset(
@@ -56,10 +57,6 @@ def servable(name: str) -> bool:
     return name in NAMES or any(fnmatch(name, pattern) for pattern in PATTERNS)
 
 
-def _inside(real: Path, allowed: Sequence[Path]) -> bool:
-    return any(real == root or root in real.parents for root in allowed)
-
-
 @lru_cache(maxsize=256)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
@@ -73,7 +70,7 @@ def _checked(folder: Path, allowed: Sequence[Path], name: str) -> Path | None:
     if not servable(name):
         return None
     path = folder / name
-    if not path.is_file() or not _inside(path.resolve(), allowed):
+    if not path.is_file() or not within(path.resolve(), allowed):
         return None
     if path.stat().st_size > MAX_FILE_BYTES:
         return None

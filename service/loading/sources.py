@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,12 +83,16 @@ def parse_source(source: str, revision: str | None, roots: list[Path]) -> Source
     return HubSource(source, revision or "main")
 
 
+def within(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether the (resolved) `path` is one of `roots` or lies under one."""
+    return any(path == root or root in path.parents for root in roots)
+
+
 def resolve_local(source: str, roots: list[Path]) -> Path:
     if ".." in Path(source).parts:
         raise SourceNotAllowed(f"{source!r} contains '..'. Use a plain absolute path.")
     path = Path(source).resolve()
-    allowed = [root for root in roots if path == root or root in path.parents]
-    if not allowed:
+    if not within(path, roots):
         shown = ", ".join(str(r) for r in roots)
         raise SourceNotAllowed(
             f"{source} resolves outside the allowed model roots ({shown}). Put the checkpoint "
