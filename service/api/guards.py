@@ -12,36 +12,23 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.problems import PROBLEM_BASE
+from service.api.problems import problem
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
-def _problem(status: int, code: str, title: str, detail: str) -> tuple[dict[str, object], bytes]:
-    body = {"type": PROBLEM_BASE + code, "title": title, "status": status, "detail": detail}
-    body["code"] = code
-    raw = json.dumps(body).encode()
-    start = {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [
-            (b"content-type", b"application/problem+json"),
-            (b"content-length", str(len(raw)).encode()),
-            (b"connection", b"close"),
-        ],
-    }
-    return start, raw
-
-
-async def _answer(send: Send, status: int, code: str, title: str, detail: str) -> None:
-    start, raw = _problem(status, code, title, detail)
-    await send(start)
-    await send({"type": "http.response.body", "body": raw})
+async def _answer(
+    scope: Scope, receive: Receive, send: Send, status: int, code: str, title: str, detail: str
+) -> None:
+    """The service's problem+json, sent before the app ever sees the request; the
+    connection closes after it (the client may still be sending a body nobody reads)."""
+    response = problem(status, code, title, detail)
+    response.headers["connection"] = "close"
+    await response(scope, receive, send)
 
 
 def host_name(header: str) -> str:
@@ -82,6 +69,8 @@ class RequestGuards:
         headers = dict(scope.get("headers") or [])
         if self.check_host and not self._host_allowed(headers.get(b"host", b"")):
             await _answer(
+                scope,
+                receive,
                 send,
                 400,
                 "invalid_host",
@@ -98,7 +87,7 @@ class RequestGuards:
             except ValueError:
                 length = -1
             if length < 0 or length > self.max_body_bytes:
-                await self._too_large(send)
+                await self._too_large(scope, receive, send)
                 return
         await self._bounded(scope, receive, send)
 
@@ -121,7 +110,7 @@ class RequestGuards:
                 if seen > self.max_body_bytes:
                     refused = True
                     if not started:
-                        await self._too_large(send)
+                        await self._too_large(scope, receive, send)
                     return {"type": "http.disconnect"}
             return message
 
@@ -135,8 +124,10 @@ class RequestGuards:
 
         await self.app(scope, counted, tracked)
 
-    async def _too_large(self, send: Send) -> None:
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _answer(
+            scope,
+            receive,
             send,
             413,
             "payload_too_large",
