@@ -75,7 +75,8 @@ class Lending:
         """For the arena socket: a new fd of the leased model's arena, if `secret` is the
         lease's (the caller sends and closes it)."""
         lease = self.table.check(lease_id, secret)
-        fd, _ = self.registry.lend(
+        # Fetching the arena of a granted lease is not a new use: no write, no recount.
+        fd, _ = self.registry.while_lendable(
             lease.model_id, lambda record: self.placement.dup_fd(record.load_id)
         )
         log.info(

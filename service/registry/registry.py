@@ -139,13 +139,12 @@ class Registry:
         spec = self.normalize(request)
         key = spec_key(spec)
         model_id = spec.name or derived_id(spec, key)
-        if (existing := self._existing(model_id, key, named=spec.name is not None)) is not None:
+        named = spec.name is not None
+        if (existing := self._existing(model_id, key, named=named)) is not None:
             return existing, False
         prepared = self._prepare_local(spec)  # outside the lock: builds a meta model
-        with self._lock:
-            existing = self._find(model_id, key, named=spec.name is not None)
-            if existing is not None:
-                self._touch(existing)
+        with self._lock:  # again: another request may have started it meanwhile
+            if (existing := self._existing(model_id, key, named=named)) is not None:
                 return existing, False
             record = ModelRecord(id=model_id, name=spec.name, spec=spec, key=key)
             victims: list[ModelRecord] = []
@@ -189,6 +188,7 @@ class Registry:
         return restored
 
     def _existing(self, model_id: str, key: str, *, named: bool) -> ModelRecord | None:
+        """The active record this request names, now counted as used (None: load it)."""
         with self._lock:
             existing = self._find(model_id, key, named=named)
             if existing is not None:
@@ -377,7 +377,17 @@ class Registry:
     # -- leases ------------------------------------------------------------------------
     def lend(self, model_id: str, take: Callable[[ModelRecord], T]) -> tuple[T, Any]:
         """Run `take` (grant a lease) while `model_id` is ready and shareable, atomically
-        with unloads; returns its result and the model's handle."""
+        with unloads; the model counts as used. Returns `take`'s result and the handle."""
+        with self._lock:
+            result, handle = self.while_lendable(model_id, take)
+            record = self.get(model_id)
+            record.leases = self._leases.count(model_id)
+            self._touch(record)
+            return result, handle
+
+    def while_lendable(self, model_id: str, use: Callable[[ModelRecord], T]) -> tuple[T, Any]:
+        """Run `use` while `model_id` is ready and shareable, atomically with unloads;
+        returns its result and the model's handle."""
         with self._lock:
             record = self.get(model_id)
             if record.state != State.READY or record.loaded is None:
@@ -388,10 +398,7 @@ class Registry:
             placed = record.loaded.placed
             if not placed.shareable or placed.handle is None:
                 raise NotShareable(f"{model_id} cannot be lent to workers: {placed.reason}.")
-            result = take(record)
-            record.leases = self._leases.count(model_id)
-            self._touch(record)
-            return result, placed.handle
+            return use(record), placed.handle
 
     def recount(self, model_id: str) -> None:
         """The leases of `model_id` changed: refresh the count its status shows."""
