@@ -58,7 +58,7 @@ class _Plan:
 def _check(model: Any, devices: DeviceSegments) -> None:
     if getattr(model.config, "auto_map", None):
         raise NotShareableModel("checkpoints with remote code cannot be attached by workers")
-    seen: set[str] = set()
+    seen: set[torch.device] = set()
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.device.type == "meta":
             raise NotShareableModel(f"{name} is offloaded (disk/cpu hooks); load without offload")
@@ -69,16 +69,16 @@ def _check(model: Any, devices: DeviceSegments) -> None:
                 f"{name} is {str(tensor.dtype).removeprefix('torch.')}, which the arena format "
                 "cannot describe; the model is held privately"
             )
-        if devices.claims(tensor.device) and (reason := devices.unavailable()) is not None:
-            raise NotShareableModel(reason)
-        seen.add(str(tensor.device))
+        seen.add(tensor.device)
     if len(seen) > 1:
         # The worker would need accelerate's dispatch hooks to move activations between
         # devices; until that is built, workers attach models that live on one device.
         raise NotShareableModel(
-            f"the model is split across {', '.join(sorted(seen))}; load it with "
+            f"the model is split across {', '.join(sorted(map(str, seen)))}; load it with "
             'device_map "cuda:N" or "cpu" to lend it to workers'
         )
+    if any(devices.claims(d) for d in seen) and (reason := devices.unavailable()) is not None:
+        raise NotShareableModel(reason)
     for name, module in model.named_modules():
         if type(module).__name__ == "Linear8bitLt":
             raise NotShareableModel(
