@@ -29,9 +29,9 @@ class ArenaPlacement:
 
     Releasing an arena closes the service's fd; a worker that still maps it keeps working
     and the pages return once the last mapping goes. But a freed device segment would be
-    reused under a worker's feet, so after a forced unload the segments are retired, not
-    freed, until the revoked leases' TTL has run out (the client stops a revoked worker's
-    forward passes before that)."""
+    reused under a worker's feet, so `release(keep_until=...)` retires them instead: until
+    the revoked leases' TTL has run out after a forced unload, or for the grace after a
+    release or expiry (the client stops a lost lease's forward passes before that)."""
 
     def __init__(self, socket: Path, devices: DeviceSegments = CUDA) -> None:
         self.socket = socket
