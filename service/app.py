@@ -117,7 +117,13 @@ def create_app(
         max_concurrent_loads=settings.max_concurrent_loads,
         allow_remote_code=settings.allow_remote_code,
     )
-    lending = Lending(registry, table, placement, settings.max_leases_per_model)
+    lending = Lending(
+        registry,
+        table,
+        placement,
+        settings.max_leases_per_model,
+        settings.max_leases_per_holder,
+    )
     arenas = ArenaServer(settings.socket, lending.arena_fd)
 
     events = EventBus()

@@ -18,7 +18,8 @@ from service.settings import Settings
 
 def _serve(args: argparse.Namespace) -> int:
     from service.app import create_app
-    from service.handles.fdpass import SocketUnsafe, check_folder
+    from service.handles.fdpass import check_folder
+    from service.private_dir import FolderUnsafe
     from service.server import serve
     from service.state.lock import StateDirLocked, StateLock
 
@@ -47,7 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         lock.acquire()
         check_folder(settings.socket.parent)
-    except (StateDirLocked, SocketUnsafe) as exc:
+    except (StateDirLocked, FolderUnsafe) as exc:
         print(f"basehold: refusing to start: {exc}", file=sys.stderr)
         return 2
     if args.demo:

@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     max_leases_per_model: int = Field(
         default=64, ge=1, le=100_000, description="More leases on one model answer 429."
     )
+    max_leases_per_holder: int = Field(
+        default=16,
+        ge=1,
+        le=100_000,
+        description="More leases held by one holder name (on all models) answer 429.",
+    )
     host_memory_budget: str | None = Field(
         default=None,
         description='Host bytes held models may use, e.g. "8GiB". Default: what is available '

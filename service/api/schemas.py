@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.handles.descriptor import Handle
-from service.handles.leases import Lease
+from service.handles.leases import MAX_TTL_SECONDS, Lease
 from service.handles.lending import Grant
 from service.loading.spec import LoadRequest
 from service.registry.record import ModelRecord
@@ -156,7 +156,9 @@ class LeaseRequest(BaseModel):
         examples=["trainer-7"],
         description="who holds the lease (printable text, no control characters)",
     )
-    ttl_seconds: int = Field(default=60, ge=1, le=3600, description="renew before it runs out")
+    ttl_seconds: int = Field(
+        default=60, ge=1, le=MAX_TTL_SECONDS, description="renew before it runs out"
+    )
 
     @field_validator("holder")
     @classmethod

@@ -13,12 +13,13 @@ import json
 import logging
 import os
 import socket
-import stat
 import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from service.private_dir import FolderUnsafe, check_parent, check_private
 
 log = logging.getLogger("basehold.handles")
 
@@ -29,7 +30,7 @@ TIMEOUT_S = 5.0
 Authorize = Callable[[str, str, str], int]
 
 
-class SocketUnsafe(RuntimeError):
+class SocketUnsafe(FolderUnsafe):
     """The socket's folder could let another user swap the socket; the message says what
     to change."""
 
@@ -44,25 +45,13 @@ class ArenaRefused(RuntimeError):
 
 
 def check_folder(folder: Path) -> None:
-    """Create `folder` (0700) or check that only this user can write it."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.lstat()
-    if not stat.S_ISDIR(info.st_mode):
-        raise SocketUnsafe(
-            f"{folder} is not a directory (a symlink?); point BASEHOLD_SOCKET "
-            "into a real directory that only this user can write."
-        )
-    if info.st_uid != os.getuid():
-        raise SocketUnsafe(
-            f"{folder} belongs to uid {info.st_uid}, not to this user ({os.getuid()}): "
-            "whoever owns it could replace the socket. Remove it, or set BASEHOLD_SOCKET "
-            "to a path in a folder of your own."
-        )
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise SocketUnsafe(
-            f"{folder} is writable by others (mode {stat.S_IMODE(info.st_mode):o}): they "
-            f"could replace the socket. `chmod go-w {folder}` or pick another folder."
-        )
+    """Create `folder` (0700) or check that only this user can write it, and that nobody
+    else can swap it through its parent."""
+    try:
+        check_private(folder, "BASEHOLD_SOCKET")
+        check_parent(folder, "BASEHOLD_SOCKET")
+    except FolderUnsafe as exc:
+        raise SocketUnsafe(str(exc)) from None
 
 
 def _peer(conn: socket.socket) -> tuple[int, int, int]:

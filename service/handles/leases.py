@@ -29,6 +29,9 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+# The longest TTL a lease may have (a request asking for more answers 422).
+MAX_TTL_SECONDS = 3600
+
 # A lease is exactly what the state database keeps of it (the secret only as a hash).
 Lease = LeaseRow
 
@@ -51,15 +54,16 @@ class LeaseTable:
     def restore(self, rows: list[LeaseRow], models: set[str]) -> list[Lease]:
         """Take back the leases a previous process granted on `models` (others are
         dropped). Their holders could not renew while the service was down, so each gets a
-        full TTL from now."""
+        full TTL from now, and no more: a recorded expiry or TTL beyond the service's
+        maximum (a row nobody granted) is cut down to it."""
         now = _now()
         kept, dropped = [], []
         for row in rows:
             if row.model_id not in models:
                 dropped.append(row.id)
                 continue
-            expires = max(row.expires_at, now + timedelta(seconds=row.ttl_seconds))
-            kept.append(replace(row, expires_at=expires))
+            ttl = min(max(row.ttl_seconds, 1), MAX_TTL_SECONDS)
+            kept.append(replace(row, ttl_seconds=ttl, expires_at=now + timedelta(seconds=ttl)))
         with self._lock:
             for lease in kept:
                 self._leases[lease.id] = lease
@@ -147,6 +151,11 @@ class LeaseTable:
     def count(self, model_id: str) -> int:
         with self._lock:
             return sum(1 for lease in self._leases.values() if lease.model_id == model_id)
+
+    def count_holder(self, holder: str) -> int:
+        """Active leases of `holder`, on any model."""
+        with self._lock:
+            return sum(1 for lease in self._leases.values() if lease.holder == holder)
 
     def revoke_model(self, model_id: str) -> list[Lease]:
         return self._drop(lambda lease: lease.model_id == model_id)

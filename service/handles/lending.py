@@ -35,11 +35,13 @@ class Lending:
         table: LeaseTable,
         placement: ArenaPlacement,
         max_leases_per_model: int,
+        max_leases_per_holder: int,
     ) -> None:
         self.registry = registry
         self.table = table
         self.placement = placement
         self.max_leases_per_model = max_leases_per_model
+        self.max_leases_per_holder = max_leases_per_holder
 
     def grant(self, model_id: str, holder: str, ttl_seconds: int) -> Grant:
         """A lease on a ready, shareable model, with its secret and the model's handle."""
@@ -50,6 +52,13 @@ class Lending:
                 raise TooManyLeases(
                     f"{record.id} already has {held} leases (BASEHOLD_MAX_LEASES_PER_MODEL="
                     f"{self.max_leases_per_model}). Release leases you no longer use, or "
+                    "ask the operator to raise the limit."
+                )
+            mine = self.table.count_holder(holder)
+            if mine >= self.max_leases_per_holder:
+                raise TooManyLeases(
+                    f"{holder!r} already holds {mine} leases (BASEHOLD_MAX_LEASES_PER_HOLDER="
+                    f"{self.max_leases_per_holder}). Release leases you no longer use, or "
                     "ask the operator to raise the limit."
                 )
             return self.table.grant(record.id, holder, ttl_seconds)

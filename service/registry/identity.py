@@ -8,6 +8,9 @@ import re
 
 from service.loading.spec import LoadRequest
 
+# Every id basehold gives: a request's `name`, or a derived id (slug + hash).
+MODEL_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
 
 def spec_key(spec: LoadRequest) -> str:
     canonical = json.dumps(spec.canonical(), sort_keys=True, separators=(",", ":"))

@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 from pydantic import ValidationError
 
 from service.errors import (
+    BaseholdError,
     InvalidSpec,
     ModelLeased,
     ModelNotFound,
@@ -47,7 +48,7 @@ from service.memory.cuda import CudaProbe
 from service.memory.estimate import Estimate
 from service.memory.release import release_memory
 from service.registry.gate import MemoryGate, refuse
-from service.registry.identity import derived_id, spec_key
+from service.registry.identity import MODEL_ID, derived_id, spec_key
 from service.registry.persist import Persistence
 from service.registry.record import ErrorInfo, ModelRecord, utcnow
 from service.registry.states import ACTIVE, State, check_transition
@@ -158,21 +159,27 @@ class Registry:
 
     def restore(self, rows: list[ModelRow]) -> list[ModelRecord]:
         """Queue the models a previous process held, most recently used first, under their
-        ids and specs. Each is admitted and loaded like any hub load; one that cannot come
-        back ends `failed` with its usual code."""
+        ids. Each recorded spec goes through the same normalization and policy as
+        `POST /v1/models` today (not the day it was recorded): one the server now refuses
+        (remote code no longer allowed, a device that is gone, a source outside the roots)
+        ends `failed` with its usual code, and its leases end with it. The others are
+        admitted and loaded like any hub load; one that cannot come back ends `failed`."""
         restored: list[ModelRecord] = []
         now = utcnow()
         for row in rows:
+            if not MODEL_ID.fullmatch(row.id):
+                log.error("not restoring %r: not a model id basehold gives", row.id[:80])
+                self._forget(row.id)
+                continue
             try:
                 spec = LoadRequest.model_validate(row.spec)
             except ValidationError as exc:
                 log.error("not restoring %s: its recorded spec is invalid (%s)", row.id, exc)
-                if self._persistence is not None:
-                    self._persistence.forget(row.id)
+                self._forget(row.id)
                 continue
             record = ModelRecord(
                 id=row.id,
-                name=row.name,
+                name=row.name if row.name == row.id else None,
                 spec=spec,
                 key=row.spec_key,
                 queued_at=row.queued_at,
@@ -182,10 +189,33 @@ class Registry:
             with self._lock:
                 record.leases = self._leases.count(record.id)
                 self._add(record)
+            try:
+                record.spec = self.normalize(spec)
+                record.key = spec_key(record.spec)
+            except BaseholdError as exc:
+                log.error("not restoring %s: %s (%s)", record.id, exc.message, exc.code)
+                self._fail(record, ErrorInfo(code=exc.code, message=exc.message))
+                continue
             restored.append(record)
         for record in restored:
             self._start(record, None)  # restored hub loads use the server's HF_TOKEN
         return restored
+
+    def _forget(self, model_id: str) -> None:
+        if self._persistence is not None:
+            self._persistence.forget(model_id)
+
+    def _fail(self, record: ModelRecord, failure: ErrorInfo | None) -> None:
+        """`record` ends failed (lock taken here), or gone if it was cancelled meanwhile;
+        leases restored for it end with it."""
+        with self._lock:
+            if record.state == State.CANCELLED:
+                self._transition(record, State.GONE)
+                return
+            for lease in self._leases.revoke_model(record.id):
+                log.warning("lease %s of %s ended: the model failed to load", lease.id, record.id)
+            record.leases = 0
+            self._transition(record, State.FAILED, error=failure)
 
     def _existing(self, model_id: str, key: str, *, named: bool) -> ModelRecord | None:
         """The active record this request names, now counted as used (None: load it)."""
@@ -304,17 +334,7 @@ class Registry:
         loaded = None
         discard(record.load_id, self._ctx)
         release_memory(self._cuda)
-        with self._lock:
-            if record.state == State.CANCELLED:
-                self._transition(record, State.GONE)
-            else:
-                # Leases restored for a model that could not come back end with it.
-                for lease in self._leases.revoke_model(record.id):
-                    log.warning(
-                        "lease %s of %s ended: the model failed to load", lease.id, record.id
-                    )
-                record.leases = 0
-                self._transition(record, State.FAILED, error=failure)
+        self._fail(record, failure)
 
     def _describe(self, record: ModelRecord, exc: BaseException) -> ErrorInfo:
         error = translate(exc)

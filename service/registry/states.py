@@ -16,7 +16,7 @@ class State(str, Enum):
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.QUEUED: frozenset({State.LOADING, State.CANCELLED}),
+    State.QUEUED: frozenset({State.LOADING, State.CANCELLED, State.FAILED}),
     State.LOADING: frozenset({State.READY, State.FAILED, State.CANCELLED}),
     State.READY: frozenset({State.UNLOADING}),
     State.FAILED: frozenset({State.GONE}),

@@ -15,13 +15,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
+import stat
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, TypeVar
 
 log = logging.getLogger("basehold.state")
 
@@ -88,7 +92,32 @@ def _off_loop() -> None:
     raise RuntimeError("a state database write ran on the event loop; run it in a thread")
 
 
+def _private_file(path: Path) -> None:
+    """Create the database file 0600 (SQLite gives its -wal and -shm files the same mode),
+    or take group and other bits off one that has them: it holds lease secrets' hashes and
+    specs whose restore runs loads."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StateError(
+            f"cannot open {path} ({exc.strerror}); it must be a regular file of this user "
+            "(never a symlink). Remove it or point BASEHOLD_STATE_DIR elsewhere."
+        ) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            raise StateError(
+                f"{path} is not a regular file owned by this user; remove it or point "
+                "BASEHOLD_STATE_DIR elsewhere."
+            )
+        if info.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
+    _private_file(path)
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
     conn.execute("PRAGMA journal_mode=WAL")
     # NORMAL in WAL mode: a committed transaction survives a process kill (SIGKILL, OOM);
@@ -145,6 +174,42 @@ def _move_aside(path: Path, reason: Exception) -> Path:
         target,
     )
     return target
+
+
+def _model_row(r: tuple[Any, ...]) -> ModelRow:
+    spec = json.loads(r[2])
+    if not isinstance(spec, dict):
+        raise ValueError("the spec is not a JSON object")
+    return ModelRow(
+        id=str(r[0]),
+        name=r[1],
+        spec=spec,
+        spec_key=str(r[3]),
+        state=str(r[4]),
+        queued_at=_aware(r[5]),
+        last_used_at=_aware(r[6]),
+    )
+
+
+def _lease_row(r: tuple[Any, ...]) -> LeaseRow:
+    return LeaseRow(
+        id=str(r[0]),
+        model_id=str(r[1]),
+        holder=str(r[2]),
+        ttl_seconds=int(r[3]),
+        created_at=_aware(r[4]),
+        expires_at=_aware(r[5]),
+        secret_hash=r[6],
+    )
+
+
+def _aware(value: object) -> datetime:
+    """An ISO 8601 time with a zone (naive ones are read as UTC)."""
+    when = datetime.fromisoformat(str(value))
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+R = TypeVar("R")
 
 
 class StateDB:
@@ -236,24 +301,13 @@ class StateDB:
         self._write(("DELETE FROM models WHERE id = ?", (model_id,)))
 
     def models(self) -> list[ModelRow]:
-        """Most recently used first."""
+        """Most recently used first. A row that cannot be read is moved aside."""
         with self._lock:
             rows = self._conn.execute(
                 "SELECT id, name, spec, spec_key, state, queued_at, last_used_at FROM models "
                 "ORDER BY last_used_at DESC"
             ).fetchall()
-        return [
-            ModelRow(
-                id=r[0],
-                name=r[1],
-                spec=json.loads(r[2]),
-                spec_key=r[3],
-                state=r[4],
-                queued_at=datetime.fromisoformat(r[5]),
-                last_used_at=datetime.fromisoformat(r[6]),
-            )
-            for r in rows
-        ]
+        return self._readable("models", rows, _model_row)
 
     # -- leases ------------------------------------------------------------------------
     def put_lease(self, row: LeaseRow) -> None:
@@ -277,23 +331,43 @@ class StateDB:
         self._write(*(("DELETE FROM leases WHERE id = ?", (i,)) for i in lease_ids))
 
     def leases(self) -> list[LeaseRow]:
+        """A row that cannot be read is moved aside."""
         with self._lock:
             rows = self._conn.execute(
                 "SELECT id, model_id, holder, ttl_seconds, created_at, expires_at, secret_hash "
                 "FROM leases ORDER BY created_at"
             ).fetchall()
-        return [
-            LeaseRow(
-                id=r[0],
-                model_id=r[1],
-                holder=r[2],
-                ttl_seconds=int(r[3]),
-                created_at=datetime.fromisoformat(r[4]),
-                expires_at=datetime.fromisoformat(r[5]),
-                secret_hash=r[6],
-            )
-            for r in rows
-        ]
+        return self._readable("leases", rows, _lease_row)
+
+    def _readable(
+        self, table: str, rows: list[tuple[Any, ...]], parse: Callable[[tuple[Any, ...]], R]
+    ) -> list[R]:
+        """Parse `rows`; one that cannot be parsed (a spec that is not JSON, a date that is
+        not ISO 8601) is written to a file beside the database, deleted from `table`, and
+        logged loudly, so it never stops a start."""
+        parsed: list[R] = []
+        for row in rows:
+            try:
+                parsed.append(parse(row))
+            except (ValueError, TypeError) as exc:
+                self._set_aside(table, row, exc)
+        return parsed
+
+    def _set_aside(self, table: str, row: tuple[Any, ...], reason: Exception) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target = self.path.with_name(f"{self.path.name}.bad-{table}-{stamp}-{uuid.uuid4().hex[:8]}")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"table": table, "row": [str(v) for v in row]}, fh)
+        self._write((f"DELETE FROM {table} WHERE id = ?", (row[0],)))
+        log.error(
+            "STATE DATABASE ROW UNREADABLE: a row of %s (id %r) could not be read (%s). Moved "
+            "it aside to %s; it is not restored. Inspect or delete that file.",
+            table,
+            str(row[0])[:64],
+            reason,
+            target,
+        )
 
     def forget_all(self) -> tuple[int, int]:
         """Drop every model and lease row (BASEHOLD_RESTORE=false); returns the counts."""

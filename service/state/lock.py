@@ -2,13 +2,21 @@
 
 `flock` is released by the kernel when the process dies however it dies (SIGKILL, OOM), so
 a crashed instance never blocks the next one; a live one always does.
+
+The lock file is opened with `O_NOFOLLOW` and must be a regular file of this user: a
+symlink planted in its place (pointing at another of this user's files) is refused, never
+followed, written or truncated.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
+
+from service.private_dir import FolderUnsafe, check_private
 
 FILENAME = "basehold.lock"
 
@@ -24,6 +32,30 @@ class StateDirLocked(RuntimeError):
         self.pid = pid
 
 
+class LockFileUnsafe(FolderUnsafe):
+    """The lock file is not a regular file of this user (a symlink, a device, ...)."""
+
+
+def _open(path: Path) -> int:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LockFileUnsafe(
+                f"{path} is a symlink; basehold never follows it. Remove it (and check who "
+                "planted it) before starting."
+            ) from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        os.close(fd)
+        raise LockFileUnsafe(
+            f"{path} is not a regular file owned by this user (uid {os.getuid()}); remove it "
+            "before starting."
+        )
+    return fd
+
+
 class StateLock:
     def __init__(self, directory: Path) -> None:
         self.path = directory / FILENAME
@@ -37,7 +69,10 @@ class StateLock:
         """Take the lock (no-op if this object holds it) or raise StateDirLocked."""
         if self._fd is not None:
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # A state directory someone else can write could hold a planted database (whose
+        # restore would run checkpoint code) or swap the lock: refuse it first.
+        check_private(self.path.parent, "BASEHOLD_STATE_DIR")
+        fd = _open(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from service.handles.leases import MAX_TTL_SECONDS, LeaseTable
+from service.state.database import LeaseRow
 from tests.api.test_auth import KEYS, bearer
 from tests.conftest import ClientFactory, load
 
@@ -157,3 +159,34 @@ def test_lease_cap_per_model(make_client: ClientFactory, models_root: Path) -> N
     assert refused.status_code == 429  # type: ignore[attr-defined]
     assert refused.json()["code"] == "too_many_leases"  # type: ignore[attr-defined]
     assert "BASEHOLD_MAX_LEASES_PER_MODEL" in refused.json()["detail"]  # type: ignore[attr-defined]
+
+
+def test_lease_cap_per_holder(make_client: ClientFactory, models_root: Path) -> None:
+    client = make_client(max_leases_per_holder=2)
+    first = load(client, source=str(models_root / "gpt2"))
+    second = load(client, source=str(models_root / "llama"), dtype="float32")
+    assert lease(client, first["id"]).status_code == 201  # type: ignore[attr-defined]
+    assert lease(client, second["id"]).status_code == 201  # type: ignore[attr-defined]
+    refused = lease(client, first["id"])
+    assert refused.status_code == 429  # type: ignore[attr-defined]
+    assert refused.json()["code"] == "too_many_leases"  # type: ignore[attr-defined]
+    assert "BASEHOLD_MAX_LEASES_PER_HOLDER" in refused.json()["detail"]  # type: ignore[attr-defined]
+    other = client.post(
+        f"/v1/models/{first['id']}/leases", json={"holder": "trainer-2", "ttl_seconds": 60}
+    )
+    assert other.status_code == 201
+
+
+def test_restored_leases_get_at_most_one_ttl_from_now() -> None:
+    now = datetime.now(timezone.utc)
+    planted = [
+        LeaseRow("forever", "m", "w", 30, now, now + timedelta(days=3650), "h" * 64),
+        LeaseRow("huge-ttl", "m", "w", 10**9, now, now + timedelta(days=1), "h" * 64),
+        LeaseRow("gone-model", "other", "w", 30, now, now + timedelta(seconds=30), "h" * 64),
+    ]
+    kept = {lease.id: lease for lease in LeaseTable().restore(planted, {"m"})}
+    assert set(kept) == {"forever", "huge-ttl"}
+    assert kept["forever"].expires_at <= datetime.now(timezone.utc) + timedelta(seconds=31)
+    assert kept["huge-ttl"].ttl_seconds == MAX_TTL_SECONDS
+    limit = datetime.now(timezone.utc) + timedelta(seconds=MAX_TTL_SECONDS + 1)
+    assert kept["huge-ttl"].expires_at <= limit

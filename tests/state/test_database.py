@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import stat
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -110,3 +111,57 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StateError, match="newer than this basehold"):
         StateDB.open(tmp_path)
     assert (tmp_path / FILENAME).exists()  # left as it is
+
+
+def test_the_database_is_created_private_and_made_private(tmp_path: Path) -> None:
+    StateDB.open(tmp_path).close()
+    for name in (FILENAME, f"{FILENAME}-wal", f"{FILENAME}-shm"):
+        path = tmp_path / name
+        if path.exists():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
+    (tmp_path / FILENAME).chmod(0o644)
+    StateDB.open(tmp_path).close()
+    assert stat.S_IMODE((tmp_path / FILENAME).stat().st_mode) == 0o600
+
+
+def test_a_symlinked_database_is_refused(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.sqlite3"
+    StateDB.open(tmp_path).close()
+    (tmp_path / FILENAME).rename(elsewhere)
+    (tmp_path / FILENAME).symlink_to(elsewhere)
+    with pytest.raises(StateError, match="never a symlink"):
+        StateDB.open(tmp_path)
+
+
+def test_an_unreadable_row_is_moved_aside_and_the_rest_is_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = StateDB.open(tmp_path)
+    db.put_model(model_row("good"))
+    db.put_lease(lease_row("l-good", "good"))
+    db.close()
+    conn = sqlite3.connect(tmp_path / FILENAME)
+    with conn:
+        conn.execute(
+            "INSERT INTO models VALUES ('bad', 'bad', '{not json', 'k', 'ready', ?, ?)",
+            (NOW.isoformat(), NOW.isoformat()),
+        )
+        conn.execute(
+            "INSERT INTO models VALUES ('list', 'list', '[1]', 'k', 'ready', ?, ?)",
+            (NOW.isoformat(), NOW.isoformat()),
+        )
+        conn.execute(
+            "INSERT INTO leases VALUES ('l-bad', 'good', 'w', 30, 'yesterday', 'never', NULL)"
+        )
+    conn.close()
+    db = StateDB.open(tmp_path)
+    assert [r.id for r in db.models()] == ["good"]
+    assert [r.id for r in db.leases()] == ["l-good"]
+    assert "STATE DATABASE ROW UNREADABLE" in caplog.text
+    aside = sorted(tmp_path.glob(f"{FILENAME}.bad-*"))
+    assert len(aside) == 3
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in aside)
+    assert any("{not json" in p.read_text() for p in aside)
+    # Gone from the database: the next start reads it clean, logging nothing.
+    caplog.clear()
+    assert [r.id for r in db.models()] == ["good"] and "UNREADABLE" not in caplog.text

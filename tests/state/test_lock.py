@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.state.lock import StateDirLocked, StateLock
+from service.private_dir import FolderUnsafe
+from service.state.lock import FILENAME, LockFileUnsafe, StateDirLocked, StateLock
 
 
 def test_second_holder_is_refused_with_the_first_ones_pid(tmp_path: Path) -> None:
@@ -34,3 +35,47 @@ def test_a_killed_holder_leaves_no_lock(tmp_path: Path) -> None:
     lock = StateLock(tmp_path)
     lock.acquire()
     lock.release()
+
+
+def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    victim = tmp_path.parent / f"{tmp_path.name}-victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / FILENAME).symlink_to(victim)
+    with pytest.raises(LockFileUnsafe, match="symlink"):
+        StateLock(tmp_path).acquire()
+    assert victim.read_text() == "precious\n"
+    victim.unlink()
+
+
+def test_a_lock_path_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / FILENAME)
+    with pytest.raises(LockFileUnsafe, match="not a regular file"):
+        StateLock(tmp_path).acquire()
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o707, 0o777])
+def test_a_state_dir_others_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(mode)
+    with pytest.raises(FolderUnsafe, match="writable by others"):
+        StateLock(state).acquire()
+    assert not (state / FILENAME).exists()
+
+
+def test_a_state_dir_of_another_user_is_refused(tmp_path: Path) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to give the folder away")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 4242, 4242)
+    with pytest.raises(FolderUnsafe, match="belongs to uid 4242"):
+        StateLock(state).acquire()
+
+
+def test_a_symlinked_state_dir_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "state").symlink_to(real)
+    with pytest.raises(FolderUnsafe, match="not a directory"):
+        StateLock(tmp_path / "state").acquire()

@@ -1,0 +1,58 @@
+"""Folders only this user can change: the state directory and the socket's folder.
+
+Whoever can write such a folder can plant or swap what basehold trusts in it (a state
+database that runs checkpoint code at restore, a socket that serves forged weights), so
+basehold refuses to start on one that another user owns or can write.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+
+class FolderUnsafe(RuntimeError):
+    """A folder basehold trusts could be changed by someone else; the message says what to
+    change."""
+
+
+def check_private(folder: Path, setting: str, *, create: bool = True) -> None:
+    """Create `folder` (0700) or check that it is a real directory of this user that no
+    one else can write. `setting` names the knob that points at it (for the message)."""
+    if create:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise FolderUnsafe(
+            f"{folder} is not a directory (a symlink?); point {setting} at a real directory "
+            "that only this user can write."
+        )
+    if info.st_uid != os.getuid():
+        raise FolderUnsafe(
+            f"{folder} belongs to uid {info.st_uid}, not to this user ({os.getuid()}): "
+            f"whoever owns it could change what basehold trusts there. Remove it, or set "
+            f"{setting} to a folder of your own."
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise FolderUnsafe(
+            f"{folder} is writable by others (mode {stat.S_IMODE(info.st_mode):o}): they "
+            f"could change what basehold trusts there. `chmod go-w {folder}` or set {setting} "
+            "to another folder."
+        )
+
+
+def check_parent(folder: Path, setting: str) -> None:
+    """Someone who can write `folder`'s parent can rename `folder` away and put their own
+    in its place after the checks: refuse a parent others can write, unless it has the
+    sticky bit (like /tmp, where only the owner may rename an entry)."""
+    parent = folder.resolve().parent
+    info = parent.stat()
+    shared = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if shared and not info.st_mode & stat.S_ISVTX:
+        raise FolderUnsafe(
+            f"{parent} (the parent of {folder}) is writable by others without the sticky "
+            f"bit (mode {stat.S_IMODE(info.st_mode):o}): they could swap {folder} after "
+            f"start. `chmod +t {parent}` or `chmod go-w {parent}`, or set {setting} to a "
+            "path in a folder only you can write."
+        )

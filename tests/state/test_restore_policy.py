@@ -1,0 +1,71 @@
+"""Restore applies today's load policy to what the state database recorded (in-process app,
+stopped and started again on the same state directory)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.registry.record import utcnow
+from service.settings import Settings
+from service.state.database import ModelRow, StateDB
+from tests.conftest import MINILM, wait_for
+
+
+@contextmanager
+def running(state: Path, socket: Path, roots: list[Path], **settings: Any) -> Iterator[TestClient]:
+    app = create_app(Settings(state_dir=state, socket=socket, model_roots=roots, **settings))
+    with TestClient(app, base_url="http://localhost") as client:
+        yield client
+
+
+def test_restore_refuses_what_the_policy_now_refuses(
+    tmp_path: Path, models_root: Path, socket_path: Path
+) -> None:
+    state = tmp_path / "state"
+    roots = [models_root, MINILM.parent]
+    gpt2 = str(models_root / "gpt2")
+    with running(state, socket_path, roots, allow_remote_code=True) as client:
+        body = {"source": gpt2, "name": "coded", "trust_remote_code": True, "dtype": "float32"}
+        assert client.post("/v1/models", json=body).status_code == 202
+        assert wait_for(client, "coded")["state"] == "ready"
+        leased = client.post("/v1/models/coded/leases", json={"holder": "w", "ttl_seconds": 60})
+        assert leased.status_code == 201
+        plain = {"source": gpt2, "name": "plain", "dtype": "float32"}
+        assert client.post("/v1/models", json=plain).status_code == 202
+        assert wait_for(client, "plain")["state"] == "ready"
+    # While it is stopped, rows nobody could have POSTed land in the database.
+    db = StateDB.open(state)
+    now = utcnow()
+    planted = {
+        "gpu7": {"source": gpt2, "name": "gpu7", "device_map": "cuda:7"},
+        "outside": {"source": "/etc", "name": "outside"},
+        "<img src=x onerror=alert(1)>": {"source": gpt2, "dtype": "float16"},
+    }
+    for model_id, spec in planted.items():
+        db.put_model(ModelRow(model_id, spec.get("name"), spec, "k" * 64, "ready", now, now))
+    db.close()
+
+    with running(state, socket_path, roots, allow_remote_code=False) as client:
+        coded = wait_for(client, "coded")
+        assert coded["state"] == "failed"
+        assert coded["error"]["code"] == "remote_code_refused", coded
+        assert client.get("/v1/leases").json()["leases"] == []  # no orphan lease
+        assert wait_for(client, "gpu7")["error"]["code"] == "invalid_spec"
+        assert wait_for(client, "outside")["error"]["code"] in (
+            "source_not_allowed",
+            "source_not_found",
+        )
+        ids = {m["id"] for m in client.get("/v1/models").json()["models"]}
+        assert ids == {"coded", "gpu7", "outside", "plain"}
+        assert wait_for(client, "plain")["state"] == "ready"
+        assert client.get("/readyz").status_code == 200
+    # Failed rows are forgotten: the next start restores only what still loads.
+    db = StateDB.open(state)
+    assert {row.id for row in db.models()} == {"plain"}
+    db.close()
