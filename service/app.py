@@ -186,6 +186,7 @@ def create_app(
     app.state.registry = registry
     app.state.lending = lending
     app.state.placement = placement
+    app.state.arenas = arenas
     app.state.cuda = cuda
     app.state.gpus = gate.gpus
     app.state.events = events

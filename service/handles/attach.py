@@ -24,7 +24,7 @@ from service.handles.devices import CUDA, DeviceSegments, SegmentUnavailable
 from service.handles.fdpass import ArenaRefused, receive_arena
 from service.handles.share import disable_cpu_repack
 
-SUPPORTED_VERSION = 3
+SUPPORTED_VERSION = 4
 
 
 class AttachError(RuntimeError):
@@ -204,7 +204,7 @@ def attach_handle(
     open its device segments, and build the model on them."""
     handle = _validated(handle, devices)
     try:
-        fd = receive_arena(handle.arena.socket, lease_id, secret)
+        fd = receive_arena(handle.arena.socket, lease_id, secret, handle.socket_uid)
     except ArenaRefused as exc:
         raise AttachError(f"the service refused the arena: {exc.detail}") from exc
     try:

@@ -81,9 +81,13 @@ class DeviceSegment(BaseModel):
 
 
 class Handle(BaseModel):
-    version: int = 3
+    version: int = 4
     model_id: str
     arena: ArenaInfo
+    socket_uid: int = Field(
+        description="the uid that serves `arena.socket`: the client checks the socket's peer "
+        "(SO_PEERCRED) against it before it sends the lease's secret"
+    )
     segments: list[DeviceSegment] = Field(
         default_factory=list, description="device allocations (CUDA), shared by IPC handle"
     )

@@ -9,14 +9,19 @@ or someone else could put their own socket there.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import selectors
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from service.private_dir import FolderUnsafe, check_parent, check_private
@@ -60,28 +65,53 @@ def _peer(conn: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-def _read_line(conn: socket.socket) -> bytes:
-    data = b""
-    while b"\n" not in data:
-        chunk = conn.recv(MAX_LINE)
-        if not chunk:
-            break
-        data += chunk
-        if len(data) > MAX_LINE:
-            raise ValueError("request too long")
-    return data.split(b"\n", 1)[0]
+@dataclass
+class _Conn:
+    sock: socket.socket
+    peer: tuple[int, int]  # (uid, pid): pid 0 is a peer in another PID namespace
+    who: str
+    deadline: float
+    data: bytes = b""
 
 
 class ArenaServer:
-    """Listens on `path` and answers arena requests with `authorize`."""
+    """Listens on `path` and answers arena requests with `authorize`.
 
-    def __init__(self, path: Path, authorize: Authorize) -> None:
+    One thread multiplexes every connection (non-blocking, `selectors`): an idle or slow
+    client costs an fd, never a thread, and each must send its whole request line within
+    `deadline` seconds or is cut off. A peer (uid, pid) holds at most `per_peer`
+    connections and all peers `max_connections`; past either, new connections are told
+    `busy` and closed. Complete requests are authorized and answered by a small pool.
+    Running out of fds (EMFILE) pauses accepting for a moment and never ends the loop;
+    `serving` says whether the loop runs (`/readyz` answers 503 when it does not)."""
+
+    def __init__(
+        self,
+        path: Path,
+        authorize: Authorize,
+        *,
+        deadline: float = TIMEOUT_S,
+        per_peer: int = 16,
+        max_connections: int = 512,
+    ) -> None:
         self.path = path
         self._authorize = authorize
+        self._deadline = deadline
+        self._per_peer = per_peer
+        self._max_connections = max_connections
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="arena-socket")
         self._stopping = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._conns: dict[int, _Conn] = {}
+        self._selector: selectors.BaseSelector | None = None
+        self._paused_until = 0.0
+        self.accept_errors = 0
+
+    @property
+    def serving(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         check_folder(self.path.parent)
@@ -101,79 +131,184 @@ class ArenaServer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(self.path))
         os.chmod(self.path, 0o600)
-        listener.listen(64)
-        listener.settimeout(0.5)
+        listener.listen(128)
+        listener.setblocking(False)
         self._listener = listener
+        # Made here, not in the thread: the loop itself never needs a new fd.
+        self._selector = selectors.DefaultSelector()
         self._thread = threading.Thread(target=self._serve, name="arena-socket", daemon=True)
         self._thread.start()
         log.info("handing arenas to workers on %s", self.path)
 
     def stop(self) -> None:
+        """Stop at once: the loop is woken, not polled."""
         self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self._listener is not None:
             self._listener.close()
             self.path.unlink(missing_ok=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._wake_r.close()
+        self._wake_w.close()
 
+    # -- the loop ------------------------------------------------------------------------
     def _serve(self) -> None:
-        assert self._listener is not None
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self._pool.submit(self._answer, conn)
+        assert self._listener is not None and self._selector is not None
+        selector = self._selector
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        listening = False
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                if not listening and now >= self._paused_until:
+                    selector.register(self._listener, selectors.EVENT_READ)
+                    listening = True
+                for key, _ in selector.select(self._timeout(now)):
+                    if key.fileobj is self._listener:
+                        if not self._accept(selector):
+                            selector.unregister(self._listener)
+                            listening = False
+                    elif key.fileobj is not self._wake_r:
+                        self._receive(selector, self._conns[key.fd])
+                self._cut_off_late(selector)
+        except Exception:
+            log.exception("arena socket: the serving loop failed; workers cannot attach")
+        finally:
+            for conn in list(self._conns.values()):
+                self._close(selector, conn)
+            selector.close()
 
-    def _answer(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(TIMEOUT_S)
-            pid, uid, _ = _peer(conn)
-            who = f"pid {pid} uid {uid}"
+    def _timeout(self, now: float) -> float:
+        soonest = min((c.deadline for c in self._conns.values()), default=now + 1.0)
+        if self._paused_until > now:
+            soonest = min(soonest, self._paused_until)
+        return max(0.0, min(soonest - now, 1.0))
+
+    def _accept(self, selector: selectors.BaseSelector) -> bool:
+        """Accept what is pending; False when out of fds (accepting pauses briefly)."""
+        assert self._listener is not None
+        while True:
             try:
-                request = json.loads(_read_line(conn))
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                self.accept_errors += 1
+                self._paused_until = time.monotonic() + 0.1
+                if self.accept_errors == 1 or self.accept_errors % 100 == 0:
+                    log.warning(
+                        "arena socket: cannot accept (%s; %d time(s)); pausing briefly",
+                        exc.strerror,
+                        self.accept_errors,
+                    )
+                return False
+            self._admit(selector, sock)
+
+    def _admit(self, selector: selectors.BaseSelector, sock: socket.socket) -> None:
+        pid, uid, gid = _peer(sock)
+        peer = (uid, pid)
+        where = "another PID namespace" if pid == 0 else f"pid {pid}"
+        who = f"{where} uid {uid} gid {gid}"
+        sock.setblocking(False)
+        mine = sum(1 for c in self._conns.values() if c.peer == peer)
+        if mine >= self._per_peer or len(self._conns) >= self._max_connections:
+            log.warning("arena socket: too many connections; turned away %s", who)
+            detail = "too many open connections from you or in all; close idle ones and retry"
+            self._send(sock, {"ok": False, "code": "busy", "detail": detail})
+            sock.close()
+            return
+        conn = _Conn(sock, peer, who, time.monotonic() + self._deadline)
+        self._conns[sock.fileno()] = conn
+        selector.register(sock, selectors.EVENT_READ)
+
+    def _receive(self, selector: selectors.BaseSelector, conn: _Conn) -> None:
+        try:
+            chunk = conn.sock.recv(MAX_LINE)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        conn.data += chunk
+        if b"\n" not in conn.data and chunk and len(conn.data) <= MAX_LINE:
+            return  # more to come
+        selector.unregister(conn.sock)
+        del self._conns[conn.sock.fileno()]
+        future = self._pool.submit(self._answer, conn)
+        future.add_done_callback(_log_failure)
+
+    def _cut_off_late(self, selector: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        for conn in [c for c in self._conns.values() if c.deadline <= now]:
+            log.warning(
+                "arena socket: %s sent no complete request in %.0f s; closed",
+                conn.who,
+                self._deadline,
+            )
+            detail = f"send one JSON line with lease_id and secret within {self._deadline:.0f} s"
+            self._send(conn.sock, {"ok": False, "code": "timeout", "detail": detail})
+            self._close(selector, conn)
+
+    def _close(self, selector: selectors.BaseSelector, conn: _Conn) -> None:
+        self._conns.pop(conn.sock.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(conn.sock)
+        conn.sock.close()
+
+    # -- one request (pool thread) -------------------------------------------------------
+    def _answer(self, conn: _Conn) -> None:
+        with conn.sock:
+            line = conn.data.split(b"\n", 1)[0] if b"\n" in conn.data else b""
+            try:
+                request = json.loads(line)
                 lease_id, secret = str(request["lease_id"]), str(request["secret"])
-            except (ValueError, KeyError, TypeError, OSError):
-                log.warning("arena socket: malformed request from %s", who)
-                self._send(
-                    conn,
-                    {
-                        "ok": False,
-                        "code": "bad_request",
-                        "detail": "send one JSON line with lease_id and secret",
-                    },
-                )
+            except (ValueError, KeyError, TypeError):
+                log.warning("arena socket: malformed request from %s", conn.who)
+                detail = "send one JSON line with lease_id and secret"
+                self._send(conn.sock, {"ok": False, "code": "bad_request", "detail": detail})
                 return
             try:
-                fd = self._authorize(lease_id, secret, who)
+                fd = self._authorize(lease_id, secret, conn.who)
             except Exception as exc:
                 code = str(getattr(exc, "code", "internal"))
                 detail = str(getattr(exc, "message", exc))
-                log.warning("arena socket: refused %s for %s: %s", lease_id[:64], who, code)
-                self._send(conn, {"ok": False, "code": code, "detail": detail})
+                log.warning("arena socket: refused %s for %s: %s", lease_id[:64], conn.who, code)
+                self._send(conn.sock, {"ok": False, "code": code, "detail": detail})
                 return
             try:
-                self._send(conn, {"ok": True}, fd)
+                self._send(conn.sock, {"ok": True}, fd)
             finally:
                 os.close(fd)
 
     @staticmethod
-    def _send(conn: socket.socket, body: dict[str, object], fd: int | None = None) -> None:
+    def _send(sock: socket.socket, body: dict[str, object], fd: int | None = None) -> None:
+        """One short line (and an fd) into an empty socket buffer: never blocks."""
         message = (json.dumps(body) + "\n").encode()
         try:
             if fd is None:
-                conn.sendall(message)
+                sock.send(message)
             else:
-                socket.send_fds(conn, [message], [fd])
+                socket.send_fds(sock, [message], [fd])
         except OSError as exc:
             log.warning("arena socket: could not answer: %s", exc)
 
 
-def receive_arena(path: str, lease_id: str, secret: str, timeout: float = 30.0) -> int:
-    """Worker side: ask the service at `path` for the arena of `lease_id`; returns the fd."""
+def _log_failure(future: Future[None]) -> None:
+    exc = future.exception() if not future.cancelled() else None
+    if exc is not None:
+        log.error("arena socket: answering a request failed", exc_info=exc)
+
+
+def receive_arena(
+    path: str, lease_id: str, secret: str, socket_uid: int | None, timeout: float = 30.0
+) -> int:
+    """Worker side: ask the service at `path` for the arena of `lease_id`; returns the fd.
+    The peer must run as `socket_uid` (the handle says which uid serves the socket): a
+    socket someone else swapped in gets no secret."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
         try:
@@ -184,6 +319,14 @@ def receive_arena(path: str, lease_id: str, secret: str, timeout: float = 30.0) 
                 f"cannot reach the service's socket {path} ({exc.strerror}). Run the worker "
                 "where it can see that path (share the folder with the service's container).",
             ) from exc
+        _, uid, _ = _peer(conn)
+        if socket_uid is not None and uid != socket_uid:
+            raise ArenaRefused(
+                "socket_impostor",
+                f"{path} is served by uid {uid}, but the service runs as uid {socket_uid}: "
+                "someone else's socket is in its place, so the lease's secret was not sent. "
+                "Tell the operator; check who can write the socket's folder and its parent.",
+            )
         conn.sendall((json.dumps({"lease_id": lease_id, "secret": secret}) + "\n").encode())
         message, fds, _, _ = socket.recv_fds(conn, MAX_LINE, 1)
     try:

@@ -229,33 +229,36 @@ def share(
     claimed = {n: t for n, t in plan.tensors.items() if devices.claims(t.device)}
     host = {n: t for n, t in plan.tensors.items() if n not in claimed}
     arena = write_arena(name or model_id, host)
+    # From here the arena's fd is ours until `Shared` hands it to the caller: every error
+    # path closes it (a leaked memfd holds a whole model of host memory).
     try:
         device_entries, described, segments, bound = _fill_segments(claimed, devices)
         mapping = map_shared(arena.fd)
+        handle = Handle(
+            model_id=model_id,
+            arena=ArenaInfo(
+                socket=socket, name=arena.name, size=arena.size, data_start=arena.data_start
+            ),
+            socket_uid=os.getuid(),
+            segments=described,
+            entries=[*arena.entries, *device_entries],
+            parameters=parameters,
+            buffers=buffers,
+            quant4=quant4,
+            config=_public_config(model),
+            architecture=type(model).__name__,
+            dtype=DTYPE_NAMES.get(model.dtype, "float32"),
+            provenance=provenance or Provenance(source=model_id),
+            torch_version=torch.__version__,
+            ipc_format=devices.ipc_format if described else None,
+            generation_config=_generation_config(model),
+        )
+        del plan, claimed, host
+        _rebind(model, handle, {**views(mapping, arena.entries, arena.data_start), **bound})
+        disable_cpu_repack(model)
+        if segments:
+            devices.empty_cache()  # the private copies the segments replaced
+        return Shared(handle=handle, arena=arena, mapping=mapping, segments=segments)
     except BaseException:
         os.close(arena.fd)
         raise
-    handle = Handle(
-        model_id=model_id,
-        arena=ArenaInfo(
-            socket=socket, name=arena.name, size=arena.size, data_start=arena.data_start
-        ),
-        segments=described,
-        entries=[*arena.entries, *device_entries],
-        parameters=parameters,
-        buffers=buffers,
-        quant4=quant4,
-        config=_public_config(model),
-        architecture=type(model).__name__,
-        dtype=DTYPE_NAMES.get(model.dtype, "float32"),
-        provenance=provenance or Provenance(source=model_id),
-        torch_version=torch.__version__,
-        ipc_format=devices.ipc_format if described else None,
-        generation_config=_generation_config(model),
-    )
-    del plan, claimed, host
-    _rebind(model, handle, {**views(mapping, arena.entries, arena.data_start), **bound})
-    disable_cpu_repack(model)
-    if segments:
-        devices.empty_cache()  # the private copies the segments replaced
-    return Shared(handle=handle, arena=arena, mapping=mapping, segments=segments)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 from pathlib import Path
@@ -135,3 +136,40 @@ def test_eight_bit_is_not_shareable(models_root: Path) -> None:
     )
     with pytest.raises(NotShareableModel, match="8-bit"):
         share(model, "m", SOCKET)
+
+
+def memfds() -> set[str]:
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("/memfd:basehold:leak"):
+            found.add(fd)
+    return found
+
+
+@pytest.mark.parametrize("failing", ["_rebind", "disable_cpu_repack", "map_shared"])
+def test_a_failure_after_the_arena_is_written_closes_it(
+    models_root: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    import service.handles.share as share_module
+
+    model = from_pretrained(AutoModelForCausalLM, models_root / "gpt2", dtype=torch.float32)
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"{failing} failed")
+
+    monkeypatch.setattr(share_module, failing, boom)
+    before = memfds()
+    try:
+        share(model, "leak", "/nonexistent.sock")
+    except RuntimeError as exc:
+        assert str(exc) == f"{failing} failed"
+    else:
+        raise AssertionError("share did not fail")
+    # The load that failed drops its model (and with it any mapping of the arena).
+    del model
+    gc.collect()
+    assert memfds() == before, "the arena's memfd leaked"

@@ -98,6 +98,7 @@ def share_handle_on(device_uuid: str) -> Handle:
         {
             "model_id": "m",
             "arena": {"socket": SOCKET, "name": "m", "size": 0, "data_start": 4096},
+            "socket_uid": os.getuid(),
             "segments": [published.model_copy(update={"device_uuid": device_uuid})],
             "entries": [],
             "parameters": {},

@@ -208,9 +208,11 @@ def test_the_socket_refuses_a_wrong_or_missing_secret(server: Server, models_roo
         ("lease-0000000000000000", grant["secret"], "lease_not_found"),
     ]:
         with pytest.raises(ArenaRefused) as refused:
-            receive_arena(socket_path, lease_id, secret)
+            receive_arena(socket_path, lease_id, secret, os.getuid())
         assert refused.value.code == code
-    fd = receive_arena(socket_path, grant["lease_id"], grant["secret"])
+    fd = receive_arena(
+        socket_path, grant["lease_id"], grant["secret"], grant["handle"]["socket_uid"]
+    )
     try:
         assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:basehold:")
     finally:

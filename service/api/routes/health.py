@@ -21,9 +21,18 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", response_model=None, responses=problem_responses(503))
 async def readyz(request: Request, registry: RegistryDep) -> JSONResponse | dict[str, object]:
     """503 until the registry is up and every model restored after a restart has settled
-    (ready or failed); the body says how many are still restoring."""
+    (ready or failed), or when the worker socket stopped serving; the body says which."""
     if not getattr(request.app.state, "ready", False):
         return problem(503, "not_ready", "Not ready", "The service is starting; retry shortly.")
+    arenas = getattr(request.app.state, "arenas", None)
+    if arenas is not None and not arenas.serving:
+        return problem(
+            503,
+            "socket_down",
+            "Worker socket down",
+            "The socket workers attach through stopped serving; see the server log and "
+            "restart the service.",
+        )
     restoring = registry.restoring()
     if restoring:
         return problem(
