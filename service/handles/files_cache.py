@@ -30,11 +30,14 @@ def fetch_files(
     digest = hashlib.sha256(
         "".join(f"{f['name']}:{f['sha256']};" for f in files).encode()
     ).hexdigest()[:16]
-    key = f"{listing['revision']}-{digest}" if listing.get("revision") else digest
-    folder = (root or cache_root()) / "files" / _SAFE.sub("_", listing["model_id"]) / key
+    revision = listing.get("revision")
+    key = f"{_component(str(revision))}-{digest}" if revision else digest
+    folder = (root or cache_root()) / "files" / _component(str(listing["model_id"])) / key
     folder.mkdir(parents=True, exist_ok=True)
     for entry in files:
-        name = Path(entry["name"]).name
+        name = str(entry["name"])
+        if _component(name) != name:
+            raise OSError(f"the service listed {name[:80]!r}, which is not a plain file name")
         target = folder / name
         if target.is_file() and _sha256(target.read_bytes()) == entry["sha256"]:
             continue
@@ -45,6 +48,11 @@ def fetch_files(
         partial.write_bytes(data)
         partial.replace(target)
     return folder
+
+
+def _component(text: str) -> str:
+    """`text` as one safe path component: never '.', '..', a hidden name or a slash."""
+    return _SAFE.sub("_", text).lstrip(".")[:128] or "_"
 
 
 def _sha256(data: bytes) -> str:

@@ -71,6 +71,7 @@ def parse_source(source: str, revision: str | None, roots: list[Path]) -> Source
     if source.startswith(("~", ".")):
         raise InvalidSpec(f"Local sources must be absolute paths; got {source!r}.")
     if source.startswith("/"):
+        _check_path_text(source)
         if revision is not None:
             raise InvalidSpec("`revision` applies to hub sources only; drop it for local paths.")
         return LocalSource(resolve_local(source, roots))
@@ -81,6 +82,22 @@ def parse_source(source: str, revision: str | None, roots: list[Path]) -> Source
             f"{source!r} is neither an absolute local path nor a valid hub repo id ({exc})."
         ) from exc
     return HubSource(source, revision or "main")
+
+
+NAME_MAX = 255  # bytes in one path component (Linux)
+PATH_MAX = 4096
+
+
+def _check_path_text(source: str) -> None:
+    """A path the kernel cannot take answers 400, before any filesystem call."""
+    if "\x00" in source:
+        raise InvalidSpec("`source` contains a NUL byte; send the checkpoint folder's path.")
+    encoded = os.fsencode(source)
+    if len(encoded) >= PATH_MAX or any(len(part) > NAME_MAX for part in encoded.split(b"/")):
+        raise InvalidSpec(
+            f"`source` is longer than a path can be (each folder name at most {NAME_MAX} "
+            f"bytes, the whole path under {PATH_MAX}); send the checkpoint folder's path."
+        )
 
 
 def within(path: Path, roots: Sequence[Path]) -> bool:

@@ -173,3 +173,16 @@ def test_bad_api_keys_never_show_a_key(tmp_path: Path) -> None:
         assert "BASEHOLD_API_KEYS" in result.stderr or "api_keys" in result.stderr
         for fragment in (secret[:5], secret[-4:], "sk-li"):
             assert fragment not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["/models/a\x00b", "/models/" + "x" * 256, "/models/" + "é" * 128],
+    ids=["nul", "long-component", "long-component-in-bytes"],
+)
+@pytest.mark.parametrize("route", ["/v1/models", "/v1/estimate"])
+def test_paths_the_kernel_cannot_take_answer_400(
+    client: TestClient, source: str, route: str
+) -> None:
+    detail = problem(client.post(route, json={"source": source}), 400, "invalid_spec")["detail"]
+    assert "path" in str(detail)

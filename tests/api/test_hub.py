@@ -36,6 +36,22 @@ def test_hub_id_from_offline_cache(client: TestClient, hub_cache: Path) -> None:
     assert status["architecture"] == "LlamaForCausalLM"
 
 
+def test_hub_snapshot_files_are_served_through_their_blob_links(
+    client: TestClient, hub_cache: Path
+) -> None:
+    status = load(client, source="acme/tiny-llama", dtype="float32")
+    listed = client.get(f"/v1/models/{status['id']}/files").json()
+    assert "config.json" in {f["name"] for f in listed["files"]}
+    assert listed["revision"] == COMMIT
+    got = client.get(f"/v1/models/{status['id']}/files/config.json")
+    assert got.status_code == 200 and got.json()["model_type"] == "llama"
+    # A link that leaves the repo's blobs is still refused.
+    snapshot = hub_cache / "models--acme--tiny-llama" / "snapshots" / COMMIT
+    (snapshot / "vocab.txt").symlink_to(hub_cache / "elsewhere.txt")
+    (hub_cache / "elsewhere.txt").write_text("x\n")
+    assert client.get(f"/v1/models/{status['id']}/files/vocab.txt").status_code == 404
+
+
 def test_hub_id_not_cached_offline(client: TestClient, hub_cache: Path) -> None:
     status = load(client, source="acme/not-there")
     assert status["error"]["code"] == "source_not_found"

@@ -4,14 +4,15 @@ that cannot see the service's filesystem."""
 from __future__ import annotations
 
 import mimetypes
+from urllib.parse import quote
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 
 from service.api.deps import RegistryDep, require
 from service.api.schemas import FileList, FileOut, problem_responses
 from service.errors import ModelNotReady
-from service.loading.files import file_path, list_files
+from service.loading.files import list_files, read_file
 from service.loading.pipeline import LoadedModel
 
 router = APIRouter(prefix="/v1/models", tags=["files"])
@@ -47,7 +48,7 @@ def list_model_files(model_id: str, registry: RegistryDep) -> FileList:
 
 @router.get(
     "/{model_id}/files/{name:path}",
-    response_class=FileResponse,
+    response_class=Response,
     dependencies=[require("read")],
     responses={
         200: {
@@ -57,10 +58,11 @@ def list_model_files(model_id: str, registry: RegistryDep) -> FileList:
         **problem_responses(401, 403, 404, 409),
     },
 )
-def get_model_file(model_id: str, name: str, registry: RegistryDep) -> FileResponse:
+def get_model_file(model_id: str, name: str, registry: RegistryDep) -> Response:
     """One of the files GET /v1/models/{id}/files lists."""
     loaded = _loaded(registry, model_id)
-    path = file_path(loaded.checkpoint, loaded.allowed, name)
+    data = read_file(loaded.checkpoint, loaded.allowed, name)  # the bytes that were checked
     guessed = mimetypes.guess_type(name)[0]
     media = guessed if guessed in ("application/json", "text/plain") else "application/octet-stream"
-    return FileResponse(path, media_type=media, filename=name)
+    disposition = f"attachment; filename*=utf-8''{quote(name)}"
+    return Response(data, media_type=media, headers={"Content-Disposition": disposition})
