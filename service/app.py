@@ -8,7 +8,7 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import torch
@@ -44,11 +44,25 @@ log = logging.getLogger("basehold")
 
 
 async def _reap_leases(lending: Lending, placement: ArenaPlacement, every: float) -> None:
-    """Drop unrenewed leases; free device segments that revoked leases no longer need."""
+    """Drop unrenewed leases; free device segments that revoked leases no longer need.
+    A pass that fails (a locked database, a GPU error) is logged and the next one runs:
+    the reaper is what keeps dead workers from pinning memory, so it never stops."""
     while True:
         await asyncio.sleep(every)
-        await asyncio.to_thread(lending.expire)  # writes the state database
-        await asyncio.to_thread(placement.collect)  # may synchronize a GPU
+        for step in (lending.expire, placement.collect):  # a DB write; may sync a GPU
+            try:
+                await asyncio.to_thread(step)
+            except Exception:
+                log.exception("lease reaper: %s failed; retrying next pass", step.__name__)
+
+
+def _shutdown_steps(*steps: tuple[str, Callable[[], object]]) -> None:
+    """Run every step of a shutdown even if one fails (each failure is logged)."""
+    for name, step in steps:
+        try:
+            step()
+        except Exception:
+            log.exception("shutdown: %s failed; going on with the rest", name)
 
 
 def _start_state(settings: Settings, registry: Registry, table: LeaseTable) -> StateDB:
@@ -170,11 +184,14 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
             log.info("shutting down: cancelling loads and unloading models")
-            db.freeze()  # what is held now is what the next start restores
-            arenas.stop()
-            await run_in_threadpool(registry.shutdown)
-            db.close()
-            lock.release()
+            await run_in_threadpool(
+                _shutdown_steps,
+                ("freeze the state database", db.freeze),  # what the next start restores
+                ("stop the worker socket", arenas.stop),
+                ("unload models", registry.shutdown),
+                ("close the state database", db.close),
+                ("release the state lock", lock.release),
+            )
 
     app = FastAPI(
         title="basehold",

@@ -57,6 +57,12 @@ def _synchronize_cuda() -> None:
         torch.cuda.synchronize()
 
 
+def _lease_is_gone(exc: Exception) -> bool:
+    """Only the service's word about the lease loses it: 403 (its secret no longer
+    counts) or 404 (revoked, expired, released). 408/429/5xx and transport errors pass."""
+    return isinstance(exc, BaseholdError) and exc.status in (403, 404)
+
+
 def default_holder() -> str:
     """`hostname-pid`: who holds a lease when the caller does not say."""
     return f"{socket.gethostname()}-{os.getpid()}"[:128]
@@ -216,7 +222,7 @@ class Client:
         def renew() -> datetime:
             return datetime.fromisoformat(self.renew(lease_id, secret)["expires_at"])
 
-        renewer = Renewer(lease, renew, BaseholdError, httpx.TransportError, on_lost)
+        renewer = Renewer(lease, renew, _lease_is_gone, on_lost)
         renewer.start()
         model: nn.Module | None = None
         try:

@@ -2,8 +2,9 @@
 
 `model.basehold_lease` is a `LeaseState`: `state` ("active", "lost", "released"),
 `expires_at`, `lost`, `reason`. The renewer renews at a third of the TTL; a refusal
-(revoked by a forced unload, expired) marks the lease lost, while a service that cannot be
-reached (restarting) is retried. What a lost lease does to forward passes is the
+(403/404: revoked by a forced unload, expired) marks the lease lost, while a service that
+cannot be reached or answers 408/429/5xx (restarting, busy) is retried with backoff until
+the lease's expiry. What a lost lease does to forward passes is the
 attach's `on_lost` choice: "warn" (a warning, training goes on: on the CPU the mapped
 pages stay valid) or "raise" (`LeaseLost` from the next forward). On a GPU a lost lease
 always raises: the service may reuse that device memory.
@@ -16,7 +17,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Literal
 
 from torch import nn
@@ -65,35 +66,49 @@ def guard_forward(model: nn.Module, lost: Callable[[], str | None]) -> Removable
 
 
 class Renewer(threading.Thread):
-    """Renews `lease` every TTL/3 with `renew()`, which returns the new expiry or raises
-    `refused` (the lease is gone) or `unreachable` (retry)."""
+    """Renews `lease` every TTL/3 with `renew()`, which returns the new expiry. A failure
+    that `is_final` says is an answer about the lease (403, 404: revoked, expired,
+    released) loses it at once; anything else (a 503 while the service restarts, 429,
+    a timeout, a refused connection) is retried with backoff until the lease's expiry."""
 
     def __init__(
         self,
         lease: LeaseState,
         renew: Callable[[], datetime],
-        refused: type[Exception],
-        unreachable: type[Exception],
+        is_final: Callable[[Exception], bool],
         on_lost: OnLost,
     ) -> None:
         super().__init__(name=f"renew-{lease.lease_id}", daemon=True)
         self.lease = lease
         self._renew = renew
-        self._refused = refused
-        self._unreachable = unreachable
+        self._is_final = is_final
         self._on_lost = on_lost
         self._every = max(lease.ttl_seconds / 3, 0.2)
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        while not self._stop_event.wait(self._every):
+        wait = self._every
+        backoff = 0.25
+        while not self._stop_event.wait(wait):
             try:
                 self.lease.expires_at = self._renew()
-            except self._refused as exc:
-                self._lose(str(getattr(exc, "detail", exc)))
-                return
-            except self._unreachable as exc:
+            except Exception as exc:
+                if self._is_final(exc):
+                    self._lose(str(getattr(exc, "detail", exc)))
+                    return
+                left = self._left()
+                if left <= 0:
+                    self._lose(f"expired: it could not be renewed before its expiry ({exc})")
+                    return
                 log.warning("lease %s: renewal failed, retrying: %s", self.lease.lease_id, exc)
+                wait, backoff = min(backoff, self._every, left), min(backoff * 2, self._every)
+                continue
+            wait, backoff = self._every, 0.25
+
+    def _left(self) -> float:
+        if self.lease.expires_at is None:
+            return self._every
+        return (self.lease.expires_at - datetime.now(timezone.utc)).total_seconds()
 
     def _lose(self, reason: str) -> None:
         self.lease.state = "lost"

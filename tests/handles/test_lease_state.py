@@ -1,0 +1,79 @@
+"""The worker's renewer: only the service's word about the lease loses it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import pytest
+
+from service.client import BaseholdError, _lease_is_gone
+from service.handles.lease_state import LeaseState, Renewer
+
+
+def lease(ttl: int = 1) -> LeaseState:
+    return LeaseState(
+        "lease-1", "m", "w", ttl, expires_at=datetime.now(timezone.utc) + timedelta(seconds=ttl)
+    )
+
+
+def run(state: LeaseState, renew: Callable[[], datetime], until: Callable[[], bool]) -> None:
+    renewer = Renewer(state, renew, _lease_is_gone, "warn")
+    renewer.start()
+    deadline = time.monotonic() + 30
+    try:
+        while not until():
+            assert time.monotonic() < deadline, state
+            time.sleep(0.02)
+    finally:
+        renewer.stop()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        BaseholdError(503, "restoring", "the service is starting"),
+        BaseholdError(429, "too_many_requests", "slow down"),
+        BaseholdError(408, "timeout", "slow"),
+        BaseholdError(500, "internal", "oops"),
+        httpx.ConnectError("connection refused"),
+    ],
+    ids=["503", "429", "408", "500", "transport"],
+)
+def test_passing_failures_are_retried(failure: Exception) -> None:
+    state = lease(ttl=3)
+    calls = {"n": 0}
+
+    def renew() -> datetime:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise failure
+        return datetime.now(timezone.utc) + timedelta(seconds=3)
+
+    run(state, renew, lambda: calls["n"] >= 4)
+    assert state.state == "active" and not state.lost
+
+
+@pytest.mark.parametrize("status", [403, 404])
+def test_the_services_word_about_the_lease_loses_it(status: int) -> None:
+    state = lease()
+
+    def renew() -> datetime:
+        raise BaseholdError(status, "lease_not_found", "revoked by a forced unload")
+
+    with pytest.warns(UserWarning, match="revoked by a forced unload"):
+        run(state, renew, lambda: state.lost)
+    assert state.reason == "revoked by a forced unload"
+
+
+def test_retrying_stops_at_the_expiry() -> None:
+    state = lease(ttl=1)
+
+    def renew() -> datetime:
+        raise BaseholdError(503, "restoring", "the service is starting")
+
+    with pytest.warns(UserWarning, match="could not be renewed"):
+        run(state, renew, lambda: state.lost)
+    assert state.reason is not None and state.reason.startswith("expired")
