@@ -119,6 +119,7 @@ def create_app(
         roots=settings.model_roots,
         offload_root=settings.offload_dir,
         placement=placement,
+        cuda=cuda,
         hub_endpoint=settings.hf_endpoint,
     )
     gate = MemoryGate(MemoryPolicy(settings.budget, settings.eviction), cuda, gpus or Nvml())

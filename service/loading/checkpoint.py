@@ -55,8 +55,14 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, object]]:
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2):
-            raise InvalidCheckpoint(f"{path.name}: tensor {name!r} has no data_offsets.")
-        end = max(end, int(offsets[1]))
+            raise InvalidCheckpoint(f"{path.name}: tensor {name[:200]!r} has no data_offsets.")
+        begin, stop = offsets
+        if not all(type(o) is int for o in offsets) or not 0 <= begin <= stop:
+            raise InvalidCheckpoint(
+                f"{path.name}: tensor {name[:200]!r} has data_offsets that are not two "
+                f"ascending non-negative integers. {_REDO}"
+            )
+        end = max(end, stop)
     if end != data_len:
         raise InvalidCheckpoint(
             f"{path.name} is truncated or corrupt: the header describes {end} bytes of tensor "
@@ -125,12 +131,20 @@ def inspect_checkpoint(path: Path, allowed: Sequence[Path]) -> CheckpointInfo:
                 "weights themselves in the checkpoint folder."
             )
     sizes: dict[str, int] = {}
+    found_in: dict[str, str] = {}
     if files:
         for file in files:
             for name, entry in read_safetensors_header(file).items():
                 offsets = entry.get("data_offsets") if name != "__metadata__" else None
-                if isinstance(offsets, list):
-                    sizes[name] = int(offsets[1]) - int(offsets[0])
+                if not isinstance(offsets, list):
+                    continue
+                if name in found_in:
+                    raise InvalidCheckpoint(
+                        f"tensor {name[:200]!r} is in two shards ({found_in[name]} and "
+                        f"{file.name}); which one loads is undefined. {_REDO}"
+                    )
+                found_in[name] = file.name
+                sizes[name] = int(offsets[1]) - int(offsets[0])
         return CheckpointInfo(path, tuple(files), sum(sizes.values()), sizes)
     bins = sorted(path.glob("pytorch_model*.bin"))
     if bins:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from service.loading.sources import (
 from service.loading.spec import LoadRequest, Task
 from service.loading.strategies import get_loader
 from service.loading.tasks import resolve_task
+from service.memory.cuda import CudaProbe, TorchCuda
 from service.memory.estimate import Estimate, estimate
 from service.memory.footprint import bytes_by_device, count_parameters, device_map_of
 
@@ -54,6 +55,7 @@ class LoadContext:
     roots: list[Path]
     offload_root: Path
     placement: Placement
+    cuda: CudaProbe = field(default_factory=TorchCuda)  # the seam to GPUs (estimates)
     hub_endpoint: str | None = None
 
 
@@ -133,7 +135,7 @@ def resolve(
 def estimate_only(spec: LoadRequest, token: str | None, ctx: LoadContext) -> Estimate:
     """POST /v1/estimate: the config alone (hub sources fetch config.json only)."""
     resolved = resolve(spec, token, ctx, config_only=True)
-    return estimate(spec, resolved.config, resolved.task)
+    return estimate(spec, resolved.config, resolved.task, ctx.cuda)
 
 
 def prepare(
@@ -144,7 +146,9 @@ def prepare(
         progress.set_phase(Phase.RESOLVING)
     resolved = resolve(spec, token, ctx, progress=progress)
     checkpoint = inspect_checkpoint(resolved.path, resolved.allowed)
-    return Prepared(spec, resolved, checkpoint, estimate(spec, resolved.config, resolved.task))
+    return Prepared(
+        spec, resolved, checkpoint, estimate(spec, resolved.config, resolved.task, ctx.cuda)
+    )
 
 
 def _load_config(path: Path, spec: LoadRequest) -> PretrainedConfig:

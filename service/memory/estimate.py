@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import CustomDtype, get_balanced_memory, infer_auto_device_map
@@ -24,6 +25,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from service.loading.device_map import accelerate_max_memory
 from service.loading.spec import DType, LoadRequest, QuantMethod, Task
 from service.loading.tasks import auto_class
+from service.memory.cuda import CudaProbe
 
 _BLOCK = 64  # bitsandbytes 4-bit blocksize
 _NESTED_BLOCK = 256
@@ -108,22 +110,29 @@ def _dtype_of(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _placement(model: nn.Module, spec: LoadRequest) -> dict[str, str]:
+def _placement(model: nn.Module, spec: LoadRequest, cuda: CudaProbe) -> dict[str, str]:
+    """Where accelerate would put each module. GPUs are what the `cuda` seam says (never
+    torch directly): without `max_memory`, each GPU offers its free bytes, as accelerate's
+    own default does."""
     device_map = spec.device_map
     if isinstance(device_map, dict):
         return {k: str(v) for k, v in device_map.items()}
     if device_map in ("cpu",) or device_map.startswith("cuda:"):
         return {"": device_map}
     max_memory = accelerate_max_memory(spec.max_memory)
-    if not torch.cuda.is_available() and not max_memory:
+    count = cuda.device_count()
+    if not count and not max_memory:
         return {"": "cpu"}
+    if not max_memory:
+        max_memory = {i: cuda.memory(i).free_bytes for i in range(count)}
+        max_memory["cpu"] = psutil.virtual_memory().available
     no_split = getattr(model, "_no_split_modules", None) or []
     dtype: Any = (
         CustomDtype.INT4
         if spec.quantization and spec.quantization.method == (QuantMethod.BNB_4BIT)
         else _dtype_of(model)
     )
-    if device_map in ("balanced", "balanced_low_0") and torch.cuda.is_available():
+    if device_map in ("balanced", "balanced_low_0") and count:
         max_memory = get_balanced_memory(
             model,
             max_memory=max_memory,
@@ -145,9 +154,9 @@ def _device_for(name: str, placement: dict[str, str]) -> str:
     return device
 
 
-def estimate_model(model: nn.Module, spec: LoadRequest) -> Estimate:
+def estimate_model(model: nn.Module, spec: LoadRequest, cuda: CudaProbe) -> Estimate:
     prices = _prices(model, spec)
-    placement = _placement(model, spec)
+    placement = _placement(model, spec, cuda)
     by_device: dict[str, int] = {}
     for name, nbytes in prices.items():
         device = _device_for(name, placement)
@@ -168,5 +177,5 @@ def estimate_model(model: nn.Module, spec: LoadRequest) -> Estimate:
     return Estimate(sum(prices.values()), by_device, largest, prices)
 
 
-def estimate(spec: LoadRequest, config: PretrainedConfig, task: Task) -> Estimate:
-    return estimate_model(skeleton(spec, config, task), spec)
+def estimate(spec: LoadRequest, config: PretrainedConfig, task: Task, cuda: CudaProbe) -> Estimate:
+    return estimate_model(skeleton(spec, config, task), spec, cuda)

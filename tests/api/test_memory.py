@@ -102,3 +102,22 @@ def test_torch_only_without_nvml(make_client: ClientFactory) -> None:
     client.app.state.cuda = FakeCuda(1)  # type: ignore[attr-defined]
     devices = client.get("/v1/memory").json()["devices"]
     assert devices[0]["name"] == "Fake H100" and devices[0]["free_bytes"] == 70 << 30
+
+
+def test_estimates_see_gpus_through_the_seam(
+    tmp_path: Path, models_root: Path, socket_path: Path
+) -> None:
+    """Two (faked) GPUs with room: accelerate's auto map puts the model on the first; no
+    direct torch.cuda question can say otherwise."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(state_dir=tmp_path / "state", socket=socket_path, model_roots=[models_root])
+    app = create_app(settings, cuda=FakeCuda(2), gpus=FakeNvml())
+    with TestClient(app, base_url="http://localhost") as client:
+        body = {"source": str(models_root / "llama"), "dtype": "float32"}
+        estimated = client.post("/v1/estimate", json=body)
+        assert estimated.status_code == 200, estimated.text
+        assert set(estimated.json()["by_device"]) == {"cuda:0"}
+        pinned = client.post("/v1/estimate", json={**body, "device_map": "cpu"}).json()
+        assert set(pinned["by_device"]) == {"cpu"}

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
 from service.errors import InvalidCheckpoint
 from service.loading.checkpoint import inspect_checkpoint, read_safetensors_header
+from tests.conftest import load
 
 
 def write(path: Path) -> Path:
@@ -49,3 +54,55 @@ def test_bin_checkpoints_count_file_bytes(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"x" * 100)
     assert inspect_checkpoint(tmp_path, [tmp_path]).bytes_total == 100
+
+
+def header_file(path: Path, header: dict[str, object], data: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "offsets", [["0", "16"], [0.0, 16.0], [8, 4], [-4, 16], [True, 16], [0, None]]
+)
+def test_offsets_that_are_not_ascending_integers_are_invalid(
+    tmp_path: Path, offsets: list[object]
+) -> None:
+    path = header_file(
+        tmp_path / "w.safetensors",
+        {"a": {"dtype": "F32", "shape": [4], "data_offsets": offsets}},
+        b"\0" * 16,
+    )
+    with pytest.raises(InvalidCheckpoint, match="data_offsets"):
+        read_safetensors_header(path)
+
+
+def test_a_tensor_in_two_shards_is_invalid(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"a": torch.zeros(2), "b": torch.zeros(2)}, str(tmp_path / "one.safetensors"))
+    save_file({"a": torch.ones(2), "c": torch.zeros(2)}, str(tmp_path / "two.safetensors"))
+    index = {"metadata": {}, "weight_map": {"a": "one.safetensors", "c": "two.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(InvalidCheckpoint, match=r"'a' is in two shards"):
+        inspect_checkpoint(tmp_path, [tmp_path])
+
+
+def test_a_bad_offset_fails_the_load_as_invalid_checkpoint(
+    client: TestClient, models_root: Path
+) -> None:
+    folder = models_root / f"bad-offsets-{os.urandom(4).hex()}"
+    shutil.copytree(models_root / "gpt2", folder)
+    try:
+        weights = folder / "model.safetensors"
+        header = read_safetensors_header(weights)
+        data = weights.read_bytes()[8 + struct.unpack("<Q", weights.read_bytes()[:8])[0] :]
+        name = next(n for n in header if n != "__metadata__")
+        entry = header[name]
+        assert isinstance(entry, dict)
+        entry["data_offsets"] = [str(o) for o in entry["data_offsets"]]
+        header_file(weights, header, data)
+        status = load(client, source=str(folder), dtype="float32")
+        assert status["state"] == "failed"
+        assert status["error"]["code"] == "invalid_checkpoint", status
+    finally:
+        shutil.rmtree(folder)
