@@ -14,11 +14,13 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi_offline import FastAPIOffline
 
 from service import __version__
 from service.api import openapi, problems
 from service.api.guards import RequestGuards
 from service.api.routes import dashboard, files, health, leases, memory, models, observe
+from service.api.security_headers import SecurityHeaders
 from service.api.timing import RequestMetrics
 from service.events import EventBus
 from service.handles.devices import CUDA, DeviceSegments
@@ -194,11 +196,15 @@ def create_app(
                 ("release the state lock", lock.release),
             )
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from fastapi-offline's bundled assets: an air-gapped GPU node
+    # shows /docs without reaching a CDN.
+    app = FastAPIOffline(
         title="basehold",
         version=__version__,
         summary="Load and hold Hugging Face base models; lend them to PEFT training workers.",
         lifespan=lifespan,
+        static_url="/static/docs",
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
     app.state.registry = registry
@@ -220,6 +226,7 @@ def create_app(
     app.include_router(observe.router)
     app.include_router(dashboard.router)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(SecurityHeaders)
     # Outermost: before routing, auth and body parsing.
     app.add_middleware(
         RequestGuards,

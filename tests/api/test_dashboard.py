@@ -27,6 +27,7 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+HOSTILE_HOLDER = """trainer "on" the 'board' <img src=x onerror="window.pwned=1">"""
 ADMIN = "dash-admin-key-1"
 WORKER = "dash-worker-key-1"
 
@@ -61,6 +62,11 @@ def test_dashboard_shows_model_and_unloads(
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 720})
+        violations: list[str] = []
+        page.on(
+            "console",
+            lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None,
+        )
         page.goto(secured.url + "/")
         # Auth is on: the page asks for a key before it shows anything.
         expect(page.locator("#auth")).to_be_visible()
@@ -76,10 +82,14 @@ def test_dashboard_shows_model_and_unloads(
         lease = httpx.post(
             f"{secured.url}/v1/models/dash/leases",
             headers={"Authorization": f"Bearer {WORKER}"},
-            json={"holder": "trainer-on-the-dashboard", "ttl_seconds": 600},
+            json={"holder": HOSTILE_HOLDER, "ttl_seconds": 600},
         ).json()
         leased = page.locator(f'tr[data-lease="{lease["lease_id"]}"]')
-        expect(leased.locator(".holder")).to_have_text("trainer-on-the-dashboard")
+        expect(leased.locator(".holder")).to_have_text(HOSTILE_HOLDER)  # text, not markup
+        assert page.evaluate("window.pwned") is None
+        assert page.evaluate("""esc(`<a href="x" title='y'>&`)""") == (
+            "&lt;a href=&quot;x&quot; title=&#39;y&#39;&gt;&amp;"
+        )
         expect(leased).to_contain_text("dash")
         expect(leased.locator(".expiry")).to_contain_text(" s")
         # The memory chart keeps a point per poll: after a few seconds the host line has
@@ -98,5 +108,54 @@ def test_dashboard_shows_model_and_unloads(
         row.locator("button").click()
         expect(page.locator('tr[data-model="dash"]')).to_have_count(0, timeout=30_000)
         browser.close()
+    assert violations == [], violations  # the page works under its own policy
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
     assert httpx.get(f"{secured.url}/v1/models/dash", headers=auth).status_code == 404
+
+
+def test_api_docs_render_offline(secured: Server) -> None:
+    """/docs and /redoc load Swagger UI and ReDoc from the service itself: with every
+    other host unreachable (and forbidden by the policy) the docs still render."""
+    from playwright.sync_api import expect, sync_playwright
+
+    for path in ("/docs", "/redoc"):
+        page = httpx.get(secured.url + path)
+        assert page.status_code == 200
+        assert "cdn." not in page.text and "https://" not in page.text.replace(
+            "https://fastapi.tiangolo.com", ""
+        )
+        assert "connect-src 'self'" in page.headers["content-security-policy"]
+    asset = httpx.get(secured.url + "/static/docs/swagger-ui-bundle.js")
+    assert asset.status_code == 200 and len(asset.content) > 100_000
+    outside: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+
+        def only_local(route: object) -> None:
+            url = route.request.url  # type: ignore[attr-defined]
+            if url.startswith(secured.url):
+                route.continue_()  # type: ignore[attr-defined]
+            else:
+                outside.append(url)
+                route.abort()  # type: ignore[attr-defined]
+
+        page.route("**/*", only_local)
+        page.goto(secured.url + "/docs")
+        expect(page.locator(".swagger-ui .info .title")).to_contain_text("basehold", timeout=30_000)
+        expect(page.locator(".opblock-summary-path").first).to_be_visible()
+        page.goto(secured.url + "/redoc")
+        expect(page.locator("h1").first).to_contain_text("basehold", timeout=30_000)
+        browser.close()
+    assert outside == [], outside
+
+
+def test_every_answer_carries_the_security_headers(secured: Server) -> None:
+    for path in ("/", "/healthz", "/v1/models", "/openapi.json", "/docs"):
+        answer = httpx.get(secured.url + path)
+        assert answer.headers["x-content-type-options"] == "nosniff", path
+        assert answer.headers["x-frame-options"] == "DENY", path
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"], path
+    dashboard = httpx.get(secured.url + "/").headers["content-security-policy"]
+    script_src = next(d for d in dashboard.split(";") if d.strip().startswith("script-src"))
+    assert "'sha256-" in script_src and "unsafe" not in script_src
