@@ -41,6 +41,7 @@ from service.settings import Settings
 from service.state.database import StateDB
 from service.state.leftovers import clean_offload
 from service.state.lock import StateLock
+from service.state.writer import OrderedWriter
 
 log = logging.getLogger("basehold")
 
@@ -74,7 +75,7 @@ def _start_state(settings: Settings, registry: Registry, table: LeaseTable) -> S
     if offload:
         log.info("removed %d offload folder(s) a previous instance left", offload)
     db = StateDB.open(settings.state_dir)
-    registry.persist_to(Persistence(db))
+    registry.persist_to(Persistence(db, registry.writer))
     table.persist_to(db)
     if not settings.restore:
         forgot_models, forgot_leases = db.forget_all()
@@ -125,7 +126,8 @@ def create_app(
         hub_endpoint=settings.hf_endpoint,
     )
     gate = MemoryGate(MemoryPolicy(settings.budget, settings.eviction), cuda, gpus or Nvml())
-    table = LeaseTable(settings.segment_grace_seconds)
+    writer = OrderedWriter()  # one ordered writer for the registry and the leases
+    table = LeaseTable(settings.segment_grace_seconds, writer)
     registry = Registry(
         ctx,
         cuda,
@@ -133,6 +135,7 @@ def create_app(
         table,
         max_concurrent_loads=settings.max_concurrent_loads,
         allow_remote_code=settings.allow_remote_code,
+        writer=writer,
     )
     lending = Lending(
         registry,
@@ -189,6 +192,7 @@ def create_app(
             log.info("shutting down: cancelling loads and unloading models")
             await run_in_threadpool(
                 _shutdown_steps,
+                ("write what is queued", writer.flush),
                 ("freeze the state database", db.freeze),  # what the next start restores
                 ("stop the worker socket", arenas.stop),
                 ("unload models", registry.shutdown),

@@ -1,4 +1,4 @@
-"""Response schemas of the HTTP contract (../shared/design/API.md)."""
+"""Response schemas of the HTTP contract (docs/api.md in the repository)."""
 
 from __future__ import annotations
 

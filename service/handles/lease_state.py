@@ -3,11 +3,12 @@
 `model.basehold_lease` is a `LeaseState`: `state` ("active", "lost", "released"),
 `expires_at`, `lost`, `reason`. The renewer renews at a third of the TTL; a refusal
 (403/404: revoked by a forced unload, expired) marks the lease lost, while a service that
-cannot be reached or answers 408/429/5xx (restarting, busy) is retried with backoff until
-the lease's expiry. What a lost lease does to forward passes is the
-attach's `on_lost` choice: "warn" (a warning, training goes on: on the CPU the mapped
-pages stay valid) or "raise" (`LeaseLost` from the next forward). On a GPU a lost lease
-always raises: the service may reuse that device memory.
+cannot be reached or answers 408/429/5xx (restarting, busy) is retried with backoff, past
+the expiry too (a restarted service restores the lease with a fresh TTL). What a lost
+lease does to forward passes is the attach's `on_lost` choice: "warn" (a warning,
+training goes on: on the CPU the mapped pages stay valid) or "raise" (`LeaseLost` from
+the next forward). On a GPU a lost lease always raises: the service may reuse that
+device memory.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ class Renewer(threading.Thread):
     """Renews `lease` every TTL/3 with `renew()`, which returns the new expiry. A failure
     that `is_final` says is an answer about the lease (403, 404: revoked, expired,
     released) loses it at once; anything else (a 503 while the service restarts, 429,
-    a timeout, a refused connection) is retried with backoff until the lease's expiry."""
+    a timeout, a refused connection) is retried with backoff. Retrying goes on past the
+    lease's expiry: a restarted service restores its leases with a fresh TTL, so only its
+    own answer can say the lease is gone (past the expiry a warning says so, once)."""
 
     def __init__(
         self,
@@ -87,8 +90,7 @@ class Renewer(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        wait = self._every
-        backoff = 0.25
+        wait, backoff, overdue = self._every, 0.25, False
         while not self._stop_event.wait(wait):
             try:
                 self.lease.expires_at = self._renew()
@@ -96,19 +98,23 @@ class Renewer(threading.Thread):
                 if self._is_final(exc):
                     self._lose(str(getattr(exc, "detail", exc)))
                     return
-                left = self._left()
-                if left <= 0:
-                    self._lose(f"expired: it could not be renewed before its expiry ({exc})")
-                    return
-                log.warning("lease %s: renewal failed, retrying: %s", self.lease.lease_id, exc)
-                wait, backoff = min(backoff, self._every, left), min(backoff * 2, self._every)
+                if not overdue and self._past_expiry():
+                    overdue = True
+                    log.warning(
+                        "lease %s: not renewed before its expiry (%s); still trying: a "
+                        "restarted service restores it",
+                        self.lease.lease_id,
+                        exc,
+                    )
+                else:
+                    log.info("lease %s: renewal failed, retrying: %s", self.lease.lease_id, exc)
+                wait, backoff = backoff, min(backoff * 2, self._every)
                 continue
-            wait, backoff = self._every, 0.25
+            wait, backoff, overdue = self._every, 0.25, False
 
-    def _left(self) -> float:
-        if self.lease.expires_at is None:
-            return self._every
-        return (self.lease.expires_at - datetime.now(timezone.utc)).total_seconds()
+    def _past_expiry(self) -> bool:
+        expires = self.lease.expires_at
+        return expires is not None and expires <= datetime.now(timezone.utc)
 
     def _lose(self, reason: str) -> None:
         self.lease.state = "lost"

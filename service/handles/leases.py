@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -19,6 +18,7 @@ from datetime import datetime, timedelta, timezone
 
 from service.errors import LeaseForbidden, LeaseNotFound
 from service.state.database import LeaseRow, StateDB
+from service.state.writer import OrderedWriter, WriterLock
 
 
 def _now() -> datetime:
@@ -40,9 +40,11 @@ class LeaseTable:
     """`grace_seconds`: how long a model's device segments outlive its last released lease
     (a slow worker may still be reading them)."""
 
-    def __init__(self, grace_seconds: float = 30.0) -> None:
+    def __init__(self, grace_seconds: float = 30.0, writer: OrderedWriter | None = None) -> None:
         self._leases: dict[str, Lease] = {}
-        self._lock = threading.Lock()
+        # Database writes decided under it run once it (and any registry lock this thread
+        # holds around it) is let go: share the registry's writer.
+        self._lock = WriterLock(writer or OrderedWriter())
         self._db: StateDB | None = None
         self._grace = timedelta(seconds=grace_seconds)
         self._holds: dict[str, datetime] = {}
@@ -177,9 +179,11 @@ class LeaseTable:
         return gone
 
     def _put(self, lease: Lease) -> None:
-        if self._db is not None:
-            self._db.put_lease(lease)
+        db = self._db
+        if db is not None:
+            self._lock.writer.submit(lambda: db.put_lease(lease))
 
     def _delete(self, lease_ids: list[str]) -> None:
-        if self._db is not None and lease_ids:
-            self._db.delete_leases(lease_ids)
+        db, ids = self._db, list(lease_ids)
+        if db is not None and ids:
+            self._lock.writer.submit(lambda: db.delete_leases(ids))

@@ -32,20 +32,36 @@ class Budget:
     host_budget_bytes: int | None
 
 
+@dataclass(frozen=True)
+class Measured:
+    """What the probes said, taken before the registry's lock (psutil, NVML and CUDA
+    calls can be slow): host available bytes and each GPU's free bytes by torch index."""
+
+    host_available: int
+    gpus_free: dict[int, int]
+
+
+def measure(cuda: CudaProbe, gpus: GpuProbe) -> Measured:
+    nvml = {index: gpu.free_bytes for index, gpu in by_torch_index(gpus, cuda).items()}
+    free = {
+        index: nvml[index] if index in nvml else cuda.memory(index).free_bytes
+        for index in range(max(cuda.device_count(), len(nvml)))
+    }
+    return Measured(host_memory().available_bytes, free)
+
+
 def free_bytes(
-    budget: Budget, cuda: CudaProbe, gpus: GpuProbe, held: dict[str, int], committed: dict[str, int]
+    budget: Budget, measured: Measured, held: dict[str, int], committed: dict[str, int]
 ) -> dict[str, int]:
     """Free bytes per device for a new load; `committed` is what queued/loading models will
-    still take."""
+    still take. Arithmetic only: `measured` was probed before."""
     if budget.host_budget_bytes is not None:
         host = budget.host_budget_bytes - held.get("cpu", 0)
     else:
-        host = host_memory().available_bytes - budget.headroom_bytes
+        host = measured.host_available - budget.headroom_bytes
     free = {"cpu": host - committed.get("cpu", 0)}
-    nvml = {index: gpu.free_bytes for index, gpu in by_torch_index(gpus, cuda).items()}
-    for index in range(max(cuda.device_count(), len(nvml))):
+    for index, raw in measured.gpus_free.items():
         device = f"cuda:{index}"
-        raw = nvml[index] if index in nvml else cuda.memory(index).free_bytes
         free[device] = raw - budget.headroom_bytes - committed.get(device, 0)
     return free
 

@@ -6,7 +6,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from service.errors import InsufficientMemory
-from service.memory.admission import Budget, Shortfall, add, free_bytes, shortfalls
+from service.memory.admission import (
+    Budget,
+    Measured,
+    Shortfall,
+    add,
+    free_bytes,
+    measure,
+    shortfalls,
+)
 from service.memory.cuda import CudaProbe
 from service.memory.estimate import Estimate
 from service.memory.nvml import GpuProbe
@@ -26,14 +34,20 @@ class MemoryGate:
         self._cuda = cuda
         self.gpus = gpus
 
+    def measure(self) -> Measured:
+        """Probe host and GPU memory. Call it before taking the registry's lock."""
+        return measure(self._cuda, self.gpus)
+
     def free(
         self,
         records: Iterable[ModelRecord],
+        measured: Measured,
         exclude: str | None = None,
         freed: Iterable[ModelRecord] = (),
     ) -> dict[str, int]:
-        """Free bytes per device for a new load. `exclude`: the load being admitted (its
-        own estimate is not yet committed); `freed`: models that would be evicted."""
+        """Free bytes per device for a new load, from `measured` (no probe here).
+        `exclude`: the load being admitted (its own estimate is not yet committed);
+        `freed`: models that would be evicted."""
         records = list(records)
         gone = {id(r) for r in freed}
         held = add(
@@ -48,7 +62,7 @@ class MemoryGate:
             and r.estimate is not None
             and r.id != exclude
         )
-        free = free_bytes(self.policy.budget, self._cuda, self.gpus, held, committed)
+        free = free_bytes(self.policy.budget, measured, held, committed)
         budgeted = self.policy.budget.host_budget_bytes is not None
         for device, nbytes in add(r.by_device for r in records if id(r) in gone).items():
             # Measured free memory (host without a budget, GPUs) still counts the victims'
@@ -61,10 +75,11 @@ class MemoryGate:
         self,
         estimate: Estimate,
         records: Iterable[ModelRecord],
+        measured: Measured,
         exclude: str | None = None,
         freed: Iterable[ModelRecord] = (),
     ) -> list[Shortfall]:
-        return shortfalls(estimate.by_device, self.free(records, exclude, freed))
+        return shortfalls(estimate.by_device, self.free(records, measured, exclude, freed))
 
     def candidates(self, records: Iterable[ModelRecord]) -> list[ModelRecord]:
         """Ready models without leases, least recently used first, if eviction is on."""

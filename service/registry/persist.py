@@ -12,6 +12,7 @@ import logging
 from service.registry.record import ModelRecord
 from service.registry.states import State
 from service.state.database import ModelRow, StateDB
+from service.state.writer import OrderedWriter
 
 log = logging.getLogger("basehold.state")
 
@@ -19,31 +20,39 @@ _FORGET = frozenset({State.UNLOADING, State.CANCELLED, State.FAILED})
 
 
 class Persistence:
-    def __init__(self, db: StateDB) -> None:
+    """Called under the registry's lock: each write is captured now (the values as they
+    are) and queued on `writer`, which runs it once the lock is let go."""
+
+    def __init__(self, db: StateDB, writer: OrderedWriter) -> None:
         self._db = db
+        self._writer = writer
 
     def on_transition(self, record: ModelRecord, previous: State, target: State) -> None:
         if previous == target:
             return
+        db = self._db
         if previous == State.GONE:
-            self._db.put_model(
-                ModelRow(
-                    id=record.id,
-                    name=record.name,
-                    spec=record.spec.model_dump(mode="json"),
-                    spec_key=record.key,
-                    state=target.value,
-                    queued_at=record.queued_at,
-                    last_used_at=record.last_used_at,
-                )
+            row = ModelRow(
+                id=record.id,
+                name=record.name,
+                spec=record.spec.model_dump(mode="json"),
+                spec_key=record.key,
+                state=target.value,
+                queued_at=record.queued_at,
+                last_used_at=record.last_used_at,
             )
+            self._writer.submit(lambda: db.put_model(row))
         elif target in (State.LOADING, State.READY):
-            self._db.set_model_state(record.id, target.value)
+            model_id, state = record.id, target.value
+            self._writer.submit(lambda: db.set_model_state(model_id, state))
         elif target in _FORGET:
-            self._db.delete_model(record.id)
+            model_id = record.id
+            self._writer.submit(lambda: db.delete_model(model_id))
 
     def touch(self, record: ModelRecord) -> None:
-        self._db.touch_model(record.id, record.last_used_at)
+        db, model_id, when = self._db, record.id, record.last_used_at
+        self._writer.submit(lambda: db.touch_model(model_id, when))
 
     def forget(self, model_id: str) -> None:
-        self._db.delete_model(model_id)
+        db = self._db
+        self._writer.submit(lambda: db.delete_model(model_id))

@@ -10,7 +10,6 @@ registry never wait behind an unload.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from service.loading.pipeline import (
 from service.loading.sources import LocalSource, parse_source
 from service.loading.spec import LoadRequest
 from service.loading.strategies import get_loader
+from service.memory.admission import Measured
 from service.memory.cuda import CudaProbe
 from service.memory.estimate import Estimate
 from service.memory.release import release_memory
@@ -53,6 +53,7 @@ from service.registry.persist import Persistence
 from service.registry.record import ErrorInfo, ModelRecord, utcnow
 from service.registry.states import ACTIVE, State, check_transition
 from service.state.database import ModelRow
+from service.state.writer import OrderedWriter, WriterLock
 
 log = logging.getLogger("basehold.registry")
 
@@ -82,6 +83,7 @@ class Registry:
         *,
         max_concurrent_loads: int,
         allow_remote_code: bool,
+        writer: OrderedWriter | None = None,
     ) -> None:
         self._ctx = ctx
         self._cuda = cuda
@@ -89,7 +91,10 @@ class Registry:
         self._leases = leases
         self._allow_remote_code = allow_remote_code
         self._records: dict[str, ModelRecord] = {}
-        self._lock = threading.RLock()
+        # Nothing slow under it: probes run before it is taken, and state database writes
+        # decided under it run once it is let go (`WriterLock`).
+        self.writer = writer or OrderedWriter()
+        self._lock = WriterLock(self.writer)
         self._executor = ThreadPoolExecutor(max_concurrent_loads, thread_name_prefix="load")
         self._listeners: list[Listener] = []
         self._persistence: Persistence | None = None
@@ -144,13 +149,14 @@ class Registry:
         if (existing := self._existing(model_id, key, named=named)) is not None:
             return existing, False
         prepared = self._prepare_local(spec)  # outside the lock: builds a meta model
+        measured = self.gate.measure() if prepared is not None else None  # probes, no lock
         with self._lock:  # again: another request may have started it meanwhile
             if (existing := self._existing(model_id, key, named=named)) is not None:
                 return existing, False
             record = ModelRecord(id=model_id, name=spec.name, spec=spec, key=key)
             victims: list[ModelRecord] = []
-            if prepared is not None:
-                victims = self._admit(record, prepared.estimate)
+            if prepared is not None and measured is not None:
+                victims = self._admit(record, prepared.estimate, measured)
                 record.prepared = prepared
             self._add(record)
         self._evict(victims)
@@ -202,8 +208,9 @@ class Registry:
         return restored
 
     def _forget(self, model_id: str) -> None:
-        if self._persistence is not None:
-            self._persistence.forget(model_id)
+        with self._lock:  # the write runs as it is let go
+            if self._persistence is not None:
+                self._persistence.forget(model_id)
 
     def _fail(self, record: ModelRecord, failure: ErrorInfo | None) -> None:
         """`record` ends failed (lock taken here), or gone if it was cancelled meanwhile;
@@ -258,20 +265,26 @@ class Registry:
     def estimate(self, request: LoadRequest, token: str | None) -> tuple[Estimate, dict[str, int]]:
         """POST /v1/estimate: nothing is loaded; hub sources fetch config.json only."""
         result = estimate_only(self.normalize(request), token, self._ctx)
+        measured = self.gate.measure()
         with self._lock:
-            return result, self.gate.free(self._records.values())
+            return result, self.gate.free(self._records.values(), measured)
 
     # -- admission -------------------------------------------------------------------
-    def _admit(self, record: ModelRecord, estimate: Estimate) -> list[ModelRecord]:
-        """Admit `record` or raise InsufficientMemory (lock held). Evicts only when that
-        makes the load fit, and never leased or loading models. Victims are marked
-        unloading here; their memory is released by the caller after the lock is let go."""
+    def _admit(
+        self, record: ModelRecord, estimate: Estimate, measured: Measured
+    ) -> list[ModelRecord]:
+        """Admit `record` or raise InsufficientMemory (lock held; `measured` was probed
+        before it was taken). Evicts only when that makes the load fit, and never leased
+        or loading models. Victims are marked unloading here; their memory is released by
+        the caller after the lock is let go."""
         records = list(self._records.values())
-        short = self.gate.shortfalls(estimate, records, exclude=record.id)
+        short = self.gate.shortfalls(estimate, records, measured, exclude=record.id)
         victims: list[ModelRecord] = []
         for candidate in self.gate.candidates(records) if short else []:
             victims.append(candidate)
-            short = self.gate.shortfalls(estimate, records, exclude=record.id, freed=victims)
+            short = self.gate.shortfalls(
+                estimate, records, measured, exclude=record.id, freed=victims
+            )
             if not short:
                 break
         if short:
@@ -320,8 +333,9 @@ class Registry:
             prepared = record.prepared or prepare(record.spec, token, self._ctx, record.progress)
             record.prepared = None
             if not record.admitted:
+                measured = self.gate.measure()
                 with self._lock:
-                    victims = self._admit(record, prepared.estimate)
+                    victims = self._admit(record, prepared.estimate, measured)
                 self._evict(victims)
             loaded = load_and_place(record.id, record.load_id, prepared, self._ctx, record.progress)
         except BaseException as exc:

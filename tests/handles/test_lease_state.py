@@ -68,12 +68,21 @@ def test_the_services_word_about_the_lease_loses_it(status: int) -> None:
     assert state.reason == "revoked by a forced unload"
 
 
-def test_retrying_stops_at_the_expiry() -> None:
+def test_retrying_goes_on_past_the_expiry_until_the_service_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A service down for longer than the TTL restores the lease with a fresh one: the
+    worker keeps it."""
     state = lease(ttl=1)
+    down_until = time.monotonic() + 2.5
+    calls = {"after": 0}
 
     def renew() -> datetime:
-        raise BaseholdError(503, "restoring", "the service is starting")
+        if time.monotonic() < down_until:
+            raise httpx.ConnectError("connection refused")
+        calls["after"] += 1
+        return datetime.now(timezone.utc) + timedelta(seconds=1)
 
-    with pytest.warns(UserWarning, match="could not be renewed"):
-        run(state, renew, lambda: state.lost)
-    assert state.reason is not None and state.reason.startswith("expired")
+    run(state, renew, lambda: calls["after"] >= 2)
+    assert state.state == "active"
+    assert "not renewed before its expiry" in caplog.text

@@ -1,0 +1,86 @@
+"""State database writes, outside the locks that decide them, in the order decided.
+
+The registry and the lease table decide under their locks what must be recorded; the
+SQLite commit (milliseconds, more on a busy disk) must not run there, or every reader of
+the registry waits behind it. So a write is queued under the lock (in decision order) and
+run once the thread lets go of its outermost lock: `WriterLock` is a reentrant lock that
+does exactly that. Whoever flushes writes everything queued so far, in order, so when a
+flush returns, every write queued before it is in the database.
+
+A flush never runs on an event loop (the database refuses writes there): the thread that
+queued a write always flushes it itself once it lets go of its lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from types import TracebackType
+
+log = logging.getLogger("basehold.state")
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class OrderedWriter:
+    def __init__(self) -> None:
+        self._pending: deque[Callable[[], object]] = deque()
+        self._writing = threading.Lock()
+        self._local = threading.local()
+
+    def submit(self, write: Callable[[], object]) -> None:
+        """Queue `write` (call it with the deciding lock held, so order is kept)."""
+        self._pending.append(write)
+
+    def _depth(self) -> int:
+        return int(getattr(self._local, "depth", 0))
+
+    def enter(self) -> None:
+        self._local.depth = self._depth() + 1
+
+    def leave(self) -> None:
+        self._local.depth = self._depth() - 1
+
+    def flush(self) -> None:
+        """Run every queued write in order, unless this thread still holds a writer lock
+        (its outermost one flushes) or runs an event loop."""
+        if self._depth() or _on_event_loop():
+            return
+        with self._writing:
+            while self._pending:
+                write = self._pending.popleft()
+                try:
+                    write()
+                except Exception:
+                    log.exception("a state database write failed; the next start may differ")
+
+
+class WriterLock:
+    """A reentrant lock whose outermost release flushes `writer`'s queued writes."""
+
+    def __init__(self, writer: OrderedWriter) -> None:
+        self._lock = threading.RLock()
+        self.writer = writer
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.writer.enter()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.writer.leave()
+        self._lock.release()
+        self.writer.flush()
