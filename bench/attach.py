@@ -113,9 +113,10 @@ def main() -> None:
     args = parser.parse_args()
     work, path = workspace(args.params_m)
     rows = []
-    with server(work) as http:
+    with server(work) as served:
+        http = served.http
         for name, spec in SPECS.items():
-            service_before = smaps(http.server_pid)["Pss"]  # type: ignore[attr-defined]
+            service_before = smaps(served.pid)["Pss"]
             status = wait_ready(
                 http, http.post("/v1/models", json={"source": str(path), **spec}).json()["id"]
             )
@@ -124,7 +125,7 @@ def main() -> None:
             probe = spawn("attach", f"{url},{model_id},{args.attaches}")
             out, _ = probe.communicate(timeout=600)
             result = json.loads(out.strip().splitlines()[-1])
-            service = (http.server_pid, service_before)  # type: ignore[attr-defined]
+            service = (served.pid, service_before)
             attached = group_growth("hold", f"{url},{model_id}", args.workers, service)
             http.delete(f"/v1/models/{model_id}")
             own = group_growth("pretrained", f"{path},{name}", args.workers, None)

@@ -74,6 +74,10 @@ class Served:
     http: httpx.Client
     port: int
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
     def kill(self) -> None:
         self.process.kill()
         self.process.wait(timeout=60)
@@ -96,7 +100,7 @@ def launch(
     port: int | None = None,
     timeout: float = 600,
     command: list[str] | None = None,
-    **env: str,
+    env: dict[str, str] | None = None,
 ) -> Served:
     """Start a server with its state in `work`/state; return once /readyz answers 200.
     Raises if the process dies or `timeout` passes first. `command`: another way to
@@ -106,7 +110,7 @@ def launch(
         **os.environ,
         "BASEHOLD_STATE_DIR": str(work / "state"),
         "BASEHOLD_SOCKET": str(work / "run" / "basehold.sock"),
-        **env,
+        **(env or {}),
     }
     serve = command or [sys.executable, "-m", "service", "serve"]
     process = subprocess.Popen(
@@ -129,11 +133,10 @@ def launch(
 
 
 @contextmanager
-def server(work: Path, **env: str) -> Iterator[httpx.Client]:
-    served = launch(work, **env)
-    served.http.server_pid = served.process.pid  # type: ignore[attr-defined]
+def server(work: Path, env: dict[str, str] | None = None) -> Iterator[Served]:
+    served = launch(work, env=env)
     try:
-        yield served.http
+        yield served
     finally:
         served.stop()
 
@@ -144,7 +147,7 @@ def wait_ready(
     poll: float = 0.05,
     timeout: float = 600,
     process: subprocess.Popen[bytes] | None = None,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Poll until the model is ready; raises if it failed, `timeout` passes, or the
     server `process` died."""
     deadline = time.monotonic() + timeout

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 from common import server, smaps, wait_ready, workspace
 
@@ -23,9 +24,12 @@ def main() -> None:
     parser.add_argument("--params-m", type=int, default=100)
     args = parser.parse_args()
     work, source = workspace(args.params_m)
-    specs = [{"dtype": "float32"}, {"dtype": "float32", "quantization": {"method": "bnb-4bit"}}]
-    with server(work) as http:
-        pid = http.server_pid  # type: ignore[attr-defined]
+    specs: list[dict[str, Any]] = [
+        {"dtype": "float32"},
+        {"dtype": "float32", "quantization": {"method": "bnb-4bit"}},
+    ]
+    with server(work) as served:
+        http, pid = served.http, served.pid
         # One warm-up cycle per spec: first use of code paths allocates for good.
         for spec in specs:
             model_id = http.post("/v1/models", json={"source": str(source), **spec}).json()["id"]

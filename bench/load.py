@@ -19,7 +19,9 @@ from typing import Any
 
 import httpx
 import torch
-from common import llama, reference_model, server, wait_ready, workspace
+from common import reference_model, server, wait_ready, workspace
+
+from tests.checkpoints import llama
 
 SPECS: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "float32"},
@@ -70,7 +72,8 @@ def main() -> None:
     rows = []
     params = 0
     env = {"BASEHOLD_TORCH_THREADS": str(args.torch_threads)} if args.torch_threads else {}
-    with server(work, **env) as http:
+    with server(work, env) as served:
+        http = served.http
         for name, spec in SPECS.items():
             baseline(tiny, spec)
             http.delete(f"/v1/models/{http_load(http, tiny, spec)[2]}")

@@ -82,7 +82,8 @@ def main() -> None:
     parser.add_argument("--params-m", type=int, default=250)
     args = parser.parse_args()
     work, source = workspace(args.params_m)
-    with server(work) as http:
+    with server(work) as served:
+        http = served.http
         idle, loading, load_s = asyncio.run(
             measure(
                 str(http.base_url), args.pollers, args.idle_seconds, args.interval, http, source

@@ -40,7 +40,7 @@ def main() -> None:
             first.http.post("/v1/models", json={"source": str(path), "name": name, **spec})
             status = wait_ready(first.http, name)
             original[name] = time.perf_counter() - start
-            params = int(status["parameters"])  # type: ignore[call-overload]
+            params = int(status["parameters"])
         first.kill()
         started = time.perf_counter()
         second = launch(work, port=first.port)  # returns once /readyz answers 200

@@ -36,9 +36,11 @@ def main() -> None:
     ]
     served = launch(
         work,
-        BASEHOLD_MODEL_ROOTS=json.dumps([str(models)]),
-        BASEHOLD_LEASE_REAP_SECONDS="0.2",
-        BASEHOLD_MAX_CONCURRENT_LOADS="2",
+        env={
+            "BASEHOLD_MODEL_ROOTS": json.dumps([str(models)]),
+            "BASEHOLD_LEASE_REAP_SECONDS": "0.2",
+            "BASEHOLD_MAX_CONCURRENT_LOADS": "2",
+        },
     )
     try:
         url = str(served.http.base_url).rstrip("/")

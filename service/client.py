@@ -24,16 +24,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 from torch import nn
 
 from service.handles.devices import DeviceSegments
-from service.handles.lease_state import LeaseLost, LeaseState, OnLost, Renewer, guard_forward
+from service.handles.lease_state import (
+    LeaseLost,
+    LeaseState,
+    OnLost,
+    Renewer,
+    guard_forward,
+    lease_of,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("basehold.client")
-__all__ = ["BaseholdError", "Client", "LeaseLost", "LeaseState", "default_holder"]
+__all__ = ["BaseholdError", "Client", "LeaseLost", "LeaseState", "default_holder", "lease_of"]
 
 
 class BaseholdError(RuntimeError):
@@ -197,7 +207,7 @@ class Client:
         on_lost: OnLost = "warn",
         wait: float = 600.0,
         devices: DeviceSegments | None = None,
-    ) -> Iterator[nn.Module]:
+    ) -> Iterator[PreTrainedModel]:
         """Wait until `model_id` is ready (up to `wait` seconds), lease it and yield an
         nn.Module on the service's sealed pages. `holder` defaults to `hostname-pid`.
 
@@ -230,7 +240,7 @@ class Client:
             model.basehold_lease = lease  # type: ignore[assignment]
             if grant["handle"].get("segments") or on_lost == "raise":
                 guard_forward(model, lease.why_not_usable)
-            yield model
+            yield cast("PreTrainedModel", model)  # built by transformers from the config
         finally:
             renewer.stop()
             if not lease.lost:
@@ -248,7 +258,7 @@ class Client:
         revision) in the PEFT config the adapter is saved with."""
         from service.handles.callback import LeaseCallback
 
-        lease: LeaseState = getattr(model, "basehold_lease")  # noqa: B009 - set by attach
+        lease = lease_of(model)
         provenance = getattr(model, "basehold_provenance", {}) or {}
         name = str(getattr(model, "name_or_path", "") or lease.model_id)
         return LeaseCallback(lease, name, provenance.get("revision"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -44,7 +45,8 @@ def llama(
         max_position_embeddings=128,
         tie_word_embeddings=tied,
     )
-    return _save(LlamaForCausalLM(config).to(dtype), path)
+    model: Any = LlamaForCausalLM(config)
+    return _save(model.to(dtype), path)
 
 
 def llama_100m(path: Path) -> Path:
@@ -68,29 +70,32 @@ def gpt2(path: Path) -> Path:
 
 def t5(path: Path) -> Path:
     torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=500,
-        d_model=64,
-        d_kv=16,
-        d_ff=128,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-    )
+    # Keywords the config classes take through **kwargs, as transformers documents them.
+    settings: dict[str, Any] = {
+        "vocab_size": 500,
+        "d_model": 64,
+        "d_kv": 16,
+        "d_ff": 128,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+        "decoder_start_token_id": 0,
+    }
+    config = T5Config(**settings)
     return _save(T5ForConditionalGeneration(config), path)
 
 
 def bert_cls(path: Path) -> Path:
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=500,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        num_labels=3,
-    )
+    settings: dict[str, Any] = {
+        "vocab_size": 500,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "num_labels": 3,
+    }
+    config = BertConfig(**settings)
     return _save(BertForSequenceClassification(config), path)
 
 

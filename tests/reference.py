@@ -17,7 +17,7 @@ from torch import nn
 from service.handles.share import disable_cpu_repack
 
 
-def from_pretrained(auto_class: Any, path: str | Path, **kwargs: Any) -> nn.Module:
+def from_pretrained(auto_class: Any, path: str | Path, **kwargs: Any) -> Any:
     model: nn.Module = auto_class.from_pretrained(str(path), **kwargs)
     disable_cpu_repack(model)
     return model.eval()

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -78,11 +79,11 @@ class Storm:
 
     # -- one request ---------------------------------------------------------------------
     def _call(
-        self, http: httpx.Client, method: str, path: str, route: str, **kwargs: object
+        self, http: httpx.Client, method: str, path: str, route: str, **kwargs: Any
     ) -> httpx.Response | None:
         started = time.perf_counter()
         try:
-            response = http.request(method, path, **kwargs)  # type: ignore[arg-type]
+            response = http.request(method, path, **kwargs)
         except httpx.TransportError:
             self._record(Outcome(route, 0, time.perf_counter() - started))
             return None

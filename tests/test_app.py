@@ -14,14 +14,14 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
 from service.state.lock import StateLock
-from tests.conftest import MINILM, ClientFactory, load
+from tests.conftest import MINILM, ClientFactory, app_of, load
 
 
 def test_the_reaper_survives_failing_passes(
     make_client: ClientFactory, models_root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = make_client(lease_reap_seconds=0.05)
-    lending = client.app.state.lending  # type: ignore[attr-defined]
+    lending = app_of(client).state.lending
     real: Callable[[], Any] = lending.expire
     failures = {"left": 3}
 

@@ -71,7 +71,7 @@ def test_reference_models_never_repack(models_root: Path) -> None:
     assert weights_4bit(model) == before
     assert torch.equal(first, second)
     assert not any(
-        getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)
         for m in model.modules()
         if isinstance(m, bnb_modules.Linear4bit)
     )

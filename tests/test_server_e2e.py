@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -109,10 +110,10 @@ def start(
     raise AssertionError(f"server not ready:\n{server.output()}")
 
 
-def wait_ready(url: str, model_id: str, timeout: float = 120) -> dict[str, object]:
+def wait_ready(url: str, model_id: str, timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        body: dict[str, object] = httpx.get(f"{url}/v1/models/{model_id}").json()
+        body: dict[str, Any] = httpx.get(f"{url}/v1/models/{model_id}").json()
         if body["state"] in ("ready", "failed"):
             return body
         time.sleep(0.1)
@@ -182,7 +183,7 @@ def test_out_of_memory_is_rolled_back(tmp_path: Path) -> None:
         ).json()
         status = wait_ready(server.url, str(big["id"]))
         assert status["state"] == "failed", status
-        assert status["error"]["code"] == "out_of_memory", status  # type: ignore[index]
+        assert status["error"]["code"] == "out_of_memory", status
         assert httpx.get(f"{server.url}/healthz").status_code == 200
         small = httpx.post(
             f"{server.url}/v1/models", json={"source": str(models / "small"), "dtype": "float32"}

@@ -55,6 +55,14 @@ class LeaseState:
         return None
 
 
+def lease_of(model: nn.Module) -> LeaseState:
+    """The lease state of a model from `Client.attach` (typed `model.basehold_lease`)."""
+    lease = getattr(model, "basehold_lease", None)
+    if not isinstance(lease, LeaseState):
+        raise TypeError("this model did not come from Client.attach: it has no basehold lease")
+    return lease
+
+
 def guard_forward(model: nn.Module, lost: Callable[[], str | None]) -> RemovableHandle:
     """Refuse forward passes once `lost()` names a reason."""
 

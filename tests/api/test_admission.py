@@ -45,7 +45,7 @@ def test_estimate_within_ten_percent(client: TestClient, models_root: Path, quan
 
 
 def test_estimate_with_disk_map(client: TestClient, models_root: Path) -> None:
-    body = {
+    body: dict[str, Any] = {
         "source": str(models_root / "llama"),
         "dtype": "float32",
         "offload": True,

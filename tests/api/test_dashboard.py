@@ -116,7 +116,7 @@ def test_dashboard_shows_model_and_unloads(
 def test_api_docs_render_offline(secured: Server) -> None:
     """/docs and /redoc load Swagger UI and ReDoc from the service itself: with every
     other host unreachable (and forbidden by the policy) the docs still render."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import Route, expect, sync_playwright
 
     for path in ("/docs", "/redoc"):
         page = httpx.get(secured.url + path)
@@ -130,22 +130,22 @@ def test_api_docs_render_offline(secured: Server) -> None:
     outside: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page()
+        docs = browser.new_page()
 
-        def only_local(route: object) -> None:
-            url = route.request.url  # type: ignore[attr-defined]
+        def only_local(route: Route) -> None:
+            url = route.request.url
             if url.startswith(secured.url):
-                route.continue_()  # type: ignore[attr-defined]
+                route.continue_()
             else:
                 outside.append(url)
-                route.abort()  # type: ignore[attr-defined]
+                route.abort()
 
-        page.route("**/*", only_local)
-        page.goto(secured.url + "/docs")
-        expect(page.locator(".swagger-ui .info .title")).to_contain_text("basehold", timeout=30_000)
-        expect(page.locator(".opblock-summary-path").first).to_be_visible()
-        page.goto(secured.url + "/redoc")
-        expect(page.locator("h1").first).to_contain_text("basehold", timeout=30_000)
+        docs.route("**/*", only_local)
+        docs.goto(secured.url + "/docs")
+        expect(docs.locator(".swagger-ui .info .title")).to_contain_text("basehold", timeout=30_000)
+        expect(docs.locator(".opblock-summary-path").first).to_be_visible()
+        docs.goto(secured.url + "/redoc")
+        expect(docs.locator("h1").first).to_contain_text("basehold", timeout=30_000)
         browser.close()
     assert outside == [], outside
 

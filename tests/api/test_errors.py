@@ -6,11 +6,12 @@ import json
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import load, wait_for
+from tests.conftest import Answer, load, wait_for
 
 
 @pytest.fixture
@@ -21,16 +22,16 @@ def copy_llama(models_root: Path) -> Path:
     return target
 
 
-def assert_problem(response: object, status: int, code: str) -> dict[str, object]:
-    assert response.status_code == status, response.text  # type: ignore[attr-defined]
-    assert response.headers["content-type"] == "application/problem+json"  # type: ignore[attr-defined]
-    body: dict[str, object] = response.json()  # type: ignore[attr-defined]
+def assert_problem(response: Answer, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
     assert body["code"] == code and body["status"] == status
     assert isinstance(body["detail"], str) and len(body["detail"]) > 20
     return body
 
 
-def failed_with(client: TestClient, code: str, **body: object) -> str:
+def failed_with(client: TestClient, code: str, **body: Any) -> str:
     status = load(client, **body)
     assert status["state"] == "failed", status
     assert status["error"]["code"] == code, status["error"]
@@ -167,7 +168,7 @@ def test_validation_errors_are_problems(client: TestClient, models_root: Path) -
         json={"source": str(models_root / "llama"), "dtype": "float8", "name": "Bad Name"},
     )
     problem = assert_problem(response, 422, "invalid_spec")
-    assert len(problem["errors"]) == 2  # type: ignore[arg-type]
+    assert len(problem["errors"]) == 2
 
 
 def test_unknown_route_is_a_problem(client: TestClient) -> None:

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.api.test_hostile import problem
-from tests.conftest import load
+from tests.conftest import app_of, load
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_a_hardlink_of_a_file_outside_the_roots_is_not_served(
 
 
 def test_the_state_database_is_not_served(client: TestClient, gpt2_copy: Path) -> None:
-    database = Path(client.app.state.settings.state_dir) / "basehold.sqlite3"  # type: ignore[attr-defined]
+    database = Path(app_of(client).state.settings.state_dir) / "basehold.sqlite3"
     model_id = load(client, source=str(gpt2_copy), dtype="float32")["id"]
     os.link(database, gpt2_copy / "tokenizer.json")  # a hardlink: two links, refused
     refused(client, model_id, "tokenizer.json")

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from service.memory.cuda import CudaDeviceMemory
 from service.memory.nvml import GpuMemory
-from tests.conftest import ClientFactory, load
+from tests.conftest import ClientFactory, app_of, load
 
 
 class FakeCuda:
@@ -69,8 +69,8 @@ class FakeNvml:
 
 def test_gpus_through_the_seams(make_client: ClientFactory) -> None:
     client = make_client()
-    client.app.state.cuda = FakeCuda(2)  # type: ignore[attr-defined]
-    client.app.state.gpus = FakeNvml()  # type: ignore[attr-defined]
+    app_of(client).state.cuda = FakeCuda(2)
+    app_of(client).state.gpus = FakeNvml()
     devices = client.get("/v1/memory").json()["devices"]
     assert [d["id"] for d in devices] == ["cuda:0", "cuda:1"]
     assert devices[0]["name"] == "NVIDIA H100 80GB HBM3"
@@ -90,8 +90,8 @@ class SecondGpuOnly(FakeCuda):
 
 def test_nvml_devices_are_matched_to_torch_by_uuid(make_client: ClientFactory) -> None:
     client = make_client()
-    client.app.state.cuda = SecondGpuOnly(1)  # type: ignore[attr-defined]
-    client.app.state.gpus = FakeNvml()  # type: ignore[attr-defined]
+    app_of(client).state.cuda = SecondGpuOnly(1)
+    app_of(client).state.gpus = FakeNvml()
     devices = client.get("/v1/memory").json()["devices"]
     assert [d["id"] for d in devices] == ["cuda:0"]
     assert devices[0]["free_bytes"] == 50 << 30 and devices[0]["used_bytes"] == 30 << 30
@@ -99,7 +99,7 @@ def test_nvml_devices_are_matched_to_torch_by_uuid(make_client: ClientFactory) -
 
 def test_torch_only_without_nvml(make_client: ClientFactory) -> None:
     client = make_client()
-    client.app.state.cuda = FakeCuda(1)  # type: ignore[attr-defined]
+    app_of(client).state.cuda = FakeCuda(1)
     devices = client.get("/v1/memory").json()["devices"]
     assert devices[0]["name"] == "Fake H100" and devices[0]["free_bytes"] == 70 << 30
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import bitsandbytes as bnb
 import pytest
@@ -10,11 +11,11 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import LLAMA_LAYERS_ON_DISK, MINILM, ClientFactory, load, wait_for
+from tests.conftest import LLAMA_LAYERS_ON_DISK, MINILM, ClientFactory, app_of, load, wait_for
 
 
-def held_model(client: TestClient, model_id: str) -> torch.nn.Module:
-    loaded = client.app.state.registry.get(model_id).loaded  # type: ignore[attr-defined]
+def held_model(client: TestClient, model_id: str) -> Any:
+    loaded = app_of(client).state.registry.get(model_id).loaded
     assert loaded is not None and loaded.model is not None
     model: torch.nn.Module = loaded.model
     return model
@@ -80,8 +81,9 @@ def test_bnb_4bit(
     model = held_model(client, status["id"])
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit)
-    assert q_proj.weight.quant_state.quant_type == quant_type
-    assert (q_proj.weight.quant_state.nested is True) is double_quant
+    state: Any = getattr(q_proj.weight, "quant_state")  # noqa: B009 - Params4bit's field
+    assert state.quant_type == quant_type
+    assert (state.nested is True) is double_quant
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)  # skip_modules honoured
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()

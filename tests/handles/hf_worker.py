@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from service.client import Client, LeaseLost
+from service.client import Client, LeaseLost, lease_of
 
 TEXTS = [
     "basehold keeps one copy of a base model and lends it to every training job.",
@@ -78,7 +78,7 @@ def sft(client: Client, model_id: str, out: Path, spec: dict[str, Any]) -> dict[
         )
         trainer.train()
         trainer.save_model(str(out / "adapter"))
-        peft_model = trainer.model
+        peft_model: Any = trainer.model
         peft_model.eval()
         q_proj = peft_model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
         with torch.no_grad():
@@ -127,7 +127,7 @@ def merge(client: Client, model_id: str, out: Path, spec: dict[str, Any]) -> dic
 def lost(client: Client, model_id: str, out: Path, spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    class Announce(TrainerCallback):  # type: ignore[misc]
+    class Announce(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step == 2:
                 print("training", flush=True)
@@ -155,7 +155,7 @@ def lost(client: Client, model_id: str, out: Path, spec: dict[str, Any]) -> dict
             callbacks=[Announce(), client.lease_callback(model)],
         )
         trainer.train()
-        lease = model.basehold_lease
+        lease = lease_of(model)
         raised = False
         try:
             with torch.no_grad():

@@ -24,6 +24,8 @@ from service.handles.devices import SegmentUnavailable
 
 STAND_IN_UUID = "GPU-host-stand-in"
 
+STAND_IN_FD = "stand_in_fd"  # the memfd behind a stand-in segment, kept on the tensor
+
 
 def _tensor_over(mapping: mmap.mmap) -> torch.Tensor:
     with warnings.catch_warnings():
@@ -53,11 +55,11 @@ class HostSegments:
             raise
         # The segment is "freed" (no longer openable) when the service drops it.
         weakref.finalize(segment, os.close, fd)
-        segment.stand_in_fd = fd  # type: ignore[attr-defined]
+        setattr(segment, STAND_IN_FD, fd)
         return segment
 
     def publish(self, name: str, segment: torch.Tensor) -> DeviceSegment:
-        fd = segment.stand_in_fd  # type: ignore[attr-defined]
+        fd: int = getattr(segment, STAND_IN_FD)
         return DeviceSegment(
             name=name,
             device=name,

@@ -6,6 +6,7 @@ import gc
 import mmap
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def in_arena(model: torch.nn.Module, arena_name: str) -> list[str]:
 
 
 SOCKET = "/nonexistent/basehold.sock"  # in-process attaches take the fd directly
-QUANT = {
+QUANT: dict[str, dict[str, Any]] = {
     "fp32": {},
     "bf16": {"dtype": torch.bfloat16},
     "nf4": {
@@ -105,7 +106,7 @@ def test_share_then_attach_is_bit_identical(models_root: Path, kind: str) -> Non
     assert torch.equal(before, after)
     assert in_arena(model, arena) == [], "service tensors left the arena after a forward"
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    worker = attach_fd(handle.model_dump(mode="json"), shared.fd)
+    worker: Any = attach_fd(handle.model_dump(mode="json"), shared.fd)
     with torch.no_grad():
         theirs = worker(tokens).logits
     assert torch.equal(before, theirs)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from service.handles.fdpass import ArenaRefused, ArenaServer, receive_arena
+from tests.conftest import app_of
 
 SECRET = "s3cret"
 
@@ -44,8 +45,13 @@ def arena() -> Iterator[Arena]:
     os.close(made.fd)
 
 
-def serve(socket_path: Path, arena: Arena, **kw: float) -> ArenaServer:
-    server = ArenaServer(socket_path, arena.authorize, **kw)  # type: ignore[arg-type]
+def serve(
+    socket_path: Path,
+    arena: Arena,
+    deadline: float = 5.0,
+    per_peer: int = 16,
+) -> ArenaServer:
+    server = ArenaServer(socket_path, arena.authorize, deadline=deadline, per_peer=per_peer)
     server.start()
     return server
 
@@ -271,7 +277,7 @@ def test_readyz_says_when_the_socket_stopped(client: object) -> None:
 
     assert isinstance(client, TestClient)
     assert client.get("/readyz").status_code == 200
-    client.app.state.arenas.stop()  # type: ignore[attr-defined]
+    app_of(client).state.arenas.stop()
     answer = client.get("/readyz")
     assert answer.status_code == 503 and answer.json()["code"] == "socket_down"
 

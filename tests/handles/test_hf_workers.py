@@ -212,8 +212,9 @@ def test_a_forced_unload_stops_the_trainer_with_a_checkpoint(
     assert proc.stdout is not None and proc.stdout.readline().strip() == "training"
     forced = httpx.delete(f"{server.url}/v1/models/lost", params={"force": "true"})
     assert forced.status_code == 204
-    proc.stdin.write("go\n")  # type: ignore[union-attr]
-    proc.stdin.flush()  # type: ignore[union-attr]
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
     got = result_of(proc)
     assert got["lost"] is True and got["state"] == "lost"
     assert got["checkpoints"] == [f"checkpoint-{got['stopped_at']}"]

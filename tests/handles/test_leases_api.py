@@ -5,16 +5,17 @@ from __future__ import annotations
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 
 from service.handles.leases import MAX_TTL_SECONDS, LeaseTable
 from service.state.database import LeaseRow
 from tests.api.test_auth import KEYS, bearer
-from tests.conftest import ClientFactory, load
+from tests.conftest import Answer, ClientFactory, load
 
 
-def lease(client: TestClient, model_id: str, ttl: int = 60, **kw: object) -> object:
+def lease(client: TestClient, model_id: str, ttl: int = 60, **kw: Any) -> Answer:
     return client.post(
         f"/v1/models/{model_id}/leases", json={"holder": "trainer-1", "ttl_seconds": ttl}, **kw
     )
@@ -24,8 +25,8 @@ def test_lease_lifecycle(client: TestClient, models_root: Path) -> None:
     status = load(client, source=str(models_root / "llama"), dtype="float32")
     assert status["shareable"] is True and status["shareable_reason"] is None
     created = lease(client, status["id"])
-    assert created.status_code == 201, created.text  # type: ignore[attr-defined]
-    body = created.json()  # type: ignore[attr-defined]
+    assert created.status_code == 201, created.text
+    body = created.json()
     handle = body["handle"]
     assert handle["arena"]["name"].startswith("basehold:") and handle["arena"]["socket"]
     assert len(body["secret"]) >= 32
@@ -54,7 +55,7 @@ def test_lease_lifecycle(client: TestClient, models_root: Path) -> None:
 
 def test_unload_refused_while_leased_then_forced(client: TestClient, models_root: Path) -> None:
     status = load(client, source=str(models_root / "gpt2"))
-    body = lease(client, status["id"]).json()  # type: ignore[attr-defined]
+    body = lease(client, status["id"]).json()
     refused = client.delete(f"/v1/models/{status['id']}")
     assert refused.status_code == 409 and refused.json()["code"] == "model_leased"
     assert "force=true" in refused.json()["detail"]
@@ -80,8 +81,8 @@ def test_not_shareable_models(client: TestClient, models_root: Path) -> None:
     eight = load(client, source=str(models_root / "llama"), quantization={"method": "bnb-8bit"})
     assert eight["shareable"] is False and "8-bit" in eight["shareable_reason"]
     refused = lease(client, eight["id"])
-    assert refused.status_code == 409  # type: ignore[attr-defined]
-    assert refused.json()["code"] == "not_shareable"  # type: ignore[attr-defined]
+    assert refused.status_code == 409
+    assert refused.json()["code"] == "not_shareable"
     offloaded = load(
         client,
         source=str(models_root / "llama"),
@@ -95,14 +96,14 @@ def test_not_shareable_models(client: TestClient, models_root: Path) -> None:
 def test_lease_on_failed_or_missing_model(client: TestClient, models_root: Path) -> None:
     failed = load(client, source=str(models_root / "llama"), task="seq2seq-lm")
     refused = lease(client, failed["id"])
-    assert refused.json()["code"] == "model_not_ready"  # type: ignore[attr-defined]
-    assert lease(client, "nope").status_code == 404  # type: ignore[attr-defined]
+    assert refused.json()["code"] == "model_not_ready"
+    assert lease(client, "nope").status_code == 404
 
 
 def test_ttl_bounds(client: TestClient, models_root: Path) -> None:
     status = load(client, source=str(models_root / "gpt2"))
-    assert lease(client, status["id"], ttl=0).status_code == 422  # type: ignore[attr-defined]
-    assert lease(client, status["id"], ttl=7200).status_code == 422  # type: ignore[attr-defined]
+    assert lease(client, status["id"], ttl=0).status_code == 422
+    assert lease(client, status["id"], ttl=7200).status_code == 422
 
 
 def test_only_worker_keys_get_handles(make_client: ClientFactory, models_root: Path) -> None:
@@ -110,9 +111,9 @@ def test_only_worker_keys_get_handles(make_client: ClientFactory, models_root: P
     status = load(client, headers=bearer("admin-key-123"), source=str(models_root / "gpt2"))
     for key in ("admin-key-123", "reader-key-123"):
         denied = lease(client, status["id"], headers=bearer(key))
-        assert denied.status_code == 403  # type: ignore[attr-defined]
+        assert denied.status_code == 403
     granted = lease(client, status["id"], headers=bearer("worker-key-123"))
-    assert granted.status_code == 201  # type: ignore[attr-defined]
+    assert granted.status_code == 201
     assert client.get("/v1/leases", headers=bearer("reader-key-123")).status_code == 200
 
 
@@ -121,7 +122,7 @@ def test_renew_and_release_need_the_secret_or_an_admin_key(
 ) -> None:
     client = make_client(api_keys={**KEYS, "worker-key-456": ["worker"]})
     status = load(client, headers=bearer("admin-key-123"), source=str(models_root / "gpt2"))
-    mine = lease(client, status["id"], headers=bearer("worker-key-123")).json()  # type: ignore[attr-defined]
+    mine = lease(client, status["id"], headers=bearer("worker-key-123")).json()
     url = f"/v1/leases/{mine['lease_id']}"
     other_worker = bearer("worker-key-456")
     for secret in (None, "wrong-secret", "x" * 43):
@@ -154,23 +155,23 @@ def test_holder_must_be_printable_and_bounded(client: TestClient, models_root: P
 def test_lease_cap_per_model(make_client: ClientFactory, models_root: Path) -> None:
     client = make_client(max_leases_per_model=2)
     status = load(client, source=str(models_root / "gpt2"))
-    assert [lease(client, status["id"]).status_code for _ in range(2)] == [201, 201]  # type: ignore[attr-defined]
+    assert [lease(client, status["id"]).status_code for _ in range(2)] == [201, 201]
     refused = lease(client, status["id"])
-    assert refused.status_code == 429  # type: ignore[attr-defined]
-    assert refused.json()["code"] == "too_many_leases"  # type: ignore[attr-defined]
-    assert "BASEHOLD_MAX_LEASES_PER_MODEL" in refused.json()["detail"]  # type: ignore[attr-defined]
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "too_many_leases"
+    assert "BASEHOLD_MAX_LEASES_PER_MODEL" in refused.json()["detail"]
 
 
 def test_lease_cap_per_holder(make_client: ClientFactory, models_root: Path) -> None:
     client = make_client(max_leases_per_holder=2)
     first = load(client, source=str(models_root / "gpt2"))
     second = load(client, source=str(models_root / "llama"), dtype="float32")
-    assert lease(client, first["id"]).status_code == 201  # type: ignore[attr-defined]
-    assert lease(client, second["id"]).status_code == 201  # type: ignore[attr-defined]
+    assert lease(client, first["id"]).status_code == 201
+    assert lease(client, second["id"]).status_code == 201
     refused = lease(client, first["id"])
-    assert refused.status_code == 429  # type: ignore[attr-defined]
-    assert refused.json()["code"] == "too_many_leases"  # type: ignore[attr-defined]
-    assert "BASEHOLD_MAX_LEASES_PER_HOLDER" in refused.json()["detail"]  # type: ignore[attr-defined]
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "too_many_leases"
+    assert "BASEHOLD_MAX_LEASES_PER_HOLDER" in refused.json()["detail"]
     other = client.post(
         f"/v1/models/{first['id']}/leases", json={"holder": "trainer-2", "ttl_seconds": 60}
     )

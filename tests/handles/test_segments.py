@@ -9,6 +9,7 @@ import time
 import weakref
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from service.app import create_app
-from service.client import LeaseLost, guard_forward
+from service.client import LeaseLost
 from service.handles.attach import AttachError, attach_fd
 from service.handles.descriptor import Handle
 from service.handles.devices import (
@@ -27,6 +28,7 @@ from service.handles.devices import (
     SegmentUnavailable,
     expandable_segments,
 )
+from service.handles.lease_state import guard_forward
 from service.handles.leases import LeaseTable
 from service.handles.placement import ArenaPlacement
 from service.handles.share import share
@@ -72,7 +74,7 @@ def test_model_moves_into_one_segment_and_attaches(models_root: Path, kind: str)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert segments.emptied == 1
 
-    worker = attach_fd(handle, shared.fd, segments)
+    worker: Any = attach_fd(handle, shared.fd, segments)
     with torch.no_grad():
         assert torch.equal(worker(TOKENS).logits, before)
     # The worker opened the segment itself (its own mapping of the same memory): every
@@ -262,8 +264,11 @@ def test_expired_leases_hold_segments_for_one_more_ttl() -> None:
     table = LeaseTable(grace_seconds=5)
     lease, _ = table.grant("m", "w", ttl_seconds=1)
     assert table.hold_until("m") is None
-    time.sleep(1.1)
-    assert [e.id for e in table.expire()] == [lease.id]
+    deadline = time.monotonic() + 30
+    while not (expired := table.expire()):  # polled: the lease runs out after its 1 s TTL
+        assert time.monotonic() < deadline, "the lease never expired"
+        time.sleep(0.02)
+    assert [e.id for e in expired] == [lease.id]
     held = table.hold_until("m")
     assert held is not None and 0.5 < (held - datetime.now(timezone.utc)).total_seconds() <= 1
     released, _ = table.grant("n", "w", ttl_seconds=60)

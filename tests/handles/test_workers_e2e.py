@@ -50,7 +50,7 @@ def worker(server: Server, model_id: str, mode: str, spec: dict[str, Any]) -> su
     return spawn_worker(server.url, model_id, mode, spec)
 
 
-CASES = {
+CASES: dict[str, tuple[dict[str, Any], str, dict[str, Any]]] = {
     "llama-fp32": (
         {"dtype": "float32"},
         "llama",

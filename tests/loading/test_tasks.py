@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoConfig, BertConfig, GPT2Config, LlamaConfig, T5Config
+from transformers import AutoConfig, BertConfig, GPT2Config, LlamaConfig, PretrainedConfig, T5Config
 
 from service.errors import WrongModelType
 from service.loading.spec import Task
@@ -21,8 +21,8 @@ from tests.conftest import MINILM
         (LlamaConfig(), Task.BASE),
     ],
 )
-def test_infer(config: object, task: Task) -> None:
-    assert infer_task(config) == task  # type: ignore[arg-type]
+def test_infer(config: PretrainedConfig, task: Task) -> None:
+    assert infer_task(config) == task
 
 
 def test_real_minilm_is_base() -> None:

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from service.memory.host import shared_memory_bytes
 from tests import checkpoints
-from tests.conftest import ClientFactory, load
+from tests.conftest import ClientFactory, app_of, load
 
 MiB = 1 << 20
 
@@ -78,4 +78,4 @@ def test_cancel_during_load_leaves_nothing(make_client: ClientFactory, big_root:
     while client.get(f"/v1/models/{model_id}").status_code != 404:
         pass
     assert used() - baseline < 64 * MiB
-    assert not any((Path(client.app.state.settings.offload_dir)).iterdir())  # type: ignore[attr-defined]
+    assert not any((Path(app_of(client).state.settings.offload_dir)).iterdir())

@@ -25,7 +25,7 @@ class WatchedNvml:
 
     def gpus(self) -> list[GpuMemory]:
         if self.lock is not None:
-            self.held.append(self.lock._is_owned())  # type: ignore[attr-defined]
+            self.held.append(getattr(self.lock, "_is_owned")())  # noqa: B009 - RLock's own check
         return []
 
 

@@ -13,9 +13,9 @@ from service.errors import ModelNotReady
 from service.handles.placement import ArenaPlacement
 from service.loading.pipeline import LoadContext, discard, load_and_place, prepare
 from service.loading.progress import Progress
-from service.loading.spec import LoadRequest
+from service.loading.spec import DType, LoadRequest
 from service.registry.record import new_load_id
-from tests.conftest import ClientFactory, estimated_sizes, load
+from tests.conftest import ClientFactory, app_of, estimated_sizes, load
 
 
 def test_concurrent_forced_deletes_never_fail(client: TestClient, models_root: Path) -> None:
@@ -52,7 +52,7 @@ def test_eviction_only_when_it_makes_the_load_fit(
 
 def test_every_load_of_a_name_has_its_own_load_id(client: TestClient, models_root: Path) -> None:
     first = load(client, source=str(models_root / "llama"), dtype="float32", name="m")
-    registry = client.app.state.registry  # type: ignore[attr-defined]
+    registry = app_of(client).state.registry
     first_load = registry.get("m").load_id
     assert client.delete("/v1/models/m").status_code == 204
     second = load(client, source=str(models_root / "llama"), dtype="float32", name="m")
@@ -67,7 +67,7 @@ def test_cleanup_of_a_cancelled_load_never_touches_a_newer_one(
     the arena or offload folder of a newer load of the same model id."""
     placement = ArenaPlacement(socket_path)
     ctx = LoadContext(roots=[models_root], offload_root=tmp_path, placement=placement)
-    spec = LoadRequest(source=str(models_root / "llama"), dtype="float32", device_map="cpu")
+    spec = LoadRequest(source=str(models_root / "llama"), dtype=DType.FLOAT32, device_map="cpu")
     cancelled, newer = new_load_id("m"), new_load_id("m")
     (tmp_path / newer).mkdir()  # the newer load's offload folder
     loaded = load_and_place("m", newer, prepare(spec, None, ctx), ctx, Progress())

@@ -42,7 +42,7 @@ def test_restore_refuses_what_the_policy_now_refuses(
     # While it is stopped, rows nobody could have POSTed land in the database.
     db = StateDB.open(state)
     now = utcnow()
-    planted = {
+    planted: dict[str, dict[str, Any]] = {
         "gpu7": {"source": gpt2, "name": "gpu7", "device_map": "cuda:7"},
         "outside": {"source": "/etc", "name": "outside"},
         "<img src=x onerror=alert(1)>": {"source": gpt2, "dtype": "float16"},
