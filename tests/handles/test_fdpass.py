@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from service.handles.fdpass import ArenaRefused, ArenaServer, receive_arena
+from service.handles.fdpass import ArenaRefused, ArenaServer, SocketUnsafe, receive_arena
 from tests.conftest import app_of
 
 SECRET = "s3cret"
@@ -299,3 +299,21 @@ def test_many_workers_at_once(socket_path: Path, arena: Arena) -> None:
         thread.join(timeout=60)
     server.stop()
     assert errors == []
+
+
+def test_a_socket_folder_whose_parent_others_can_write_is_refused(
+    socket_path: Path, arena: Arena
+) -> None:
+    parent = socket_path.parent / "shared"
+    parent.mkdir()
+    parent.chmod(0o777)  # anyone could rename our folder away and put theirs in its place
+    folder = parent / "basehold"
+    server = ArenaServer(folder / "basehold.sock", arena.authorize)
+    with pytest.raises(SocketUnsafe, match="without the sticky bit"):
+        server.start()
+    parent.chmod(0o1777)  # like /tmp: only an entry's owner may rename it
+    server.start()
+    try:
+        attach(folder / "basehold.sock")
+    finally:
+        server.stop()
