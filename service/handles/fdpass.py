@@ -327,8 +327,16 @@ def receive_arena(
                 "someone else's socket is in its place, so the lease's secret was not sent. "
                 "Tell the operator; check who can write the socket's folder and its parent.",
             )
-        conn.sendall((json.dumps({"lease_id": lease_id, "secret": secret}) + "\n").encode())
-        message, fds, _, _ = socket.recv_fds(conn, MAX_LINE, 1)
+        # Turned away at once (busy), the send may fail: the answer is still there to read.
+        with contextlib.suppress(OSError):
+            conn.sendall((json.dumps({"lease_id": lease_id, "secret": secret}) + "\n").encode())
+        try:
+            message, fds, _, _ = socket.recv_fds(conn, MAX_LINE, 1)
+        except OSError as exc:
+            raise ArenaRefused(
+                "socket_unreachable",
+                f"the service's socket {path} closed the connection ({exc}); retry.",
+            ) from exc
     try:
         answer = json.loads(message.split(b"\n", 1)[0] or b"{}")
     except ValueError:
