@@ -239,7 +239,7 @@ class Client:
             model = attach_handle(grant["handle"], lease_id, secret, devices or CUDA)
             model.basehold_lease = lease  # type: ignore[assignment]
             if grant["handle"].get("segments") or on_lost == "raise":
-                guard_forward(model, lease.why_not_usable)
+                guard_forward(model, lease.forward_refusal)
             yield cast("PreTrainedModel", model)  # built by transformers from the config
         finally:
             renewer.stop()

@@ -10,10 +10,11 @@ a child subreaper (PR_SET_CHILD_SUBREAPER): it can wait for, signal and reap the
 like any child of its own (`Forked` mirrors the parts of `subprocess.Popen` the tests use).
 
 What a fork cannot change is read at import time: the zygote serves a request only when
-its environment differs from the zygote's own in `BASEHOLD_*` variables alone (anything
-else, such as `HF_HUB_OFFLINE`, takes a cold start). Nothing here replaces what is tested:
-the server is the same code from the same entry point; a few tests still start cold
-processes on purpose (`python -m service`, a second instance, a limited address space).
+its environment agrees with the zygote's in every variable read then (`IMPORT_TIME`:
+`HF_HUB_OFFLINE`, `TORCH_*`, ...); otherwise the server starts cold. Nothing here
+replaces what is tested: the server is the same code from the same entry point; a few
+tests still start cold processes on purpose (`python -m service`, a second instance, a
+limited address space).
 """
 
 from __future__ import annotations
@@ -33,13 +34,32 @@ from typing import Any
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
-# Read when a server starts, not when the libraries are imported: these may differ.
-PREFIXES = ("BASEHOLD_", "PYTEST_")
+# Variables the imported libraries (or the interpreter) read once, at import or start: a
+# server whose environment differs from the zygote's in any of them starts cold. The rest
+# (BASEHOLD_*, paths, XDG_*, ...) are read when the server runs, from its own environment.
+IMPORT_TIME = (
+    "HF_",
+    "HUGGINGFACE",
+    "TRANSFORMERS",
+    "TOKENIZERS",
+    "ACCELERATE",
+    "BNB_",
+    "BITSANDBYTES",
+    "TORCH",
+    "PYTORCH",
+    "CUDA",
+    "NVIDIA",
+    "OMP_",
+    "MKL_",
+    "OPENBLAS",
+    "PYTHON",
+    "LD_",
+)
 
 
-def _differs_only_in_basehold(env: dict[str, str], base: dict[str, str]) -> bool:
-    keys = set(env) | set(base)
-    return all(k.startswith(PREFIXES) or env.get(k) == base.get(k) for k in keys)
+def _same_imports(env: dict[str, str], base: dict[str, str]) -> bool:
+    keys = {k for k in set(env) | set(base) if k.startswith(IMPORT_TIME)}
+    return all(env.get(k) == base.get(k) for k in keys)
 
 
 # -- the zygote process -------------------------------------------------------------------
@@ -182,11 +202,12 @@ class Zygote:
         folder.mkdir(mode=0o700, exist_ok=True)
         self._path = str(folder / "z.sock")
         Path(self._path).unlink(missing_ok=True)
-        self._env = dict(os.environ)
+        self._env = dict(SESSION_ENV)
         root = Path(__file__).resolve().parent.parent
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "tests.zygote", self._path],
             cwd=root,
+            env=self._env,
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -201,7 +222,7 @@ class Zygote:
             if self._proc is None and not self._start():
                 self._broken = True
                 return None
-        if not _differs_only_in_basehold(env, self._env):
+        if not _same_imports(env, self._env):
             return None
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.connect(self._path)
@@ -219,6 +240,9 @@ class Zygote:
             Path(self._path).unlink(missing_ok=True)
 
 
+# The environment the test session started with (before any test changed it): the
+# zygote imports the libraries under it.
+SESSION_ENV = dict(os.environ)
 ZYGOTE = Zygote()
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """`Client.lease_callback(model)`: a `transformers.TrainerCallback` for attached models.
 
 - When the lease is lost (a forced unload, an expiry), it asks the Trainer to save a
-  checkpoint and stop at the end of the current step, so no work is lost silently.
+  checkpoint and stop at the end of the current step, so no work is lost silently. With
+  `on_lost="raise"` the step in flight finishes first: the raise comes only if training
+  goes on after that.
 - At the start of training it records the base model's provenance (the hub id and commit
   for hub loads) in the PEFT configs that do not name it yet, so the saved adapter's
   `adapter_config.json` names its base, never a server path.
@@ -22,6 +24,7 @@ log = logging.getLogger("basehold.client")
 class LeaseCallback(TrainerCallback):
     def __init__(self, lease: LeaseState, base_name: str, revision: str | None) -> None:
         self.lease = lease
+        lease.deferred = True  # a loss now stops training at a step boundary, here
         self.base_name = base_name
         self.revision = revision
 
@@ -41,4 +44,5 @@ class LeaseCallback(TrainerCallback):
             )
             control.should_save = True
             control.should_training_stop = True
+            self.lease.stopped = True  # from here on, forward passes raise
         return control

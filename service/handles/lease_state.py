@@ -42,10 +42,22 @@ class LeaseState:
     expires_at: datetime | None = None
     state: Literal["active", "lost", "released"] = "active"
     reason: str | None = None
+    # A TrainerCallback (`Client.lease_callback`) stops training at the next step boundary
+    # with a checkpoint: until it has, a loss does not fail the step in flight.
+    deferred: bool = False
+    stopped: bool = False
 
     @property
     def lost(self) -> bool:
         return self.state == "lost"
+
+    def forward_refusal(self) -> str | None:
+        """Why a forward pass must not run now (None: it may). A lost lease lets the step
+        in flight finish when a callback will stop training at its end (the service keeps
+        a revoked or expired lease's memory for one more TTL); after that, it refuses."""
+        if self.state == "lost" and self.deferred and not self.stopped:
+            return None
+        return self.why_not_usable()
 
     def why_not_usable(self) -> str | None:
         if self.state == "lost":

@@ -86,3 +86,22 @@ def test_retrying_goes_on_past_the_expiry_until_the_service_answers(
     run(state, renew, lambda: calls["after"] >= 2)
     assert state.state == "active"
     assert "not renewed before its expiry" in caplog.text
+
+
+def test_a_callback_gets_the_loss_before_forward_passes_raise() -> None:
+    from transformers import TrainerControl, TrainerState
+
+    from service.handles.callback import LeaseCallback
+
+    state = lease()
+    assert state.forward_refusal() is None
+    plain = lease()
+    plain.state, plain.reason = "lost", "revoked"
+    assert plain.forward_refusal() is not None  # no callback: the next forward raises
+    callback = LeaseCallback(state, "base", None)
+    state.state, state.reason = "lost", "revoked by a forced unload"
+    assert state.forward_refusal() is None  # the step in flight may finish
+    control = callback.on_step_end(None, TrainerState(global_step=7), TrainerControl())
+    assert control.should_save and control.should_training_stop
+    assert state.forward_refusal() is not None  # training goes on: now it raises
+    assert "revoked by a forced unload" in str(state.forward_refusal())

@@ -322,8 +322,12 @@ CHURN: dict[str, dict[str, Any]] = {
 }
 
 
-def churn(url: str, models_root: Path, seed: int, stop: threading.Event) -> None:
-    """Loads and unloads at random until the server goes away."""
+def churn(
+    url: str, models_root: Path, seed: int, stop: threading.Event, posted: threading.Event
+) -> None:
+    """Loads and unloads at random until the server goes away; `posted` is set once a
+    load request has been answered (a fresh server's first one takes ~1.5 s: it imports
+    the model's code)."""
     rng = random.Random(seed)
     with httpx.Client(base_url=url, timeout=30) as http:
         while not stop.is_set():
@@ -332,6 +336,7 @@ def churn(url: str, models_root: Path, seed: int, stop: threading.Event) -> None
                 if rng.random() < 0.6:
                     spec = {**CHURN[name], "source": str(models_root / CHURN[name]["source"])}
                     http.post("/v1/models", json={**spec, "name": name})
+                    posted.set()
                 else:
                     http.delete(f"/v1/models/{name}", params={"force": "true"})
             except httpx.TransportError:
@@ -349,9 +354,12 @@ def test_twenty_random_kill_restart_cycles_leave_registry_db_and_memory_agreeing
     held_at_kill = 0
     try:
         for cycle in range(20):
-            stop = threading.Event()
-            worker = threading.Thread(target=churn, args=(server.url, models_root, cycle, stop))
+            stop, posted = threading.Event(), threading.Event()
+            worker = threading.Thread(
+                target=churn, args=(server.url, models_root, cycle, stop, posted)
+            )
             worker.start()
+            posted.wait(timeout=60)  # the kill lands in the churn, not before it starts
             time.sleep(rng.uniform(0.1, 1.5))
             server.kill()
             stop.set()
