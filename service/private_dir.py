@@ -7,6 +7,7 @@ basehold refuses to start on one that another user owns or can write.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -15,6 +16,36 @@ from pathlib import Path
 class FolderUnsafe(RuntimeError):
     """A folder basehold trusts could be changed by someone else; the message says what to
     change."""
+
+
+class FileUnsafe(FolderUnsafe):
+    """A file basehold keeps in such a folder is a symlink or not this user's regular file."""
+
+
+def open_private(path: Path, setting: str) -> int:
+    """Open `path` read-write, creating it 0600: never through a symlink, only a regular
+    file of this user, with group and other bits taken off. Returns the fd (the caller
+    closes it)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise FileUnsafe(
+                f"{path} is a symlink; basehold never follows one (it must be a regular file "
+                f"of this user, never a symlink). Remove it, and check who planted it, or "
+                f"point {setting} elsewhere."
+            ) from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        os.close(fd)
+        raise FileUnsafe(
+            f"{path} is not a regular file owned by this user (uid {os.getuid()}); remove it "
+            f"or point {setting} elsewhere."
+        )
+    if info.st_mode & 0o077:
+        os.fchmod(fd, 0o600)
+    return fd
 
 
 def check_private(folder: Path, setting: str, *, create: bool = True) -> None:

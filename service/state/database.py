@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import sqlite3
-import stat
 import threading
 import time
 import uuid
@@ -26,6 +25,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
+
+from service.private_dir import FileUnsafe, open_private
 
 log = logging.getLogger("basehold.state")
 
@@ -97,23 +98,14 @@ def _private_file(path: Path) -> None:
     or take group and other bits off one that has them: it holds lease secrets' hashes and
     specs whose restore runs loads."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.close(open_private(path, "BASEHOLD_STATE_DIR"))
+    except FileUnsafe as exc:
+        raise StateError(str(exc)) from None
     except OSError as exc:
         raise StateError(
-            f"cannot open {path} ({exc.strerror}); it must be a regular file of this user "
-            "(never a symlink). Remove it or point BASEHOLD_STATE_DIR elsewhere."
+            f"cannot open {path} ({exc.strerror}); it must be a regular file of this user. "
+            "Remove it or point BASEHOLD_STATE_DIR elsewhere."
         ) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
-            raise StateError(
-                f"{path} is not a regular file owned by this user; remove it or point "
-                "BASEHOLD_STATE_DIR elsewhere."
-            )
-        if info.st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
 
 
 def _connect(path: Path) -> sqlite3.Connection:

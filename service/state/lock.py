@@ -10,13 +10,11 @@ followed, written or truncated.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
-import stat
 from pathlib import Path
 
-from service.private_dir import FolderUnsafe, check_private
+from service.private_dir import check_private, open_private
 
 FILENAME = "basehold.lock"
 
@@ -30,30 +28,6 @@ class StateDirLocked(RuntimeError):
             "it, or give this one its own BASEHOLD_STATE_DIR."
         )
         self.pid = pid
-
-
-class LockFileUnsafe(FolderUnsafe):
-    """The lock file is not a regular file of this user (a symlink, a device, ...)."""
-
-
-def _open(path: Path) -> int:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise LockFileUnsafe(
-                f"{path} is a symlink; basehold never follows it. Remove it (and check who "
-                "planted it) before starting."
-            ) from None
-        raise
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
-        os.close(fd)
-        raise LockFileUnsafe(
-            f"{path} is not a regular file owned by this user (uid {os.getuid()}); remove it "
-            "before starting."
-        )
-    return fd
 
 
 class StateLock:
@@ -72,7 +46,7 @@ class StateLock:
         # A state directory someone else can write could hold a planted database (whose
         # restore would run checkpoint code) or swap the lock: refuse it first.
         check_private(self.path.parent, "BASEHOLD_STATE_DIR")
-        fd = _open(self.path)
+        fd = open_private(self.path, "BASEHOLD_STATE_DIR")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

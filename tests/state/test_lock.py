@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.private_dir import FolderUnsafe
-from service.state.lock import FILENAME, LockFileUnsafe, StateDirLocked, StateLock
+from service.private_dir import FileUnsafe, FolderUnsafe
+from service.state.lock import FILENAME, StateDirLocked, StateLock
 
 
 def test_second_holder_is_refused_with_the_first_ones_pid(tmp_path: Path) -> None:
@@ -41,7 +41,7 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path: Pat
     victim = tmp_path.parent / f"{tmp_path.name}-victim.txt"
     victim.write_text("precious\n")
     (tmp_path / FILENAME).symlink_to(victim)
-    with pytest.raises(LockFileUnsafe, match="symlink"):
+    with pytest.raises(FileUnsafe, match="symlink"):
         StateLock(tmp_path).acquire()
     assert victim.read_text() == "precious\n"
     victim.unlink()
@@ -49,7 +49,7 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path: Pat
 
 def test_a_lock_path_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / FILENAME)
-    with pytest.raises(LockFileUnsafe, match="not a regular file"):
+    with pytest.raises(FileUnsafe, match="not a regular file"):
         StateLock(tmp_path).acquire()
 
 
