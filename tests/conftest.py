@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -49,6 +50,24 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 ClientFactory = Callable[..., TestClient]
+CopyFactory = Callable[[str], Path]
+
+
+@pytest.fixture
+def checkpoint_copy(models_root: Path) -> Iterator[CopyFactory]:
+    """Private copies of the session's checkpoints under the allowed root (to damage or
+    add files to), removed after the test."""
+    made: list[Path] = []
+
+    def copy(name: str) -> Path:
+        target = models_root / f"{name}-copy-{os.urandom(4).hex()}"
+        shutil.copytree(models_root / name, target)
+        made.append(target)
+        return target
+
+    yield copy
+    for target in made:
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def app_of(client: TestClient) -> FastAPI:

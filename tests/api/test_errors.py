@@ -11,15 +11,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import Answer, load, wait_for
+from tests.conftest import Answer, CopyFactory, load, wait_for
 
 
 @pytest.fixture
-def copy_llama(models_root: Path) -> Path:
+def copy_llama(checkpoint_copy: CopyFactory) -> Path:
     """A private copy of the llama checkpoint under the allowed root, to damage."""
-    target = models_root / f"damaged-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(models_root / "llama", target)
-    return target
+    return checkpoint_copy("llama")
 
 
 def assert_problem(response: Answer, status: int, code: str) -> dict[str, Any]:

@@ -7,23 +7,20 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.api.test_hostile import problem
-from tests.conftest import app_of, load
+from tests.conftest import CopyFactory, app_of, load
 
 
 @pytest.fixture
-def gpt2_copy(models_root: Path) -> Iterator[Path]:
-    target = models_root / f"files-{os.urandom(4).hex()}"
-    shutil.copytree(models_root / "gpt2", target)
+def gpt2_copy(checkpoint_copy: CopyFactory) -> Path:
+    target = checkpoint_copy("gpt2")
     (target / "vocab.txt").write_text("[PAD]\nhello\n")
-    yield target
-    shutil.rmtree(target, ignore_errors=True)
+    return target
 
 
 def served(client: TestClient, model_id: str) -> set[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.api.test_auth import KEYS, bearer
-from tests.conftest import Answer, ClientFactory
+from tests.conftest import Answer, ClientFactory, CopyFactory
 from tests.test_server_e2e import ROOT, Server, start
 
 
@@ -31,11 +30,8 @@ def problem(response: Answer, status: int, code: str) -> dict[str, object]:
 
 
 @pytest.fixture
-def copy_llama(models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    target = models_root / f"hostile-{os.urandom(4).hex()}"
-    shutil.copytree(models_root / "llama", target)
-    yield target
-    shutil.rmtree(target, ignore_errors=True)
+def copy_llama(checkpoint_copy: CopyFactory) -> Path:
+    return checkpoint_copy("llama")
 
 
 def test_symlinked_weight_file_outside_the_roots_is_refused(

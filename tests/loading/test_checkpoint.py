@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ from safetensors.torch import save_file
 
 from service.errors import InvalidCheckpoint
 from service.loading.checkpoint import inspect_checkpoint, read_safetensors_header
-from tests.conftest import load
+from tests.conftest import CopyFactory, load
 
 
 def write(path: Path) -> Path:
@@ -89,20 +87,16 @@ def test_a_tensor_in_two_shards_is_invalid(tmp_path: Path) -> None:
 
 
 def test_a_bad_offset_fails_the_load_as_invalid_checkpoint(
-    client: TestClient, models_root: Path
+    client: TestClient, checkpoint_copy: CopyFactory
 ) -> None:
-    folder = models_root / f"bad-offsets-{os.urandom(4).hex()}"
-    shutil.copytree(models_root / "gpt2", folder)
-    try:
-        weights = folder / "model.safetensors"
-        header = read_safetensors_header(weights)
-        data = weights.read_bytes()[8 + struct.unpack("<Q", weights.read_bytes()[:8])[0] :]
-        name = next(n for n in header if n != "__metadata__")
-        entry: Any = header[name]
-        entry["data_offsets"] = [str(o) for o in entry["data_offsets"]]
-        header_file(weights, dict(header), data)
-        status = load(client, source=str(folder), dtype="float32")
-        assert status["state"] == "failed"
-        assert status["error"]["code"] == "invalid_checkpoint", status
-    finally:
-        shutil.rmtree(folder)
+    folder = checkpoint_copy("gpt2")
+    weights = folder / "model.safetensors"
+    header = read_safetensors_header(weights)
+    data = weights.read_bytes()[8 + struct.unpack("<Q", weights.read_bytes()[:8])[0] :]
+    name = next(n for n in header if n != "__metadata__")
+    entry: Any = header[name]
+    entry["data_offsets"] = [str(o) for o in entry["data_offsets"]]
+    header_file(weights, dict(header), data)
+    status = load(client, source=str(folder), dtype="float32")
+    assert status["state"] == "failed"
+    assert status["error"]["code"] == "invalid_checkpoint", status
