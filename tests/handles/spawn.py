@@ -1,26 +1,50 @@
-"""Start tests/handles/worker.py as an independent process (not a fork of anything)."""
+"""Start a worker module (tests/handles/worker.py, hf_worker.py) as a process of its own:
+a fork of the pre-imported worker template (tests/zygote.py), which never saw the server
+or its memory, or a cold `python -m` where the environment needs one."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from tests.zygote import Forked, worker_template
+
 ROOT = Path(__file__).resolve().parents[2]
+Process = Forked | subprocess.Popen[str]
 
 
-def spawn_worker(
-    url: str, model_id: str, mode: str, spec: dict[str, Any], *, quiet: bool = False
-) -> subprocess.Popen[str]:
-    """`quiet`: discard its output (storms start many)."""
+def run_module(
+    module: str,
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    quiet: bool = False,
+) -> Process:
+    """`python -m MODULE ARGV` with text pipes (`quiet`: output discarded)."""
+    env = dict(os.environ) if env is None else env
+    template = worker_template(env)
+    forked = None if template is None else template.run_module(module, argv, env, cwd, quiet)
+    if forked is not None:
+        return forked
     output = subprocess.DEVNULL if quiet else subprocess.PIPE
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.handles.worker", url, model_id, mode, json.dumps(spec)],
-        cwd=ROOT,
+        [sys.executable, "-m", module, *argv],
+        cwd=cwd,
+        env=env,
         stdin=subprocess.PIPE,
         stdout=output,
         stderr=output,
         text=True,
     )
+
+
+def spawn_worker(
+    url: str, model_id: str, mode: str, spec: dict[str, Any], *, quiet: bool = False
+) -> Process:
+    """tests/handles/worker.py (`quiet`: discard its output; storms start many)."""
+    return run_module("tests.handles.worker", [url, model_id, mode, json.dumps(spec)], quiet=quiet)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from tests import checkpoints
 from tests.conftest import MINILM
 from tests.handles.arenas import arena_fds, sha256
 from tests.handles.hf_worker import TOKENS, small_random_lora
+from tests.handles.spawn import Process, run_module
 from tests.reference import from_pretrained
 from tests.test_server_e2e import ROOT, Server, start, wait_ready
 
@@ -71,27 +70,21 @@ def load_tok(server: Server, tok_root: Path, name: str, quantized: bool) -> dict
 
 def worker(
     server: Server, model_id: str, mode: str, tmp_path: Path, spec: dict[str, Any] | None = None
-) -> subprocess.Popen[str]:
-    """A worker with its own HF_HOME and working directory: nothing of the server's."""
+) -> Process:
+    """A worker with its own HF_HOME (one for the session's workers: it is read at import)
+    and its own working directory and file cache: nothing of the server's."""
     home = tmp_path / "worker-home"
     home.mkdir(exist_ok=True)
+    hf_home = tmp_path.parent / "worker-hf-home"  # in the session's base temp folder
     env = {
         **os.environ,
-        "HF_HOME": str(home / "hf"),
+        "HF_HOME": str(hf_home),
         "BASEHOLD_CACHE": str(home / "basehold-cache"),
         "PYTHONPATH": str(ROOT),
     }
     env.pop("HF_HUB_CACHE", None)
-    command = [sys.executable, "-m", "tests.handles.hf_worker", server.url, model_id, mode]
-    return subprocess.Popen(
-        [*command, str(tmp_path / "out"), json.dumps(spec or {})],
-        cwd=home,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    argv = [server.url, model_id, mode, str(tmp_path / "out"), json.dumps(spec or {})]
+    return run_module("tests.handles.hf_worker", argv, env=env, cwd=home)
 
 
 def reference_model(path: Path, quantized: bool) -> Any:
@@ -107,7 +100,7 @@ def reference_model(path: Path, quantized: bool) -> Any:
     return from_pretrained(AutoModelForCausalLM, path, **kwargs)
 
 
-def result_of(proc: subprocess.Popen[str], timeout: float = 600) -> dict[str, Any]:
+def result_of(proc: Process, timeout: float = 600) -> dict[str, Any]:
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-5000:]
     parsed: dict[str, Any] = json.loads(out.strip().splitlines()[-1])

@@ -6,7 +6,6 @@ import json
 import mmap
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from service.handles.fdpass import ArenaRefused, receive_arena
 from service.memory.host import shared_memory_bytes
 from tests import checkpoints
 from tests.handles.arenas import arena_fds, arena_of, rss_shmem, sealed, sha256
-from tests.handles.spawn import spawn_worker
+from tests.handles.spawn import Process, spawn_worker
 from tests.test_server_e2e import Server, start
 
 pytestmark = pytest.mark.e2e
@@ -46,7 +45,7 @@ def load(server: Server, **body: Any) -> dict[str, Any]:
         time.sleep(0.05)
 
 
-def worker(server: Server, model_id: str, mode: str, spec: dict[str, Any]) -> subprocess.Popen[str]:
+def worker(server: Server, model_id: str, mode: str, spec: dict[str, Any]) -> Process:
     return spawn_worker(server.url, model_id, mode, spec)
 
 

@@ -25,7 +25,7 @@ from service.state.database import FILENAME
 from tests import checkpoints
 from tests.conftest import LLAMA_LAYERS_ON_DISK
 from tests.handles.arenas import arena_fds
-from tests.handles.spawn import spawn_worker
+from tests.handles.spawn import Process, spawn_worker
 from tests.reference import from_pretrained
 from tests.test_server_e2e import ROOT, Server, server_env, start, wait_ready
 
@@ -127,7 +127,7 @@ def test_ready_models_and_leases_come_back_after_sigkill(tmp_path: Path, models_
 def test_a_worker_keeps_its_lease_through_a_restart(tmp_path: Path, models_root: Path) -> None:
     env = env_for(models_root)
     server = start(tmp_path, [], env=env)
-    worker: subprocess.Popen[str] | None = None
+    worker: Process | None = None
     try:
         post(server, source=str(models_root / "llama"), name="a", dtype="float32")
         wait_ready(server.url, "a")
