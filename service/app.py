@@ -24,7 +24,7 @@ from service.api.security_headers import SecurityHeaders
 from service.api.timing import RequestMetrics
 from service.events import EventBus
 from service.handles.devices import CUDA, DeviceSegments
-from service.handles.fdpass import ArenaServer
+from service.handles.fdpass import ArenaServer, resolve_group
 from service.handles.leases import LeaseTable
 from service.handles.lending import Lending
 from service.handles.placement import ArenaPlacement
@@ -32,6 +32,7 @@ from service.loading.pipeline import LoadContext
 from service.memory.cuda import CudaProbe, TorchCuda
 from service.memory.nvml import GpuProbe, Nvml
 from service.metrics import Metrics
+from service.node_features import NodeFeatures
 from service.registry.gate import MemoryGate, MemoryPolicy
 from service.registry.persist import Persistence
 from service.registry.record import ModelRecord, summary
@@ -57,6 +58,10 @@ async def _reap_leases(lending: Lending, placement: ArenaPlacement, every: float
                 await asyncio.to_thread(step)
             except Exception:
                 log.exception("lease reaper: %s failed; retrying next pass", step.__name__)
+
+
+def _nothing() -> None:
+    return None
 
 
 def _shutdown_steps(*steps: tuple[str, Callable[[], object]]) -> None:
@@ -144,7 +149,9 @@ def create_app(
         settings.max_leases_per_model,
         settings.max_leases_per_holder,
     )
-    arenas = ArenaServer(settings.socket, lending.arena_fd)
+    arenas = ArenaServer(
+        settings.socket, lending.arena_fd, group=resolve_group(settings.socket_group)
+    )
 
     events = EventBus()
     metrics = Metrics()
@@ -155,6 +162,10 @@ def create_app(
 
     registry.subscribe(metrics.on_transition)
     registry.subscribe(publish)
+    features = None
+    if settings.node_features_file is not None:
+        features = NodeFeatures(settings.node_features_file, writer)
+        registry.subscribe(features.on_transition)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -181,6 +192,8 @@ def create_app(
         if restoring:
             events.publish("restore", {"restoring": restoring, "leases": len(table.active())})
         reaper = asyncio.create_task(_reap_leases(lending, placement, settings.lease_reap_seconds))
+        if features is not None:
+            await run_in_threadpool(features.start)
         app.state.ready = True
         try:
             yield
@@ -192,6 +205,7 @@ def create_app(
             log.info("shutting down: cancelling loads and unloading models")
             await run_in_threadpool(
                 _shutdown_steps,
+                ("remove the node features file", features.stop if features else _nothing),
                 ("write what is queued", writer.flush),
                 ("freeze the state database", db.freeze),  # what the next start restores
                 ("stop the worker socket", arenas.stop),

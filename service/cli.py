@@ -18,7 +18,7 @@ from service.settings import Settings
 
 def _serve(args: argparse.Namespace) -> int:
     from service.app import create_app
-    from service.handles.fdpass import check_folder
+    from service.handles.fdpass import check_folder, resolve_group
     from service.private_dir import FolderUnsafe
     from service.server import serve
     from service.state.lock import StateDirLocked, StateLock
@@ -47,7 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
     lock = StateLock(settings.state_dir)
     try:
         lock.acquire()
-        check_folder(settings.socket.parent)
+        check_folder(settings.socket.parent, resolve_group(settings.socket_group))
     except (StateDirLocked, FolderUnsafe) as exc:
         print(f"basehold: refusing to start: {exc}", file=sys.stderr)
         return 2
@@ -85,6 +85,12 @@ def _write_demo(settings: Settings, host: str, port: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="basehold", description=__doc__)
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="client commands: show library log lines (each HTTP request, ...) too",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -103,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure(logging.INFO)
     args = build_parser().parse_args(argv)
+    # Client commands print progress and results; library log lines only with -v.
+    configure(logging.INFO if args.command == "serve" or args.verbose else logging.WARNING)
     if args.command == "serve":
         result: int = args.func(args)
         return result

@@ -49,11 +49,12 @@ __all__ = ["BaseholdError", "Client", "LeaseLost", "LeaseState", "default_holder
 class BaseholdError(RuntimeError):
     """A problem+json answer from the service, with its stable `code`."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(self, status: int, code: str, detail: str, reason: str | None = None) -> None:
         super().__init__(f"{status} {code}: {detail}")
         self.status = status
         self.code = code
         self.detail = detail
+        self.reason = reason  # lease_not_found: why the lease ended
 
 
 def _secret_header(secret: str | None) -> dict[str, str] | None:
@@ -104,6 +105,7 @@ class Client:
                 response.status_code,
                 str(body.get("code", "http_error")),
                 str(body.get("detail", response.text)),
+                body.get("reason") if isinstance(body.get("reason"), str) else None,
             )
         return response
 
@@ -120,21 +122,67 @@ class Client:
         )
         return result
 
-    def wait(self, model_id: str, timeout: float = 3600, poll: float = 0.25) -> dict[str, Any]:
+    def ensure(
+        self, request: dict[str, Any], *, timeout: float = 3600, hf_token: str | None = None
+    ) -> dict[str, Any]:
+        """Load-if-absent: `request` is a LoadRequest (the JSON body of POST /v1/models, as
+        a dict). The service answers the model it already has for the same normalized
+        spec, so jobs that ensure one spec at once cause one load. Waits until the model is
+        ready (through a restart of the service) and returns its ModelStatus; raises
+        BaseholdError with the model's problem if the load failed."""
+        headers = {"X-HF-Token": hf_token} if hf_token else None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status: dict[str, Any] = self._call(
+                    "POST", "/v1/models", json=request, headers=headers
+                )
+                break
+            except (httpx.TransportError, BaseholdError) as exc:
+                passing = isinstance(exc, httpx.TransportError) or exc.status in (502, 503, 504)
+                if not passing or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        return self.wait(status["id"], timeout=max(0.0, deadline - time.monotonic()))
+
+    def wait(
+        self, model_id: str, timeout: float = 3600, poll: float = 0.25, *, absent_ok: bool = False
+    ) -> dict[str, Any]:
         """Block until the model is ready; raises BaseholdError if the load failed.
 
         Waits through a restart of the service: while it cannot be reached, or answers
-        404 while it is still restoring what it held, this keeps polling until `timeout`."""
+        404 while it is still restoring what it held, this keeps polling until `timeout`.
+        `absent_ok`: a model that does not exist yet is waited for too (a job started
+        before its base was loaded); a log line says so, once."""
         deadline = time.monotonic() + timeout
+        said_absent = False
         while True:
-            status = self._status_through_restart(model_id)
+            try:
+                status = self._status_through_restart(model_id)
+            except BaseholdError as exc:
+                if not (absent_ok and exc.code == "model_not_found"):
+                    raise
+                status = None
+                if not said_absent:
+                    said_absent = True
+                    log.warning(
+                        "basehold: model %r does not exist yet; waiting up to %.0f s for it "
+                        "(Client.ensure with its load request, or POST /v1/models, would "
+                        "load it)",
+                        model_id,
+                        timeout,
+                    )
             if status is not None and status["state"] == "ready":
                 return status
             if status is not None and status["state"] == "failed":
                 error = status["error"]
                 raise BaseholdError(422, error["code"], error["message"])
             if time.monotonic() > deadline:
-                state = status["state"] if status is not None else "unreachable"
+                state = (
+                    status["state"]
+                    if status is not None
+                    else ("absent" if said_absent else "unreachable")
+                )
                 raise TimeoutError(f"{model_id} is still {state} after {timeout}s")
             time.sleep(poll)
 
@@ -200,16 +248,19 @@ class Client:
     @contextmanager
     def attach(
         self,
-        model_id: str,
+        model_id: str | None = None,
         holder: str | None = None,
         ttl_seconds: int = 60,
         *,
         on_lost: OnLost = "warn",
         wait: float = 600.0,
         devices: DeviceSegments | None = None,
+        spec: dict[str, Any] | None = None,
     ) -> Iterator[PreTrainedModel]:
-        """Wait until `model_id` is ready (up to `wait` seconds), lease it and yield an
-        nn.Module on the service's sealed pages. `holder` defaults to `hostname-pid`.
+        """Wait until `model_id` is ready (up to `wait` seconds, also while it does not
+        exist yet), lease it and yield an nn.Module on the service's sealed pages. With
+        `spec` (a LoadRequest dict) instead of a model id, `ensure` it first. `holder`
+        defaults to `hostname-pid`.
 
         `model.basehold_lease` is the lease's state. If the lease is lost (revoked by a
         forced unload, expired), `on_lost="warn"` warns and lets training go on (on the
@@ -218,7 +269,7 @@ class Client:
         from service.handles.attach import attach_handle
         from service.handles.devices import CUDA
 
-        self.wait(model_id, timeout=wait)
+        model_id = self._ready(model_id, spec, wait)
         grant = self.lease(model_id, holder or default_holder(), ttl_seconds)
         lease_id, secret = grant["lease_id"], grant["secret"]
         lease = LeaseState(
@@ -244,13 +295,25 @@ class Client:
         finally:
             renewer.stop()
             if not lease.lost:
-                lease.state = "released"  # the guard refuses forwards from here on
+                lease.state, lease.reason = "released", "released"  # forwards refused now
                 if grant["handle"].get("segments"):
                     # Our references go, and every kernel that read the segment has
                     # finished, before the service may free it.
                     model = None
                     _synchronize_cuda()
                 self._release_quietly(lease_id, secret, ttl_seconds)
+
+    def _ready(self, model_id: str | None, spec: dict[str, Any] | None, wait: float) -> str:
+        """The id of the ready model `model_id` names, or `spec` ensures."""
+        if spec is None:
+            if model_id is None:
+                raise ValueError("attach needs a model id or a spec (a LoadRequest dict)")
+            self.wait(model_id, timeout=wait, absent_ok=True)
+            return model_id
+        ensured: str = self.ensure(spec, timeout=wait)["id"]
+        if model_id is not None and model_id != ensured:
+            raise ValueError(f"the spec names the model {ensured!r}, not {model_id!r}")
+        return ensured
 
     def lease_callback(self, model: nn.Module) -> Any:
         """A `transformers.TrainerCallback` for a model from `attach`: saves a checkpoint
@@ -264,12 +327,13 @@ class Client:
         return LeaseCallback(lease, name, provenance.get("revision"))
 
     # -- checkpoint files ------------------------------------------------------------------
-    def files(self, model_id: str) -> Path:
+    def files(self, model_id: str, *, wait: float = 600.0) -> Path:
         """The checkpoint's tokenizer, generation and model config files, fetched over HTTP
         into a private cache (`$BASEHOLD_CACHE`, default ~/.cache/basehold); returns the
-        folder holding them."""
+        folder holding them. Waits for the model as `attach` does (up to `wait` s)."""
         from service.handles.files_cache import fetch_files
 
+        self.wait(model_id, timeout=wait, absent_ok=True)
         listing = self._call("GET", f"/v1/models/{model_id}/files")
 
         def download(name: str) -> bytes:
@@ -277,17 +341,17 @@ class Client:
 
         return fetch_files(listing, download)
 
-    def tokenizer(self, model_id: str) -> Any:
+    def tokenizer(self, model_id: str, *, wait: float = 600.0) -> Any:
         """The checkpoint's tokenizer (`AutoTokenizer` over the fetched files)."""
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(self.files(model_id)))
+        return AutoTokenizer.from_pretrained(str(self.files(model_id, wait=wait)))
 
-    def generation_config(self, model_id: str) -> Any:
+    def generation_config(self, model_id: str, *, wait: float = 600.0) -> Any:
         """The checkpoint's `generation_config.json` (or one derived from its config)."""
         from transformers import AutoConfig, GenerationConfig
 
-        folder = self.files(model_id)
+        folder = self.files(model_id, wait=wait)
         if (folder / "generation_config.json").is_file():
             return GenerationConfig.from_pretrained(str(folder))
         return GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(folder)))

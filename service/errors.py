@@ -13,6 +13,10 @@ class BaseholdError(Exception):
         super().__init__(message)
         self.message = message
 
+    def extra(self) -> dict[str, object]:
+        """Members the problem+json body carries besides the standard ones."""
+        return {}
+
 
 class InvalidSpec(BaseholdError):
     code = "invalid_spec"
@@ -54,6 +58,13 @@ class LeaseNotFound(BaseholdError):
     code = "lease_not_found"
     status = 404
     title = "Lease not found"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def extra(self) -> dict[str, object]:
+        return {"reason": self.reason}
 
 
 class SourceNotFound(BaseholdError):

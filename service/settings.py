@@ -109,6 +109,20 @@ class Settings(BaseSettings):
         description="How long a GPU model's device memory outlives its last released lease "
         "when the model is unloaded (a slow worker may still read it).",
     )
+    socket_group: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="A group name or gid: the socket folder becomes 0750 and the socket 0660 "
+        "with it, so workers of other uids in that group (other containers, other PID "
+        "namespaces) may connect; they still need a lease's secret.",
+    )
+    node_features_file: Path | None = Field(
+        default=None,
+        description="A Node Feature Discovery feature file (in NFD's features.d folder) "
+        "rewritten on every change: basehold.ready=true and basehold-model.<id>=ready per "
+        "ready shareable model; removed at shutdown.",
+    )
     hf_endpoint: str | None = Field(
         default=None, description="Hub endpoint (a mirror); default: huggingface_hub's."
     )

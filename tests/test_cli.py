@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.handles.spawn import run_module
 from tests.test_server_e2e import ROOT, Server, start
+from tests.zygote import ZYGOTE
 
 pytestmark = pytest.mark.e2e
 KEY = "cli-admin-key-1"
@@ -34,15 +35,10 @@ def cli(server: Server, *args: str, token: str | None = KEY) -> subprocess.Compl
     env.pop("BASEHOLD_TOKEN", None)
     if token is not None:
         env["BASEHOLD_TOKEN"] = token
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    # `python -m service ARGS`, forked from the pre-imported server template.
+    process = run_module("service", list(args), env=env, cwd=ROOT, template=ZYGOTE)
+    out, err = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(args, process.wait(), out, err)
 
 
 def test_load_wait_ls_show_memory_unload(server: Server, models_root: Path) -> None:
@@ -60,6 +56,9 @@ def test_load_wait_ls_show_memory_unload(server: Server, models_root: Path) -> N
     )
     assert loaded.returncode == 0, loaded.stdout + loaded.stderr
     assert "cli-gpt2 ready" in loaded.stdout
+    assert "HTTP Request" not in loaded.stdout + loaded.stderr  # httpx's lines: only with -v
+    verbose = cli(server, "-v", "ls")
+    assert "HTTP Request: GET" in verbose.stderr and "cli-gpt2" in verbose.stdout
     listed = cli(server, "ls")
     assert "cli-gpt2" in listed.stdout and "ready" in listed.stdout and "nf4" in listed.stdout
     shown = json.loads(cli(server, "show", "cli-gpt2").stdout)

@@ -144,6 +144,9 @@ def test_demo_checkpoint_loads_and_unloads(demo_server: Server, tmp_path: Path) 
     assert response.status_code == 202
     status = wait_ready(demo_server.url, "demo")
     assert status["state"] == "ready" and status["architecture"] == "LlamaForCausalLM"
+    listed = httpx.get(f"{demo_server.url}/v1/models/demo/files").json()
+    names = {entry["name"] for entry in listed["files"]}
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= names
     memory = httpx.get(f"{demo_server.url}/v1/memory").json()
     assert memory["models"][0]["id"] == "demo"
     assert httpx.delete(f"{demo_server.url}/v1/models/demo").status_code == 204

@@ -130,6 +130,11 @@ def _run(request: dict[str, Any], fds: list[int]) -> None:
             sys.argv = [request["module"], *request["argv"]]
             runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
             code = 0
+        elif "path" in request:  # python PATH ARGV...: its folder first on sys.path
+            sys.argv = [request["path"], *request["argv"]]
+            sys.path.insert(0, str(Path(request["path"]).parent))
+            runpy.run_path(request["path"], run_name="__main__")
+            code = 0
         else:
             sys.argv = ["basehold", *request["argv"]]
             from service.cli import main
@@ -331,8 +336,9 @@ class Zygote:
     def run_module(
         self, module: str, argv: list[str], env: dict[str, str], cwd: Path, quiet: bool = False
     ) -> Forked | None:
-        """A forked `python -m MODULE ARGV` with pipes for stdin, stdout and stderr (or
-        /dev/null for the output when `quiet`), or None when it needs a cold start."""
+        """A forked `python -m MODULE ARGV` (or `python MODULE ARGV` when `module` ends in
+        .py) with pipes for stdin, stdout and stderr (or /dev/null for the output when
+        `quiet`), or None when it needs a cold start."""
         if not _same_imports(env, self._env):
             return None
         stdin_r, stdin_w = os.pipe()
@@ -345,7 +351,8 @@ class Zygote:
         theirs = [stdin_r, out_w, err_w]
         ours = [stdin_w, out_r, err_r]
         try:
-            request = {"module": module, "argv": argv, "env": env, "cwd": str(cwd)}
+            what = "path" if module.endswith(".py") else "module"
+            request = {what: module, "argv": argv, "env": env, "cwd": str(cwd)}
             pid = self._request(request, theirs)
         except BaseException:
             for fd in ours:

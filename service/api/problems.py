@@ -41,7 +41,7 @@ def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> JS
 
 async def _domain(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, BaseholdError)
-    return problem(exc.status, exc.code, exc.title, exc.message)
+    return problem(exc.status, exc.code, exc.title, exc.message, **exc.extra())
 
 
 async def _validation(_: Request, exc: Exception) -> JSONResponse:

@@ -145,6 +145,11 @@ class Problem(BaseModel):
     status: int
     detail: str
     code: str = Field(examples=["model_leased"])
+    reason: str | None = Field(
+        default=None,
+        description="`lease_not_found` only: why the lease ended (`unloaded`, `revoked`, "
+        "`expired`, `released`), null when the service does not know it",
+    )
 
 
 class LeaseRequest(BaseModel):

@@ -5,6 +5,11 @@ the service checks them, logs who asked (SO_PEERCRED: pid, uid), and answers one
 carrying a copy of the arena's fd, or an error with a stable code. Nothing else is spoken:
 no pickle, no paths. The folder holding the socket must be writable by this user only,
 or someone else could put their own socket there.
+
+Workers of another uid (another container, another PID namespace): with
+`BASEHOLD_SOCKET_GROUP` the folder is 0750 and the socket 0660 with that group, so members
+of the group may connect (they still need a lease's secret); without it, both are private
+to this user (0700, 0600).
 """
 
 from __future__ import annotations
@@ -49,14 +54,46 @@ class ArenaRefused(RuntimeError):
         self.detail = detail
 
 
-def check_folder(folder: Path) -> None:
+def check_folder(folder: Path, group: int | None = None) -> None:
     """Create `folder` (0700) or check that only this user can write it, and that nobody
-    else can swap it through its parent."""
+    else can swap it through its parent. With a `group` (gid), the folder becomes 0750
+    with that group: its members may reach the socket."""
     try:
         check_private(folder, "BASEHOLD_SOCKET")
         check_parent(folder, "BASEHOLD_SOCKET")
+        if group is not None:
+            _give_to_group(folder, group, 0o750)
     except FolderUnsafe as exc:
         raise SocketUnsafe(str(exc)) from None
+
+
+def _give_to_group(path: Path, group: int, mode: int) -> None:
+    try:
+        os.chown(path, -1, group)
+        os.chmod(path, mode)
+    except PermissionError:
+        raise SocketUnsafe(
+            f"cannot give {path} to group {group} (BASEHOLD_SOCKET_GROUP): this user is not "
+            "a member of it. Add the group to the service's supplementary groups (Kubernetes: "
+            "securityContext.supplementalGroups) or unset BASEHOLD_SOCKET_GROUP."
+        ) from None
+
+
+def resolve_group(value: str | None) -> int | None:
+    """BASEHOLD_SOCKET_GROUP: a group name or a numeric gid (None: no group)."""
+    if value is None or value == "":
+        return None
+    if value.isdigit():
+        return int(value)
+    import grp
+
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise SocketUnsafe(
+            f"BASEHOLD_SOCKET_GROUP names no group {value!r} on this machine; give a "
+            "numeric gid (containers often have no /etc/group entry for it)."
+        ) from None
 
 
 def _peer(conn: socket.socket) -> tuple[int, int, int]:
@@ -90,12 +127,14 @@ class ArenaServer:
         path: Path,
         authorize: Authorize,
         *,
+        group: int | None = None,
         deadline: float = TIMEOUT_S,
         per_peer: int = 16,
         max_connections: int = 512,
     ) -> None:
         self.path = path
         self._authorize = authorize
+        self._group = group
         self._deadline = deadline
         self._per_peer = per_peer
         self._max_connections = max_connections
@@ -114,7 +153,7 @@ class ArenaServer:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
-        check_folder(self.path.parent)
+        check_folder(self.path.parent, self._group)
         if self.path.exists() or self.path.is_symlink():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -130,7 +169,10 @@ class ArenaServer:
                 probe.close()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(self.path))
-        os.chmod(self.path, 0o600)
+        if self._group is None:
+            os.chmod(self.path, 0o600)
+        else:
+            _give_to_group(self.path, self._group, 0o660)
         listener.listen(128)
         listener.setblocking(False)
         self._listener = listener

@@ -2,8 +2,10 @@
 `from_pretrained` of the same spec.
 
 - Name and provenance: `name_or_path` (and `config._name_or_path`) is the hub id for hub
-  loads, so PEFT, TRL and `save_pretrained` record it; local loads are named by their
-  model id, never by a server path. `config._commit_hash` carries the hub commit.
+  loads (or the hub model a local load says it is a copy of: `base_model`), so PEFT, TRL
+  and `save_pretrained` record it; other local loads are named by their checkpoint
+  directory, as a plain `from_pretrained` of it names them. `config._commit_hash` carries
+  the hub commit.
 - The checkpoint's `generation_config` (eos lists, sampling settings), not one derived
   from the config.
 - For bitsandbytes 4-bit bases: `config.quantization_config`, `is_quantized`,
@@ -25,7 +27,7 @@ from service.handles.descriptor import Handle
 
 
 def model_name(handle: Handle) -> str:
-    return handle.provenance.hub_id or handle.model_id
+    return handle.provenance.base_name
 
 
 def apply(module: nn.Module, handle: Handle) -> None:

@@ -26,6 +26,9 @@ from torch.utils.hooks import RemovableHandle
 
 log = logging.getLogger("basehold.client")
 OnLost = Literal["warn", "raise"]
+# Why a lease ended: the service's word (`unloaded`: a forced unload or a failed load;
+# `revoked`: an admin; `expired`: not renewed in its TTL), or `released` by this worker.
+Reason = Literal["unloaded", "revoked", "expired", "released"]
 
 
 class LeaseLost(RuntimeError):
@@ -41,7 +44,8 @@ class LeaseState:
     ttl_seconds: int
     expires_at: datetime | None = None
     state: Literal["active", "lost", "released"] = "active"
-    reason: str | None = None
+    reason: Reason | None = None
+    detail: str | None = None  # the service's sentence about the loss
     # A TrainerCallback (`Client.lease_callback`) stops training at the next step boundary
     # with a checkpoint: until it has, a loss does not fail the step in flight.
     deferred: bool = False
@@ -61,7 +65,8 @@ class LeaseState:
 
     def why_not_usable(self) -> str | None:
         if self.state == "lost":
-            return f"lease {self.lease_id} on {self.model_id} was lost: {self.reason}"
+            lease = f"lease {self.lease_id} on {self.model_id}"
+            return f"{lease} was lost ({self.reason}): {self.detail}"
         if self.state == "released":
             return f"the attach block for {self.model_id} has ended; its lease is released"
         return None
@@ -116,7 +121,7 @@ class Renewer(threading.Thread):
                 self.lease.expires_at = self._renew()
             except Exception as exc:
                 if self._is_final(exc):
-                    self._lose(str(getattr(exc, "detail", exc)))
+                    self._lose(exc)
                     return
                 if not overdue and self._past_expiry():
                     overdue = True
@@ -136,11 +141,20 @@ class Renewer(threading.Thread):
         expires = self.lease.expires_at
         return expires is not None and expires <= datetime.now(timezone.utc)
 
-    def _lose(self, reason: str) -> None:
-        self.lease.state = "lost"
+    def _lose(self, exc: Exception) -> None:
+        said = getattr(exc, "reason", None)
+        # A 404 without a reason: the service no longer knows the lease (restarted past
+        # its expiry); a 403: its secret no longer counts.
+        reason: Reason = "revoked" if getattr(exc, "status", 404) == 403 else "expired"
+        for known in ("unloaded", "revoked", "expired"):
+            if said == known:
+                reason = known
         self.lease.reason = reason
+        self.lease.detail = str(getattr(exc, "detail", exc))
+        self.lease.state = "lost"
         message = (
-            f"basehold lease {self.lease.lease_id} on {self.lease.model_id} was lost: {reason}"
+            f"basehold lease {self.lease.lease_id} on {self.lease.model_id} was lost "
+            f"({self.lease.reason}): {self.lease.detail}"
         )
         log.warning(message)
         if self._on_lost == "warn":

@@ -12,9 +12,11 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from typing import Literal
 
 from service.errors import LeaseForbidden, LeaseNotFound
 from service.state.database import LeaseRow, StateDB
@@ -34,6 +36,10 @@ MAX_TTL_SECONDS = 3600
 
 # A lease is exactly what the state database keeps of it (the secret only as a hash).
 Lease = LeaseRow
+# Why a lease ended, as a renewal of it is told: its model was unloaded (forced, or it
+# failed), an admin revoked it, it was not renewed in its TTL, or its holder released it.
+EndReason = Literal["unloaded", "revoked", "expired", "released"]
+ENDED_KEPT = 4096  # ended leases remembered (in memory) to tell their holders why
 
 
 class LeaseTable:
@@ -48,6 +54,7 @@ class LeaseTable:
         self._db: StateDB | None = None
         self._grace = timedelta(seconds=grace_seconds)
         self._holds: dict[str, datetime] = {}
+        self._ended: OrderedDict[str, EndReason] = OrderedDict()
 
     def persist_to(self, db: StateDB) -> None:
         """Write through to `db` from now on (set at startup, state lock held)."""
@@ -111,13 +118,27 @@ class LeaseTable:
             self._put(renewed)
         return renewed
 
-    def release(self, lease_id: str) -> Lease:
+    def release(self, lease_id: str, reason: EndReason = "released") -> Lease:
+        """End a lease before its time: its holder released it (or an admin revoked it)."""
         with self._lock:
             lease = self._get(lease_id)
             del self._leases[lease_id]
+            self._ended_now([lease_id], reason)
             self._delete([lease_id])
             self._hold(lease.model_id, _now() + self._grace)
         return lease
+
+    def _ended_now(self, lease_ids: list[str], reason: EndReason) -> None:
+        for lease_id in lease_ids:
+            self._ended[lease_id] = reason
+            self._ended.move_to_end(lease_id)
+        while len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
+
+    def end_reason(self, lease_id: str) -> EndReason | None:
+        """Why a recently ended lease ended (None: unknown, or not ended)."""
+        with self._lock:
+            return self._ended.get(lease_id)
 
     def _hold(self, model_id: str, until: datetime) -> None:
         self._holds[model_id] = max(until, self._holds.get(model_id, until))
@@ -140,9 +161,18 @@ class LeaseTable:
     def _get(self, lease_id: str) -> Lease:
         lease = self._leases.get(lease_id)
         if lease is None:
+            reason = self._ended.get(lease_id)
+            why = {
+                "unloaded": "ended: its model was unloaded (by force, or its load failed)",
+                "revoked": "revoked by an admin",
+                "expired": "expired: it was not renewed within its TTL",
+                "released": "released by its holder",
+                None: "is not known here: it was released, revoked or expired",
+            }[reason]
             raise LeaseNotFound(
-                f"No lease {lease_id!r}: it was released, revoked or expired. Take a new one "
-                "with POST /v1/models/{id}/leases."
+                f"Lease {lease_id!r} {why}. Take a new one with POST /v1/models/{{id}}/leases "
+                "(Client.attach does).",
+                reason=reason,
             )
         return lease
 
@@ -160,21 +190,23 @@ class LeaseTable:
             return sum(1 for lease in self._leases.values() if lease.holder == holder)
 
     def revoke_model(self, model_id: str) -> list[Lease]:
-        return self._drop(lambda lease: lease.model_id == model_id)
+        """End every lease on a model that is being unloaded (or failed)."""
+        return self._drop(lambda lease: lease.model_id == model_id, "unloaded")
 
     def expire(self) -> list[Lease]:
         now = _now()
-        expired = self._drop(lambda lease: lease.expires_at <= now)
+        expired = self._drop(lambda lease: lease.expires_at <= now, "expired")
         with self._lock:
             for lease in expired:
                 self._hold(lease.model_id, now + timedelta(seconds=lease.ttl_seconds))
         return expired
 
-    def _drop(self, which: Callable[[Lease], bool]) -> list[Lease]:
+    def _drop(self, which: Callable[[Lease], bool], reason: EndReason) -> list[Lease]:
         with self._lock:
             gone = [lease for lease in self._leases.values() if which(lease)]
             for lease in gone:
                 del self._leases[lease.id]
+            self._ended_now([lease.id for lease in gone], reason)
             self._delete([lease.id for lease in gone])
         return gone
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from service.errors import TooManyLeases
+from service.errors import BaseholdError, TooManyLeases
 from service.handles.descriptor import Handle
 from service.handles.leases import Lease, LeaseTable
 from service.handles.placement import ArenaPlacement
@@ -73,12 +73,26 @@ class Lending:
         return self.table.renew(lease_id)
 
     def release(self, lease_id: str, secret: str | None, *, admin: bool = False) -> Lease:
+        # With its secret, the holder releases it; without, an admin revokes it.
+        by_holder = not admin or (secret is not None and self._is_secret(lease_id, secret))
         if not admin:
             self.table.check(lease_id, secret)
-        lease = self.table.release(lease_id)
+        lease = self.table.release(lease_id, "released" if by_holder else "revoked")
         self.registry.recount(lease.model_id)
-        log.info("lease %s on %s released by %s", lease.id, lease.model_id, lease.holder)
+        log.info(
+            "lease %s on %s %s",
+            lease.id,
+            lease.model_id,
+            f"released by {lease.holder}" if by_holder else "revoked by an admin",
+        )
         return lease
+
+    def _is_secret(self, lease_id: str, secret: str) -> bool:
+        try:
+            self.table.check(lease_id, secret)
+        except BaseholdError:
+            return False
+        return True
 
     def arena_fd(self, lease_id: str, secret: str, peer: str) -> int:
         """For the arena socket: a new fd of the leased model's arena, if `secret` is the

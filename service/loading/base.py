@@ -52,6 +52,11 @@ class Loader(ABC):
             raise InvalidSpec(
                 f"num_labels applies to seq-cls and token-cls, not {request.task.value}."
             )
+        if request.base_model is not None and not request.source.startswith("/"):
+            raise InvalidSpec(
+                "base_model names the hub model a local checkpoint is a copy of; a hub source "
+                "names itself. Drop base_model."
+            )
         if request.attn_implementation == "flash_attention_2" and not devices.cuda_count:
             raise InvalidSpec("flash_attention_2 needs a CUDA device; use sdpa or eager.")
         device_map = normalize_device_map(request.device_map, request.offload, devices.cuda_count)

@@ -213,7 +213,7 @@ def load_and_place(
         with tracking(progress, prepared.checkpoint.tensor_bytes):
             model = loader.load(spec, resolved.path, resolved.task, resolved.config, offload)
         progress.set_phase(Phase.SHARING)
-        provenance = provenance_of(spec.source, resolved.revision)
+        provenance = provenance_of(spec.source, resolved.revision, spec.base_model)
         files = prepared.checkpoint.weight_files
         placed = ctx.placement.place(model_id, load_id, model, files, provenance)
         progress.check_cancelled()

@@ -20,6 +20,7 @@ from service.errors import (
     SourceNotAllowed,
     SourceNotFound,
 )
+from service.loading.spec import BaseModelRef
 
 # Files a transformers checkpoint never needs: other frameworks' weights, original dumps.
 HUB_IGNORE = [
@@ -52,18 +53,29 @@ Source = LocalSource | HubSource
 
 
 class Provenance(BaseModel):
-    """What a saved adapter should name as its base: the hub id and commit for hub loads,
-    never a server-local path."""
+    """What a saved adapter should name as its base: the hub id and commit for hub loads
+    (never a cache path); for local loads the hub model the request says the checkpoint
+    is a copy of, else the checkpoint's directory (as a plain `from_pretrained` of it
+    would name it, so `AutoPeftModel*.from_pretrained(adapter)` resolves it there)."""
 
     source: str = Field(description="the load request's source (hub id or local path)")
     hub_id: str | None = Field(default=None, examples=["meta-llama/Llama-3.2-1B"])
     revision: str | None = Field(default=None, description="the hub commit sha")
 
+    @property
+    def base_name(self) -> str:
+        """`name_or_path` of the attached model: the hub id, else the local directory."""
+        return self.hub_id or self.source
 
-def provenance_of(source: str, revision: str | None) -> Provenance:
-    """Hub sources name their repo and commit; local ones name nothing of the server's."""
-    hub = not source.startswith("/")
-    return Provenance(source=source, hub_id=source if hub else None, revision=revision)
+
+def provenance_of(
+    source: str, revision: str | None, base_model: BaseModelRef | None = None
+) -> Provenance:
+    if not source.startswith("/"):
+        return Provenance(source=source, hub_id=source, revision=revision)
+    if base_model is not None:
+        return Provenance(source=source, hub_id=base_model.hub_id, revision=base_model.revision)
+    return Provenance(source=source)
 
 
 def parse_source(source: str, revision: str | None, roots: list[Path]) -> Source:

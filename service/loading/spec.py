@@ -88,6 +88,26 @@ class Quantization(BaseModel):
     )
 
 
+class BaseModelRef(BaseModel):
+    """The hub model a local checkpoint is a copy of: what adapters trained on it name as
+    their base (`base_model_name_or_path`, `revision`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hub_id: str = Field(
+        min_length=1,
+        max_length=96,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$",
+        examples=["meta-llama/Llama-3.2-1B"],
+    )
+    revision: str | None = Field(
+        default=None,
+        max_length=256,
+        pattern=r"^[A-Za-z0-9._/-]+$",
+        description="the commit (or tag) of that repo the checkpoint is",
+    )
+
+
 class LoadRequest(BaseModel):
     """What to load and how. Identical normalized requests share one held model."""
 
@@ -138,7 +158,16 @@ class LoadRequest(BaseModel):
     num_labels: int | None = Field(default=None, ge=1, le=100_000)
     attn_implementation: AttnImplementation | None = None
     trust_remote_code: bool = False
+    base_model: BaseModelRef | None = Field(
+        default=None,
+        description="Local sources only: the hub model this checkpoint is a copy of, named "
+        "as the base of adapters trained on it (default: the checkpoint's directory)",
+    )
 
     def canonical(self) -> dict[str, Any]:
-        """The JSON form used for identity: everything but the alias."""
-        return self.model_dump(mode="json", exclude={"name"})
+        """The JSON form used for identity: everything but the alias (and `base_model`
+        only when given, so that specs recorded before it existed keep their identity)."""
+        canonical = self.model_dump(mode="json", exclude={"name"})
+        if canonical["base_model"] is None:
+            del canonical["base_model"]
+        return canonical

@@ -11,9 +11,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.zygote import Forked, worker_template
+from tests.zygote import Forked, Zygote, worker_template
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a worker with nothing of the server's: its own HF_HOME (one for
+    the session's workers, as it is read at import: they share one template) and the
+    given extras (its own BASEHOLD_CACHE, ...)."""
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path.parent / "worker-hf-home"),  # the session's base temp
+        "PYTHONPATH": str(ROOT),
+        **extra,
+    }
+    env.pop("HF_HUB_CACHE", None)
+    return env
+
+
 Process = Forked | subprocess.Popen[str]
 
 
@@ -24,16 +40,20 @@ def run_module(
     env: dict[str, str] | None = None,
     cwd: Path = ROOT,
     quiet: bool = False,
+    template: Zygote | None = None,
 ) -> Process:
-    """`python -m MODULE ARGV` with text pipes (`quiet`: output discarded)."""
+    """`python -m MODULE ARGV` (`python MODULE ARGV` for a .py path) with text pipes
+    (`quiet`: output discarded), forked from `template` (default: the worker template for
+    `env`)."""
     env = dict(os.environ) if env is None else env
-    template = worker_template(env)
+    template = template or worker_template(env)
     forked = None if template is None else template.run_module(module, argv, env, cwd, quiet)
     if forked is not None:
         return forked
     output = subprocess.DEVNULL if quiet else subprocess.PIPE
+    command = [module] if module.endswith(".py") else ["-m", module]
     return subprocess.Popen(
-        [sys.executable, "-m", module, *argv],
+        [sys.executable, *command, *argv],
         cwd=cwd,
         env=env,
         stdin=subprocess.PIPE,

@@ -317,3 +317,16 @@ def test_a_socket_folder_whose_parent_others_can_write_is_refused(
         attach(folder / "basehold.sock")
     finally:
         server.stop()
+
+
+def test_the_socket_group_is_a_gid_or_a_known_group_name() -> None:
+    import grp
+
+    from service.handles.fdpass import SocketUnsafe, resolve_group
+
+    assert resolve_group(None) is None and resolve_group("") is None
+    assert resolve_group("54322") == 54322
+    root_group = grp.getgrgid(0).gr_name
+    assert resolve_group(root_group) == 0
+    with pytest.raises(SocketUnsafe, match="numeric gid"):
+        resolve_group("no-such-group-basehold")

@@ -4,7 +4,6 @@ in worker processes against a real server, on tiny checkpoints with a real token
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,9 @@ from tests import checkpoints
 from tests.conftest import MINILM
 from tests.handles.arenas import arena_fds, sha256
 from tests.handles.hf_worker import TOKENS, small_random_lora
-from tests.handles.spawn import Process, run_module
+from tests.handles.spawn import Process, run_module, worker_env
 from tests.reference import from_pretrained
-from tests.test_server_e2e import ROOT, Server, start, wait_ready
+from tests.test_server_e2e import Server, start, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
@@ -75,14 +74,7 @@ def worker(
     and its own working directory and file cache: nothing of the server's."""
     home = tmp_path / "worker-home"
     home.mkdir(exist_ok=True)
-    hf_home = tmp_path.parent / "worker-hf-home"  # in the session's base temp folder
-    env = {
-        **os.environ,
-        "HF_HOME": str(hf_home),
-        "BASEHOLD_CACHE": str(home / "basehold-cache"),
-        "PYTHONPATH": str(ROOT),
-    }
-    env.pop("HF_HUB_CACHE", None)
+    env = worker_env(tmp_path, BASEHOLD_CACHE=str(home / "basehold-cache"))
     argv = [server.url, model_id, mode, str(tmp_path / "out"), json.dumps(spec or {})]
     return run_module("tests.handles.hf_worker", argv, env=env, cwd=home)
 
@@ -142,11 +134,21 @@ def test_sft_trainer_trains_saves_and_the_adapter_reloads(
         assert got["lora_layer"] == "peft.tuners.lora.bnb.Linear4bit"
     else:
         assert got["lora_layer"] == "peft.tuners.lora.layer.Linear"
+    adapter = tmp_path / "out" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    # A local load: the adapter names the checkpoint's directory, as from_pretrained would.
+    assert config["base_model_name_or_path"] == str(tok_root / "llama-tok")
     base = reference_model(tok_root / "llama-tok", quantized)
-    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "out" / "adapter")).eval()
+    reloaded = PeftModel.from_pretrained(base, str(adapter)).eval()
     with torch.no_grad():
         ours = reloaded(input_ids=TOKENS).logits
     theirs = load_file(str(tmp_path / "out" / "logits.safetensors"))["logits"]
+    if not quantized:  # a fresh process resolves the base from the adapter alone
+        fresh = run_module("tests.handles.auto_peft", [str(adapter), str(tmp_path / "auto.st")])
+        out, err = fresh.communicate(timeout=300)
+        assert fresh.returncode == 0, err[-4000:]
+        assert json.loads(out.strip().splitlines()[-1])["base"] == str(tok_root / "llama-tok")
+        assert torch.equal(load_file(str(tmp_path / "auto.st"))["logits"], theirs)
     # nf4: the same TRL QLoRA flow on a plain from_pretrained model reloads with the same
     # 4.8e-4 difference (TRL's k-bit preparation), so only exactness is not expected there.
     tolerance = 1e-3 if quantized else 1e-5

@@ -56,16 +56,28 @@ def test_passing_failures_are_retried(failure: Exception) -> None:
     assert state.state == "active" and not state.lost
 
 
-@pytest.mark.parametrize("status", [403, 404])
-def test_the_services_word_about_the_lease_loses_it(status: int) -> None:
+@pytest.mark.parametrize(
+    ("status", "said", "reason"),
+    [
+        (404, "unloaded", "unloaded"),
+        (404, "revoked", "revoked"),
+        (404, "expired", "expired"),
+        (404, None, "expired"),  # a service that no longer knows the lease
+        (403, None, "revoked"),  # its secret no longer counts
+    ],
+)
+def test_the_services_word_about_the_lease_loses_it(
+    status: int, said: str | None, reason: str
+) -> None:
     state = lease()
+    detail = "Lease 'lease-1' ended: its model was unloaded"
 
     def renew() -> datetime:
-        raise BaseholdError(status, "lease_not_found", "revoked by a forced unload")
+        raise BaseholdError(status, "lease_not_found", detail, said)
 
-    with pytest.warns(UserWarning, match="revoked by a forced unload"):
+    with pytest.warns(UserWarning, match=f"was lost \\({reason}\\): {detail}"):
         run(state, renew, lambda: state.lost)
-    assert state.reason == "revoked by a forced unload"
+    assert (state.reason, state.detail) == (reason, detail)
 
 
 def test_retrying_goes_on_past_the_expiry_until_the_service_answers(
@@ -99,7 +111,7 @@ def test_a_callback_gets_the_loss_before_forward_passes_raise() -> None:
     plain.state, plain.reason = "lost", "revoked"
     assert plain.forward_refusal() is not None  # no callback: the next forward raises
     callback = LeaseCallback(state, "base", None)
-    state.state, state.reason = "lost", "revoked by a forced unload"
+    state.state, state.reason, state.detail = "lost", "unloaded", "revoked by a forced unload"
     assert state.forward_refusal() is None  # the step in flight may finish
     control = callback.on_step_end(None, TrainerState(global_step=7), TrainerControl())
     assert control.should_save and control.should_training_stop

@@ -191,3 +191,64 @@ def test_restored_leases_get_at_most_one_ttl_from_now() -> None:
     assert kept["huge-ttl"].ttl_seconds == MAX_TTL_SECONDS
     limit = datetime.now(timezone.utc) + timedelta(seconds=MAX_TTL_SECONDS + 1)
     assert kept["huge-ttl"].expires_at <= limit
+
+
+def test_a_renewal_of_an_ended_lease_says_why_it_ended(
+    make_client: ClientFactory, models_root: Path
+) -> None:
+    """`reason` in the 404: released by its holder, revoked by an admin (no secret),
+    ended by a forced unload, expired."""
+    client = make_client(api_keys=KEYS, lease_reap_seconds=0.1)
+    admin, worker = bearer("admin-key-123"), bearer("worker-key-123")
+    status = load(client, headers=admin, source=str(models_root / "gpt2"))
+
+    def take(ttl: int = 60) -> dict[str, Any]:
+        answer: dict[str, Any] = lease(client, status["id"], ttl, headers=worker).json()
+        return answer
+
+    def why(grant: dict[str, Any]) -> tuple[int, str | None, str]:
+        headers = {**worker, "X-Lease-Secret": grant["secret"]}
+        gone = client.post(f"/v1/leases/{grant['lease_id']}/renew", headers=headers)
+        return gone.status_code, gone.json().get("reason"), gone.json().get("detail", "")
+
+    released, revoked, expired, unloaded = take(), take(), take(ttl=1), take()
+    with_secret = {**worker, "X-Lease-Secret": released["secret"]}
+    assert (
+        client.delete(f"/v1/leases/{released['lease_id']}", headers=with_secret).status_code == 204
+    )
+    assert client.delete(f"/v1/leases/{revoked['lease_id']}", headers=admin).status_code == 204
+    deadline = time.monotonic() + 10  # the reaper drops it (renewing would keep it)
+    while any(
+        x["lease_id"] == expired["lease_id"]
+        for x in client.get("/v1/leases", headers=admin).json()["leases"]
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.delete(f"/v1/models/{status['id']}?force=true", headers=admin).status_code == 204
+    assert why(released)[:2] == (404, "released")
+    assert why(revoked)[:2] == (404, "revoked")
+    assert why(expired)[:2] == (404, "expired")
+    assert why(unloaded)[:2] == (404, "unloaded")
+    assert "its model was unloaded" in why(unloaded)[2]
+    never = client.post("/v1/leases/lease-0000000000000000/renew", headers=worker)
+    assert never.status_code == 404 and never.json()["reason"] is None
+
+
+def test_a_local_load_names_the_hub_model_it_is_a_copy_of(
+    client: TestClient, models_root: Path
+) -> None:
+    """`base_model` goes into the handle's provenance (what adapters name as their base);
+    without it a local load names its directory; a hub source cannot take one."""
+    base = {"hub_id": "acme/tiny-llama", "revision": "0123456789abcdef0123456789abcdef01234567"}
+    source = str(models_root / "llama")
+    copy = load(client, source=source, dtype="float32", base_model=base)
+    plain = load(client, source=source, dtype="float32")
+    assert copy["id"] != plain["id"]  # a different base is a different spec
+    provenance = lease(client, copy["id"]).json()["handle"]["provenance"]
+    assert provenance == {"source": source, **base}
+    provenance = lease(client, plain["id"]).json()["handle"]["provenance"]
+    assert provenance == {"source": source, "hub_id": None, "revision": None}
+    hub = client.post("/v1/models", json={"source": "acme/x", "base_model": base})
+    assert hub.status_code == 400 and "Drop base_model" in hub.json()["detail"]
+    bad = client.post("/v1/models", json={"source": source, "base_model": {"hub_id": "../x"}})
+    assert bad.status_code == 422

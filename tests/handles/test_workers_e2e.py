@@ -7,7 +7,6 @@ import mmap
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def server(tmp_path: Path, models_root: Path) -> Iterator[Server]:
-    env = {
-        "BASEHOLD_MODEL_ROOTS": json.dumps([str(models_root)]),
-        "BASEHOLD_LEASE_REAP_SECONDS": "0.2",
-    }
-    running = start(tmp_path, [], env=env)
-    yield running
-    running.stop()
+def server(live_server: Server) -> Server:
+    return live_server
 
 
 def load(server: Server, **body: Any) -> dict[str, Any]:
