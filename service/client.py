@@ -38,12 +38,21 @@ from service.handles.lease_state import (
     guard_forward,
     lease_of,
 )
+from service.handles.moves import guard_moves, keep_base_out_of_ddp
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 log = logging.getLogger("basehold.client")
-__all__ = ["BaseholdError", "Client", "LeaseLost", "LeaseState", "default_holder", "lease_of"]
+__all__ = [
+    "BaseholdError",
+    "Client",
+    "LeaseLost",
+    "LeaseState",
+    "default_holder",
+    "keep_base_out_of_ddp",
+    "lease_of",
+]
 
 
 class BaseholdError(RuntimeError):
@@ -289,6 +298,7 @@ class Client:
         try:
             model = attach_handle(grant["handle"], lease_id, secret, devices or CUDA)
             model.basehold_lease = lease  # type: ignore[assignment]
+            guard_moves(model, model_id)
             if grant["handle"].get("segments") or on_lost == "raise":
                 guard_forward(model, lease.forward_refusal)
             yield cast("PreTrainedModel", model)  # built by transformers from the config

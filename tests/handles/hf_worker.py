@@ -47,6 +47,17 @@ def files(client: Client, model_id: str, out: Path) -> dict[str, Any]:
     }
 
 
+# TrainingArguments of every CPU test run: small batches, a log line per step, no saves.
+CPU_TRAINING: dict[str, Any] = {
+    "per_device_train_batch_size": 2,
+    "learning_rate": 1e-2,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": [],
+    "use_cpu": True,
+}
+
+
 def sft(client: Client, model_id: str, out: Path, spec: dict[str, Any]) -> dict[str, Any]:
     from datasets import Dataset
     from peft import LoraConfig
@@ -58,12 +69,7 @@ def sft(client: Client, model_id: str, out: Path, spec: dict[str, Any]) -> dict[
         args = SFTConfig(
             output_dir=str(out / "run"),
             max_steps=spec.get("steps", 3),
-            per_device_train_batch_size=2,
-            learning_rate=1e-2,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
+            **CPU_TRAINING,
             bf16=False,
             max_length=32,
             gradient_checkpointing=False,

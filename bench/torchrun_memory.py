@@ -1,0 +1,87 @@
+"""torchrun with 2 ranks on the CPU (the Trainer wraps DDP over gloo): what the base costs
+each rank when every rank attaches the held model, against every rank calling
+`from_pretrained`. Same run, same machine, same generated Llama.
+
+Per rank: private memory growth from before the model to after 3 LoRA steps
+(/proc/self/smaps_rollup), whether the arena is still mapped (a `.to("cpu:0")` would have
+copied it away), and how much of the arena became the rank's own (a DDP broadcast into
+the base would have). Prints a table and the ratio basehold / from_pretrained.
+
+    .venv/bin/python bench/torchrun_memory.py [--params-m 80]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from common import ROOT, server, wait_ready, workspace
+
+MiB = 2**20
+
+
+def torchrun(url: str, source: Path, out: Path, mode: str) -> list[dict[str, Any]]:
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+        str(ROOT / "tests" / "handles" / "ddp_worker.py"),
+        *(url, "ranks", str(source), str(out), mode),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError((proc.stdout + proc.stderr)[-4000:])
+    lines = [x[len("RESULT ") :] for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    return sorted((json.loads(x) for x in lines), key=lambda r: int(r["rank"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--params-m", type=int, default=80)
+    args = parser.parse_args()
+    work, path = workspace(args.params_m)
+    try:
+        env = {"BASEHOLD_MODEL_ROOTS": json.dumps([str(path.parent)])}
+        with server(work, env=env) as served:
+            body = {"source": str(path), "name": "ranks", "dtype": "float32"}
+            served.http.post("/v1/models", json=body).raise_for_status()
+            wait_ready(served.http, "ranks", process=served.process)
+            url = str(served.http.base_url).rstrip("/")
+            rows = [r for mode in ("basehold", "plain") for r in torchrun(url, path, work, mode)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    model = rows[0]["model_bytes"]
+    print(f"\ntorchrun --nproc_per_node 2, CPU, Llama {model / MiB:.0f} MiB (float32), 3 steps")
+    print(
+        "\n| ranks get the base by | rank | private growth (MiB) | growth / model "
+        "| arena mapped | arena pages copied (MiB) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        by = "basehold attach" if r["mode"] == "basehold" else "from_pretrained"
+        print(
+            f"| {by} | {r['rank']} | {r['private_growth'] / MiB:.1f} | "
+            f"{r['private_growth'] / model:.1%} | {r['arena_mapped']} | "
+            f"{r['arena_private'] / MiB:.1f} |"
+        )
+    ours = sum(r["private_growth"] for r in rows if r["mode"] == "basehold")
+    theirs = sum(r["private_growth"] for r in rows if r["mode"] == "plain")
+    print(f"\nprivate growth of both ranks, basehold / from_pretrained: {ours / theirs:.3f}")
+    # What training itself keeps (activations, adapters, optimizer, DDP buckets, malloc
+    # arenas) is what a from_pretrained rank grows by beyond the model's bytes.
+    training = theirs / 2 - model
+    beyond = ours / 2 - training
+    print(
+        f"the training's own growth per rank (from_pretrained growth - model): "
+        f"{training / MiB:.1f} MiB; basehold's per rank beyond it: "
+        f"{beyond / MiB:+.1f} MiB ({beyond / model:+.1%} of the model)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""One rank of a `torchrun --nproc_per_node N` LoRA job on the CPU, trained by the
+transformers Trainer (DistributedDataParallel over gloo), as training jobs run.
+
+    torchrun --standalone --nproc_per_node 2 tests/handles/ddp_worker.py \
+        URL MODEL_ID SOURCE OUT MODE
+
+MODE `basehold`: every rank attaches the held model; `plain`: every rank calls
+`from_pretrained` (the baseline). Each rank prints one JSON line: its private memory
+growth, whether the arena is mapped and how many of its pages became private, the
+model's bytes and the losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+from service.client import Client
+from tests.handles.hf_worker import CPU_TRAINING
+
+
+def private_bytes() -> int:
+    fields = Path("/proc/self/smaps_rollup").read_text().split("\n")
+    return 1024 * sum(
+        int(line.split()[1])
+        for line in fields
+        if line.startswith(("Private_Clean", "Private_Dirty"))
+    )
+
+
+def arena_pages() -> tuple[bool, int]:
+    """(an arena is mapped, bytes of it that are this process's own: copied on write)."""
+    mapped, private, inside = False, 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+            inside = "/memfd:basehold:" in line
+            mapped = mapped or inside
+        elif inside and line.startswith("Private_Dirty"):
+            private += 1024 * int(line.split()[1])
+    return mapped, private
+
+
+class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = torch.arange(index, index + 32) % 400 + 3
+        return {"input_ids": ids, "labels": ids}
+
+
+def main(url: str, model_id: str, source: str, out: str, mode: str) -> None:
+    rank = int(os.environ["RANK"])
+    torch.manual_seed(0)
+    before = private_bytes()
+    client = Client(url)
+    callbacks: list[Any] = []
+    if mode == "basehold":
+        attached = client.attach(model_id, holder=f"rank-{rank}", ttl_seconds=60)
+        model = attached.__enter__()
+        callbacks.append(client.lease_callback(model))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model.requires_grad_(False)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    lora = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    args = TrainingArguments(
+        output_dir=str(Path(out) / f"rank-{rank}"),
+        max_steps=3,
+        **CPU_TRAINING,
+        ddp_backend="gloo",
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=lora, args=args, train_dataset=Tokens(), callbacks=callbacks)
+    trainer.train()
+    mapped, arena_private = arena_pages()
+    result = {
+        "rank": rank,
+        "mode": mode,
+        "device": str(trainer.args.device),
+        "private_growth": private_bytes() - before,
+        "arena_mapped": mapped,
+        "arena_private": arena_private,
+        "model_bytes": model_bytes,
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+    if mode == "basehold":
+        attached.__exit__(None, None, None)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:6])
