@@ -54,6 +54,12 @@ class NotShareable(BaseholdError):
     title = "Model cannot be shared"
 
 
+class ForeignPidNamespace(BaseholdError):
+    code = "pid_namespace_unsupported"
+    status = 409
+    title = "GPU memory cannot cross PID namespaces"
+
+
 class LeaseNotFound(BaseholdError):
     code = "lease_not_found"
     status = 404

@@ -36,8 +36,23 @@ log = logging.getLogger("basehold.handles")
 MAX_LINE = 4096
 TIMEOUT_S = 5.0
 
-# (lease id, secret, peer description) -> a new fd the server may close after sending.
-Authorize = Callable[[str, str, str], int]
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end of a connection (SO_PEERCRED). `pid` is 0 when the peer
+    lives in a PID namespace this process cannot see (another container)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    def __str__(self) -> str:
+        where = "another PID namespace" if self.pid == 0 else f"pid {self.pid}"
+        return f"{where} uid {self.uid} gid {self.gid}"
+
+
+# (lease id, secret, peer) -> a new fd the server may close after sending.
+Authorize = Callable[[str, str, Peer], int]
 
 
 class SocketUnsafe(FolderUnsafe):
@@ -106,6 +121,7 @@ def _peer(conn: socket.socket) -> tuple[int, int, int]:
 class _Conn:
     sock: socket.socket
     peer: tuple[int, int]  # (uid, pid): pid 0 is a peer in another PID namespace
+    credentials: Peer
     who: str
     deadline: float
     data: bytes = b""
@@ -254,8 +270,8 @@ class ArenaServer:
     def _admit(self, selector: selectors.BaseSelector, sock: socket.socket) -> None:
         pid, uid, gid = _peer(sock)
         peer = (uid, pid)
-        where = "another PID namespace" if pid == 0 else f"pid {pid}"
-        who = f"{where} uid {uid} gid {gid}"
+        credentials = Peer(pid, uid, gid)
+        who = str(credentials)
         sock.setblocking(False)
         mine = sum(1 for c in self._conns.values() if c.peer == peer)
         if mine >= self._per_peer or len(self._conns) >= self._max_connections:
@@ -264,7 +280,7 @@ class ArenaServer:
             self._send(sock, {"ok": False, "code": "busy", "detail": detail})
             sock.close()
             return
-        conn = _Conn(sock, peer, who, time.monotonic() + self._deadline)
+        conn = _Conn(sock, peer, credentials, who, time.monotonic() + self._deadline)
         self._conns[sock.fileno()] = conn
         selector.register(sock, selectors.EVENT_READ)
 
@@ -314,7 +330,7 @@ class ArenaServer:
                 self._send(conn.sock, {"ok": False, "code": "bad_request", "detail": detail})
                 return
             try:
-                fd = self._authorize(lease_id, secret, conn.who)
+                fd = self._authorize(lease_id, secret, conn.credentials)
             except Exception as exc:
                 code = str(getattr(exc, "code", "internal"))
                 detail = str(getattr(exc, "message", exc))

@@ -9,10 +9,12 @@ database: call these from worker threads, never on the event loop.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
-from service.errors import BaseholdError, TooManyLeases
+from service.errors import BaseholdError, ForeignPidNamespace, TooManyLeases
 from service.handles.descriptor import Handle
+from service.handles.fdpass import Peer
 from service.handles.leases import Lease, LeaseTable
 from service.handles.placement import ArenaPlacement
 from service.registry.record import ModelRecord
@@ -94,14 +96,28 @@ class Lending:
             return False
         return True
 
-    def arena_fd(self, lease_id: str, secret: str, peer: str) -> int:
+    def arena_fd(self, lease_id: str, secret: str, peer: Peer) -> int:
         """For the arena socket: a new fd of the leased model's arena, if `secret` is the
-        lease's (the caller sends and closes it)."""
+        lease's (the caller sends and closes it). A model with GPU segments is refused to
+        a peer in another PID namespace: legacy CUDA IPC handles cannot be opened there."""
         lease = self.table.check(lease_id, secret)
         # Fetching the arena of a granted lease is not a new use: no write, no recount.
-        fd, _ = self.registry.while_lendable(
-            lease.model_id, lambda record: self.placement.dup_fd(record.load_id)
+        (fd, on_gpu), _ = self.registry.while_lendable(
+            lease.model_id,
+            lambda record: (
+                self.placement.dup_fd(record.load_id),
+                self.placement.has_segments(record.load_id),
+            ),
         )
+        if on_gpu and peer.pid == 0:
+            os.close(fd)
+            raise ForeignPidNamespace(
+                f"{lease.model_id} lives on a GPU, and its device memory is lent as legacy "
+                "CUDA IPC handles, which cannot be opened from another PID namespace (this "
+                "worker's pid is not visible to the service). Run the worker in the "
+                "service's PID namespace: one pod with shareProcessNamespace: true, or "
+                "hostPID on both."
+            )
         log.info(
             "arena of %s sent to %s (lease %s, holder %s)",
             lease.model_id,

@@ -67,6 +67,12 @@ class ArenaPlacement:
                 raise ModelNotReady("The model was unloaded; take a new lease once it is held.")
             return os.dup(held.fd)
 
+    def has_segments(self, load_id: str) -> bool:
+        """Whether the model's lent weights include device (GPU) segments."""
+        with self._lock:
+            held = self._held.get(load_id)
+            return bool(held is not None and held.segments)
+
     def release(self, load_id: str, keep_until: datetime | None = None) -> None:
         """Close the arena's fd. Mappings (ours until the model is freed, workers') stay
         valid; the pages return once the last one goes. Device segments are freed now, or

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from service.handles.fdpass import ArenaRefused, ArenaServer, SocketUnsafe, receive_arena
+from service.handles.fdpass import ArenaRefused, ArenaServer, Peer, SocketUnsafe, receive_arena
 from tests.conftest import app_of
 
 SECRET = "s3cret"
@@ -29,9 +29,9 @@ class Arena:
     def __init__(self) -> None:
         self.fd = os.memfd_create("basehold:test")
         os.write(self.fd, b"arena")
-        self.calls: list[tuple[str, str]] = []
+        self.calls: list[tuple[str, Peer]] = []
 
-    def authorize(self, lease_id: str, secret: str, peer: str) -> int:
+    def authorize(self, lease_id: str, secret: str, peer: Peer) -> int:
         self.calls.append((lease_id, peer))
         if lease_id != "ok" or secret != SECRET:
             raise PermissionError("no")
@@ -330,3 +330,8 @@ def test_the_socket_group_is_a_gid_or_a_known_group_name() -> None:
     assert resolve_group(root_group) == 0
     with pytest.raises(SocketUnsafe, match="numeric gid"):
         resolve_group("no-such-group-basehold")
+
+
+def test_a_peer_names_its_pid_or_another_pid_namespace() -> None:
+    assert str(Peer(1234, 1000, 1001)) == "pid 1234 uid 1000 gid 1001"
+    assert str(Peer(0, 1000, 1001)) == "another PID namespace uid 1000 gid 1001"
