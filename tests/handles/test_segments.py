@@ -7,6 +7,8 @@ import gc
 import os
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from service.app import create_app
 from service.client import LeaseLost
+from service.errors import ForeignPidNamespace
 from service.handles.attach import AttachError, attach_fd
 from service.handles.descriptor import Handle
 from service.handles.devices import (
@@ -28,6 +31,7 @@ from service.handles.devices import (
     SegmentUnavailable,
     expandable_segments,
 )
+from service.handles.fdpass import Peer
 from service.handles.lease_state import guard_forward
 from service.handles.leases import LeaseTable
 from service.handles.placement import ArenaPlacement
@@ -35,7 +39,7 @@ from service.handles.share import share
 from service.loading.sources import Provenance
 from service.memory.footprint import all_tensors
 from service.settings import Settings
-from tests.conftest import load
+from tests.conftest import app_of, load
 from tests.handles.host_segments import HostSegments
 from tests.handles.test_arena import QUANT
 from tests.reference import from_pretrained
@@ -159,9 +163,12 @@ def test_plain_unload_frees_segments_at_once(models_root: Path) -> None:
     assert alive() is None and placement.retired() == 0
 
 
-def test_forced_unload_keeps_segments_for_the_lease_ttl(
+@contextmanager
+def leased_on_stand_in(
     models_root: Path, tmp_path: Path, socket_path: Path
-) -> None:
+) -> Iterator[tuple[TestClient, str, dict[str, Any]]]:
+    """An app with the host stand-in for device segments, a float32 Llama placed in
+    them, and a lease on it (TTL 120 s): (client, model id, the lease's grant)."""
     settings = Settings(state_dir=tmp_path / "state", socket=socket_path, model_roots=[models_root])
     app = create_app(settings, segments=HostSegments())
     with TestClient(app, base_url="http://localhost") as client:
@@ -171,8 +178,28 @@ def test_forced_unload_keeps_segments_for_the_lease_ttl(
             f"/v1/models/{status['id']}/leases", json={"holder": "w", "ttl_seconds": 120}
         ).json()
         assert [s["name"] for s in body["handle"]["segments"]] == ["cpu"]
-        assert client.delete(f"/v1/models/{status['id']}?force=true").status_code == 204
-        placement: ArenaPlacement = app.state.placement
+        yield client, status["id"], body
+
+
+def test_a_gpu_lease_from_another_pid_namespace_is_refused(
+    models_root: Path, tmp_path: Path, socket_path: Path
+) -> None:
+    """Device segments travel as legacy CUDA IPC handles on a GPU, which cannot be opened
+    from another PID namespace: the arena is refused there, with what to do; the same lease
+    from a visible pid gets it."""
+    with leased_on_stand_in(models_root, tmp_path, socket_path) as (client, _, grant):
+        lending = app_of(client).state.lending
+        with pytest.raises(ForeignPidNamespace, match="shareProcessNamespace"):
+            lending.arena_fd(grant["lease_id"], grant["secret"], Peer(0, 1000, 1000))
+        os.close(lending.arena_fd(grant["lease_id"], grant["secret"], Peer(4242, 1000, 1000)))
+
+
+def test_forced_unload_keeps_segments_for_the_lease_ttl(
+    models_root: Path, tmp_path: Path, socket_path: Path
+) -> None:
+    with leased_on_stand_in(models_root, tmp_path, socket_path) as (client, model_id, body):
+        assert client.delete(f"/v1/models/{model_id}?force=true").status_code == 204
+        placement: ArenaPlacement = app_of(client).state.placement
         assert placement.retired() == 1
         expires = datetime.fromisoformat(body["expires_at"])
         assert placement.collect(expires - timedelta(seconds=1)) == 0
