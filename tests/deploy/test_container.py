@@ -154,9 +154,13 @@ def test_probes_are_real_open_routes(routes: TestClient) -> None:
 
 
 def test_gpu_limit_socket_folder_and_shm() -> None:
+    """The service's pod: a GPU, CUDA IPC's small /dev/shm, the socket folder mounted where
+    the handles name it; pods with a worker beside the service share its PID namespace."""
     for where, spec in pod_specs():
         volumes = {v["name"]: v for v in spec["volumes"]}
-        service = next(c for c in containers(spec) if c["name"] == "basehold")
+        service = next((c for c in containers(spec) if c["name"] == "basehold"), None)
+        if service is None:
+            continue  # a training job: test_training_job_finds_its_node_and_the_socket
         assert service["resources"]["limits"]["nvidia.com/gpu"] == 1, where
         env = {e["name"]: e.get("value") for e in service["env"]}
         socket = Path(env["BASEHOLD_SOCKET"])
@@ -169,8 +173,45 @@ def test_gpu_limit_socket_folder_and_shm() -> None:
                 assert shm["emptyDir"]["sizeLimit"] == "256Mi", where
                 # Every container sees the socket at the path the service's handles name.
                 mount = next(m for m in mounts if socket.is_relative_to(m))
-                assert mounts[mount] == "run" and "emptyDir" in volumes["run"], where
+                assert mounts[mount] == "run", where
+        if any(c["name"] == "worker" for c in containers(spec)):
+            assert spec.get("shareProcessNamespace") is True, where  # legacy CUDA IPC
         assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"]), where
+
+
+def test_the_daemonset_shares_the_socket_and_labels_its_node() -> None:
+    [spec] = [s for where, s in pod_specs() if "daemonset" in where]
+    service = next(c for c in containers(spec) if c["name"] == "basehold")
+    env = {e["name"]: e.get("value") for e in service["env"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["run"]["hostPath"]["path"] == "/run/basehold"
+    assert (
+        env["BASEHOLD_SOCKET_GROUP"] == "20001"
+        and 20001 in spec["securityContext"]["supplementalGroups"]
+    )
+    features = Path(env["BASEHOLD_NODE_FEATURES_FILE"])
+    mounts = {m["mountPath"]: m["name"] for m in service["volumeMounts"]}
+    assert mounts[str(features.parent)] == "nfd-features"
+    assert volumes["nfd-features"]["hostPath"]["path"] == str(features.parent)
+    assert service["securityContext"]["runAsUser"] == 10001
+
+
+def test_training_job_finds_its_node_and_the_socket() -> None:
+    [daemonset] = [s for where, s in pod_specs() if "daemonset" in where]
+    service = next(c for c in containers(daemonset) if c["name"] == "basehold")
+    socket = Path(next(e["value"] for e in service["env"] if e["name"] == "BASEHOLD_SOCKET"))
+    [job] = [s for where, s in pod_specs() if "training-job" in where]
+    terms = job["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    [expression] = terms["nodeSelectorTerms"][0]["matchExpressions"]
+    assert expression["key"] == "feature.node.kubernetes.io/basehold-model.llama-q4"
+    assert expression["values"] == ["ready"]
+    assert 20001 in job["securityContext"]["supplementalGroups"]
+    assert job["securityContext"]["runAsUser"] not in (0, 10001)  # another uid
+    [worker] = containers(job)
+    mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+    mount = next(m for m in mounts if socket.is_relative_to(m))
+    volume = next(v for v in job["volumes"] if v["name"] == mounts[mount])
+    assert volume["hostPath"]["path"] == "/run/basehold"
 
 
 def test_secrets_only_by_reference() -> None:
