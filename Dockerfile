@@ -49,7 +49,7 @@ RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; else PIP_CERT="/tmp/inputs$PIP_C
     && python3 -m venv --system-site-packages /opt/basehold \
     && pip install --no-cache-dir --quiet --find-links /tmp/inputs/docker/wheels "${TORCH_SPEC}" \
     && for wheel in /tmp/inputs/dist/*.whl; do \
-        pip install --no-cache-dir --quiet --find-links /tmp/inputs/docker/wheels "$wheel[train]"; \
+        pip install --no-cache-dir --quiet --find-links /tmp/inputs/docker/wheels "${wheel}[train]"; \
     done \
     && install -m 0755 /tmp/inputs/docker/entrypoint.sh /usr/local/bin/basehold-entrypoint \
     && install -D -m 0644 /tmp/inputs/docker/healthcheck.py /usr/local/lib/basehold/healthcheck.py \
