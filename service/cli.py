@@ -10,13 +10,13 @@ import sys
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from service.api.guards import is_loopback
 from service.commands import add_commands, run
 from service.logsafe import configure
 from service.settings import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from service.api.guards import is_loopback
     from service.app import create_app
     from service.handles.fdpass import check_folder, resolve_group
     from service.private_dir import FolderUnsafe

@@ -9,9 +9,10 @@
         trainer.train()
 
 While attached, a background thread renews the lease at a third of its TTL; leaving the
-block releases it. `model.basehold_lease` tells the lease's state. Only httpx, torch,
-transformers (and bitsandbytes for 4-bit models) are imported here: a worker never needs
-the server's dependencies.
+block releases it. `model.basehold_lease` tells the lease's state. Importing this module
+and its HTTP-only calls (load, ensure, wait, status, leases) import no torch; `attach`
+and the tokenizer/config helpers bring torch and transformers (and bitsandbytes for 4-bit
+models) when called: a worker never needs the server's dependencies.
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import httpx
-from torch import nn
 
-from service.handles.devices import DeviceSegments
 from service.handles.lease_state import (
     LeaseLost,
     LeaseState,
@@ -38,10 +37,12 @@ from service.handles.lease_state import (
     guard_forward,
     lease_of,
 )
-from service.handles.moves import guard_moves, keep_base_out_of_ddp
 
 if TYPE_CHECKING:
+    from torch import nn
     from transformers import PreTrainedModel
+
+    from service.handles.devices import DeviceSegments
 
 log = logging.getLogger("basehold.client")
 __all__ = [
@@ -81,6 +82,15 @@ def _lease_is_gone(exc: Exception) -> bool:
     """Only the service's word about the lease loses it: 403 (its secret no longer
     counts) or 404 (revoked, expired, released). 408/429/5xx and transport errors pass."""
     return isinstance(exc, BaseholdError) and exc.status in (403, 404)
+
+
+def keep_base_out_of_ddp(module: nn.Module) -> list[str]:
+    """Name an attached base's tensors (inside any wrapper, e.g. a PeftModel) in
+    DistributedDataParallel's ignore list; call it on the module you wrap in DDP yourself
+    (`lease_callback` does it for the Trainer). Returns the names."""
+    from service.handles.moves import keep_base_out_of_ddp as keep
+
+    return keep(module)
 
 
 def default_holder() -> str:
@@ -277,6 +287,7 @@ class Client:
         `LeaseLost`. On a GPU a lost lease always raises."""
         from service.handles.attach import attach_handle
         from service.handles.devices import CUDA
+        from service.handles.moves import guard_moves
 
         model_id = self._ready(model_id, spec, wait)
         grant = self.lease(model_id, holder or default_holder(), ttl_seconds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,3 +85,27 @@ def test_errors_exit_non_zero_with_the_detail(server: Server, models_root: Path)
     assert unauthorized.returncode == 1 and "unauthorized" in unauthorized.stdout
     down = cli(server, "ls", "--url", "http://127.0.0.1:9")
     assert down.returncode == 2 and "cannot reach" in down.stdout
+
+
+def test_the_cli_and_the_clients_http_calls_import_no_torch(
+    server: Server, models_root: Path
+) -> None:
+    """`basehold ls` and the client's HTTP-only calls (ensure, wait, status) in a fresh
+    interpreter: none of torch, transformers, accelerate, bitsandbytes gets imported."""
+    code = f"""
+import json, sys
+from service.cli import main
+from service.client import Client
+assert main(["ls"]) == 0
+client = Client({server.url!r}, token={KEY!r})
+status = client.ensure({{"source": {str(models_root / "gpt2")!r}, "name": "no-torch"}})
+assert client.wait("no-torch")["state"] == status["state"] == "ready"
+heavy = ("torch", "transformers", "accelerate", "bitsandbytes", "fastapi")
+print(json.dumps([name for name in heavy if name in sys.modules]))
+"""
+    env = {**os.environ, "BASEHOLD_URL": server.url, "BASEHOLD_TOKEN": KEY}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

@@ -19,10 +19,11 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from torch import nn
-from torch.utils.hooks import RemovableHandle
+if TYPE_CHECKING:  # torch is imported by what attaches, not by this module
+    from torch import nn
+    from torch.utils.hooks import RemovableHandle
 
 log = logging.getLogger("basehold.client")
 OnLost = Literal["warn", "raise"]

@@ -1,12 +1,20 @@
 """The narrow seam to CUDA. Tests without a GPU swap in a fake `CudaProbe`; the service
-uses `TorchCuda`, which asks torch."""
+uses `TorchCuda`, which asks torch (imported when first asked: the settings and the CLI
+import this module and need no torch)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:
+    from types import ModuleType
+
+
+def _torch() -> ModuleType:
+    import torch
+
+    return torch
 
 
 @dataclass(frozen=True)
@@ -34,14 +42,15 @@ class CudaProbe(Protocol):
 
 class TorchCuda:
     def device_count(self) -> int:
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+        cuda = _torch().cuda
+        return int(cuda.device_count()) if cuda.is_available() else 0
 
     def uuids(self) -> list[str]:
-        return [
-            f"GPU-{torch.cuda.get_device_properties(i).uuid}" for i in range(self.device_count())
-        ]
+        cuda = _torch().cuda
+        return [f"GPU-{cuda.get_device_properties(i).uuid}" for i in range(self.device_count())]
 
     def memory(self, index: int) -> CudaDeviceMemory:
+        torch = _torch()
         free, total = torch.cuda.mem_get_info(index)
         return CudaDeviceMemory(
             index=index,
@@ -55,5 +64,5 @@ class TorchCuda:
 
     def empty_cache(self) -> None:
         if self.device_count():
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+            _torch().cuda.synchronize()
+            _torch().cuda.empty_cache()
