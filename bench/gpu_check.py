@@ -32,7 +32,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -187,10 +186,11 @@ def worker_main(
     return result
 
 
-def _worker_process(conn: Connection, args: tuple[str, str, str, int, str, str]) -> None:
-    """The worker process: runs `worker_main`, sends ("result", dict) or ("error", text)."""
+def _worker_process(conn: Connection, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """A worker process: runs `target(*args, say=..., listen=...)`, sends ("result", its
+    answer) or ("error", a traceback)."""
     try:
-        conn.send(("result", worker_main(*args, say=conn.send, listen=conn.recv)))
+        conn.send(("result", target(*args, say=conn.send, listen=conn.recv)))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
 
@@ -213,11 +213,11 @@ WORKER_PRELOAD = [
 class Worker:
     """A worker process: a fresh process of its own (forkserver), talked to over a pipe."""
 
-    def __init__(self, *args: Any) -> None:  # worker_main's arguments up to `where`
+    def __init__(self, target: Callable[..., Any], *args: Any) -> None:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(WORKER_PRELOAD)
         self.conn, theirs = context.Pipe()
-        self.process = context.Process(target=_worker_process, args=(theirs, args))
+        self.process = context.Process(target=_worker_process, args=(theirs, target, args))
         self.process.start()
         theirs.close()
 
@@ -234,28 +234,31 @@ class Worker:
     def tell(self, message: Any) -> None:
         self.conn.send(message)
 
-    def finish(self, deadline: Deadline) -> dict[str, Any]:
+    def answer(self, deadline: Deadline) -> Any:
         kind, value = self.said(deadline)
         self.process.join(deadline.left(60))
         if kind != "result":
             raise RuntimeError(f"worker failed:\n{str(value)[-4000:]}")
-        return dict(value)
+        return value
+
+    def finish(self, deadline: Deadline) -> dict[str, Any]:
+        return dict(self.answer(deadline))
 
 
 def worker(url: str, model_id: str, mode: str, steps: int, out: Path, where: str) -> Worker:
-    return Worker(url, model_id, mode, steps, str(out), where)
+    return Worker(worker_main, url, model_id, mode, steps, str(out), where)
 
 
 # -- preflight -------------------------------------------------------------------------------
-def segment_probe_main(where: str) -> None:
-    """Second process of the preflight: open the published segment, print its digest."""
+def segment_probe_main(where: str, say: Callable[[Any], None], listen: Callable[[], Any]) -> str:
+    """Second process of the preflight: open the published segment, answer its digest."""
     from service.handles.descriptor import DeviceSegment
     from service.handles.devices import CUDA
 
-    described = DeviceSegment.model_validate_json(sys.stdin.readline())
+    described = DeviceSegment.model_validate_json(listen())
     devices = devices_for(where) or CUDA
     opened = devices.open(described)
-    print(hashlib.sha256(bytes(opened.cpu().numpy().tobytes())).hexdigest(), flush=True)
+    return hashlib.sha256(bytes(opened.cpu().numpy().tobytes())).hexdigest()
 
 
 def preflight(where: str) -> list[str]:
@@ -302,19 +305,15 @@ def preflight(where: str) -> list[str]:
     segment.copy_(torch.arange(MiB, dtype=torch.int64).remainder(251).to(torch.uint8))
     described = devices.publish(where, segment)
     expected = hashlib.sha256(bytes(segment.cpu().numpy().tobytes())).hexdigest()
-    probe = subprocess.run(
-        [sys.executable, __file__, "--segment-probe", where],
-        input=described.model_dump_json() + "\n",
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    got = probe.stdout.strip().splitlines()[-1] if probe.stdout.strip() else ""
-    if probe.returncode != 0 or got != expected:
+    probe = Worker(segment_probe_main, where)
+    probe.tell(described.model_dump_json())
+    try:
+        got = str(probe.answer(Deadline(60)))
+    except (RuntimeError, TimeoutError) as exc:
+        got = str(exc).strip().splitlines()[-1]
+    if got != expected:
         raise SystemExit(
-            f"FAIL preflight: a second process could not read a 1 MiB device segment "
-            f"({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else got})"
+            f"FAIL preflight: a second process could not read a 1 MiB device segment ({got})"
         )
     lines.append("segment: 1 MiB published and read back by a second process")
     del segment
@@ -564,8 +563,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--segment-probe":
-        sys.path.insert(0, str(ROOT))
-        segment_probe_main(sys.argv[2])
-    else:
-        sys.exit(main())
+    sys.exit(main())

@@ -16,11 +16,11 @@ from service.settings import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # What can refuse to start is checked before torch and the app are imported: a bad
+    # setting answers in a fraction of a second.
     from service.api.guards import is_loopback
-    from service.app import create_app
     from service.handles.fdpass import check_folder, resolve_group
     from service.private_dir import FolderUnsafe
-    from service.server import serve
     from service.state.lock import StateDirLocked, StateLock
 
     logging.getLogger().setLevel(args.log_level.upper())
@@ -53,6 +53,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if args.demo:
         _write_demo(settings, args.host, args.port)
+    from service.app import create_app
+    from service.server import serve
+
     serve(create_app(settings, lock=lock), args.host, args.port, args.log_level)
     return 0
 

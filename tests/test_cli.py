@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.handles.spawn import run_module
+from tests.handles.spawn import run_basehold
 from tests.test_server_e2e import ROOT, Server, start
-from tests.zygote import ZYGOTE
 
 pytestmark = pytest.mark.e2e
 KEY = "cli-admin-key-1"
@@ -36,10 +35,7 @@ def cli(server: Server, *args: str, token: str | None = KEY) -> subprocess.Compl
     env.pop("BASEHOLD_TOKEN", None)
     if token is not None:
         env["BASEHOLD_TOKEN"] = token
-    # `python -m service ARGS`, forked from the pre-imported server template.
-    process = run_module("service", list(args), env=env, cwd=ROOT, template=ZYGOTE)
-    out, err = process.communicate(timeout=300)
-    return subprocess.CompletedProcess(args, process.wait(), out, err)
+    return run_basehold(list(args), env)
 
 
 def test_load_wait_ls_show_memory_unload(server: Server, models_root: Path) -> None:

@@ -165,15 +165,10 @@ def test_sigterm_drains_and_unloads(tmp_path: Path) -> None:
 
 
 def test_refuses_public_bind_without_keys(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--host", "0.0.0.0", "--port", "1"],
-        cwd=ROOT,
-        env={**os.environ, "BASEHOLD_STATE_DIR": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    from tests.handles.spawn import run_basehold
+
+    env = {**os.environ, "BASEHOLD_STATE_DIR": str(tmp_path)}
+    result = run_basehold(["serve", "--host", "0.0.0.0", "--port", "1"], env, timeout=60)
     assert result.returncode == 2
     assert "BASEHOLD_API_KEYS" in result.stderr
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,8 @@ from fastapi.testclient import TestClient
 
 from tests.api.test_auth import KEYS, bearer
 from tests.conftest import Answer, ClientFactory, CopyFactory
-from tests.test_server_e2e import ROOT, Server, start
+from tests.handles.spawn import run_basehold
+from tests.test_server_e2e import Server, start
 
 
 def problem(response: Answer, status: int, code: str) -> dict[str, object]:
@@ -159,14 +158,8 @@ def test_bad_api_keys_never_show_a_key(tmp_path: Path) -> None:
     secret = "sk-live-0123456789abcdef"
     values = [json.dumps({secret: []}), json.dumps({secret[:5]: ["admin"]}), "{" + secret]
     for value in values:
-        result = subprocess.run(
-            [sys.executable, "-m", "service", "serve", "--port", "1"],
-            cwd=ROOT,
-            env={**os.environ, "BASEHOLD_STATE_DIR": str(tmp_path), "BASEHOLD_API_KEYS": value},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        env = {**os.environ, "BASEHOLD_STATE_DIR": str(tmp_path), "BASEHOLD_API_KEYS": value}
+        result = run_basehold(["serve", "--port", "1"], env, timeout=60)
         assert result.returncode == 2, result.stderr
         assert "BASEHOLD_API_KEYS" in result.stderr or "api_keys" in result.stderr
         for fragment in (secret[:5], secret[-4:], "sk-li"):

@@ -68,3 +68,16 @@ def spawn_worker(
 ) -> Process:
     """tests/handles/worker.py (`quiet`: discard its output; storms start many)."""
     return run_module("tests.handles.worker", [url, model_id, mode, json.dumps(spec)], quiet=quiet)
+
+
+def run_basehold(
+    argv: list[str], env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python -m service ARGV` to its end, forked from the pre-imported server template
+    (cold where the environment needs it), as `subprocess.run(..., capture_output=True)`
+    would answer."""
+    from tests.zygote import ZYGOTE
+
+    process = run_module("service", argv, env=env, cwd=ROOT, template=ZYGOTE)
+    out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(argv, process.wait(), out, err)
