@@ -14,7 +14,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -49,10 +48,10 @@ def server(tmp_path: Path, models_root: Path) -> Iterator[Server]:
     running.stop()
 
 
-def foreign_worker(
-    server: Server, model_id: str, spec: dict[str, Any], home: Path, groups: list[int]
+def as_foreign_uid(
+    argv: list[str], home: Path, groups: list[int]
 ) -> subprocess.CompletedProcess[str]:
-    """tests/handles/worker.py `train` as uid UID in a new PID namespace. It gets
+    """`argv` (a Python program) as uid UID in a new PID namespace. It gets
     CAP_DAC_READ_SEARCH only to read root's Python install and this checkout; writing, and
     connecting to the 0660 socket, follow the permissions."""
     membership = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
@@ -60,8 +59,7 @@ def foreign_worker(
         *("unshare", "--pid", "--fork", "--mount-proc"),
         *("setpriv", f"--reuid={UID}", f"--regid={UID}", membership),
         *("--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"),
-        *(sys.executable, "-m", "tests.handles.worker", server.url, model_id, "train"),
-        json.dumps(spec),
+        *(sys.executable, *argv),
     ]
     env = {
         "PATH": os.environ["PATH"],
@@ -96,13 +94,16 @@ def test_a_worker_of_another_uid_and_pid_namespace_attaches_through_the_group(
         "targets": ["q_proj", "v_proj"],
     }
 
-    member = foreign_worker(server, "shared", spec, home, [GID])
+    worker = ["-m", "tests.handles.worker", server.url, "shared", "train", json.dumps(spec)]
+    member = as_foreign_uid(worker, home, [GID])
     assert member.returncode == 0, member.stderr[-4000:]
     result = json.loads(member.stdout.strip().splitlines()[-1])
     assert result["identical"], "the worker's logits differ from from_pretrained"
     assert result["adapter_changed"] and result["outside_arena"] == []
     assert f"another PID namespace uid {UID} gid {UID}" in server.output()
 
-    stranger = foreign_worker(server, "shared", spec, home, [])
+    # Not in the group: the socket itself refuses the connection.
+    connect = f"import socket; socket.socket(socket.AF_UNIX).connect({str(server.socket)!r})"
+    stranger = as_foreign_uid(["-c", connect], home, [])
     assert stranger.returncode != 0
-    assert "Permission denied" in stranger.stderr, stranger.stderr[-3000:]
+    assert "PermissionError" in stranger.stderr, stranger.stderr[-3000:]
