@@ -20,9 +20,6 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.checkpoints import llama  # noqa: E402
-from tests.reference import from_pretrained  # noqa: E402
-
 
 def pretrained_kwargs(spec: dict[str, Any], device_map: str = "cpu") -> dict[str, Any]:
     """The `from_pretrained` arguments that match a basehold load request (dtype and
@@ -51,11 +48,15 @@ def reference_model(path: Path, spec: dict[str, Any], device_map: str = "cpu") -
     repack off as on held models (see tests/reference.py)."""
     from transformers import AutoModelForCausalLM
 
+    from tests.reference import from_pretrained
+
     return from_pretrained(AutoModelForCausalLM, path, **pretrained_kwargs(spec, device_map))
 
 
 def llama_checkpoint(path: Path, params_m: int) -> Path:
     """A Llama of about `params_m` million parameters (hidden 1024, vocab 32000)."""
+    from tests.checkpoints import llama
+
     layers = max(1, round((params_m * 1e6 - 2 * 32000 * 1024) / 12.6e6))
     return llama(path, hidden=1024, layers=layers, vocab=32000, heads=16)
 

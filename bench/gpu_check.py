@@ -43,8 +43,6 @@ from typing import Any
 
 from common import ROOT, Served, launch, llama_checkpoint, reference_model, wait_ready
 
-from tests.checkpoints import llama
-
 TOKENS = [[1, 15, 27, 300, 400, 9, 81, 2, 640, 77, 5, 120]]  # < 1000: fits every vocab here
 MiB = 2**20
 SPECS = ("bf16", "nf4", "nf4-dq", "tied")
@@ -505,6 +503,8 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
+    from tests.checkpoints import llama
+
     began = time.perf_counter()
     deadline = Deadline(args.budget)
     for line in preflight(device):
