@@ -22,7 +22,7 @@ from service.handles.arena import map_copy_on_write, segment_view, views
 from service.handles.descriptor import Handle, Quant4Module
 from service.handles.devices import CUDA, DeviceSegments, SegmentUnavailable
 from service.handles.fdpass import ArenaRefused, receive_arena
-from service.handles.share import disable_cpu_repack
+from service.handles.repack import disable_cpu_repack
 
 SUPPORTED_VERSION = 4
 

@@ -6,7 +6,21 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from service.loading.sources import Provenance
+
+class Provenance(BaseModel):
+    """What a saved adapter should name as its base: the hub id and commit for hub loads
+    (never a cache path); for local loads the hub model the request says the checkpoint
+    is a copy of, else the checkpoint's directory (as a plain `from_pretrained` of it
+    would name it, so `AutoPeftModel*.from_pretrained(adapter)` resolves it there)."""
+
+    source: str = Field(description="the load request's source (hub id or local path)")
+    hub_id: str | None = Field(default=None, examples=["meta-llama/Llama-3.2-1B"])
+    revision: str | None = Field(default=None, description="the hub commit sha")
+
+    @property
+    def base_name(self) -> str:
+        """`name_or_path` of the attached model: the hub id, else the local directory."""
+        return self.hub_id or self.source
 
 
 class ArenaEntry(BaseModel):

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from service.errors import ModelNotReady
+from service.handles.descriptor import Provenance
 from service.handles.devices import CUDA, DeviceSegments
 from service.handles.share import NotShareableModel, Shared, share
 from service.loading.placement import Placed, PrivateMemory
-from service.loading.sources import Provenance
 
 log = logging.getLogger("basehold.handles")
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from service.handles.arena import (
     DTYPE_CODES,
@@ -24,11 +23,12 @@ from service.handles.descriptor import (
     ArenaInfo,
     DeviceSegment,
     Handle,
+    Provenance,
     Quant4Module,
     Quant4State,
 )
 from service.handles.devices import CUDA, DEVICE_ALIGN, DeviceSegments
-from service.loading.sources import Provenance
+from service.handles.repack import disable_cpu_repack
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -183,14 +183,6 @@ def _rebind(model: Any, handle: Handle, arena: dict[str, torch.Tensor]) -> None:
             state.offset = arena[quant.state.offset]
             state.state2.absmax = arena[quant.state.nested_absmax or ""]
             state.state2.code = arena[quant.state.nested_code or ""]
-
-
-def disable_cpu_repack(model: nn.Module) -> None:
-    """bitsandbytes repacks 4-bit weights on CPUs with AVX512-BF16 on the first no-grad
-    forward, swapping the shared view for a private copy. Held weights must not move."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
 
 
 def _public_config(model: Any) -> dict[str, Any]:

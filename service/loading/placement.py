@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from service.loading.sources import Provenance
+from service.handles.descriptor import Provenance
 from service.memory.resident import copy_out_of_files
 
 

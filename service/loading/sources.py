@@ -12,7 +12,6 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.utils._validators import validate_repo_id
-from pydantic import BaseModel, Field
 
 from service.errors import (
     GatedOrUnauthorized,
@@ -20,6 +19,7 @@ from service.errors import (
     SourceNotAllowed,
     SourceNotFound,
 )
+from service.handles.descriptor import Provenance
 from service.loading.spec import BaseModelRef
 
 # Files a transformers checkpoint never needs: other frameworks' weights, original dumps.
@@ -50,22 +50,6 @@ class HubSource:
 
 
 Source = LocalSource | HubSource
-
-
-class Provenance(BaseModel):
-    """What a saved adapter should name as its base: the hub id and commit for hub loads
-    (never a cache path); for local loads the hub model the request says the checkpoint
-    is a copy of, else the checkpoint's directory (as a plain `from_pretrained` of it
-    would name it, so `AutoPeftModel*.from_pretrained(adapter)` resolves it there)."""
-
-    source: str = Field(description="the load request's source (hub id or local path)")
-    hub_id: str | None = Field(default=None, examples=["meta-llama/Llama-3.2-1B"])
-    revision: str | None = Field(default=None, description="the hub commit sha")
-
-    @property
-    def base_name(self) -> str:
-        """`name_or_path` of the attached model: the hub id, else the local directory."""
-        return self.hub_id or self.source
 
 
 def provenance_of(

@@ -24,7 +24,7 @@ from service.app import create_app
 from service.client import LeaseLost
 from service.errors import ForeignPidNamespace
 from service.handles.attach import AttachError, attach_fd
-from service.handles.descriptor import Handle
+from service.handles.descriptor import Handle, Provenance
 from service.handles.devices import (
     DEVICE_ALIGN,
     CudaSegments,
@@ -36,7 +36,6 @@ from service.handles.lease_state import guard_forward
 from service.handles.leases import LeaseTable
 from service.handles.placement import ArenaPlacement
 from service.handles.share import share
-from service.loading.sources import Provenance
 from service.memory.footprint import all_tensors
 from service.settings import Settings
 from tests.conftest import app_of, load
