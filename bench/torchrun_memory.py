@@ -36,8 +36,8 @@ def torchrun(url: str, source: Path, out: Path, mode: str) -> list[dict[str, Any
     proc = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError((proc.stdout + proc.stderr)[-4000:])
-    lines = [x[len("RESULT ") :] for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    return sorted((json.loads(x) for x in lines), key=lambda r: int(r["rank"]))
+    files = sorted(out.glob(f"{mode}-rank-*.json"))
+    return sorted((json.loads(f.read_text()) for f in files), key=lambda r: int(r["rank"]))
 
 
 def main() -> None:

@@ -5,9 +5,9 @@ transformers Trainer (DistributedDataParallel over gloo), as training jobs run.
         URL MODEL_ID SOURCE OUT MODE
 
 MODE `basehold`: every rank attaches the held model; `plain`: every rank calls
-`from_pretrained` (the baseline). Each rank prints one JSON line: its private memory
-growth, whether the arena is mapped and how many of its pages became private, the
-model's bytes and the losses.
+`from_pretrained` (the baseline). Each rank writes OUT/<mode>-rank-<rank>.json (not
+stdout: torchrun interleaves its ranks' lines): its private memory growth, whether the
+arena is mapped and how many of its pages became private, the model's bytes, the losses.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main(url: str, model_id: str, source: str, out: str, mode: str) -> None:
         "model_bytes": model_bytes,
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
     }
-    print("RESULT " + json.dumps(result), flush=True)
+    (Path(out) / f"{mode}-rank-{rank}.json").write_text(json.dumps(result))
     if mode == "basehold":
         attached.__exit__(None, None, None)
 

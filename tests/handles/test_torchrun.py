@@ -32,8 +32,8 @@ def torchrun(
         command, cwd=out, env=env, capture_output=True, text=True, timeout=600, check=False
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    return sorted((json.loads(x[len("RESULT ") :]) for x in lines), key=lambda r: r["rank"])
+    files = sorted(out.glob(f"{mode}-rank-*.json"))
+    return sorted((json.loads(f.read_text()) for f in files), key=lambda r: int(r["rank"]))
 
 
 def test_two_ranks_share_one_arena(live_server: Server, models_root: Path, tmp_path: Path) -> None:
