@@ -60,10 +60,6 @@ async def _reap_leases(lending: Lending, placement: ArenaPlacement, every: float
                 log.exception("lease reaper: %s failed; retrying next pass", step.__name__)
 
 
-def _nothing() -> None:
-    return None
-
-
 def _shutdown_steps(*steps: tuple[str, Callable[[], object]]) -> None:
     """Run every step of a shutdown even if one fails (each failure is logged)."""
     for name, step in steps:
@@ -203,9 +199,10 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
             log.info("shutting down: cancelling loads and unloading models")
+            labels = [("remove the node features file", features.stop)] if features else []
             await run_in_threadpool(
                 _shutdown_steps,
-                ("remove the node features file", features.stop if features else _nothing),
+                *labels,
                 ("write what is queued", writer.flush),
                 ("freeze the state database", db.freeze),  # what the next start restores
                 ("stop the worker socket", arenas.stop),

@@ -120,9 +120,7 @@ def _peer(conn: socket.socket) -> tuple[int, int, int]:
 @dataclass
 class _Conn:
     sock: socket.socket
-    peer: tuple[int, int]  # (uid, pid): pid 0 is a peer in another PID namespace
-    credentials: Peer
-    who: str
+    peer: Peer
     deadline: float
     data: bytes = b""
 
@@ -268,19 +266,19 @@ class ArenaServer:
             self._admit(selector, sock)
 
     def _admit(self, selector: selectors.BaseSelector, sock: socket.socket) -> None:
-        pid, uid, gid = _peer(sock)
-        peer = (uid, pid)
-        credentials = Peer(pid, uid, gid)
-        who = str(credentials)
+        peer = Peer(*_peer(sock))
         sock.setblocking(False)
-        mine = sum(1 for c in self._conns.values() if c.peer == peer)
+        # Per (uid, pid): pid 0 is every peer of that uid in another PID namespace.
+        mine = sum(
+            1 for c in self._conns.values() if (c.peer.uid, c.peer.pid) == (peer.uid, peer.pid)
+        )
         if mine >= self._per_peer or len(self._conns) >= self._max_connections:
-            log.warning("arena socket: too many connections; turned away %s", who)
+            log.warning("arena socket: too many connections; turned away %s", peer)
             detail = "too many open connections from you or in all; close idle ones and retry"
             self._send(sock, {"ok": False, "code": "busy", "detail": detail})
             sock.close()
             return
-        conn = _Conn(sock, peer, credentials, who, time.monotonic() + self._deadline)
+        conn = _Conn(sock, peer, time.monotonic() + self._deadline)
         self._conns[sock.fileno()] = conn
         selector.register(sock, selectors.EVENT_READ)
 
@@ -304,7 +302,7 @@ class ArenaServer:
         for conn in [c for c in self._conns.values() if c.deadline <= now]:
             log.warning(
                 "arena socket: %s sent no complete request in %.0f s; closed",
-                conn.who,
+                conn.peer,
                 self._deadline,
             )
             detail = f"send one JSON line with lease_id and secret within {self._deadline:.0f} s"
@@ -325,16 +323,16 @@ class ArenaServer:
                 request = json.loads(line)
                 lease_id, secret = str(request["lease_id"]), str(request["secret"])
             except (ValueError, KeyError, TypeError):
-                log.warning("arena socket: malformed request from %s", conn.who)
+                log.warning("arena socket: malformed request from %s", conn.peer)
                 detail = "send one JSON line with lease_id and secret"
                 self._send(conn.sock, {"ok": False, "code": "bad_request", "detail": detail})
                 return
             try:
-                fd = self._authorize(lease_id, secret, conn.credentials)
+                fd = self._authorize(lease_id, secret, conn.peer)
             except Exception as exc:
                 code = str(getattr(exc, "code", "internal"))
                 detail = str(getattr(exc, "message", exc))
-                log.warning("arena socket: refused %s for %s: %s", lease_id[:64], conn.who, code)
+                log.warning("arena socket: refused %s for %s: %s", lease_id[:64], conn.peer, code)
                 self._send(conn.sock, {"ok": False, "code": code, "detail": detail})
                 return
             try:

@@ -30,6 +30,11 @@ OnLost = Literal["warn", "raise"]
 # Why a lease ended: the service's word (`unloaded`: a forced unload or a failed load;
 # `revoked`: an admin; `expired`: not renewed in its TTL), or `released` by this worker.
 Reason = Literal["unloaded", "revoked", "expired", "released"]
+_SERVICE_REASONS: dict[object, Reason] = {
+    "unloaded": "unloaded",
+    "revoked": "revoked",
+    "expired": "expired",
+}
 
 
 class LeaseLost(RuntimeError):
@@ -143,14 +148,10 @@ class Renewer(threading.Thread):
         return expires is not None and expires <= datetime.now(timezone.utc)
 
     def _lose(self, exc: Exception) -> None:
-        said = getattr(exc, "reason", None)
         # A 404 without a reason: the service no longer knows the lease (restarted past
         # its expiry); a 403: its secret no longer counts.
-        reason: Reason = "revoked" if getattr(exc, "status", 404) == 403 else "expired"
-        for known in ("unloaded", "revoked", "expired"):
-            if said == known:
-                reason = known
-        self.lease.reason = reason
+        unsaid: Reason = "revoked" if getattr(exc, "status", 404) == 403 else "expired"
+        self.lease.reason = _SERVICE_REASONS.get(getattr(exc, "reason", None), unsaid)
         self.lease.detail = str(getattr(exc, "detail", exc))
         self.lease.state = "lost"
         message = (

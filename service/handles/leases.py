@@ -135,11 +135,6 @@ class LeaseTable:
         while len(self._ended) > ENDED_KEPT:
             self._ended.popitem(last=False)
 
-    def end_reason(self, lease_id: str) -> EndReason | None:
-        """Why a recently ended lease ended (None: unknown, or not ended)."""
-        with self._lock:
-            return self._ended.get(lease_id)
-
     def _hold(self, model_id: str, until: datetime) -> None:
         self._holds[model_id] = max(until, self._holds.get(model_id, until))
 

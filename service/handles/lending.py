@@ -9,10 +9,9 @@ database: call these from worker threads, never on the event loop.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
-from service.errors import BaseholdError, ForeignPidNamespace, TooManyLeases
+from service.errors import ForeignPidNamespace, LeaseForbidden, TooManyLeases
 from service.handles.descriptor import Handle
 from service.handles.fdpass import Peer
 from service.handles.leases import Lease, LeaseTable
@@ -76,9 +75,13 @@ class Lending:
 
     def release(self, lease_id: str, secret: str | None, *, admin: bool = False) -> Lease:
         # With its secret, the holder releases it; without, an admin revokes it.
-        by_holder = not admin or (secret is not None and self._is_secret(lease_id, secret))
-        if not admin:
+        try:
             self.table.check(lease_id, secret)
+            by_holder = True
+        except LeaseForbidden:
+            if not admin:
+                raise
+            by_holder = False
         lease = self.table.release(lease_id, "released" if by_holder else "revoked")
         self.registry.recount(lease.model_id)
         log.info(
@@ -89,35 +92,25 @@ class Lending:
         )
         return lease
 
-    def _is_secret(self, lease_id: str, secret: str) -> bool:
-        try:
-            self.table.check(lease_id, secret)
-        except BaseholdError:
-            return False
-        return True
-
     def arena_fd(self, lease_id: str, secret: str, peer: Peer) -> int:
         """For the arena socket: a new fd of the leased model's arena, if `secret` is the
         lease's (the caller sends and closes it). A model with GPU segments is refused to
         a peer in another PID namespace: legacy CUDA IPC handles cannot be opened there."""
         lease = self.table.check(lease_id, secret)
+
+        def arena_for(record: ModelRecord) -> int:
+            if peer.pid == 0 and self.placement.has_segments(record.load_id):
+                raise ForeignPidNamespace(
+                    f"{lease.model_id} lives on a GPU, and its device memory is lent as "
+                    "legacy CUDA IPC handles, which cannot be opened from another PID "
+                    "namespace (this worker's pid is not visible to the service). Run the "
+                    "worker in the service's PID namespace: one pod with "
+                    "shareProcessNamespace: true, or hostPID on both."
+                )
+            return self.placement.dup_fd(record.load_id)
+
         # Fetching the arena of a granted lease is not a new use: no write, no recount.
-        (fd, on_gpu), _ = self.registry.while_lendable(
-            lease.model_id,
-            lambda record: (
-                self.placement.dup_fd(record.load_id),
-                self.placement.has_segments(record.load_id),
-            ),
-        )
-        if on_gpu and peer.pid == 0:
-            os.close(fd)
-            raise ForeignPidNamespace(
-                f"{lease.model_id} lives on a GPU, and its device memory is lent as legacy "
-                "CUDA IPC handles, which cannot be opened from another PID namespace (this "
-                "worker's pid is not visible to the service). Run the worker in the "
-                "service's PID namespace: one pod with shareProcessNamespace: true, or "
-                "hostPID on both."
-            )
+        fd, _ = self.registry.while_lendable(lease.model_id, arena_for)
         log.info(
             "arena of %s sent to %s (lease %s, holder %s)",
             lease.model_id,

@@ -64,5 +64,6 @@ class TorchCuda:
 
     def empty_cache(self) -> None:
         if self.device_count():
-            _torch().cuda.synchronize()
-            _torch().cuda.empty_cache()
+            cuda = _torch().cuda
+            cuda.synchronize()
+            cuda.empty_cache()
