@@ -14,30 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
-from typing import Any
 
-from common import ROOT, server, wait_ready, workspace
+from common import server, wait_ready, workspace
+
+from tests.handles.ddp_worker import launch
 
 MiB = 2**20
-
-
-def torchrun(url: str, source: Path, out: Path, mode: str) -> list[dict[str, Any]]:
-    command = [
-        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
-        str(ROOT / "tests" / "handles" / "ddp_worker.py"),
-        *(url, "ranks", str(source), str(out), mode),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError((proc.stdout + proc.stderr)[-4000:])
-    files = sorted(out.glob(f"{mode}-rank-*.json"))
-    return sorted((json.loads(f.read_text()) for f in files), key=lambda r: int(r["rank"]))
 
 
 def main() -> None:
@@ -52,7 +35,9 @@ def main() -> None:
             served.http.post("/v1/models", json=body).raise_for_status()
             wait_ready(served.http, "ranks", process=served.process)
             url = str(served.http.base_url).rstrip("/")
-            rows = [r for mode in ("basehold", "plain") for r in torchrun(url, path, work, mode)]
+            rows = [
+                r for mode in ("basehold", "plain") for r in launch(url, "ranks", path, work, mode)
+            ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     model = rows[0]["model_bytes"]

@@ -88,6 +88,14 @@ def checkpoint_copy(models_root: Path) -> Iterator[CopyFactory]:
         shutil.rmtree(target, ignore_errors=True)
 
 
+def until(check: Callable[[], object], what: str, timeout: float = 60) -> None:
+    """Poll `check` until it is true; fail saying `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
 def app_of(client: TestClient) -> FastAPI:
     """The app behind a TestClient (the clients here always wrap `create_app`'s)."""
     app = client.app

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from service.client import BaseholdError, Client, lease_of
+from tests.conftest import until
 from tests.test_server_e2e import Server
 
 pytestmark = pytest.mark.e2e
@@ -32,13 +32,6 @@ def loads_done(server: Server) -> float:
     text = httpx.get(f"{server.url}/metrics").text
     line = next(x for x in text.splitlines() if x.startswith("basehold_load_seconds_count"))
     return float(line.split()[-1])
-
-
-def until(check: Any, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def test_a_job_started_before_its_model_exists_waits_for_it(

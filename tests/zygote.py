@@ -339,8 +339,6 @@ class Zygote:
         """A forked `python -m MODULE ARGV` (or `python MODULE ARGV` when `module` ends in
         .py) with pipes for stdin, stdout and stderr (or /dev/null for the output when
         `quiet`), or None when it needs a cold start."""
-        if not _same_imports(env, self._env):
-            return None
         stdin_r, stdin_w = os.pipe()
         if quiet:
             out_r = err_r = -1
@@ -349,23 +347,19 @@ class Zygote:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
         theirs = [stdin_r, out_w, err_w]
-        ours = [stdin_w, out_r, err_r]
+        pid = None
         try:
             what = "path" if module.endswith(".py") else "module"
             request = {what: module, "argv": argv, "env": env, "cwd": str(cwd)}
             pid = self._request(request, theirs)
-        except BaseException:
-            for fd in ours:
-                if fd >= 0:
-                    os.close(fd)
-            raise
         finally:
             for fd in {*theirs}:
                 os.close(fd)
+            if pid is None:  # a cold start instead, or the request failed
+                for fd in (stdin_w, out_r, err_r):
+                    if fd >= 0:
+                        os.close(fd)
         if pid is None:
-            for fd in ours:
-                if fd >= 0:
-                    os.close(fd)
             return None
         pipes = (
             open(stdin_w, "w"),  # noqa: SIM115 (they live as long as the process)

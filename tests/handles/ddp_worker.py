@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from service.client import Client
 from tests.handles.hf_worker import CPU_TRAINING
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def private_bytes() -> int:
@@ -55,6 +58,26 @@ class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids = torch.arange(index, index + 32) % 400 + 3
         return {"input_ids": ids, "labels": ids}
+
+
+def launch(
+    url: str, model_id: str, source: Path, out: Path, mode: str, timeout: float | None = None
+) -> list[dict[str, Any]]:
+    """`torchrun --standalone --nproc_per_node 2` of this file; each rank's result, by
+    rank. Raises RuntimeError with the output's tail if torchrun fails."""
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+        __file__,
+        *(url, model_id, str(source), str(out), mode),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        command, cwd=out, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError((proc.stdout + proc.stderr)[-6000:])
+    files = sorted(out.glob(f"{mode}-rank-*.json"))
+    return sorted((json.loads(f.read_text()) for f in files), key=lambda r: int(r["rank"]))
 
 
 def main(url: str, model_id: str, source: str, out: str, mode: str) -> None:

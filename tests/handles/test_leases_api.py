@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from service.handles.leases import MAX_TTL_SECONDS, LeaseTable
 from service.state.database import LeaseRow
 from tests.api.test_auth import KEYS, bearer
-from tests.conftest import Answer, ClientFactory, load
+from tests.conftest import Answer, ClientFactory, load, until
 
 
 def lease(client: TestClient, model_id: str, ttl: int = 60, **kw: Any) -> Answer:
@@ -217,13 +217,12 @@ def test_a_renewal_of_an_ended_lease_says_why_it_ended(
         client.delete(f"/v1/leases/{released['lease_id']}", headers=with_secret).status_code == 204
     )
     assert client.delete(f"/v1/leases/{revoked['lease_id']}", headers=admin).status_code == 204
-    deadline = time.monotonic() + 10  # the reaper drops it (renewing would keep it)
-    while any(
-        x["lease_id"] == expired["lease_id"]
-        for x in client.get("/v1/leases", headers=admin).json()["leases"]
-    ):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+
+    def listed() -> set[str]:
+        return {x["lease_id"] for x in client.get("/v1/leases", headers=admin).json()["leases"]}
+
+    # The reaper drops it (renewing would keep it alive).
+    until(lambda: expired["lease_id"] not in listed(), "the expired lease was dropped", 10)
     assert client.delete(f"/v1/models/{status['id']}?force=true", headers=admin).status_code == 204
     assert why(released)[:2] == (404, "released")
     assert why(revoked)[:2] == (404, "revoked")

@@ -4,36 +4,15 @@ arena's pages copied), where plain `from_pretrained` holds a private copy per ra
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.test_server_e2e import ROOT, Server, wait_ready
+from tests.handles.ddp_worker import launch
+from tests.test_server_e2e import Server, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def torchrun(
-    server: Server, model_id: str, source: Path, out: Path, mode: str
-) -> list[dict[str, Any]]:
-    command = [
-        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
-        str(ROOT / "tests" / "handles" / "ddp_worker.py"),
-        *(server.url, model_id, str(source), str(out), mode),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        command, cwd=out, env=env, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    files = sorted(out.glob(f"{mode}-rank-*.json"))
-    return sorted((json.loads(f.read_text()) for f in files), key=lambda r: int(r["rank"]))
 
 
 def test_two_ranks_share_one_arena(live_server: Server, models_root: Path, tmp_path: Path) -> None:
@@ -41,7 +20,7 @@ def test_two_ranks_share_one_arena(live_server: Server, models_root: Path, tmp_p
     body = {"source": str(source), "name": "ranks", "dtype": "float32"}
     httpx.post(f"{live_server.url}/v1/models", json=body).raise_for_status()
     assert wait_ready(live_server.url, "ranks")["state"] == "ready"
-    ranks = torchrun(live_server, "ranks", source, tmp_path, "basehold")
+    ranks = launch(live_server.url, "ranks", source, tmp_path, "basehold", timeout=600)
     print("\nrank | private growth (MiB) | arena mapped | arena pages copied | model (MiB)")
     for r in ranks:
         print(
