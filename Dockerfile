@@ -1,9 +1,9 @@
 # basehold: one container per GPU node; training workers run beside it, share the folder
-# of its arena socket (/run/basehold: workers get the sealed CPU arenas there) and, for
-# models on a GPU, its IPC namespace (CUDA IPC).
+# of its arena socket (/run/basehold: workers get the sealed arenas and the GPU segments'
+# fds there).
 #
 #   docker build -t basehold .
-#   docker run --gpus all --ipc shareable -p 8000:8000 -v basehold-run:/run/basehold \
+#   docker run --gpus all -p 8000:8000 -v basehold-run:/run/basehold \
 #     -e BASEHOLD_API_KEYS='{"<admin key>": ["admin"], "<worker key>": ["worker"]}' \
 #     -v hf-cache:/var/cache/huggingface -v basehold-state:/var/lib/basehold basehold
 #
@@ -49,7 +49,7 @@ RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; else PIP_CERT="/tmp/inputs$PIP_C
     && python3 -m venv --system-site-packages /opt/basehold \
     && pip install --no-cache-dir --quiet --find-links /tmp/inputs/docker/wheels "${TORCH_SPEC}" \
     && for wheel in /tmp/inputs/dist/*.whl; do \
-        pip install --no-cache-dir --quiet --find-links /tmp/inputs/docker/wheels "${wheel}[train]"; \
+        pip install --no-cache-dir --quiet --find-links /tmp/inputs/docker/wheels "${wheel}[train,gpu]"; \
     done \
     && install -m 0755 /tmp/inputs/docker/entrypoint.sh /usr/local/bin/basehold-entrypoint \
     && install -D -m 0644 /tmp/inputs/docker/healthcheck.py /usr/local/lib/basehold/healthcheck.py \

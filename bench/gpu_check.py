@@ -4,16 +4,18 @@
     python bench/gpu_check.py --rehearse-on-cpu  # the same flow without one (CI runs it)
 
 1. Preflight (< 15 s): versions of torch, CUDA, the driver, bitsandbytes, peft and
-   transformers; the GPU's name and UUID; the CUDA allocator's configuration. Then a 1 MiB
-   device segment is published through the real `CudaSegments` and opened in a second
-   process, which checks its bytes. Any failure stops the run with one clear line.
+   transformers; the GPU's name and UUID. Then a process makes a 1 MiB device segment
+   through the real `CudaSegments` (a CUDA VMM allocation), hands its POSIX fd to this
+   one and exits; a second process, in a new PID namespace (`unshare --pid --fork`, as
+   root), opens the segment from that fd and checks its bytes: the segment outlives its
+   loader and crosses PID namespaces. Any failure stops the run with one clear line.
 2. For bf16, nf4, nf4 with double quant and a tied-embedding checkpoint: a real
    `basehold serve` loads a generated Llama on cuda:0; independent workers attach through
    `Client.attach` and the script checks that every base tensor is a view of the one
    segment, that the worker's allocator did not grow by the model, that the logits equal
    `from_pretrained` of the same spec, that LoRA steps lower the loss without changing a
-   base byte, that a second worker gets identical logits, that the service's reserved
-   memory while held is at most 1.25x the model's bytes and returns after unload.
+   base byte, that a second worker gets identical logits, that the GPU memory in use
+   (NVML) while held is at most 1.25x the model's bytes and returns after unload.
 3. A forced unload while a worker is attached: the worker's next forward raises
    `LeaseLost`, and the segment is freed once the revoked lease's TTL has run out.
 
@@ -32,6 +34,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,7 +67,7 @@ class Deadline:
 
 # -- the worker side (a process of its own) ---------------------------------------------------
 def devices_for(where: str) -> Any:
-    """How a worker opens segments: CUDA IPC, or the host stand-in in a rehearsal."""
+    """How a worker opens segments: CUDA VMM fds, or the host stand-in in a rehearsal."""
     if where.startswith("cuda"):
         return None
     from tests.handles.host_segments import HostSegments
@@ -248,33 +251,65 @@ def worker(url: str, model_id: str, mode: str, steps: int, out: Path, where: str
 
 
 # -- preflight -------------------------------------------------------------------------------
-def segment_probe_main(where: str, say: Callable[[Any], None], listen: Callable[[], Any]) -> str:
-    """Second process of the preflight: open the published segment, answer its digest."""
+PATTERN_MOD = 251
+
+
+def segment_export_main(where: str, say: Callable[[Any], None], listen: Callable[[], Any]) -> str:
+    """The preflight's loader: allocate and fill a 1 MiB segment, hand its fd to the parent
+    (as the loader hands it to the service), and exit."""
+    from multiprocessing import reduction
+
+    import torch
+
+    from service.handles.devices import CUDA
+
+    devices = devices_for(where) or CUDA
+    segment = devices.allocate(torch.device(where), MiB)
+    segment[:MiB].copy_(torch.arange(MiB, dtype=torch.int64).remainder(PATTERN_MOD).to(torch.uint8))
+    described, fd = devices.publish(where, segment, 1)
+    say(("segment", described.model_dump_json()))
+    reduction.send_handle(say.__self__, fd, os.getppid())  # type: ignore[attr-defined]
+    os.close(fd)
+    return hashlib.sha256(bytes(segment[:MiB].cpu().numpy().tobytes())).hexdigest()
+
+
+def probe_segment(where: str, described_json: str, fd: int) -> str:
+    """`--probe-segment`: open a segment from an inherited fd; print its first MiB's digest."""
     from service.handles.descriptor import DeviceSegment
     from service.handles.devices import CUDA
 
-    described = DeviceSegment.model_validate_json(listen())
-    devices = devices_for(where) or CUDA
-    opened = devices.open(described)
-    return hashlib.sha256(bytes(opened.cpu().numpy().tobytes())).hexdigest()
+    described = DeviceSegment.model_validate_json(described_json)
+    opened = (devices_for(where) or CUDA).open(described, fd)
+    return hashlib.sha256(bytes(opened[:MiB].cpu().numpy().tobytes())).hexdigest()
+
+
+def _probe_command(where: str, described: str, fd: int) -> tuple[list[str], str]:
+    """The probe in a new PID namespace where this user may make one (root), as a worker
+    in another pod would run; else a plain child process."""
+    command = [sys.executable, __file__, "--probe-segment", described, "--probe-fd", str(fd)]
+    command += ["--rehearse-on-cpu"] if where == "cpu" else []
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        return ["unshare", "--pid", "--fork", *command], "in another PID namespace"
+    return command, "in another process (not root: no new PID namespace)"
 
 
 def preflight(where: str) -> list[str]:
-    """Versions and the one GPU, then a 1 MiB segment opened by another process. Returns
-    the lines to print; raises SystemExit with one clear line on failure."""
+    """Versions and the one GPU, then a 1 MiB segment made by a process that exits, opened
+    from its fd by another process in another PID namespace. Returns the lines to print;
+    raises SystemExit with one clear line on failure."""
+    from multiprocessing import reduction
+
     import bitsandbytes
     import peft
     import torch
     import transformers
 
-    from service.handles.devices import CUDA, expandable_segments
+    from service.handles.devices import CUDA
 
     lines = [
         f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers "
         f"{transformers.__version__}, peft {peft.__version__}, bitsandbytes "
         f"{bitsandbytes.__version__}",
-        "allocator: PYTORCH_CUDA_ALLOC_CONF="
-        f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '<unset>')}",
     ]
     if where.startswith("cuda"):
         props = torch.cuda.get_device_properties(0)
@@ -290,31 +325,36 @@ def preflight(where: str) -> list[str]:
             f"GPU: {props.name}, UUID GPU-{props.uuid}, {props.total_memory / 2**30:.0f} GiB, "
             f"driver {driver}, {torch.cuda.device_count()} visible"
         )
-        if expandable_segments():
-            raise SystemExit(
-                "FAIL preflight: PYTORCH_CUDA_ALLOC_CONF enables expandable_segments; the "
-                "service keeps GPU models private then. Unset it and run again."
-            )
-        devices: Any = CUDA
+        reason = CUDA.unavailable()
+        if reason is not None:
+            raise SystemExit(f"FAIL preflight: {reason}")
     else:
         lines.append("GPU: none (rehearsal: host stand-in for device segments)")
-        devices = devices_for(where)
-    segment = devices.allocate(torch.device(where), MiB)
-    segment.copy_(torch.arange(MiB, dtype=torch.int64).remainder(251).to(torch.uint8))
-    described = devices.publish(where, segment)
-    expected = hashlib.sha256(bytes(segment.cpu().numpy().tobytes())).hexdigest()
-    probe = Worker(segment_probe_main, where)
-    probe.tell(described.model_dump_json())
+    exporter = Worker(segment_export_main, where)
+    deadline = Deadline(60)
+    said = exporter.said(deadline)
+    if said[0] != "segment":
+        raise SystemExit(f"FAIL preflight: the exporting process failed: {str(said)[-2000:]}")
+    fd = reduction.recv_handle(exporter.conn)
     try:
-        got = str(probe.answer(Deadline(60)))
-    except (RuntimeError, TimeoutError) as exc:
-        got = str(exc).strip().splitlines()[-1]
+        expected = str(exporter.answer(deadline))
+        if exporter.process.exitcode is None:
+            raise SystemExit("FAIL preflight: the exporting process did not exit")
+        command, where_probe = _probe_command(where, said[1], fd)
+        probe = subprocess.run(
+            command, pass_fds=(fd,), capture_output=True, text=True, timeout=60, cwd=ROOT
+        )
+    finally:
+        os.close(fd)
+    got = probe.stdout.strip().splitlines()[-1] if probe.stdout.strip() else probe.stderr[-500:]
     if got != expected:
         raise SystemExit(
-            f"FAIL preflight: a second process could not read a 1 MiB device segment ({got})"
+            f"FAIL preflight: a 1 MiB device segment could not be read {where_probe} after "
+            f"the process that made it exited ({got})"
         )
-    lines.append("segment: 1 MiB published and read back by a second process")
-    del segment
+    lines.append(
+        f"segment: 1 MiB made by a process that exited, read back from its fd {where_probe}"
+    )
     return lines
 
 
@@ -348,8 +388,10 @@ def reference_logits(path: Path, name: str, device: str) -> Any:
 
 
 def service_reserved(served: Served) -> int:
+    """What the GPU has in use (NVML, as the service reports it): the segments the service
+    holds by their fds are there; the serving process itself allocates nothing."""
     devices = served.http.get("/v1/memory").json()["devices"]
-    return int(devices[0]["torch_reserved_bytes"]) if devices else 0
+    return int(devices[0]["used_bytes"]) if devices else 0
 
 
 def stand_in_segments(served: Served) -> int:
@@ -449,9 +491,9 @@ def check(
                 < 0.01 * model_bytes,
                 "device free memory fell < 10% of the model in the worker": first["free_drop"]
                 < 0.1 * model_bytes,
-                "service reserved while held <= 1.25x the model": reserved_held - reserved_before
+                "GPU memory used while held <= 1.25x the model": reserved_held - reserved_before
                 <= 1.25 * model_bytes,
-                "service reserved memory returned after unload": reserved_after
+                "GPU memory returned after unload": reserved_after
                 <= reserved_before + 0.05 * model_bytes,
             }
         )
@@ -492,7 +534,13 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=290, help="seconds for the whole run")
     parser.add_argument("--rehearse-on-cpu", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="a ~3M-param Llama (for tests)")
+    parser.add_argument("--probe-segment", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe_segment:
+        where = "cpu" if args.rehearse_on_cpu else "cuda"
+        print(probe_segment(where, args.probe_segment, args.probe_fd))
+        return 0
     import torch
 
     device = "cpu" if args.rehearse_on_cpu else "cuda:0"
@@ -538,7 +586,7 @@ def main() -> int:
     print(
         "\n| spec | model on the device (MiB) | attach (ms) | worker allocator growth (MiB) "
         "| base tensors | logits max abs diff vs from_pretrained | LoRA loss first -> last "
-        "| service reserved before / held / after unload (MiB) |"
+        "| GPU used before / held / after unload (MiB) |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:

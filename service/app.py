@@ -7,11 +7,10 @@ import contextlib
 import gc
 import logging
 import os
-import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi_offline import FastAPIOffline
@@ -23,14 +22,14 @@ from service.api.routes import dashboard, files, health, leases, memory, models,
 from service.api.security_headers import SecurityHeaders
 from service.api.timing import RequestMetrics
 from service.events import EventBus
-from service.handles.devices import CUDA, DeviceSegments
 from service.handles.fdpass import ArenaServer, resolve_group
 from service.handles.leases import LeaseTable
 from service.handles.lending import Lending
-from service.handles.placement import ArenaPlacement
-from service.loading.pipeline import LoadContext
-from service.memory.cuda import CudaProbe, TorchCuda
+from service.loaders.arenas import HeldArenas
+from service.loaders.loaders import Loaders, LoaderSetup
+from service.memory.cuda import CudaProbe
 from service.memory.nvml import GpuProbe, Nvml
+from service.memory.visible import NvmlCuda
 from service.metrics import Metrics
 from service.node_features import NodeFeatures
 from service.registry.gate import MemoryGate, MemoryPolicy
@@ -47,13 +46,13 @@ from service.state.writer import OrderedWriter
 log = logging.getLogger("basehold")
 
 
-async def _reap_leases(lending: Lending, placement: ArenaPlacement, every: float) -> None:
+async def _reap_leases(lending: Lending, placement: HeldArenas, every: float) -> None:
     """Drop unrenewed leases; free device segments that revoked leases no longer need.
     A pass that fails (a locked database, a GPU error) is logged and the next one runs:
     the reaper is what keeps dead workers from pinning memory, so it never stops."""
     while True:
         await asyncio.sleep(every)
-        for step in (lending.expire, placement.collect):  # a DB write; may sync a GPU
+        for step in (lending.expire, placement.collect):  # a DB write; may end runners
             try:
                 await asyncio.to_thread(step)
             except Exception:
@@ -107,31 +106,39 @@ def create_app(
     *,
     cuda: CudaProbe | None = None,
     gpus: GpuProbe | None = None,
-    segments: DeviceSegments | None = None,
+    segments: object | None = None,
     lock: StateLock | None = None,
 ) -> FastAPI:
     """`cuda`, `gpus` and `segments` are the seams to GPU hardware (tests without one
-    pass fakes); the defaults ask torch, NVML and CUDA IPC. `lock`: the state directory's
+    pass fakes; `segments` travels to loader processes); the defaults ask torch (in the
+    loaders), NVML and CUDA IPC. `lock`: the state directory's
     lock if the caller took it already (the CLI does, to refuse with a clear line);
     otherwise startup takes it."""
     settings = settings or Settings()
     settings.ensure_dirs()
     lock = lock or StateLock(settings.state_dir)
-    cuda = cuda or TorchCuda()
-    placement = ArenaPlacement(settings.socket, segments or CUDA)
-    ctx = LoadContext(
-        roots=settings.model_roots,
-        offload_root=settings.offload_dir,
-        placement=placement,
-        cuda=cuda,
-        hub_endpoint=settings.hf_endpoint,
+    gpus = gpus or Nvml()
+    probe = cuda or NvmlCuda(gpus)  # the serving process never initialises CUDA
+    loaders = Loaders(
+        LoaderSetup(
+            roots=settings.model_roots,
+            offload_root=settings.offload_dir,
+            socket=settings.socket,
+            cuda=cuda,  # None: loaders ask torch
+            hub_endpoint=settings.hf_endpoint,
+            segments=segments,
+            threads=settings.torch_threads or max(1, (os.cpu_count() or 2) - 1),
+            template=settings.loader_template,
+            memory_limit=settings.loader_memory_limit,
+        )
     )
-    gate = MemoryGate(MemoryPolicy(settings.budget, settings.eviction), cuda, gpus or Nvml())
+    placement = loaders.arenas
+    gate = MemoryGate(MemoryPolicy(settings.budget, settings.eviction), probe, gpus)
     writer = OrderedWriter()  # one ordered writer for the registry and the leases
     table = LeaseTable(settings.segment_grace_seconds, writer)
     registry = Registry(
-        ctx,
-        cuda,
+        loaders,
+        probe,
         gate,
         table,
         max_concurrent_loads=settings.max_concurrent_loads,
@@ -146,7 +153,7 @@ def create_app(
         settings.max_leases_per_holder,
     )
     arenas = ArenaServer(
-        settings.socket, lending.arena_fd, group=resolve_group(settings.socket_group)
+        settings.socket, lending.arena_fds, group=resolve_group(settings.socket_group)
     )
 
     events = EventBus()
@@ -170,16 +177,13 @@ def create_app(
                 "no API keys configured (BASEHOLD_API_KEYS): every request is "
                 "trusted; serve on 127.0.0.1 only"
             )
-        threads = settings.torch_threads or max(1, (os.cpu_count() or 2) - 1)
-        torch.set_num_threads(threads)
-        # Everything imported so far (torch, transformers: millions of objects) lives for
-        # the whole process: keep it out of the cyclic GC, whose full passes over it
-        # stalled requests for ~200 ms.
+        # The loader template imports torch and friends in its own process, from now on:
+        # /healthz answers at once, /readyz once the template forks.
+        threading.Thread(target=loaders.warm, name="loader-template", daemon=True).start()
+        # Everything imported so far lives for the whole process: keep it out of the
+        # cyclic GC's full passes.
         gc.collect()
         gc.freeze()
-        # A load thread running Python-heavy loader code would otherwise hold the GIL for
-        # 5 ms slices; shorter slices let the event loop answer pollers in between.
-        sys.setswitchinterval(0.001)
         lock.acquire()
         events.bind(asyncio.get_running_loop())
         db = await run_in_threadpool(_start_state, settings, registry, table)
@@ -226,7 +230,8 @@ def create_app(
     app.state.lending = lending
     app.state.placement = placement
     app.state.arenas = arenas
-    app.state.cuda = cuda
+    app.state.loaders = loaders
+    app.state.cuda = probe
     app.state.gpus = gate.gpus
     app.state.events = events
     app.state.metrics = metrics

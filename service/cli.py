@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 
 from pydantic import ValidationError
@@ -70,10 +71,13 @@ def describe_settings_error(exc: ValidationError) -> str:
 
 
 def _write_demo(settings: Settings, host: str, port: int) -> None:
-    from service.demo import write_demo_checkpoint
+    """Written by a child process (torch and transformers stay out of the serving one)."""
+    from service.demo import DEMO_NAME, written
 
     settings.ensure_dirs()
-    path = write_demo_checkpoint(settings.model_roots[0])
+    path = settings.model_roots[0] / DEMO_NAME
+    if not written(path):
+        subprocess.run([sys.executable, "-m", "service.demo", str(path.parent)], check=True)
     body = json.dumps({"source": str(path), "name": "demo", "dtype": "float32"})
     auth = ' -H "Authorization: Bearer $KEY"' if settings.auth_enabled else ""
     print(

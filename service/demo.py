@@ -36,11 +36,15 @@ def demo_tokenizer() -> Any:
     )
 
 
+def written(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "tokenizer.json").is_file()
+
+
 def write_demo_checkpoint(root: Path, name: str = DEMO_NAME) -> Path:
     """Write (once) a randomly initialised ~4M-parameter Llama under `root/name`, with its
     tokenizer and generation config (added to a demo folder written before they were)."""
     target = root / name
-    if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
+    if written(target):
         return target
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -71,3 +75,9 @@ def write_demo_checkpoint(root: Path, name: str = DEMO_NAME) -> Path:
     )
     generation.save_pretrained(target)
     return target
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_demo_checkpoint(Path(sys.argv[1])))

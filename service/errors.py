@@ -54,12 +54,6 @@ class NotShareable(BaseholdError):
     title = "Model cannot be shared"
 
 
-class ForeignPidNamespace(BaseholdError):
-    code = "pid_namespace_unsupported"
-    status = 409
-    title = "GPU memory cannot cross PID namespaces"
-
-
 class LeaseNotFound(BaseholdError):
     code = "lease_not_found"
     status = 404
@@ -155,3 +149,29 @@ class FileNotFound(BaseholdError):
     code = "file_not_found"
     status = 404
     title = "File not found"
+
+
+class LoaderCrashed(BaseholdError):
+    code = "loader_crashed"
+    status = 500
+    title = "Loader process died"
+
+
+def relayed(code: str, message: str, status: int) -> BaseholdError:
+    """An error a loader process reported (its class stays there): same code and status."""
+    for kind in _by_code():
+        if kind.code == code:
+            return kind(message)
+    error = BaseholdError(message)
+    error.code, error.status = code, status
+    return error
+
+
+def _by_code() -> list[type[BaseholdError]]:
+    found: list[type[BaseholdError]] = []
+    pending = list(BaseholdError.__subclasses__())
+    while pending:
+        kind = pending.pop()
+        found.append(kind)
+        pending.extend(kind.__subclasses__())
+    return found

@@ -9,21 +9,15 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service import sizes
 from service.memory.admission import Budget
 
 Scope = Literal["admin", "worker", "read"]
 
 
 def parse_size(value: str | int) -> int:
-    """'8GiB', '512MB', '0' or bytes -> bytes (accelerate's parser)."""
-    from accelerate.utils import convert_file_size_to_int
-
-    if isinstance(value, int) or str(value).isdigit():
-        return int(value)
-    try:
-        return int(convert_file_size_to_int(value))
-    except (ValueError, OverflowError) as exc:
-        raise ValueError(f"{value!r} is not a size; use e.g. '8GiB' or a number of bytes") from exc
+    """'8GiB', '512MB', '0' or bytes -> bytes (accelerate's grammar)."""
+    return sizes.parse_size(value)
 
 
 def _default_socket() -> Path:
@@ -101,6 +95,18 @@ class Settings(BaseSettings):
         description="CPU threads torch may use for loading/quantizing. Default: all cores "
         "but one, which stays free for the API.",
     )
+    loader_template: str | None = Field(
+        default=None,
+        description="The socket of a running loader template (`python -m "
+        "service.loaders.forker --listen PATH`, same user) to fork loaders from, instead of "
+        "starting one: several instances on a node can share one.",
+    )
+    loader_memory_limit: int | None = Field(
+        default=None,
+        description="Address space each loader may map beyond what its template had "
+        "(bytes or e.g. '64GiB'; RLIMIT_AS): a load that needs more fails out_of_memory in "
+        "its own process instead of waking the node's OOM killer. Default: no limit.",
+    )
     lease_reap_seconds: float = Field(default=1.0, gt=0, le=60)
     segment_grace_seconds: float = Field(
         default=30.0,
@@ -160,6 +166,16 @@ class Settings(BaseSettings):
             self.model_roots = [self.state_dir.parent / "models"]
         self.model_roots = [root.expanduser().resolve() for root in self.model_roots]
         return self
+
+    @field_validator("loader_memory_limit", mode="before")
+    @classmethod
+    def _limit(cls, value: object) -> int | None:
+        if value is None or value == "":
+            return None
+        size = parse_size(value if isinstance(value, int) else str(value))
+        if size <= 0:
+            raise ValueError("give a positive size, e.g. '64GiB'")
+        return size
 
     @field_validator("host_memory_budget", "memory_headroom")
     @classmethod

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.loaders import template
 from service.settings import Settings
 from tests import checkpoints, zygote
 
@@ -39,6 +40,22 @@ def _zygote() -> Iterator[None]:
     `tests.handles.spawn` forks workers from."""
     yield
     zygote.close_all()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _loader_template() -> Iterator[None]:
+    """One loader template for every service the tests start (BASEHOLD_LOADER_TEMPLATE):
+    each would otherwise spend ~5 s importing torch into its own. A few tests start a
+    service with its own template on purpose."""
+    folder = Path(tempfile.mkdtemp(prefix="bh-template-"))
+    process = template.start(folder / "template.sock", owned=True)
+    os.environ["BASEHOLD_LOADER_TEMPLATE"] = str(folder / "template.sock")
+    yield
+    del os.environ["BASEHOLD_LOADER_TEMPLATE"]
+    assert process.stdin is not None
+    process.stdin.close()
+    process.wait(timeout=30)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """A pre-imported template that forks `basehold serve` processes for the tests.
 
-A cold `python -m service serve` spends 3-4 s importing torch, transformers, accelerate
-and bitsandbytes before it serves; the e2e suite starts dozens. The zygote imports them
-once; each server is then a fork of it running the real CLI entry point
+A cold `python -m service serve` spends about a second importing its web stack before it
+serves, and a worker 3-4 s importing torch, transformers, peft and bitsandbytes; the e2e
+suite starts dozens. The zygote imports them once; each server is then a fork of it
+running the real CLI entry point
 (`service.cli.main(["serve", ...])`) with its own environment, working directory and log.
 
 Each server is double-forked, so it is reparented to the test process, which makes itself
@@ -68,7 +69,7 @@ def _same_imports(env: dict[str, str], base: dict[str, str]) -> bool:
 # -- the zygote process -------------------------------------------------------------------
 # What each kind of template imports before it forks. Workers import the rest (trl,
 # datasets) themselves: datasets starts a native thread at import, which a fork would lose.
-MODEL_CODE = (  # what a first load imports (2 s a server): the test checkpoints' classes
+MODEL_CODE = (  # what a worker's first attach imports: the test checkpoints' classes
     "transformers.models.llama.modeling_llama",
     "transformers.models.gpt2.modeling_gpt2",
     "transformers.models.t5.modeling_t5",
@@ -78,7 +79,8 @@ MODEL_CODE = (  # what a first load imports (2 s a server): the test checkpoints
     "transformers.quantizers.quantizer_bnb_8bit",
 )
 PRELOAD = {
-    "serve": ("service.app", "service.server", "service.cli", *MODEL_CODE),
+    # The serving process imports no torch: its loaders fork from their own template.
+    "serve": ("service.app", "service.server", "service.cli"),
     "worker": (
         *MODEL_CODE,
         "torch",

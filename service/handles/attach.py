@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Sequence
 
 import torch
 import transformers
@@ -21,10 +22,10 @@ from service.handles import hf_meta
 from service.handles.arena import map_copy_on_write, segment_view, views
 from service.handles.descriptor import Handle, Quant4Module
 from service.handles.devices import CUDA, DeviceSegments, SegmentUnavailable
-from service.handles.fdpass import ArenaRefused, receive_arena
+from service.handles.fdpass import ArenaRefused, receive_fds
 from service.handles.repack import disable_cpu_repack
 
-SUPPORTED_VERSION = 4
+SUPPORTED_VERSION = 5
 
 
 class AttachError(RuntimeError):
@@ -102,13 +103,20 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
 
-def _arena(handle: Handle, mapping: mmap.mmap, devices: DeviceSegments) -> dict[str, torch.Tensor]:
+def _arena(
+    handle: Handle, mapping: mmap.mmap, devices: DeviceSegments, segment_fds: Sequence[int]
+) -> dict[str, torch.Tensor]:
     """Every entry as a tensor: views of the mapped file and of the opened device segments."""
     in_file = [e for e in handle.entries if e.segment is None]
     arena = views(mapping, in_file, handle.arena.data_start)
     for segment in handle.segments:
+        if not 1 <= segment.fd_index <= len(segment_fds):
+            raise AttachError(
+                f"the segment {segment.name} is fd {segment.fd_index} of the arena's, but the "
+                f"service sent {len(segment_fds)} segment fd(s)"
+            )
         try:
-            base = devices.open(segment)
+            base = devices.open(segment, segment_fds[segment.fd_index - 1])
         except SegmentUnavailable as exc:
             raise AttachError(str(exc)) from exc
         for entry in handle.entries:
@@ -117,8 +125,13 @@ def _arena(handle: Handle, mapping: mmap.mmap, devices: DeviceSegments) -> dict[
     return arena
 
 
-def build(handle: Handle, mapping: mmap.mmap, devices: DeviceSegments = CUDA) -> nn.Module:
-    arena = _arena(handle, mapping, devices)
+def build(
+    handle: Handle,
+    mapping: mmap.mmap,
+    devices: DeviceSegments = CUDA,
+    segment_fds: Sequence[int] = (),
+) -> nn.Module:
+    arena = _arena(handle, mapping, devices, segment_fds)
     model = _skeleton(handle)
     by_entry = {name: entry for name, entry in handle.parameters.items()}
     for spec in handle.quant4:
@@ -159,29 +172,24 @@ def _validated(handle: Handle | dict[str, object], devices: DeviceSegments) -> H
             f"handle version {handle.version} does not match this client's "
             f"({SUPPORTED_VERSION}); upgrade basehold in the worker to the service's version"
         )
-    if handle.segments:
-        # A CUDA IPC handle is torch's own byte format: both sides must speak the same one.
-        ours = torch.__version__.split("+")[0]
-        theirs = handle.torch_version.split("+")[0]
-        if ours != theirs:
-            raise AttachError(
-                f"the service runs torch {handle.torch_version}, this worker {torch.__version__}: "
-                f"their CUDA IPC handles differ. Install torch=={theirs} in the worker."
-            )
-        if handle.ipc_format != devices.ipc_format:
-            raise AttachError(
-                f"the handle's device segments are in the {handle.ipc_format!r} format; this "
-                f"worker opens {devices.ipc_format!r}. Run the worker beside the service, with "
-                "the same basehold and torch."
-            )
+    if handle.segments and handle.ipc_format != devices.ipc_format:
+        raise AttachError(
+            f"the handle's device segments are in the {handle.ipc_format!r} format; this "
+            f"worker opens {devices.ipc_format!r}. Run the worker with the service's basehold "
+            "version, on the same node."
+        )
     return handle
 
 
 def attach_fd(
-    handle: Handle | dict[str, object], fd: int, devices: DeviceSegments = CUDA
+    handle: Handle | dict[str, object],
+    fd: int,
+    devices: DeviceSegments = CUDA,
+    segment_fds: Sequence[int] = (),
 ) -> nn.Module:
-    """Map the arena `fd` copy-on-write, open the device segments, build the model. The
-    caller keeps `fd` (close it once attached: the mapping stays valid)."""
+    """Map the arena `fd` copy-on-write, open the device segments from `segment_fds` (in
+    `fd_index` order), build the model. The caller keeps the fds (close them once attached:
+    the mappings stay valid)."""
     handle = _validated(handle, devices)
     try:
         mapping = map_copy_on_write(fd)
@@ -191,7 +199,7 @@ def attach_fd(
         raise AttachError(
             f"the arena has {len(mapping)} bytes, the handle says {handle.arena.size}"
         )
-    return build(handle, mapping, devices)
+    return build(handle, mapping, devices, segment_fds)
 
 
 def attach_handle(
@@ -200,14 +208,15 @@ def attach_handle(
     secret: str,
     devices: DeviceSegments = CUDA,
 ) -> nn.Module:
-    """Fetch the arena from the service's socket with the lease's id and secret, map it,
-    open its device segments, and build the model on them."""
+    """Fetch the arena's and segments' fds from the service's socket with the lease's id and
+    secret, map them, and build the model on them."""
     handle = _validated(handle, devices)
     try:
-        fd = receive_arena(handle.arena.socket, lease_id, secret, handle.socket_uid)
+        fds = receive_fds(handle.arena.socket, lease_id, secret, handle.socket_uid)
     except ArenaRefused as exc:
         raise AttachError(f"the service refused the arena: {exc.detail}") from exc
     try:
-        return attach_fd(handle, fd, devices)
+        return attach_fd(handle, fds[0], devices, fds[1:])
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)

@@ -72,30 +72,22 @@ class ArenaInfo(BaseModel):
     data_start: int
 
 
-class CudaIpc(BaseModel):
-    """What torch's CUDA IPC needs to open the segment in another process (bytes base64)."""
-
-    handle: str = Field(description="cudaIpcMemHandle of the allocator block, base64")
-    storage_size_bytes: int
-    storage_offset_bytes: int = Field(description="offset of the segment inside that block")
-    ref_counter: str = Field(description="torch's ref-counter file name, base64")
-    ref_counter_offset: int
-    event_handle: str = Field(description="cudaIpcEventHandle, base64")
-    event_sync_required: bool
-
-
 class DeviceSegment(BaseModel):
-    """One device allocation holding every tensor of the model on that device."""
+    """One device allocation holding every tensor of the model on that device, lent as a
+    file descriptor (a CUDA VMM allocation exported as a POSIX fd): the worker socket
+    sends it after the arena's."""
 
     name: str = Field(description="what ArenaEntry.segment refers to, e.g. cuda:0")
     device: str = Field(description="the device in the service's numbering")
     device_uuid: str = Field(description="GPU UUID: the worker finds its own index by it")
-    size: int
-    ipc: CudaIpc
+    size: int = Field(description="bytes of the allocation (what the worker maps)")
+    fd_index: int = Field(
+        ge=1, description="position of its fd among those the worker socket sends (arena: 0)"
+    )
 
 
 class Handle(BaseModel):
-    version: int = 4
+    version: int = 5
     model_id: str
     arena: ArenaInfo
     socket_uid: int = Field(
@@ -103,7 +95,7 @@ class Handle(BaseModel):
         "(SO_PEERCRED) against it before it sends the lease's secret"
     )
     segments: list[DeviceSegment] = Field(
-        default_factory=list, description="device allocations (CUDA), shared by IPC handle"
+        default_factory=list, description="device allocations (CUDA), lent as fds"
     )
     entries: list[ArenaEntry]
     parameters: dict[str, str] = Field(description="parameter name -> arena entry")
@@ -113,9 +105,9 @@ class Handle(BaseModel):
     architecture: str = Field(description="transformers model class, e.g. LlamaForCausalLM")
     dtype: str
     provenance: Provenance
-    torch_version: str = Field(description="the service's torch (CUDA IPC depends on it)")
+    torch_version: str = Field(description="the loader's torch (informational)")
     ipc_format: str | None = Field(
-        default=None, description="what `segments[].ipc` means; null without segments"
+        default=None, description="what the segments' fds are; null without segments"
     )
     generation_config: dict[str, Any] | None = Field(
         default=None, description="the checkpoint's generation config (models that generate)"

@@ -24,7 +24,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from service.private_dir import FolderUnsafe, check_parent, check_private
 log = logging.getLogger("basehold.handles")
 
 MAX_LINE = 4096
+MAX_FDS = 64  # the arena and one segment per GPU
 TIMEOUT_S = 5.0
 
 
@@ -52,7 +53,8 @@ class Peer:
 
 
 # (lease id, secret, peer) -> a new fd the server may close after sending.
-Authorize = Callable[[str, str, Peer], int]
+# (lease id, secret, peer) -> new fds to send (the arena's, then device segments'); closed after
+Authorize = Callable[[str, str, Peer], list[int]]
 
 
 class SocketUnsafe(FolderUnsafe):
@@ -328,7 +330,7 @@ class ArenaServer:
                 self._send(conn.sock, {"ok": False, "code": "bad_request", "detail": detail})
                 return
             try:
-                fd = self._authorize(lease_id, secret, conn.peer)
+                fds = self._authorize(lease_id, secret, conn.peer)
             except Exception as exc:
                 code = str(getattr(exc, "code", "internal"))
                 detail = str(getattr(exc, "message", exc))
@@ -336,19 +338,20 @@ class ArenaServer:
                 self._send(conn.sock, {"ok": False, "code": code, "detail": detail})
                 return
             try:
-                self._send(conn.sock, {"ok": True}, fd)
+                self._send(conn.sock, {"ok": True, "fds": len(fds)}, fds)
             finally:
-                os.close(fd)
+                for fd in fds:
+                    os.close(fd)
 
     @staticmethod
-    def _send(sock: socket.socket, body: dict[str, object], fd: int | None = None) -> None:
-        """One short line (and an fd) into an empty socket buffer: never blocks."""
+    def _send(sock: socket.socket, body: dict[str, object], fds: Sequence[int] = ()) -> None:
+        """One short line (and the fds) into an empty socket buffer: never blocks."""
         message = (json.dumps(body) + "\n").encode()
         try:
-            if fd is None:
+            if not fds:
                 sock.send(message)
             else:
-                socket.send_fds(sock, [message], [fd])
+                socket.send_fds(sock, [message], list(fds))
         except OSError as exc:
             log.warning("arena socket: could not answer: %s", exc)
 
@@ -362,9 +365,19 @@ def _log_failure(future: Future[None]) -> None:
 def receive_arena(
     path: str, lease_id: str, secret: str, socket_uid: int | None, timeout: float = 30.0
 ) -> int:
-    """Worker side: ask the service at `path` for the arena of `lease_id`; returns the fd.
-    The peer must run as `socket_uid` (the handle says which uid serves the socket): a
-    socket someone else swapped in gets no secret."""
+    """`receive_fds`, keeping only the arena's fd (for models without device segments)."""
+    arena, *segments = receive_fds(path, lease_id, secret, socket_uid, timeout)
+    for fd in segments:
+        os.close(fd)
+    return arena
+
+
+def receive_fds(
+    path: str, lease_id: str, secret: str, socket_uid: int | None, timeout: float = 30.0
+) -> list[int]:
+    """Worker side: ask the service at `path` for the fds of `lease_id`'s model: the
+    arena's, then one per device segment. The peer must run as `socket_uid` (the handle
+    says which uid serves the socket): a socket someone else swapped in gets no secret."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
         try:
@@ -387,7 +400,7 @@ def receive_arena(
         with contextlib.suppress(OSError):
             conn.sendall((json.dumps({"lease_id": lease_id, "secret": secret}) + "\n").encode())
         try:
-            message, fds, _, _ = socket.recv_fds(conn, MAX_LINE, 1)
+            message, fds, _, _ = socket.recv_fds(conn, MAX_LINE, MAX_FDS)
         except OSError as exc:
             raise ArenaRefused(
                 "socket_unreachable",
@@ -397,8 +410,8 @@ def receive_arena(
         answer = json.loads(message.split(b"\n", 1)[0] or b"{}")
     except ValueError:
         answer = {}
-    if answer.get("ok") and len(fds) == 1:
-        return fds[0]
+    if answer.get("ok") and fds and len(fds) == answer.get("fds", 1):
+        return list(fds)
     for fd in fds:
         os.close(fd)
     raise ArenaRefused(

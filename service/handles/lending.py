@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from service.errors import ForeignPidNamespace, LeaseForbidden, TooManyLeases
+from service.errors import LeaseForbidden, TooManyLeases
 from service.handles.descriptor import Handle
 from service.handles.fdpass import Peer
 from service.handles.leases import Lease, LeaseTable
-from service.handles.placement import ArenaPlacement
+from service.loaders.arenas import HeldArenas
 from service.registry.record import ModelRecord
 from service.registry.registry import Registry
 
@@ -34,7 +34,7 @@ class Lending:
         self,
         registry: Registry,
         table: LeaseTable,
-        placement: ArenaPlacement,
+        placement: HeldArenas,
         max_leases_per_model: int,
         max_leases_per_holder: int,
     ) -> None:
@@ -92,25 +92,17 @@ class Lending:
         )
         return lease
 
-    def arena_fd(self, lease_id: str, secret: str, peer: Peer) -> int:
-        """For the arena socket: a new fd of the leased model's arena, if `secret` is the
-        lease's (the caller sends and closes it). A model with GPU segments is refused to
-        a peer in another PID namespace: legacy CUDA IPC handles cannot be opened there."""
+    def arena_fds(self, lease_id: str, secret: str, peer: Peer) -> list[int]:
+        """For the arena socket: new fds of the leased model's arena and device segments,
+        if `secret` is the lease's (the caller sends and closes them). They open in any
+        PID namespace: a memfd, and CUDA VMM allocations exported as POSIX fds."""
         lease = self.table.check(lease_id, secret)
 
-        def arena_for(record: ModelRecord) -> int:
-            if peer.pid == 0 and self.placement.has_segments(record.load_id):
-                raise ForeignPidNamespace(
-                    f"{lease.model_id} lives on a GPU, and its device memory is lent as "
-                    "legacy CUDA IPC handles, which cannot be opened from another PID "
-                    "namespace (this worker's pid is not visible to the service). Run the "
-                    "worker in the service's PID namespace: one pod with "
-                    "shareProcessNamespace: true, or hostPID on both."
-                )
-            return self.placement.dup_fd(record.load_id)
+        def fds_for(record: ModelRecord) -> list[int]:
+            return self.placement.dup_fds(record.load_id)
 
         # Fetching the arena of a granted lease is not a new use: no write, no recount.
-        fd, _ = self.registry.while_lendable(lease.model_id, arena_for)
+        fds, _ = self.registry.while_lendable(lease.model_id, fds_for)
         log.info(
             "arena of %s sent to %s (lease %s, holder %s)",
             lease.model_id,
@@ -118,7 +110,7 @@ class Lending:
             lease.id,
             lease.holder,
         )
-        return fd
+        return fds
 
     def expire(self) -> list[Lease]:
         expired = self.table.expire()

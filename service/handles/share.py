@@ -121,22 +121,34 @@ def _quant4(plan: _Plan, name: str, module: Any) -> Quant4Module:
 @dataclass
 class Shared:
     """A model placed in an arena: the handle, and what keeps the memory alive here (the
-    arena's fd, which workers get copies of, and the service's own mapping)."""
+    arena's fd and one fd per device segment, which the service and workers get copies
+    of, and this process's own mappings)."""
 
     handle: Handle
     arena: Arena
     mapping: mmap.mmap
     segments: list[torch.Tensor] = field(default_factory=list)
+    segment_fds: list[int] = field(default_factory=list)
 
     @property
     def fd(self) -> int:
         return self.arena.fd
 
+    @property
+    def fds(self) -> list[int]:
+        """The arena's fd, then the segments' in `DeviceSegment.fd_index` order."""
+        return [self.arena.fd, *self.segment_fds]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
 
 def _fill_segments(
-    tensors: dict[str, torch.Tensor], devices: DeviceSegments
+    tensors: dict[str, torch.Tensor], devices: DeviceSegments, fds: list[int]
 ) -> tuple[list[ArenaEntry], list[DeviceSegment], list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Copy every claimed tensor into one allocation per device and publish it."""
+    """Copy every claimed tensor into one allocation per device and publish it (its fd is
+    appended to `fds`, which the caller owns, also when this raises)."""
     by_device: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         by_device.setdefault(str(tensor.device), {})[name] = tensor
@@ -158,7 +170,9 @@ def _fill_segments(
             target = segment_view(segment, entry)
             target.copy_(group[entry.name])
             bound[entry.name] = target
-        described.append(devices.publish(device, segment))
+        segment_info, fd = devices.publish(device, segment, fd_index=len(fds) + 1)
+        fds.append(fd)
+        described.append(segment_info)
         entries.extend(planned)
         segments.append(segment)
     return entries, described, segments, bound
@@ -221,10 +235,11 @@ def share(
     claimed = {n: t for n, t in plan.tensors.items() if devices.claims(t.device)}
     host = {n: t for n, t in plan.tensors.items() if n not in claimed}
     arena = write_arena(name or model_id, host)
-    # From here the arena's fd is ours until `Shared` hands it to the caller: every error
-    # path closes it (a leaked memfd holds a whole model of host memory).
+    # From here the arena's and segments' fds are ours until `Shared` hands them to the
+    # caller: every error path closes them (a leaked memfd holds a whole model of memory).
+    segment_fds: list[int] = []
     try:
-        device_entries, described, segments, bound = _fill_segments(claimed, devices)
+        device_entries, described, segments, bound = _fill_segments(claimed, devices, segment_fds)
         mapping = map_shared(arena.fd)
         handle = Handle(
             model_id=model_id,
@@ -250,7 +265,8 @@ def share(
         disable_cpu_repack(model)
         if segments:
             devices.empty_cache()  # the private copies the segments replaced
-        return Shared(handle=handle, arena=arena, mapping=mapping, segments=segments)
+        return Shared(handle, arena, mapping, segments, segment_fds)
     except BaseException:
-        os.close(arena.fd)
+        for fd in [arena.fd, *segment_fds]:
+            os.close(fd)
         raise

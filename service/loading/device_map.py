@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from accelerate.utils import convert_file_size_to_int
-
 from service.errors import InvalidSpec
 from service.loading.spec import (
     CUDA_DEVICE,
@@ -14,6 +12,7 @@ from service.loading.spec import (
     DeviceMap,
     MemorySize,
 )
+from service.sizes import parse_size
 
 _PLACEMENT_STRATEGIES = {"auto", "balanced", "balanced_low_0", "sequential"}
 
@@ -66,7 +65,7 @@ def normalize_max_memory(
     for key, size in value.items():
         name = key if key in ("cpu", "disk") else str(_cuda_index(key, cuda_count, "max_memory"))
         try:
-            nbytes = int(convert_file_size_to_int(size))
+            nbytes = parse_size(size)
         except (ValueError, TypeError, OverflowError) as exc:
             raise InvalidSpec(
                 f"max_memory[{key!r}] = {size!r} is not a size; use e.g. '20GiB' or bytes."

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from service.loading.base import Devices, Loader
-from service.loading.spec import LoadRequest, Quantization, QuantMethod
+from service.loading.base import Loader
+from service.loading.spec import LoadRequest, QuantMethod
 
 
 class FullPrecisionLoader(Loader):
     method: ClassVar[QuantMethod | None] = None
-
-    def normalize_quantization(self, request: LoadRequest, devices: Devices) -> Quantization | None:
-        return None
 
     def quantization_config(self, spec: LoadRequest) -> Any:
         return None

@@ -23,14 +23,15 @@ from service.errors import (
     OutOfMemory,
     RemoteCodeRefused,
 )
+from service.loaders.held import Held
 from service.loading.checkpoint import (
     CheckpointInfo,
     confine_folder,
     inspect_checkpoint,
     require_config,
 )
-from service.loading.placement import Placed, Placement
-from service.loading.progress import Phase, Progress, tracking
+from service.loading.placement import Placement
+from service.loading.progress import Phase, Progress
 from service.loading.sources import (
     HubSource,
     LocalSource,
@@ -43,8 +44,10 @@ from service.loading.sources import (
 from service.loading.spec import LoadRequest, Task
 from service.loading.strategies import get_loader
 from service.loading.tasks import resolve_task
+from service.loading.weights_bar import tracking
+from service.memory.admission import Estimate
 from service.memory.cuda import CudaProbe, TorchCuda
-from service.memory.estimate import Estimate, estimate
+from service.memory.estimate import estimate
 from service.memory.footprint import bytes_by_device, count_parameters, device_map_of
 
 log = logging.getLogger("basehold.loading")
@@ -82,23 +85,10 @@ class Prepared:
 
 @dataclass
 class LoadedModel:
-    """A held model and the facts about it; the registry record keeps it whole."""
+    """In the loader: the model, and the facts its manifest carries to the service."""
 
-    model: nn.Module | None
-    task: Task
-    architecture: str
-    dtype: str
-    parameters: int
-    resolved_revision: str | None
-    by_device: dict[str, int]
-    device_map: dict[str, str]
-    placed: Placed
-    checkpoint: Path  # the resolved folder (tokenizer and config files are served from it)
-    allowed: tuple[Path, ...]  # where its files must resolve
-
-    def drop_model(self) -> None:
-        """Let go of the module (unload); the facts stay for accounting until gone."""
-        self.model = None
+    model: nn.Module
+    facts: Held
 
 
 def resolve(
@@ -220,8 +210,7 @@ def load_and_place(
     except BaseException:
         discard(load_id, ctx)
         raise
-    return LoadedModel(
-        model=model,
+    facts = Held(
         task=resolved.task,
         architecture=type(model).__name__,
         dtype=str(getattr(model, "dtype", "")).removeprefix("torch."),
@@ -233,6 +222,7 @@ def load_and_place(
         checkpoint=resolved.path,
         allowed=resolved.allowed,
     )
+    return LoadedModel(model, facts)
 
 
 def discard(load_id: str, ctx: LoadContext, keep_until: datetime | None = None) -> None:

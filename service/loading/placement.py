@@ -1,29 +1,22 @@
 """The last step of every load: where the held tensors live.
 
-The service uses `handles.placement.ArenaPlacement`, which moves the tensors into a shared
-arena so leases never need a second loader; models that cannot be shared fall back to
-`PrivateMemory`.
+Loaders use `handles.placement.ArenaPlacement`, which moves the tensors into a shared arena
+(and device segments) whose fds go to the service; models that cannot be shared fall back
+to `PrivateMemory`, held by their loader as their runner.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from torch import nn
 
 from service.handles.descriptor import Provenance
+from service.loaders.held import Placed
 from service.memory.resident import copy_out_of_files
-
-
-@dataclass(frozen=True)
-class Placed:
-    shareable: bool
-    reason: str | None = None
-    handle: Any = None  # service.handles.descriptor.Handle for shareable models
 
 
 class Placement(Protocol):

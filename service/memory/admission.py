@@ -4,10 +4,35 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from service.memory.cuda import CudaProbe
 from service.memory.host import host_memory
 from service.memory.nvml import GpuProbe, by_torch_index
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a load will take (from `service.memory.estimate`, run in a loader process)."""
+
+    total_bytes: int
+    by_device: dict[str, int]
+    largest_layer_bytes: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "total_bytes": self.total_bytes,
+            "by_device": self.by_device,
+            "largest_layer_bytes": self.largest_layer_bytes,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Estimate:
+        return cls(
+            total_bytes=int(data["total_bytes"]),
+            by_device={str(k): int(v) for k, v in data["by_device"].items()},
+            largest_layer_bytes=int(data["largest_layer_bytes"]),
+        )
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ places it for the auto/balanced/sequential strategies, as from_pretrained does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -25,18 +24,11 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from service.loading.device_map import accelerate_max_memory
 from service.loading.spec import DType, LoadRequest, QuantMethod, Task
 from service.loading.tasks import auto_class
+from service.memory.admission import Estimate
 from service.memory.cuda import CudaProbe
 
 _BLOCK = 64  # bitsandbytes 4-bit blocksize
 _NESTED_BLOCK = 256
-
-
-@dataclass(frozen=True)
-class Estimate:
-    total_bytes: int
-    by_device: dict[str, int]
-    largest_layer_bytes: int
-    tensor_bytes: dict[str, int] = field(default_factory=dict, repr=False)
 
 
 def _dtype(spec: LoadRequest, config: PretrainedConfig) -> torch.dtype:
@@ -174,7 +166,7 @@ def estimate_model(model: nn.Module, spec: LoadRequest, cuda: CudaProbe) -> Esti
         ),
         default=max(prices.values(), default=0),
     )
-    return Estimate(sum(prices.values()), by_device, largest, prices)
+    return Estimate(sum(prices.values()), by_device, largest)
 
 
 def estimate(spec: LoadRequest, config: PretrainedConfig, task: Task, cuda: CudaProbe) -> Estimate:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from service.errors import InsufficientMemory
 from service.memory.admission import (
     Budget,
+    Estimate,
     Measured,
     Shortfall,
     add,
@@ -16,7 +17,6 @@ from service.memory.admission import (
     shortfalls,
 )
 from service.memory.cuda import CudaProbe
-from service.memory.estimate import Estimate
 from service.memory.nvml import GpuProbe
 from service.registry.record import ModelRecord
 from service.registry.states import State

@@ -7,10 +7,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from service.loading.pipeline import LoadedModel, Prepared
+from service.loaders.held import Held
+from service.loaders.process import LoaderProcess
 from service.loading.progress import Progress
 from service.loading.spec import LoadRequest
-from service.memory.estimate import Estimate
+from service.memory.admission import Estimate
 from service.registry.states import State
 
 
@@ -40,11 +41,11 @@ class ModelRecord:
     state: State = State.QUEUED
     progress: Progress = field(default_factory=Progress)
     error: ErrorInfo | None = None
-    # Set at submit for local sources (admitted at once), else by the load thread.
-    prepared: Prepared | None = field(default=None, repr=False)
+    # Local sources are admitted at submit; hub sources when their loader asks.
     admitted: bool = False
     estimate: Estimate | None = field(default=None, repr=False)
-    loaded: LoadedModel | None = field(default=None, repr=False)
+    loaded: Held | None = field(default=None, repr=False)
+    loader: LoaderProcess | None = field(default=None, repr=False)  # the load's (or runner's)
     leases: int = 0
     queued_at: datetime = field(default_factory=utcnow)
     started_at: datetime | None = None

@@ -1,15 +1,17 @@
 """The registry: held models, their one transition point, and the bounded load executor.
 
-A load is a sequence the registry drives: `prepare` (resolve, check, estimate; no lock) →
-admit under the lock (one admission path for every source; eviction victims are chosen
-and marked there) → victims' memory released *after* the lock is let go → `load_and_place`
-in a worker thread. Nothing slow ever runs under the lock, so async routes that read the
-registry never wait behind an unload.
+A load is a sequence the registry drives: an estimate (a helper process; no lock) → admit
+under the lock (one admission path for every source; eviction victims are chosen and
+marked there) → victims' memory released *after* the lock is let go → a loader process,
+followed from an executor thread until it hands over the model's fds and manifest. Hub
+sources are admitted when their loader has fetched them and asks. Nothing slow ever runs
+under the lock, so async routes that read the registry never wait behind an unload.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from pydantic import ValidationError
 from service.errors import (
     BaseholdError,
     InvalidSpec,
+    LoaderCrashed,
     ModelLeased,
     ModelNotFound,
     ModelNotReady,
@@ -30,23 +33,14 @@ from service.errors import (
     RemoteCodeRefused,
     SourceNotAllowed,
 )
-from service.loading.base import Devices
-from service.loading.pipeline import (
-    LoadContext,
-    Prepared,
-    discard,
-    estimate_only,
-    load_and_place,
-    prepare,
-    translate,
-)
+from service.loaders.held import Held
+from service.loaders.loaders import Loaders
+from service.loaders.process import LoaderProcess
+from service.loading.normalize import Devices, normalize
 from service.loading.sources import LocalSource, parse_source
 from service.loading.spec import LoadRequest
-from service.loading.strategies import get_loader
-from service.memory.admission import Measured
+from service.memory.admission import Estimate, Measured
 from service.memory.cuda import CudaProbe
-from service.memory.estimate import Estimate
-from service.memory.release import release_memory
 from service.registry.gate import MemoryGate, refuse
 from service.registry.identity import MODEL_ID, derived_id, spec_key
 from service.registry.persist import Persistence
@@ -76,7 +70,7 @@ class LeaseBook(Protocol):
 class Registry:
     def __init__(
         self,
-        ctx: LoadContext,
+        loaders: Loaders,
         cuda: CudaProbe,
         gate: MemoryGate,
         leases: LeaseBook,
@@ -85,7 +79,7 @@ class Registry:
         allow_remote_code: bool,
         writer: OrderedWriter | None = None,
     ) -> None:
-        self._ctx = ctx
+        self._loaders = loaders
         self._cuda = cuda
         self.gate = gate
         self._leases = leases
@@ -130,13 +124,13 @@ class Registry:
                 "This server does not run checkpoint code. Drop `trust_remote_code`, or start "
                 "the server with BASEHOLD_ALLOW_REMOTE_CODE=true if you trust the source."
             )
-        source = parse_source(request.source, request.revision, self._ctx.roots)
+        source = parse_source(request.source, request.revision, self._loaders.roots)
         if isinstance(source, LocalSource):
             request = request.model_copy(update={"source": str(source.path), "revision": None})
         else:
             request = request.model_copy(update={"revision": source.revision})
         devices = Devices(cuda_count=self._cuda.device_count())
-        return get_loader(request).normalize(request, devices)
+        return normalize(request, devices)
 
     def submit(self, request: LoadRequest, token: str | None) -> tuple[ModelRecord, bool]:
         """Find or start a load. Returns the record and whether a new load was queued.
@@ -148,16 +142,15 @@ class Registry:
         named = spec.name is not None
         if (existing := self._existing(model_id, key, named=named)) is not None:
             return existing, False
-        prepared = self._prepare_local(spec)  # outside the lock: builds a meta model
-        measured = self.gate.measure() if prepared is not None else None  # probes, no lock
+        estimate = self._estimate_local(spec)  # outside the lock: a helper process
+        measured = self.gate.measure() if estimate is not None else None  # probes, no lock
         with self._lock:  # again: another request may have started it meanwhile
             if (existing := self._existing(model_id, key, named=named)) is not None:
                 return existing, False
             record = ModelRecord(id=model_id, name=spec.name, spec=spec, key=key)
             victims: list[ModelRecord] = []
-            if prepared is not None and measured is not None:
-                victims = self._admit(record, prepared.estimate, measured)
-                record.prepared = prepared
+            if estimate is not None and measured is not None:
+                victims = self._admit(record, estimate, measured)
             self._add(record)
         self._evict(victims)
         self._start(record, token)
@@ -248,15 +241,16 @@ class Registry:
         with self._lock:
             record.future = future
 
-    def _prepare_local(self, spec: LoadRequest) -> Prepared | None:
-        """Local checkpoints are prepared at submit. A request the server refuses (a file
-        outside the roots, remote code, an impossible spec) is answered at once; a
-        checkpoint that cannot be prepared otherwise is left to the load, which fails with
-        the precise code (and can be retried once the files are fixed)."""
+    def _estimate_local(self, spec: LoadRequest) -> Estimate | None:
+        """Local checkpoints are checked and priced at submit (in a helper process). A
+        request the server refuses (a file outside the roots, remote code, an impossible
+        spec) is answered at once; a checkpoint that cannot be prepared otherwise is left
+        to the load, which fails with the precise code (and can be retried once the files
+        are fixed)."""
         if not spec.source.startswith("/"):
             return None
         try:
-            return prepare(spec, None, self._ctx)
+            return self._loaders.estimate(spec, None, full=True)
         except (SourceNotAllowed, RemoteCodeRefused, InvalidSpec):
             raise
         except Exception:
@@ -264,7 +258,7 @@ class Registry:
 
     def estimate(self, request: LoadRequest, token: str | None) -> tuple[Estimate, dict[str, int]]:
         """POST /v1/estimate: nothing is loaded; hub sources fetch config.json only."""
-        result = estimate_only(self.normalize(request), token, self._ctx)
+        result = self._loaders.estimate(self.normalize(request), token, full=False)
         measured = self.gate.measure()
         with self._lock:
             return result, self.gate.free(self._records.values(), measured)
@@ -327,31 +321,82 @@ class Registry:
                 self._transition(record, State.GONE)
                 return
             self._transition(record, State.LOADING, started_at=utcnow())
-        loaded = None
+        held: Held | None = None
+        loader: LoaderProcess | None = None
         failure: ErrorInfo | None = None
         try:
-            prepared = record.prepared or prepare(record.spec, token, self._ctx, record.progress)
-            record.prepared = None
-            if not record.admitted:
-                measured = self.gate.measure()
-                with self._lock:
-                    victims = self._admit(record, prepared.estimate, measured)
-                self._evict(victims)
-            loaded = load_and_place(record.id, record.load_id, prepared, self._ctx, record.progress)
+            loader = self._loaders.start(
+                record.id, record.load_id, record.spec, token, record.admitted
+            )
+            with self._lock:
+                record.loader = loader
+                cancelled = record.progress.cancel.is_set()
+            if cancelled:
+                loader.kill()
+            held = self._loaders.drive(
+                loader, record.progress, lambda e: self._admit_late(record, e)
+            )
+            if not held.needs_runner:
+                # Ready means the service's fds are the only hold on the model: the loader
+                # (and its own mapping of the arena) is gone first.
+                if loader.wait(5) is None:
+                    loader.kill()
+                    loader.wait(5)
+                loader.close()
         except BaseException as exc:
             failure = self._describe(record, exc)
         with self._lock:
-            if loaded is not None and not record.progress.cancel.is_set():
+            ready = held is not None and not record.progress.cancel.is_set()
+            if held is not None and ready:
                 record.progress.finish()
-                self._transition(record, State.READY, loaded=loaded, ready_at=utcnow())
-                return
-        loaded = None
-        discard(record.load_id, self._ctx)
-        release_memory(self._cuda)
+                self._transition(record, State.READY, loaded=held, ready_at=utcnow())
+        if ready and loader is not None and held is not None:
+            if held.needs_runner:
+                self._watch(record, loader)
+            return
+        if loader is not None:
+            loader.kill()
+            loader.wait(5)
+            loader.close()
+        self._loaders.discard(record.load_id)
         self._fail(record, failure)
 
+    def _admit_late(self, record: ModelRecord, estimate: Estimate) -> None:
+        """A hub load's loader fetched the checkpoint and asks before reading weights."""
+        measured = self.gate.measure()
+        with self._lock:
+            victims = self._admit(record, estimate, measured)
+        self._evict(victims)
+
+    def _watch(self, record: ModelRecord, runner: LoaderProcess) -> None:
+        """A runner that dies while its model is ready turns the model failed."""
+
+        def watch() -> None:
+            runner.wait()
+            self._runner_ended(record, runner)
+
+        threading.Thread(target=watch, name=f"runner-{record.id}", daemon=True).start()
+
+    def _runner_ended(self, record: ModelRecord, runner: LoaderProcess) -> None:
+        with self._lock:
+            if record.state != State.READY or self._records.get(record.id) is not record:
+                return  # unloaded (we ended it) or superseded
+            how = runner.ended()
+            log.error("the runner of %s %s", record.id, how)
+            for lease in self._leases.revoke_model(record.id):
+                log.warning("lease %s of %s ended: its runner died", lease.id, record.id)
+            record.leases = 0
+            error = LoaderCrashed(
+                f"The runner process holding {record.id} {how}; its memory is gone. Nothing "
+                "else was affected. Unload it and load it again; see the server log."
+            )
+            self._transition(record, State.FAILED, error=ErrorInfo(error.code, error.message))
+        self._loaders.discard(record.load_id)
+
     def _describe(self, record: ModelRecord, exc: BaseException) -> ErrorInfo:
-        error = translate(exc)
+        error = (
+            exc if isinstance(exc, BaseholdError) else BaseholdError(f"{type(exc).__name__}: {exc}")
+        )
         message = error.message
         if error.code == "internal":
             incident = uuid.uuid4().hex[:12]
@@ -385,6 +430,8 @@ class Registry:
             record.leases = 0
             if record.state in (State.QUEUED, State.LOADING):
                 record.progress.cancel.set()
+                if record.loader is not None:
+                    record.loader.kill()  # the kernel takes back all it held
                 self._transition(record, State.CANCELLED)
                 if record.future is not None and record.future.cancel():
                     self._transition(record, State.GONE)
@@ -401,10 +448,7 @@ class Registry:
 
     def _release(self, record: ModelRecord, keep_until: datetime | None) -> None:
         """Free an unloading model's memory (lock not held), then it is gone."""
-        if record.loaded is not None:
-            record.loaded.drop_model()
-        discard(record.load_id, self._ctx, keep_until)
-        release_memory(self._cuda)
+        self._loaders.discard(record.load_id, keep_until)
         with self._lock:
             self._transition(record, State.GONE)
 
@@ -451,6 +495,7 @@ class Registry:
             except ModelNotFound:
                 continue
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._loaders.close()
 
     # -- the one transition point --------------------------------------------------------
     def _touch(self, record: ModelRecord) -> None:

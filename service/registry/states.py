@@ -18,7 +18,7 @@ class State(str, Enum):
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset({State.LOADING, State.CANCELLED, State.FAILED}),
     State.LOADING: frozenset({State.READY, State.FAILED, State.CANCELLED}),
-    State.READY: frozenset({State.UNLOADING}),
+    State.READY: frozenset({State.UNLOADING, State.FAILED}),  # failed: its runner died
     State.FAILED: frozenset({State.GONE}),
     State.UNLOADING: frozenset({State.GONE}),
     State.CANCELLED: frozenset({State.GONE}),

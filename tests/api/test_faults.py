@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from tests import checkpoints
 from tests.conftest import LLAMA_LAYERS_ON_DISK
 from tests.handles.arenas import arena_fds
 from tests.handles.spawn import spawn_worker
-from tests.test_server_e2e import ROOT, Server, start
+from tests.test_server_e2e import Server, start
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MiB = 1 << 20
@@ -147,11 +146,14 @@ def admission_refusal(bench: Bench) -> str:
 
 
 def oom_during_load(bench: Bench) -> str:
-    """Under an address-space limit a little above what the server needs idle."""
-    env = {"BASEHOLD_MODEL_ROOTS": json.dumps([str(bench.models)]), "MALLOC_ARENA_MAX": "2"}
-    limited = [sys.executable, str(ROOT / "tests" / "limited_serve.py"), str(200 * MiB)]
+    """Each loader may map 200 MiB beyond its template (BASEHOLD_LOADER_MEMORY_LIMIT)."""
+    env = {
+        "BASEHOLD_MODEL_ROOTS": json.dumps([str(bench.models)]),
+        "MALLOC_ARENA_MAX": "2",
+        "BASEHOLD_LOADER_MEMORY_LIMIT": "200MiB",
+    }
     (bench.tmp / "oom").mkdir(exist_ok=True)
-    server = start(bench.tmp / "oom", [], env=env, prefix=limited)
+    server = start(bench.tmp / "oom", [], env=env)
     try:
         own = Bench(server, bench.models, bench.tmp / "oom" / "state", bench.tmp / "oom")
         rss = psutil.Process(server.pid).memory_info().rss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +12,38 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM
 
+from service.handles.attach import attach_fd
+from service.loading.pipeline import LoadContext, prepare
+from service.loading.placement import PrivateMemory
+from service.loading.strategies import get_loader
 from tests.conftest import LLAMA_LAYERS_ON_DISK, MINILM, ClientFactory, app_of, load, wait_for
 
 
 def held_model(client: TestClient, model_id: str) -> Any:
-    loaded = app_of(client).state.registry.get(model_id).loaded
-    assert loaded is not None and loaded.model is not None
-    model: torch.nn.Module = loaded.model
-    return model
+    """A shareable held model as a worker sees it: built from its handle over the service's
+    own arena fd (the loader process that made it is gone)."""
+    app = app_of(client)
+    record = app.state.registry.get(model_id)
+    assert record.loaded is not None and record.loaded.placed.handle is not None
+    fd = app.state.placement.dup_fd(record.load_id)
+    try:
+        return attach_fd(record.loaded.placed.handle, fd)
+    finally:
+        os.close(fd)
+
+
+def loaded_here(client: TestClient, model_id: str, offload: Path | None = None) -> Any:
+    """A model the service holds in its runner (8-bit, offloaded), loaded here by the
+    loader's own code from the same normalized spec."""
+    app = app_of(client)
+    spec = app.state.registry.get(model_id).spec
+    ctx = LoadContext(
+        roots=app.state.settings.model_roots,
+        offload_root=Path("/nonexistent"),
+        placement=PrivateMemory(),
+    )
+    resolved = prepare(spec, None, ctx).resolved
+    return get_loader(spec).load(spec, resolved.path, resolved.task, resolved.config, offload)
 
 
 @pytest.mark.parametrize(
@@ -111,7 +136,8 @@ def test_bnb_8bit(client: TestClient, models_root: Path) -> None:
     )
     assert status["state"] == "ready", status
     assert status["quantization"]["int8_threshold"] == 4.0
-    model = held_model(client, status["id"])
+    assert status["shareable"] is False  # held by its runner process
+    model = loaded_here(client, status["id"])
     layer = model.model.layers[0].mlp.up_proj
     assert isinstance(layer, bnb.nn.Linear8bitLt)
     assert layer.weight.dtype == torch.int8
@@ -125,7 +151,9 @@ def test_named_device_maps(client: TestClient, models_root: Path, device_map: st
     assert set(status["memory"]["by_device"]) == {"cpu"}
 
 
-def test_explicit_device_map_with_disk(client: TestClient, models_root: Path) -> None:
+def test_explicit_device_map_with_disk(
+    client: TestClient, models_root: Path, tmp_path: Path
+) -> None:
     device_map = LLAMA_LAYERS_ON_DISK
     status = load(
         client,
@@ -138,7 +166,7 @@ def test_explicit_device_map_with_disk(client: TestClient, models_root: Path) ->
     assert status["device_map"]["model.layers"] == "disk"
     by_device = status["memory"]["by_device"]
     assert by_device["disk"] > 0 and by_device["cpu"] > 0
-    model = held_model(client, status["id"])
+    model = loaded_here(client, status["id"], tmp_path / "offload")
     assert torch.isfinite(model(torch.tensor([[3, 4]])).logits).all()
 
 

@@ -83,8 +83,9 @@ def test_compose_config() -> None:
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
     service, worker = services["basehold"], services["worker"]
-    assert service["ipc"] == "shareable" and worker["ipc"] == "service:basehold"
-    assert "shm_size" not in service  # arenas are memfds, not /dev/shm files
+    # Arenas and GPU segments are fds over the socket: no shared IPC namespace, no /dev/shm.
+    assert "ipc" not in service and "ipc" not in worker
+    assert "shm_size" not in service
     socket_folder = str(Path(dockerfile_env()["BASEHOLD_SOCKET"]).parent)
     volume = {v["target"]: v["source"] for v in service["volumes"]}[socket_folder]
     assert {v["target"]: v["source"] for v in worker["volumes"]}[socket_folder] == volume
@@ -153,11 +154,11 @@ def test_probes_are_real_open_routes(routes: TestClient) -> None:
     assert seen >= 3
 
 
-def test_gpu_limit_socket_folder_and_shm() -> None:
-    """The service's pod: a GPU, CUDA IPC's small /dev/shm, the socket folder mounted where
-    the handles name it; pods with a worker beside the service share its PID namespace."""
+def test_gpu_limit_and_socket_folder() -> None:
+    """The service's pod: a GPU and the socket folder mounted where the handles name it;
+    nothing else is shared with workers (no /dev/shm, no PID namespace): arenas and GPU
+    segments are fds passed over the socket."""
     for where, spec in pod_specs():
-        volumes = {v["name"]: v for v in spec["volumes"]}
         service = next((c for c in containers(spec) if c["name"] == "basehold"), None)
         if service is None:
             continue  # a training job: test_training_job_finds_its_node_and_the_socket
@@ -166,16 +167,12 @@ def test_gpu_limit_socket_folder_and_shm() -> None:
         socket = Path(env["BASEHOLD_SOCKET"])
         for container in containers(spec):
             mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            assert "/dev/shm" not in mounts, where
             if container["name"] in ("basehold", "worker"):
-                # CUDA IPC's bookkeeping needs a shared /dev/shm; the models do not.
-                shm = volumes[mounts["/dev/shm"]]
-                assert shm["emptyDir"]["medium"] == "Memory", where
-                assert shm["emptyDir"]["sizeLimit"] == "256Mi", where
                 # Every container sees the socket at the path the service's handles name.
                 mount = next(m for m in mounts if socket.is_relative_to(m))
                 assert mounts[mount] == "run", where
-        if any(c["name"] == "worker" for c in containers(spec)):
-            assert spec.get("shareProcessNamespace") is True, where  # legacy CUDA IPC
+        assert "shareProcessNamespace" not in spec, where
         assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"]), where
 
 

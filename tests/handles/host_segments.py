@@ -2,12 +2,11 @@
 (`service.handles.devices.DeviceSegments`).
 
 It claims CPU tensors, so a whole model goes through the device-segment path (layout,
-copy, rebind, descriptor, worker build, lifetime, the forward guard). A segment is a memfd
-in shared host memory; its "IPC handle" is `/proc/<pid>/fd/<n>`, which another process of
-the same user opens, as CUDA IPC opens a device allocation. Like a CUDA IPC mapping it is
-writable, and it disappears when the service frees the segment (its fd is closed once the
-segment tensor is gone). Only the CUDA calls themselves are left to a real GPU
-(bench/gpu_check.py on a device).
+copy, rebind, descriptor, the fds the loader hands the service and the service hands
+workers, worker build, lifetime, the forward guard). A segment is a memfd in shared host
+memory, lent as its fd exactly as a CUDA VMM allocation is lent as its exported POSIX fd;
+like a VMM mapping it is writable and lives while any fd or mapping of it does. Only the
+CUDA calls themselves are left to a real GPU (bench/gpu_check.py on a device).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import weakref
 
 import torch
 
-from service.handles.descriptor import CudaIpc, DeviceSegment
+from service.handles.descriptor import DeviceSegment
 from service.handles.devices import SegmentUnavailable
 
 STAND_IN_UUID = "GPU-host-stand-in"
@@ -53,40 +52,30 @@ class HostSegments:
         except BaseException:
             os.close(fd)
             raise
-        # The segment is "freed" (no longer openable) when the service drops it.
+        # This process's own reference goes with the segment tensor.
         weakref.finalize(segment, os.close, fd)
         setattr(segment, STAND_IN_FD, fd)
         return segment
 
-    def publish(self, name: str, segment: torch.Tensor) -> DeviceSegment:
+    def publish(self, name: str, segment: torch.Tensor, fd_index: int) -> tuple[DeviceSegment, int]:
         fd: int = getattr(segment, STAND_IN_FD)
-        return DeviceSegment(
+        described = DeviceSegment(
             name=name,
             device=name,
             device_uuid=STAND_IN_UUID,
             size=segment.numel(),
-            ipc=CudaIpc(
-                handle=f"/proc/{os.getpid()}/fd/{fd}",
-                storage_size_bytes=segment.numel(),
-                storage_offset_bytes=0,
-                ref_counter="",
-                ref_counter_offset=0,
-                event_handle="",
-                event_sync_required=False,
-            ),
+            fd_index=fd_index,
         )
+        return described, os.dup(fd)
 
-    def open(self, segment: DeviceSegment) -> torch.Tensor:
+    def open(self, segment: DeviceSegment, fd: int) -> torch.Tensor:
         try:
-            fd = os.open(segment.ipc.handle, os.O_RDWR)
-        except OSError as exc:
+            mapping = mmap.mmap(fd, segment.size, mmap.MAP_SHARED)
+        except (OSError, ValueError) as exc:
             raise SegmentUnavailable(
-                f"the stand-in segment {segment.ipc.handle} is gone: the service freed it"
+                f"the stand-in segment {segment.name} cannot be mapped: {exc}"
             ) from exc
-        try:
-            return _tensor_over(mmap.mmap(fd, 0, mmap.MAP_SHARED))[: segment.size]
-        finally:
-            os.close(fd)
+        return _tensor_over(mapping)
 
     def empty_cache(self) -> None:
         self.emptied += 1

@@ -31,11 +31,11 @@ class Arena:
         os.write(self.fd, b"arena")
         self.calls: list[tuple[str, Peer]] = []
 
-    def authorize(self, lease_id: str, secret: str, peer: Peer) -> int:
+    def authorize(self, lease_id: str, secret: str, peer: Peer) -> list[int]:
         self.calls.append((lease_id, peer))
         if lease_id != "ok" or secret != SECRET:
             raise PermissionError("no")
-        return os.dup(self.fd)
+        return [os.dup(self.fd)]
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def test_stop_is_immediate(socket_path: Path, arena: Arena) -> None:
 def test_failures_of_the_pool_are_logged(
     socket_path: Path, arena: Arena, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = ArenaServer(socket_path, lambda *_: 10**6)  # an fd number nobody has
+    server = ArenaServer(socket_path, lambda *_: [10**6])  # an fd number nobody has
     server.start()
     try:
         with caplog.at_level(logging.ERROR, "basehold.handles"), pytest.raises(ArenaRefused):
@@ -234,7 +234,7 @@ EMFILE = textwrap.dedent(
 
     memfd = os.memfd_create("basehold:test")
     path = Path(sys.argv[1])
-    server = ArenaServer(path, lambda *_: os.dup(memfd), per_peer=10_000)
+    server = ArenaServer(path, lambda *_: [os.dup(memfd)], per_peer=10_000)
     server.start()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import os
 import time
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -22,20 +21,17 @@ from transformers import AutoModelForCausalLM
 
 from service.app import create_app
 from service.client import LeaseLost
-from service.errors import ForeignPidNamespace
 from service.handles.attach import AttachError, attach_fd
 from service.handles.descriptor import Handle, Provenance
-from service.handles.devices import (
-    DEVICE_ALIGN,
-    CudaSegments,
-    SegmentUnavailable,
-    expandable_segments,
-)
+from service.handles.devices import DEVICE_ALIGN, CudaSegments, SegmentUnavailable
 from service.handles.fdpass import Peer
 from service.handles.lease_state import guard_forward
 from service.handles.leases import LeaseTable
 from service.handles.placement import ArenaPlacement
 from service.handles.share import share
+from service.loaders.arenas import HeldArenas
+from service.loaders.held import Held
+from service.loading.spec import Task
 from service.memory.footprint import all_tensors
 from service.settings import Settings
 from tests.conftest import app_of, load
@@ -77,7 +73,7 @@ def test_model_moves_into_one_segment_and_attaches(models_root: Path, kind: str)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert segments.emptied == 1
 
-    worker: Any = attach_fd(handle, shared.fd, segments)
+    worker: Any = attach_fd(handle, shared.fd, segments, shared.segment_fds)
     with torch.no_grad():
         assert torch.equal(worker(TOKENS).logits, before)
     # The worker opened the segment itself (its own mapping of the same memory): every
@@ -98,7 +94,8 @@ def test_gpu_is_found_by_uuid_whatever_its_index() -> None:
 
 def share_handle_on(device_uuid: str) -> Handle:
     segments = HostSegments()
-    published = segments.publish("cuda:3", segments.allocate(torch.device("cpu"), 8))
+    published, fd = segments.publish("cuda:3", segments.allocate(torch.device("cpu"), 8), 1)
+    os.close(fd)
     return Handle.model_validate(
         {
             "model_id": "m",
@@ -123,7 +120,7 @@ def test_worker_without_that_gpu_gets_a_clear_error(models_root: Path) -> None:
     shared = share(model, "m", SOCKET, HostSegments())
     as_cuda = shared.handle.model_copy(update={"ipc_format": CudaSegments.ipc_format})
     with pytest.raises(AttachError, match="cannot see"):
-        attach_fd(as_cuda, shared.fd, CudaSegments(visible_uuids=list))
+        attach_fd(as_cuda, shared.fd, CudaSegments(visible_uuids=list), shared.segment_fds)
 
 
 def test_newer_handle_is_refused() -> None:
@@ -132,34 +129,61 @@ def test_newer_handle_is_refused() -> None:
         attach_fd(handle, -1)
 
 
-def placed(models_root: Path) -> tuple[ArenaPlacement, weakref.ref[torch.Tensor]]:
-    """A placement holding model "m" in a segment, and a weak reference to that segment
-    (the model itself is dropped: only the placement keeps the segment alive)."""
+def held_on_stand_in(models_root: Path) -> tuple[HeldArenas, int]:
+    """What the service holds after a loader placed a Llama in a stand-in segment and
+    exited: the fds it handed over (the loader's own are closed, its model gone). Returns
+    the arenas and the segment fd's number."""
     placement = ArenaPlacement(Path(SOCKET), HostSegments())
     model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
-    placement.place("m", "m", model, [], Provenance(source="m"))
-    return placement, weakref.ref(placement._held["m"].segments[0])
+    placed = placement.place("m", "m", model, [], Provenance(source="m"))
+    shared = placement.shared("m")
+    assert shared is not None and len(shared.fds) == 2
+    fds = [os.dup(fd) for fd in shared.fds]
+    placement.release("m")
+    del model, shared
+    gc.collect()
+    facts = Held(
+        task=Task.CAUSAL_LM,
+        architecture="LlamaForCausalLM",
+        dtype="float32",
+        parameters=0,
+        resolved_revision=None,
+        by_device={},
+        device_map={},
+        placed=placed,
+        checkpoint=models_root / "llama",
+        allowed=(models_root,),
+    )
+    arenas = HeldArenas()
+    arenas.add("m", facts, fds, None)
+    return arenas, fds[1]
+
+
+def _open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def test_segments_outlive_a_forced_unload_until_the_revoked_lease_expires(
     models_root: Path,
 ) -> None:
-    placement, alive = placed(models_root)
+    arenas, segment_fd = held_on_stand_in(models_root)
+    assert arenas.has_segments("m")
     until = datetime.now(timezone.utc) + timedelta(hours=1)
-    placement.release("m", keep_until=until)
-    gc.collect()
-    assert placement.retired() == 1 and alive() is not None
-    assert placement.collect(until - timedelta(seconds=1)) == 0 and alive() is not None
-    assert placement.collect(until) == 1
-    gc.collect()
-    assert alive() is None and placement.retired() == 0
+    arenas.release("m", keep_until=until)
+    assert arenas.retired() == 1 and _open(segment_fd)
+    assert arenas.collect(until - timedelta(seconds=1)) == 0 and _open(segment_fd)
+    assert arenas.collect(until) == 1
+    assert not _open(segment_fd) and arenas.retired() == 0
 
 
 def test_plain_unload_frees_segments_at_once(models_root: Path) -> None:
-    placement, alive = placed(models_root)
-    placement.release("m")
-    gc.collect()
-    assert alive() is None and placement.retired() == 0
+    arenas, segment_fd = held_on_stand_in(models_root)
+    arenas.release("m")
+    assert not _open(segment_fd) and arenas.retired() == 0
 
 
 @contextmanager
@@ -180,17 +204,22 @@ def leased_on_stand_in(
         yield client, status["id"], body
 
 
-def test_a_gpu_lease_from_another_pid_namespace_is_refused(
+def test_a_gpu_lease_from_another_pid_namespace_gets_its_segments(
     models_root: Path, tmp_path: Path, socket_path: Path
 ) -> None:
-    """Device segments travel as legacy CUDA IPC handles on a GPU, which cannot be opened
-    from another PID namespace: the arena is refused there, with what to do; the same lease
-    from a visible pid gets it."""
+    """Device segments travel as fds (CUDA VMM exports them as POSIX fds), which open in
+    any PID namespace: a peer whose pid the service cannot see (0) gets the arena and the
+    segment, like any other; the loader that made them is gone."""
     with leased_on_stand_in(models_root, tmp_path, socket_path) as (client, _, grant):
         lending = app_of(client).state.lending
-        with pytest.raises(ForeignPidNamespace, match="shareProcessNamespace"):
-            lending.arena_fd(grant["lease_id"], grant["secret"], Peer(0, 1000, 1000))
-        os.close(lending.arena_fd(grant["lease_id"], grant["secret"], Peer(4242, 1000, 1000)))
+        for peer in (Peer(0, 1000, 1000), Peer(4242, 1000, 1000)):
+            fds = lending.arena_fds(grant["lease_id"], grant["secret"], peer)
+            assert len(fds) == 2
+            assert [os.readlink(f"/proc/self/fd/{fd}") for fd in fds][1].startswith(
+                "/memfd:basehold-segment"
+            )
+            for fd in fds:
+                os.close(fd)
 
 
 def test_forced_unload_keeps_segments_for_the_lease_ttl(
@@ -198,7 +227,7 @@ def test_forced_unload_keeps_segments_for_the_lease_ttl(
 ) -> None:
     with leased_on_stand_in(models_root, tmp_path, socket_path) as (client, model_id, body):
         assert client.delete(f"/v1/models/{model_id}?force=true").status_code == 204
-        placement: ArenaPlacement = app_of(client).state.placement
+        placement: HeldArenas = app_of(client).state.placement
         assert placement.retired() == 1
         expires = datetime.fromisoformat(body["expires_at"])
         assert placement.collect(expires - timedelta(seconds=1)) == 0
@@ -235,23 +264,31 @@ def test_no_room_for_the_segment_keeps_the_model_private(models_root: Path) -> N
         assert torch.equal(model(TOKENS).logits, before)
 
 
-def test_a_worker_with_another_torch_or_ipc_format_refuses(models_root: Path) -> None:
+def test_another_torch_attaches_another_format_refuses(models_root: Path) -> None:
+    """Segments are fds, not torch's IPC bytes: a worker with another torch build attaches;
+    one that opens another format of segment is told so."""
     model = AutoModelForCausalLM.from_pretrained(models_root / "llama", device_map="cpu")
+    with torch.no_grad():
+        before = model(TOKENS).logits
     shared = share(model, "m", SOCKET, HostSegments())
     older = shared.handle.model_copy(update={"torch_version": "2.4.0+cu121"})
-    with pytest.raises(AttachError, match=r"Install torch==2\.4\.0"):
-        attach_fd(older, shared.fd, HostSegments())
+    worker: Any = attach_fd(older, shared.fd, HostSegments(), shared.segment_fds)
+    with torch.no_grad():
+        assert torch.equal(worker(TOKENS).logits, before)
     with pytest.raises(AttachError, match="format"):
         attach_fd(shared.handle, shared.fd, CudaSegments(visible_uuids=list))
+    with pytest.raises(AttachError, match="segment fd"):
+        attach_fd(shared.handle, shared.fd, HostSegments(), [])
 
 
-def test_expandable_segments_keep_gpu_models_private(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert CudaSegments().unavailable() is None or expandable_segments()
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64,expandable_segments:True")
+def test_without_cuda_bindings_gpu_models_stay_private_with_the_reason() -> None:
     reason = CudaSegments().unavailable()
-    assert reason is not None and "expandable_segments" in reason
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
-    assert CudaSegments().unavailable() is None
+    try:
+        import cuda.bindings.driver  # noqa: F401
+    except ImportError:
+        assert reason is not None and "pip install cuda-bindings" in reason
+    else:
+        assert reason is None
 
 
 def test_a_dtype_the_arena_cannot_describe_keeps_the_model_private(models_root: Path) -> None:
@@ -281,7 +318,7 @@ def test_a_plain_unload_right_after_a_release_keeps_segments_for_the_grace(
         secret = {"X-Lease-Secret": body["secret"]}
         assert client.delete(f"/v1/leases/{body['lease_id']}", headers=secret).status_code == 204
         assert client.delete(f"/v1/models/{status['id']}").status_code == 204
-        placement: ArenaPlacement = app.state.placement
+        placement: HeldArenas = app.state.placement
         assert placement.retired() == retired
         assert placement.collect(datetime.now(timezone.utc) + timedelta(seconds=61)) == retired
 
@@ -301,3 +338,18 @@ def test_expired_leases_hold_segments_for_one_more_ttl() -> None:
     table.release(released.id)
     until = table.hold_until("n")
     assert until is not None and 4 < (until - datetime.now(timezone.utc)).total_seconds() <= 5
+
+
+def test_without_a_driver_a_vmm_segment_is_refused_with_the_reason() -> None:
+    """The real CUDA VMM path, as far as a machine without a GPU can take it: the bindings
+    load, the driver does not, and the error says so (a load then keeps the model private
+    with that reason)."""
+    pytest.importorskip("cuda.bindings.driver")
+    from service.handles import vmm
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: bench/gpu_check.py checks the real path")
+    with pytest.raises(vmm.VmmUnavailable, match="driver"):
+        vmm.create(0, 1024)
+    with pytest.raises(torch.OutOfMemoryError, match="driver"):
+        CudaSegments().allocate(torch.device("cuda", 0), 1024)

@@ -71,7 +71,7 @@ def test_cleanup_of_a_cancelled_load_never_touches_a_newer_one(
     cancelled, newer = new_load_id("m"), new_load_id("m")
     (tmp_path / newer).mkdir()  # the newer load's offload folder
     loaded = load_and_place("m", newer, prepare(spec, None, ctx), ctx, Progress())
-    assert loaded.placed.shareable
+    assert loaded.facts.placed.shareable
     discard(cancelled, ctx)  # the cancelled load's cleanup, running late
     os.close(placement.dup_fd(newer))  # the newer arena is still held
     assert (tmp_path / newer).is_dir()

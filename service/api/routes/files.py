@@ -12,13 +12,13 @@ from fastapi.responses import Response
 from service.api.deps import RegistryDep, require
 from service.api.schemas import FileList, FileOut, problem_responses
 from service.errors import ModelNotReady
+from service.loaders.held import Held
 from service.loading.files import list_files, read_file
-from service.loading.pipeline import LoadedModel
 
 router = APIRouter(prefix="/v1/models", tags=["files"])
 
 
-def _loaded(registry: RegistryDep, model_id: str) -> LoadedModel:
+def _loaded(registry: RegistryDep, model_id: str) -> Held:
     record = registry.get(model_id)
     if record.loaded is None:
         raise ModelNotReady(

@@ -33,6 +33,14 @@ async def readyz(request: Request, registry: RegistryDep) -> JSONResponse | dict
             "The socket workers attach through stopped serving; see the server log and "
             "restart the service.",
         )
+    loaders = getattr(request.app.state, "loaders", None)
+    if loaders is not None and not loaders.template_ready.is_set():
+        return problem(
+            503,
+            "loaders_starting",
+            "Loaders starting",
+            "The loader template is importing torch and transformers (seconds); retry shortly.",
+        )
     restoring = registry.restoring()
     if restoring:
         return problem(

@@ -1,0 +1,124 @@
+"""The serving process itself: start → /healthz and → /readyz, its RSS idle and holding
+three models (fp32, nf4, 8-bit in a runner), and `basehold ls`, next to a process that only
+imports what the service used to import (torch, transformers, accelerate, bitsandbytes)
+in the same run, as ratios.
+
+    .venv/bin/python bench/serving.py [--params-m 60] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+from common import ROOT, free_port, smaps, wait_ready, workspace
+
+from tests.checkpoints import llama
+
+HEAVY = "import torch, transformers, accelerate, bitsandbytes"
+
+
+def _seconds(command: list[str], env: dict[str, str] | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def _until(
+    http: httpx.Client, path: str, started: float, process: subprocess.Popen[bytes]
+) -> float:
+    while True:
+        assert process.poll() is None, "the server exited"
+        try:
+            if http.get(path).status_code == 200:
+                return time.perf_counter() - started
+        except httpx.TransportError:
+            pass
+        time.sleep(0.01)
+
+
+def _rss(pid: int) -> int:
+    return smaps(pid)["Rss"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--params-m", type=int, default=60)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    work, path = workspace(args.params_m)
+    small = llama(work / "models" / "llama-small")
+    heavy = [_seconds([sys.executable, "-c", HEAVY]) for _ in range(args.repeat)]
+    health, ready, idle = [], [], []
+    held_rss = 0
+    ls_s: list[float] = []
+    for attempt in range(args.repeat):
+        port = free_port()
+        env = {
+            **os.environ,
+            "BASEHOLD_STATE_DIR": str(work / f"state-{attempt}"),
+            "BASEHOLD_SOCKET": str(work / f"run-{attempt}" / "basehold.sock"),
+            "BASEHOLD_MODEL_ROOTS": f'["{work / "models"}"]',
+        }
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "serve",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=env,
+        )
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
+        try:
+            health.append(_until(http, "/healthz", started, process))
+            ready.append(_until(http, "/readyz", started, process))
+            idle.append(_rss(process.pid))
+            if attempt == 0:
+                bodies: list[dict[str, Any]] = [
+                    {"source": str(path), "dtype": "float32"},
+                    {"source": str(path), "quantization": {"method": "bnb-4bit"}},
+                    {"source": str(small), "quantization": {"method": "bnb-8bit"}},
+                ]
+                for body in bodies:
+                    wait_ready(http, http.post("/v1/models", json=body).json()["id"])
+                held_rss = _rss(process.pid)
+                cli = [sys.executable, "-m", "service", "ls", "--url", f"http://127.0.0.1:{port}"]
+                ls_s = [_seconds(cli) for _ in range(args.repeat)]
+        finally:
+            process.terminate()
+            process.wait(timeout=120)
+            http.close()
+    base = statistics.median(heavy)
+    mib = 2**20
+    print(f"\nbasehold serving-process bench ({os.cpu_count()} cores), medians of {args.repeat}\n")
+    print("| measure | value | vs importing torch & co. in a fresh process |")
+    print("|---|---|---|")
+    print(f"| import torch, transformers, accelerate, bitsandbytes | {base:.2f} s | 1.00 |")
+    for name, values in [
+        ("start → /healthz", health),
+        ("start → /readyz (loader template up)", ready),
+    ]:
+        value = statistics.median(values)
+        print(f"| {name} | {value:.2f} s | {value / base:.2f} |")
+    value = statistics.median(ls_s)
+    print(f"| `basehold ls` | {value:.2f} s | {value / base:.2f} |")
+    print(f"| serving process RSS, idle | {statistics.median(idle) / mib:.0f} MiB | |")
+    held = "three models held (fp32, nf4, 8-bit runner)"
+    print(f"| serving process RSS, {held} | {held_rss / mib:.0f} MiB | |")
+
+
+if __name__ == "__main__":
+    main()

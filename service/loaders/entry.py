@@ -1,0 +1,14 @@
+"""The loader process's entry point. Torch-free here, so the serving process can name it;
+the loader side it runs is already imported in the template."""
+
+from __future__ import annotations
+
+import importlib
+import socket
+
+from service.loaders.job import Job
+
+
+def run(kind: str, sock: socket.socket, job: Job) -> None:
+    child = importlib.import_module("service.loading.child")
+    child.main(kind, sock, job)
