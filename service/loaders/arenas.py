@@ -29,6 +29,7 @@ class _Hold:
     size: int
     segment_fds: list[int] = field(default_factory=list)
     runner: LoaderProcess | None = None
+    loader: LoaderProcess | None = None  # the loader that handed it over, exiting
 
 
 class HeldArenas:
@@ -37,13 +38,16 @@ class HeldArenas:
         self._retired: list[tuple[datetime, list[int]]] = []
         self._lock = threading.Lock()
 
-    def add(self, load_id: str, held: Held, fds: list[int], runner: LoaderProcess | None) -> None:
-        """Keep what a loader handed over: `fds` = the arena's, then the segments'."""
+    def add(self, load_id: str, held: Held, fds: list[int], loader: LoaderProcess | None) -> None:
+        """Keep what `loader` handed over (`fds`: the arena's, then the segments'), and the
+        loader itself: as the runner of a model that is not shareable, else until it exits
+        (a release waits for that, so memory is back when an unload answers)."""
         handle = held.placed.handle
         size = handle.arena.size if handle is not None else 0
         arena = fds[0] if fds else None
+        runner = loader if held.needs_runner else None  # None: no process (tests)
         with self._lock:
-            self._held[load_id] = _Hold(arena, size, list(fds[1:]), runner)
+            self._held[load_id] = _Hold(arena, size, list(fds[1:]), runner, loader)
 
     def dup_fds(self, load_id: str) -> list[int]:
         """New fds of the arena and its segments, for sending to a worker (the caller
@@ -97,6 +101,9 @@ class HeldArenas:
                 os.close(fd)
         if held.runner is not None:
             held.runner.stop()
+        elif held.loader is not None and held.loader.wait(5) is None:
+            held.loader.kill()  # handed over, yet still there: its mapping goes with it
+            held.loader.wait(5)
 
     def collect(self, now: datetime | None = None) -> int:
         """Close retired segments' fds whose time is up; returns how many."""

@@ -140,8 +140,7 @@ class Loaders:
                 if len(fds) != (1 + held.segments if held.placed.shareable else 0):
                     _close(fds)
                     raise LoaderCrashed(f"the loader sent {len(fds)} fds for its manifest")
-                runner = loader if held.needs_runner else None
-                self.arenas.add(loader.job.load_id, held, fds, runner)
+                self.arenas.add(loader.job.load_id, held, fds, loader)
                 return held
             _close(fds)
             if kind == "progress":

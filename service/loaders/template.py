@@ -69,6 +69,10 @@ def start(address: Path, *, owned: bool, log: IO[bytes] | None = None) -> subpro
     """Start a template listening on `address`; returns once it has imported everything.
     `owned`: it exits when this process closes its stdin (or dies)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    # A loader is a fresh process: every buffer a load allocates is new memory to fault in
+    # (a long-lived process reused its allocator's cache). Transparent huge pages for
+    # torch's large CPU allocations make that 512x fewer faults (where THP is "madvise").
+    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     command = [sys.executable, "-m", "service.loaders.forker", "--listen", str(address)]
     process = subprocess.Popen(
         [*command, *(["--owned"] if owned else [])],

@@ -336,13 +336,6 @@ class Registry:
             held = self._loaders.drive(
                 loader, record.progress, lambda e: self._admit_late(record, e)
             )
-            if not held.needs_runner:
-                # Ready means the service's fds are the only hold on the model: the loader
-                # (and its own mapping of the arena) is gone first.
-                if loader.wait(5) is None:
-                    loader.kill()
-                    loader.wait(5)
-                loader.close()
         except BaseException as exc:
             failure = self._describe(record, exc)
         with self._lock:
@@ -353,6 +346,9 @@ class Registry:
         if ready and loader is not None and held is not None:
             if held.needs_runner:
                 self._watch(record, loader)
+            else:
+                loader.wait(5)  # it exits once it handed over its fds (an unload waits too)
+                loader.close()
             return
         if loader is not None:
             loader.kill()
