@@ -32,6 +32,7 @@ from service.memory.nvml import GpuProbe, Nvml
 from service.memory.visible import NvmlCuda
 from service.metrics import Metrics
 from service.node_features import NodeFeatures
+from service.preload import Preload
 from service.registry.gate import MemoryGate, MemoryPolicy
 from service.registry.persist import Persistence
 from service.registry.record import ModelRecord, summary
@@ -170,6 +171,13 @@ def create_app(
         features = NodeFeatures(settings.node_features_file, writer)
         registry.subscribe(features.on_transition)
 
+    preload = Preload(settings.preload) if settings.preload is not None else None
+
+    def _warm_then_preload() -> None:
+        loaders.warm()
+        if preload is not None:
+            preload.run(registry)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.auth_enabled:
@@ -179,7 +187,7 @@ def create_app(
             )
         # The loader template imports torch and friends in its own process, from now on:
         # /healthz answers at once, /readyz once the template forks.
-        threading.Thread(target=loaders.warm, name="loader-template", daemon=True).start()
+        threading.Thread(target=_warm_then_preload, name="loader-template", daemon=True).start()
         # Everything imported so far lives for the whole process: keep it out of the
         # cyclic GC's full passes.
         gc.collect()
@@ -231,6 +239,7 @@ def create_app(
     app.state.placement = placement
     app.state.arenas = arenas
     app.state.loaders = loaders
+    app.state.preload = preload
     app.state.cuda = probe
     app.state.gpus = gate.gpus
     app.state.events = events

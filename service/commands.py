@@ -88,7 +88,7 @@ def ls(client: Client, args: argparse.Namespace) -> int:
         precision = quant.get("quant_type") or ("int8" if quant else m.get("dtype") or "-")
         devices = ", ".join(sorted(m["memory"]["by_device"])) or "-"
         table.add_row(
-            m["id"],
+            m["id"] + (" (pinned)" if m.get("pinned") else ""),
             m["state"],
             m.get("task") or "-",
             str(precision),

@@ -101,6 +101,11 @@ class Settings(BaseSettings):
         "service.loaders.forker --listen PATH`, same user) to fork loaders from, instead of "
         "starting one: several instances on a node can share one.",
     )
+    preload: Path | None = Field(
+        default=None,
+        description="A YAML or JSON file of load requests ensured at start; /readyz waits "
+        "for them. A bad entry is logged and skipped.",
+    )
     loader_memory_limit: int | None = Field(
         default=None,
         description="Address space each loader may map beyond what its template had "

@@ -60,6 +60,7 @@ class ModelStatus(BaseModel):
     device_map: dict[str, str] | None = None
     shareable: bool
     shareable_reason: str | None = None
+    pinned: bool = Field(default=False, description="never evicted (the spec's `pinned`)")
     leases: int
     timings: Timings
 
@@ -92,6 +93,7 @@ class ModelStatus(BaseModel):
             device_map=loaded.device_map if loaded else None,
             shareable=placed is not None and placed.shareable,
             shareable_reason=placed.reason if placed is not None else None,
+            pinned=spec.pinned,
             leases=record.leases,
             timings=Timings(
                 queued_at=record.queued_at,

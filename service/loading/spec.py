@@ -163,11 +163,17 @@ class LoadRequest(BaseModel):
         description="Local sources only: the hub model this checkpoint is a copy of, named "
         "as the base of adapters trained on it (default: the checkpoint's directory)",
     )
+    pinned: bool = Field(
+        default=False,
+        description="Never evicted to make room for another load. Not part of the model's "
+        "identity: a POST of a held spec with pinned true pins it.",
+    )
 
     def canonical(self) -> dict[str, Any]:
-        """The JSON form used for identity: everything but the alias (and `base_model`
-        only when given, so that specs recorded before it existed keep their identity)."""
-        canonical = self.model_dump(mode="json", exclude={"name"})
+        """The JSON form used for identity: everything but the alias and the pin (and
+        `base_model` only when given, so that specs recorded before it existed keep their
+        identity)."""
+        canonical = self.model_dump(mode="json", exclude={"name", "pinned"})
         if canonical["base_model"] is None:
             del canonical["base_model"]
         return canonical

@@ -82,10 +82,13 @@ class MemoryGate:
         return shortfalls(estimate.by_device, self.free(records, measured, exclude, freed))
 
     def candidates(self, records: Iterable[ModelRecord]) -> list[ModelRecord]:
-        """Ready models without leases, least recently used first, if eviction is on."""
+        """Ready, unpinned models without leases, least recently used first, if eviction
+        is on."""
         if self.policy.eviction != "lru-idle":
             return []
-        idle = [r for r in records if r.state == State.READY and r.leases == 0]
+        idle = [
+            r for r in records if r.state == State.READY and r.leases == 0 and not r.spec.pinned
+        ]
         return sorted(idle, key=lambda r: r.last_used_at)
 
 

@@ -32,22 +32,30 @@ class Persistence:
             return
         db = self._db
         if previous == State.GONE:
-            row = ModelRow(
-                id=record.id,
-                name=record.name,
-                spec=record.spec.model_dump(mode="json"),
-                spec_key=record.key,
-                state=target.value,
-                queued_at=record.queued_at,
-                last_used_at=record.last_used_at,
-            )
-            self._writer.submit(lambda: db.put_model(row))
+            self._put(record, target)
         elif target in (State.LOADING, State.READY):
             model_id, state = record.id, target.value
             self._writer.submit(lambda: db.set_model_state(model_id, state))
         elif target in _FORGET:
             model_id = record.id
             self._writer.submit(lambda: db.delete_model(model_id))
+
+    def pin(self, record: ModelRecord) -> None:
+        """The record's spec changed (it was pinned): rewrite its row."""
+        self._put(record, record.state)
+
+    def _put(self, record: ModelRecord, state: State) -> None:
+        db = self._db
+        row = ModelRow(
+            id=record.id,
+            name=record.name,
+            spec=record.spec.model_dump(mode="json"),
+            spec_key=record.key,
+            state=state.value,
+            queued_at=record.queued_at,
+            last_used_at=record.last_used_at,
+        )
+        self._writer.submit(lambda: db.put_model(row))
 
     def touch(self, record: ModelRecord) -> None:
         db, model_id, when = self._db, record.id, record.last_used_at

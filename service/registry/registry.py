@@ -140,12 +140,13 @@ class Registry:
         key = spec_key(spec)
         model_id = spec.name or derived_id(spec, key)
         named = spec.name is not None
-        if (existing := self._existing(model_id, key, named=named)) is not None:
+        pin = spec.pinned
+        if (existing := self._existing(model_id, key, named=named, pin=pin)) is not None:
             return existing, False
         estimate = self._estimate_local(spec)  # outside the lock: a helper process
         measured = self.gate.measure() if estimate is not None else None  # probes, no lock
         with self._lock:  # again: another request may have started it meanwhile
-            if (existing := self._existing(model_id, key, named=named)) is not None:
+            if (existing := self._existing(model_id, key, named=named, pin=pin)) is not None:
                 return existing, False
             record = ModelRecord(id=model_id, name=spec.name, spec=spec, key=key)
             victims: list[ModelRecord] = []
@@ -217,12 +218,21 @@ class Registry:
             record.leases = 0
             self._transition(record, State.FAILED, error=failure)
 
-    def _existing(self, model_id: str, key: str, *, named: bool) -> ModelRecord | None:
-        """The active record this request names, now counted as used (None: load it)."""
+    def _existing(
+        self, model_id: str, key: str, *, named: bool, pin: bool = False
+    ) -> ModelRecord | None:
+        """The active record this request names, now counted as used, and pinned if the
+        request says so (None: load it)."""
         with self._lock:
             existing = self._find(model_id, key, named=named)
             if existing is not None:
                 self._touch(existing)
+                if pin and not existing.spec.pinned:
+                    existing.spec = existing.spec.model_copy(update={"pinned": True})
+                    log.info("model %s pinned: never evicted", existing.id)
+                    if self._persistence is not None:
+                        self._persistence.pin(existing)
+                    self._notify(existing, existing.state, existing.state)
             return existing
 
     def _add(self, record: ModelRecord) -> None:

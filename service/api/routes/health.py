@@ -41,6 +41,18 @@ async def readyz(request: Request, registry: RegistryDep) -> JSONResponse | dict
             "Loaders starting",
             "The loader template is importing torch and transformers (seconds); retry shortly.",
         )
+    preload = getattr(request.app.state, "preload", None)
+    preloading = preload.waiting(registry) if preload is not None else 0
+    if preloading:
+        waiting = "being submitted" if preloading < 0 else f"{preloading} still loading"
+        return problem(
+            503,
+            "preloading",
+            "Preloading",
+            f"The models in BASEHOLD_PRELOAD are {waiting}; retry shortly (GET /v1/models "
+            "shows their progress).",
+            preloading=max(preloading, 0),
+        )
     restoring = registry.restoring()
     if restoring:
         return problem(
