@@ -47,13 +47,19 @@ from service.state.writer import OrderedWriter
 log = logging.getLogger("basehold")
 
 
-async def _reap_leases(lending: Lending, placement: HeldArenas, every: float) -> None:
+async def _reap_leases(
+    lending: Lending, placement: HeldArenas, every: float, metrics: Metrics
+) -> None:
     """Drop unrenewed leases; free device segments that revoked leases no longer need.
     A pass that fails (a locked database, a GPU error) is logged and the next one runs:
     the reaper is what keeps dead workers from pinning memory, so it never stops."""
+
+    def expire() -> None:  # a DB write
+        metrics.leases_expired.inc(len(lending.expire()))
+
     while True:
         await asyncio.sleep(every)
-        for step in (lending.expire, placement.collect):  # a DB write; may end runners
+        for step in (expire, placement.collect):
             try:
                 await asyncio.to_thread(step)
             except Exception:
@@ -199,7 +205,8 @@ def create_app(
         restoring = registry.restoring()
         if restoring:
             events.publish("restore", {"restoring": restoring, "leases": len(table.active())})
-        reaper = asyncio.create_task(_reap_leases(lending, placement, settings.lease_reap_seconds))
+        every = settings.lease_reap_seconds
+        reaper = asyncio.create_task(_reap_leases(lending, placement, every, metrics))
         if features is not None:
             await run_in_threadpool(features.start)
         app.state.ready = True

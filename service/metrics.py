@@ -36,6 +36,30 @@ class Metrics:
         self.evictions = Counter(
             "basehold_evictions_total", "Models evicted to make room", registry=r
         )
+        self.leases_expired = Counter(
+            "basehold_leases_expired_total",
+            "Leases that ran out without being renewed or released (a worker died)",
+            registry=r,
+        )
+        # Set at each scrape (deploy/monitoring/ alerts on them).
+        self.oldest_load_seconds = Gauge(
+            "basehold_oldest_load_seconds",
+            "Age of the oldest load still queued or loading (0: none)",
+            registry=r,
+        )
+        self.host_total_bytes = Gauge("basehold_host_memory_total_bytes", "Host RAM", registry=r)
+        self.host_available_bytes = Gauge(
+            "basehold_host_memory_available_bytes", "Host RAM available", registry=r
+        )
+        self.gpu_total_bytes = Gauge(
+            "basehold_gpu_memory_total_bytes", "GPU memory (NVML)", ["device"], registry=r
+        )
+        self.gpu_used_bytes = Gauge(
+            "basehold_gpu_memory_used_bytes",
+            "GPU memory in use by every process (NVML)",
+            ["device"],
+            registry=r,
+        )
         self.http_requests = Counter(
             "basehold_http_requests_total",
             "HTTP requests",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
@@ -13,6 +14,8 @@ from sse_starlette.sse import EventSourceResponse
 from service.api.deps import require
 from service.api.schemas import problem_responses
 from service.events import EventBus
+from service.memory.report import memory_snapshot
+from service.registry.states import State
 
 router = APIRouter(tags=["observe"])
 
@@ -26,9 +29,22 @@ router = APIRouter(tags=["observe"])
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     state = request.app.state
-    state.metrics.leases.set(len(state.lending.table.active()))
-    state.metrics.arena_bytes.set(state.placement.arena_bytes())
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    metrics = state.metrics
+    metrics.leases.set(len(state.lending.table.active()))
+    arena = state.placement.arena_bytes()
+    metrics.arena_bytes.set(arena)
+    records = state.registry.records()
+    now = datetime.now(timezone.utc)
+    waiting = [now - r.queued_at for r in records if r.state in (State.QUEUED, State.LOADING)]
+    metrics.oldest_load_seconds.set(max(waiting).total_seconds() if waiting else 0)
+    models = [(r.id, r.by_device) for r in records if r.by_device]
+    snapshot = memory_snapshot(state.cuda, state.gpus, models, shared_arena_bytes=arena)
+    metrics.host_total_bytes.set(snapshot.host.total_bytes)
+    metrics.host_available_bytes.set(snapshot.host.available_bytes)
+    for device in snapshot.devices:
+        metrics.gpu_total_bytes.labels(device.id).set(device.total_bytes)
+        metrics.gpu_used_bytes.labels(device.id).set(device.used_bytes)
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get(
