@@ -42,7 +42,7 @@ def test_the_reaper_survives_failing_passes(
         assert time.monotonic() < deadline, "the reaper stopped after a failing pass"
         time.sleep(0.05)
     assert failures["left"] == 0
-    assert "lease reaper: flaky failed" in caplog.text
+    assert "lease reaper: expire failed" in caplog.text
 
 
 def test_shutdown_finishes_every_step_when_one_fails(

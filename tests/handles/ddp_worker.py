@@ -30,25 +30,36 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def private_bytes() -> int:
+    """This process's own memory: private pages, less the arena's pages only this rank
+    happens to map (shared memory the service holds, not a copy; copies count, see
+    `arena_pages`)."""
     fields = Path("/proc/self/smaps_rollup").read_text().split("\n")
-    return 1024 * sum(
+    private = 1024 * sum(
         int(line.split()[1])
         for line in fields
         if line.startswith(("Private_Clean", "Private_Dirty"))
     )
+    return private - _arena_field("Private_Dirty") - _arena_field("Private_Clean")
+
+
+def _arena_field(field: str) -> int:
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:
+            inside = "/memfd:basehold:" in line
+        elif inside and line.startswith(field + ":"):
+            total += 1024 * int(line.split()[1])
+    return total
 
 
 def arena_pages() -> tuple[bool, int]:
-    """(an arena is mapped, bytes of it that are this process's own: copied on write)."""
-    mapped, private, inside = False, 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()
-        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
-            inside = "/memfd:basehold:" in line
-            mapped = mapped or inside
-        elif inside and line.startswith("Private_Dirty"):
-            private += 1024 * int(line.split()[1])
-    return mapped, private
+    """(an arena is mapped, bytes of it that are this process's own: copied on write). A
+    copied page of a private file mapping is an anonymous page (smaps `Anonymous`);
+    `Private_Dirty` would also count arena pages only this process happens to map (the
+    service holds arenas by fd and maps none of them)."""
+    mapped = "/memfd:basehold:" in Path("/proc/self/maps").read_text()
+    return mapped, _arena_field("Anonymous")
 
 
 class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
