@@ -33,8 +33,10 @@ def _seconds(command: list[str], env: dict[str, str] | None = None) -> float:
 def _until(
     http: httpx.Client, path: str, started: float, process: subprocess.Popen[bytes]
 ) -> float:
+    """Seconds from `started` until `path` answers 200 (polled every 10 ms, at most 300 s)."""
     while True:
         assert process.poll() is None, "the server exited"
+        assert time.perf_counter() - started < 300, f"{path} never answered 200"
         try:
             if http.get(path).status_code == 200:
                 return time.perf_counter() - started

@@ -113,7 +113,8 @@ def resolve_group(value: str | None) -> int | None:
         ) from None
 
 
-def _peer(conn: socket.socket) -> tuple[int, int, int]:
+def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end (SO_PEERCRED)."""
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return pid, uid, gid
@@ -268,7 +269,7 @@ class ArenaServer:
             self._admit(selector, sock)
 
     def _admit(self, selector: selectors.BaseSelector, sock: socket.socket) -> None:
-        peer = Peer(*_peer(sock))
+        peer = Peer(*peer_credentials(sock))
         sock.setblocking(False)
         # Per (uid, pid): pid 0 is every peer of that uid in another PID namespace.
         mine = sum(
@@ -388,7 +389,7 @@ def receive_fds(
                 f"cannot reach the service's socket {path} ({exc.strerror}). Run the worker "
                 "where it can see that path (share the folder with the service's container).",
             ) from exc
-        _, uid, _ = _peer(conn)
+        _, uid, _ = peer_credentials(conn)
         if socket_uid is not None and uid != socket_uid:
             raise ArenaRefused(
                 "socket_impostor",

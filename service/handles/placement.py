@@ -72,7 +72,3 @@ class ArenaPlacement:
             held = self._held.pop(load_id, None)
         if held is not None:
             held.close()
-
-    def arena_bytes(self) -> int:
-        with self._lock:
-            return sum(shared.handle.arena.size for shared in self._held.values())

@@ -74,12 +74,6 @@ class HeldArenas:
             os.close(fd)
         return arena
 
-    def has_segments(self, load_id: str) -> bool:
-        """Whether the model's lent weights include device (GPU) segments."""
-        with self._lock:
-            held = self._held.get(load_id)
-            return bool(held is not None and held.segment_fds)
-
     def runner(self, load_id: str) -> LoaderProcess | None:
         with self._lock:
             held = self._held.get(load_id)

@@ -21,14 +21,15 @@ import pickle
 import selectors
 import signal
 import socket
-import struct
 import sys
 from typing import Any
 
+from service.handles.fdpass import peer_credentials
+from service.loaders.template import HEADER, STATUS, preload
+from service.loaders.wire import ChannelClosed, recv_exactly
+
 log = logging.getLogger("basehold.template")
 
-_HEADER = struct.Struct("!I")
-_STATUS = struct.Struct("!i")
 _PR_SET_PDEATHSIG = 1
 MAX_JOB = 16 * 2**20
 
@@ -52,20 +53,18 @@ def _read_request(conn: socket.socket) -> tuple[bytes, list[int]]:
     """The pickled job and the two fds that came with its header: the channel, and the
     requester's stderr (the loader logs where its service logs)."""
     conn.settimeout(30)
-    header, fds, _flags, _addr = socket.recv_fds(conn, _HEADER.size, 2)
-    if len(header) != _HEADER.size or len(fds) != 2:
+    header, fds, _flags, _addr = socket.recv_fds(conn, HEADER.size, 2)
+    if len(header) != HEADER.size or len(fds) != 2:
         _close(fds)
         raise ValueError("a request starts with its length and two fds")
-    (length,) = _HEADER.unpack(header)
-    body = b""
-    while len(body) < length <= MAX_JOB:
-        chunk = conn.recv(length - len(body))
-        if not chunk:
-            break
-        body += chunk
-    if len(body) != length:
+    (length,) = HEADER.unpack(header)
+    try:
+        if length > MAX_JOB:
+            raise ValueError("the job is too large")
+        body = recv_exactly(conn, length)
+    except (ValueError, ChannelClosed) as exc:
         _close(fds)
-        raise ValueError("the job was cut short or too large")
+        raise ValueError(f"the job was cut short or too large: {exc}") from exc
     conn.settimeout(None)
     return body, fds
 
@@ -135,7 +134,7 @@ class Forker:
             conn, _ = self.listener.accept()
         except OSError:
             return
-        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+        _, uid, _ = peer_credentials(conn)
         if uid != os.getuid():
             conn.close()
             return
@@ -155,7 +154,7 @@ class Forker:
         _close(fds)
         self.children[pid] = conn
         try:
-            conn.sendall(_STATUS.pack(pid))
+            conn.sendall(STATUS.pack(pid))
         except OSError:
             self._kill(pid)
             return
@@ -187,7 +186,7 @@ class Forker:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(conn)
             with contextlib.suppress(OSError):
-                conn.sendall(_STATUS.pack(os.waitstatus_to_exitcode(status)))
+                conn.sendall(STATUS.pack(os.waitstatus_to_exitcode(status)))
             conn.close()
 
     def _hung_up(self, pid: Any, conn: Any) -> None:
@@ -210,14 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.loaders.forker")
     parser.add_argument("--listen", required=True, help="Unix socket path to create")
     parser.add_argument("--owned", action="store_true", help="exit when stdin closes")
-    parser.add_argument("--preload", default="", help="comma-separated modules to import")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from service.loaders.template import preload
-
-    missing = _preload([*preload(), *filter(None, args.preload.split(","))])
+    missing = _preload(preload())
     if missing:
         log.info("template: not importable here (skipped): %s", ", ".join(missing))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -21,8 +21,12 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
-_HEADER = struct.Struct("!I")
-_STATUS = struct.Struct("!i")
+from service.loaders.wire import ChannelClosed, recv_exactly
+
+# The template's protocol (service.loaders.forker answers it): a request's header (the
+# job's length), then the child's pid and, when it ends, its exit status.
+HEADER = struct.Struct("!I")
+STATUS = struct.Struct("!i")
 
 # What the template imports before it forks anything: the loader side of every load, what
 # every from_pretrained imports on first use (~1 s that each loader would pay again), the
@@ -90,16 +94,6 @@ def start(address: Path, *, owned: bool, log: IO[bytes] | None = None) -> subpro
     return process
 
 
-def _exactly(conn: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        if not chunk:
-            raise TemplateUnavailable("the loader template hung up")
-        data += chunk
-    return data
-
-
 class Template:
     def __init__(self, address: str | None = None) -> None:
         self._shared = address or None  # "" (an unset variable in some tools): none
@@ -131,9 +125,12 @@ class Template:
         try:
             conn.connect(self.ensure())
             # The loader logs where we log: our stderr goes with the request.
-            socket.send_fds(conn, [_HEADER.pack(len(body))], [channel.fileno(), 2])
+            socket.send_fds(conn, [HEADER.pack(len(body))], [channel.fileno(), 2])
             conn.sendall(body)
-            (pid,) = _STATUS.unpack(_exactly(conn, _STATUS.size))
+            (pid,) = STATUS.unpack(recv_exactly(conn, STATUS.size))
+        except ChannelClosed:
+            conn.close()
+            raise TemplateUnavailable("the loader template hung up") from None
         except BaseException:
             conn.close()
             raise
@@ -160,6 +157,6 @@ class Template:
 def read_status(conn: socket.socket) -> int:
     """The exit status the template sent; a template that went away counts as SIGKILL."""
     try:
-        return int(_STATUS.unpack(_exactly(conn, _STATUS.size))[0])
-    except (TemplateUnavailable, OSError):
+        return int(STATUS.unpack(recv_exactly(conn, STATUS.size))[0])
+    except (ChannelClosed, OSError):
         return -9

@@ -22,6 +22,21 @@ class ChannelClosed(EOFError):
     """The other side went away (exited, crashed or closed its end)."""
 
 
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """`size` bytes from a stream socket, or ChannelClosed if it ends first."""
+    chunks: list[bytes] = []
+    while size:
+        try:
+            chunk = sock.recv(size)
+        except ConnectionResetError as exc:
+            raise ChannelClosed(str(exc)) from exc
+        if not chunk:
+            raise ChannelClosed("the other side closed the channel")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
 class Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -56,17 +71,7 @@ class Channel:
         return message, list(fds)
 
     def _exactly(self, size: int) -> bytes:
-        chunks: list[bytes] = []
-        while size:
-            try:
-                chunk = self.sock.recv(size)
-            except ConnectionResetError as exc:
-                raise ChannelClosed(str(exc)) from exc
-            if not chunk:
-                raise ChannelClosed("the other side closed the channel")
-            chunks.append(chunk)
-            size -= len(chunk)
-        return b"".join(chunks)
+        return recv_exactly(self.sock, size)
 
     def close(self) -> None:
         """Also wakes a thread blocked reading it."""

@@ -33,8 +33,6 @@ class Placement(Protocol):
 
     def release(self, load_id: str, keep_until: datetime | None = None) -> None: ...
 
-    def arena_bytes(self) -> int: ...
-
 
 class PrivateMemory:
     """Keep tensors where transformers put them, but resident: tensors still mapped from the
@@ -53,6 +51,3 @@ class PrivateMemory:
 
     def release(self, load_id: str, keep_until: datetime | None = None) -> None:
         return None
-
-    def arena_bytes(self) -> int:
-        return 0

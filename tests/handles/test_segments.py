@@ -171,7 +171,10 @@ def test_segments_outlive_a_forced_unload_until_the_revoked_lease_expires(
     models_root: Path,
 ) -> None:
     arenas, segment_fd = held_on_stand_in(models_root)
-    assert arenas.has_segments("m")
+    held = arenas.dup_fds("m")
+    assert len(held) == 2  # the arena and its segment
+    for fd in held:
+        os.close(fd)
     until = datetime.now(timezone.utc) + timedelta(hours=1)
     arenas.release("m", keep_until=until)
     assert arenas.retired() == 1 and _open(segment_fd)

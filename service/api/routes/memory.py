@@ -5,24 +5,28 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from fastapi import APIRouter, Request
+from starlette.datastructures import State
 
 from service.api.deps import HubToken, RegistryDep, ScopesDep, require
 from service.api.schemas import EstimateOut, MemoryReport, problem_responses
 from service.errors import Forbidden
 from service.loading.spec import LoadRequest
-from service.memory.report import memory_snapshot
+from service.memory.report import MemorySnapshot, memory_snapshot
 
 router = APIRouter(prefix="/v1", tags=["memory"])
 
 
+def snapshot_of(state: State) -> MemorySnapshot:
+    """What /v1/memory reports (and /metrics exports): the app's registry, arenas and probes."""
+    models = [(r.id, r.by_device) for r in state.registry.records() if r.by_device]
+    arena = state.placement.arena_bytes()
+    return memory_snapshot(state.cuda, state.gpus, models, shared_arena_bytes=arena)
+
+
 @router.get("/memory", response_model=MemoryReport, dependencies=[require("read")])
-async def memory(request: Request, registry: RegistryDep) -> MemoryReport:
-    """Per GPU (torch.cuda), host (psutil) and per-model bytes counted from the tensors."""
-    models = [(r.id, r.by_device) for r in registry.records() if r.by_device]
-    arena = request.app.state.placement.arena_bytes()
-    state = request.app.state
-    snapshot = memory_snapshot(state.cuda, state.gpus, models, shared_arena_bytes=arena)
-    return MemoryReport.model_validate(asdict(snapshot))
+async def memory(request: Request) -> MemoryReport:
+    """Per GPU (NVML), host (psutil) and per-model bytes counted from the tensors."""
+    return MemoryReport.model_validate(asdict(snapshot_of(request.app.state)))
 
 
 @router.post(

@@ -12,9 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette.sse import EventSourceResponse
 
 from service.api.deps import require
+from service.api.routes.memory import snapshot_of
 from service.api.schemas import problem_responses
 from service.events import EventBus
-from service.memory.report import memory_snapshot
 from service.registry.states import State
 
 router = APIRouter(tags=["observe"])
@@ -31,14 +31,15 @@ async def metrics(request: Request) -> Response:
     state = request.app.state
     metrics = state.metrics
     metrics.leases.set(len(state.lending.table.active()))
-    arena = state.placement.arena_bytes()
-    metrics.arena_bytes.set(arena)
-    records = state.registry.records()
     now = datetime.now(timezone.utc)
-    waiting = [now - r.queued_at for r in records if r.state in (State.QUEUED, State.LOADING)]
+    waiting = [
+        now - r.queued_at
+        for r in state.registry.records()
+        if r.state in (State.QUEUED, State.LOADING)
+    ]
     metrics.oldest_load_seconds.set(max(waiting).total_seconds() if waiting else 0)
-    models = [(r.id, r.by_device) for r in records if r.by_device]
-    snapshot = memory_snapshot(state.cuda, state.gpus, models, shared_arena_bytes=arena)
+    snapshot = snapshot_of(state)
+    metrics.arena_bytes.set(snapshot.host.shared_arena_bytes)
     metrics.host_total_bytes.set(snapshot.host.total_bytes)
     metrics.host_available_bytes.set(snapshot.host.available_bytes)
     for device in snapshot.devices:
