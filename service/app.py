@@ -27,6 +27,7 @@ from service.handles.leases import LeaseTable
 from service.handles.lending import Lending
 from service.loaders.arenas import HeldArenas
 from service.loaders.loaders import Loaders, LoaderSetup
+from service.loading.sources import HubOptions
 from service.memory.cuda import CudaProbe
 from service.memory.nvml import GpuProbe, Nvml
 from service.memory.visible import NvmlCuda
@@ -132,7 +133,12 @@ def create_app(
             offload_root=settings.offload_dir,
             socket=settings.socket,
             cuda=cuda,  # None: loaders ask torch
-            hub_endpoint=settings.hf_endpoint,
+            hub=HubOptions(
+                endpoint=settings.hf_endpoint,
+                retries=settings.download_retries,
+                backoff=settings.download_backoff_seconds,
+                workers=settings.download_workers,
+            ),
             segments=segments,
             threads=settings.torch_threads or max(1, (os.cpu_count() or 2) - 1),
             template=settings.loader_template,

@@ -109,6 +109,18 @@ class InsufficientMemory(BaseholdError):
     title = "Insufficient memory"
 
 
+class InsufficientStorage(BaseholdError):
+    code = "insufficient_storage"
+    status = 507
+    title = "Insufficient disk space for the download"
+
+
+class DownloadFailed(BaseholdError):
+    code = "download_failed"
+    status = 502
+    title = "The hub download failed"
+
+
 class OutOfMemory(BaseholdError):
     code = "out_of_memory"
     status = 507

@@ -137,6 +137,19 @@ class Settings(BaseSettings):
     hf_endpoint: str | None = Field(
         default=None, description="Hub endpoint (a mirror); default: huggingface_hub's."
     )
+    download_retries: int = Field(
+        default=4,
+        ge=0,
+        le=20,
+        description="Hub downloads that fail (a cut connection, 5xx) are retried this many "
+        "times with exponential backoff, then the load fails `download_failed`.",
+    )
+    download_backoff_seconds: float = Field(
+        default=2.0, ge=0, le=300, description="Wait before the first download retry (doubles)."
+    )
+    download_workers: int = Field(
+        default=8, ge=1, le=64, description="Files of one hub snapshot downloaded in parallel."
+    )
     allow_unauthenticated_remote: bool = Field(
         default=False,
         description="Serve on a non-loopback address with no API keys (not recommended).",

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.loading.sources import HubOptions
 from service.loading.spec import LoadRequest
 from service.memory.cuda import CudaProbe
 
@@ -19,7 +20,7 @@ class Job:
     token: str | None
     roots: list[Path]
     offload_root: Path
-    hub_endpoint: str | None
+    hub: HubOptions
     socket: str  # the service's worker socket, named in the handle
     cuda: CudaProbe | None  # None: torch's view, in the loader
     segments: Any = None  # a DeviceSegments stand-in (tests); None: CUDA

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from service.loaders.process import LoaderProcess
 from service.loaders.template import Template
 from service.loaders.wire import ChannelClosed
 from service.loading.progress import Progress
+from service.loading.sources import HubOptions
 from service.loading.spec import LoadRequest
 from service.memory.admission import Estimate
 from service.memory.cuda import CudaProbe
@@ -36,7 +37,7 @@ class LoaderSetup:
     offload_root: Path
     socket: Path  # the worker socket, named in handles
     cuda: CudaProbe | None  # None: the loader asks torch
-    hub_endpoint: str | None = None
+    hub: HubOptions = field(default_factory=HubOptions)
     segments: Any = None  # a DeviceSegments stand-in (tests); None: CUDA in the loader
     threads: int = 1
     template: str | None = None  # a running template's socket (else the service starts one)
@@ -82,7 +83,7 @@ class Loaders:
             token=token,
             roots=setup.roots,
             offload_root=setup.offload_root,
-            hub_endpoint=setup.hub_endpoint,
+            hub=setup.hub,
             socket=str(setup.socket),
             cuda=setup.cuda,
             segments=setup.segments,

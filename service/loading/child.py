@@ -30,6 +30,7 @@ from service.loaders.job import Job
 from service.loaders.wire import Channel, ChannelClosed
 from service.loading.pipeline import (
     LoadContext,
+    admission_estimate,
     estimate_only,
     load_and_place,
     prepare,
@@ -90,7 +91,7 @@ def _context(job: Job) -> LoadContext:
         offload_root=job.offload_root,
         placement=ArenaPlacement(Path(job.socket), job.segments or CUDA),
         cuda=job.cuda or TorchCuda(),
-        hub_endpoint=job.hub_endpoint,
+        hub=job.hub,
     )
 
 
@@ -128,12 +129,12 @@ class _Reporter:
 
 
 def _estimate(channel: Channel, job: Job, *, full: bool) -> None:
-    """`prepare`: a local checkpoint checked and priced (admission at POST);
-    `estimate`: the config alone (POST /v1/estimate)."""
+    """`prepare`: what admission at POST needs (a local checkpoint checked, a hub
+    source's metadata; nothing downloaded); `estimate`: the config alone (POST /v1/estimate)."""
     ctx = _context(job)
     try:
         if full:
-            result = prepare(job.spec, job.token, ctx).estimate
+            result = admission_estimate(job.spec, job.token, ctx)
         else:
             result = estimate_only(job.spec, job.token, ctx)
     except BaseException as exc:
@@ -146,12 +147,13 @@ def _load(channel: Channel, job: Job) -> None:
     ctx = _context(job)
     progress = Progress(on_change=_Reporter(channel))
     try:
-        prepared = prepare(job.spec, job.token, ctx, progress)
-        if not job.admitted:
-            channel.send({"type": "prepared", "estimate": prepared.estimate.to_json()})
+        if not job.admitted:  # asked before any weight byte is downloaded or read
+            estimated = admission_estimate(job.spec, job.token, ctx)
+            channel.send({"type": "prepared", "estimate": estimated.to_json()})
             reply, _ = channel.recv()
             if reply.get("type") != "go":
                 return
+        prepared = prepare(job.spec, job.token, ctx, progress)
         loaded = load_and_place(job.model_id, job.load_id, prepared, ctx, progress)
     except ChannelClosed:
         raise

@@ -9,6 +9,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from service.errors import (
     RemoteCodeRefused,
 )
 from service.loaders.held import Held
+from service.loading import hub
 from service.loading.checkpoint import (
     CheckpointInfo,
     confine_folder,
@@ -33,10 +35,9 @@ from service.loading.checkpoint import (
 from service.loading.placement import Placement
 from service.loading.progress import Phase, Progress
 from service.loading.sources import (
+    HubOptions,
     HubSource,
     LocalSource,
-    fetch_hub,
-    fetch_hub_config,
     hub_cache_dir,
     parse_source,
     provenance_of,
@@ -59,7 +60,15 @@ class LoadContext:
     offload_root: Path
     placement: Placement
     cuda: CudaProbe = field(default_factory=TorchCuda)  # the seam to GPUs (estimates)
-    hub_endpoint: str | None = None
+    hub: HubOptions = field(default_factory=HubOptions)
+
+
+class Stage(Enum):
+    """How far `resolve` goes for a hub source."""
+
+    CONFIG = "config"  # config.json only (POST /v1/estimate)
+    ADMIT = "admit"  # + the safetensors headers and the disk: admission, nothing downloaded
+    FULL = "full"  # the snapshot downloaded (the load)
 
 
 @dataclass(frozen=True)
@@ -96,20 +105,25 @@ def resolve(
     token: str | None,
     ctx: LoadContext,
     *,
-    config_only: bool = False,
+    stage: Stage = Stage.FULL,
     progress: Progress | None = None,
 ) -> Resolved:
-    """Find the checkpoint (downloading it, or only its config) and decide the task."""
+    """Find the checkpoint and decide the task. Hub sources: the revision resolved to a
+    commit and the file list first (no file bytes), then as far as `stage` says."""
     source = parse_source(spec.source, spec.revision, ctx.roots)
     revision: str | None = None
     if isinstance(source, HubSource):
         allowed: tuple[Path, ...] = (Path(hub_cache_dir()).resolve(),)
-        if progress is not None:
-            progress.set_phase(Phase.DOWNLOADING)
-        if config_only:
-            path = fetch_hub_config(source, token, ctx.hub_endpoint)
+        plan = hub.plan(source, token, ctx.hub)
+        revision = plan.commit
+        if stage is Stage.FULL:
+            hub.check_disk(plan)
+            path = hub.download(plan, token, ctx.hub, progress or Progress())
         else:
-            path, revision = fetch_hub(source, token, ctx.hub_endpoint)
+            path = hub.fetch_config(plan, token, ctx.hub)
+            if stage is Stage.ADMIT:
+                hub.check_weights(plan, token, ctx.hub)
+                hub.check_disk(plan)
     else:
         assert isinstance(source, LocalSource)
         allowed = tuple(ctx.roots)
@@ -124,8 +138,18 @@ def resolve(
 
 def estimate_only(spec: LoadRequest, token: str | None, ctx: LoadContext) -> Estimate:
     """POST /v1/estimate: the config alone (hub sources fetch config.json only)."""
-    resolved = resolve(spec, token, ctx, config_only=True)
+    resolved = resolve(spec, token, ctx, stage=Stage.CONFIG)
     return estimate(spec, resolved.config, resolved.task, ctx.cuda)
+
+
+def admission_estimate(spec: LoadRequest, token: str | None, ctx: LoadContext) -> Estimate:
+    """What admission needs before a load reads weights: a local checkpoint checked in
+    full; a hub source from its metadata (config, safetensors headers, the cache's free
+    disk), with no weight byte downloaded."""
+    if not spec.source.startswith("/"):
+        resolved = resolve(spec, token, ctx, stage=Stage.ADMIT)
+        return estimate(spec, resolved.config, resolved.task, ctx.cuda)
+    return prepare(spec, token, ctx).estimate
 
 
 def prepare(

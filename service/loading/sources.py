@@ -3,39 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
-from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.utils._validators import validate_repo_id
 
-from service.errors import (
-    GatedOrUnauthorized,
-    InvalidSpec,
-    SourceNotAllowed,
-    SourceNotFound,
-)
+from service.errors import InvalidSpec, SourceNotAllowed, SourceNotFound
 from service.handles.descriptor import Provenance
 from service.loading.spec import BaseModelRef
-
-# Files a transformers checkpoint never needs: other frameworks' weights, original dumps.
-HUB_IGNORE = [
-    "*.msgpack",
-    "*.h5",
-    "*.ot",
-    "*.onnx",
-    "*.onnx_data",
-    "*.tflite",
-    "*.gguf",
-    "original/*",
-    "onnx/*",
-    "openvino/*",
-    "coreml/*",
-]
 
 
 @dataclass(frozen=True)
@@ -50,6 +28,14 @@ class HubSource:
 
 
 Source = LocalSource | HubSource
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    endpoint: str | None = None  # a mirror or stand-in; None: HF_ENDPOINT / the Hub
+    retries: int = 4  # download attempts after the first, with exponential backoff
+    backoff: float = 2.0  # seconds before the first retry
+    workers: int = 8  # files downloaded in parallel
 
 
 def provenance_of(
@@ -129,72 +115,3 @@ def hub_cache_dir() -> str:
 def hub_offline() -> bool:
     value = os.environ.get("HF_HUB_OFFLINE", "")
     return bool(hub_constants.HF_HUB_OFFLINE) or value.upper() in {"1", "ON", "YES", "TRUE"}
-
-
-@contextmanager
-def _hub_errors(source: HubSource) -> Iterator[None]:
-    """Turn huggingface_hub's exceptions into ours, with what to do next."""
-    try:
-        yield
-    except hub_errors.GatedRepoError as exc:
-        raise GatedOrUnauthorized(
-            f"{source.repo_id} is gated. Accept its terms on the Hub, then pass a token with "
-            "access in the X-HF-Token header (or set HF_TOKEN on the server)."
-        ) from exc
-    except hub_errors.RepositoryNotFoundError as exc:
-        raise _auth_or_missing(source, exc) from exc
-    except hub_errors.RevisionNotFoundError as exc:
-        raise SourceNotFound(
-            f"{source.repo_id} has no revision {source.revision!r}. Check the branch, tag or sha."
-        ) from exc
-    except hub_errors.LocalEntryNotFoundError as exc:
-        raise SourceNotFound(
-            f"{source.repo_id}@{source.revision} is not in the local HF cache and the hub is "
-            "offline (HF_HUB_OFFLINE). Download it first or allow hub access."
-        ) from exc
-    except hub_errors.HfHubHTTPError as exc:
-        raise _auth_or_missing(source, exc) from exc
-
-
-def fetch_hub(source: HubSource, token: str | None, endpoint: str | None) -> tuple[Path, str]:
-    """Download (or find in the cache) a snapshot; returns its folder and commit sha."""
-    with _hub_errors(source):
-        folder = snapshot_download(
-            source.repo_id,
-            revision=source.revision,
-            token=token or None,
-            cache_dir=hub_cache_dir(),
-            local_files_only=hub_offline(),
-            ignore_patterns=HUB_IGNORE,
-            endpoint=endpoint,
-        )
-    path = Path(str(folder))
-    return path, path.name
-
-
-def fetch_hub_config(source: HubSource, token: str | None, endpoint: str | None) -> Path:
-    """Only config.json (for estimates): the folder it sits in."""
-    with _hub_errors(source):
-        path = hf_hub_download(
-            source.repo_id,
-            "config.json",
-            revision=source.revision,
-            token=token or None,
-            cache_dir=hub_cache_dir(),
-            local_files_only=hub_offline(),
-            endpoint=endpoint,
-        )
-    return Path(path).parent
-
-
-def _auth_or_missing(source: HubSource, exc: Exception) -> Exception:
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    if status in (401, 403):
-        return GatedOrUnauthorized(
-            f"The Hub answered {status} for {source.repo_id}: it is private or gated. Pass a "
-            "token with access in the X-HF-Token header (or set HF_TOKEN on the server)."
-        )
-    if status == 404 or isinstance(exc, hub_errors.RepositoryNotFoundError):
-        return SourceNotFound(f"{source.repo_id} was not found on the Hub. Check the repo id.")
-    return SourceNotFound(f"Could not fetch {source.repo_id} from the Hub: {type(exc).__name__}.")

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from service.errors import (
     BaseholdError,
+    InsufficientStorage,
     InvalidSpec,
     LoaderCrashed,
     ModelLeased,
@@ -134,8 +135,9 @@ class Registry:
 
     def submit(self, request: LoadRequest, token: str | None) -> tuple[ModelRecord, bool]:
         """Find or start a load. Returns the record and whether a new load was queued.
-        Local sources are prepared and admitted here, so a load that cannot fit answers
-        507 at once; hub sources are admitted by the load thread once fetched."""
+        Loads are priced and admitted here, so one that cannot fit answers 507 at once
+        (hub sources from their metadata, before any download); one that could not be
+        priced is admitted by its loader before it reads or downloads any weight."""
         spec = self.normalize(request)
         key = spec_key(spec)
         model_id = spec.name or derived_id(spec, key)
@@ -143,7 +145,7 @@ class Registry:
         pin = spec.pinned
         if (existing := self._existing(model_id, key, named=named, pin=pin)) is not None:
             return existing, False
-        estimate = self._estimate_local(spec)  # outside the lock: a helper process
+        estimate = self._estimate_first(spec, token)  # outside the lock: a helper process
         measured = self.gate.measure() if estimate is not None else None  # probes, no lock
         with self._lock:  # again: another request may have started it meanwhile
             if (existing := self._existing(model_id, key, named=named, pin=pin)) is not None:
@@ -251,17 +253,16 @@ class Registry:
         with self._lock:
             record.future = future
 
-    def _estimate_local(self, spec: LoadRequest) -> Estimate | None:
-        """Local checkpoints are checked and priced at submit (in a helper process). A
-        request the server refuses (a file outside the roots, remote code, an impossible
-        spec) is answered at once; a checkpoint that cannot be prepared otherwise is left
-        to the load, which fails with the precise code (and can be retried once the files
-        are fixed)."""
-        if not spec.source.startswith("/"):
-            return None
+    def _estimate_first(self, spec: LoadRequest, token: str | None) -> Estimate | None:
+        """Every load is priced at submit, in a helper process: a local checkpoint checked
+        in full, a hub source from its metadata (config, safetensors headers, the cache's
+        free disk: nothing downloaded). A request the server refuses (a file outside the
+        roots, remote code, an impossible spec, a download the disk cannot take) is answered
+        at once; anything else (a gated repo, a hub that does not answer, broken files) is
+        left to the load, which fails with the precise code, or admits it late."""
         try:
-            return self._loaders.estimate(spec, None, full=True)
-        except (SourceNotAllowed, RemoteCodeRefused, InvalidSpec):
+            return self._loaders.estimate(spec, token, full=True)
+        except (SourceNotAllowed, RemoteCodeRefused, InvalidSpec, InsufficientStorage):
             raise
         except Exception:
             return None

@@ -1,17 +1,22 @@
-"""deploy/monitoring/: the alerting rules are valid, their promtool unit tests pass, and
-every metric they read is one a real basehold exports."""
+"""deploy/monitoring/: the alerting rules are valid, their promtool unit tests pass, every
+metric they read is one a real basehold exports, and every query of the Grafana dashboard
+runs on a real Prometheus scraping a real basehold and finds data."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
+import httpx
 import yaml
 from fastapi.testclient import TestClient
 
-from tests.conftest import ClientFactory, load, until
+from tests.conftest import TERMINAL, ClientFactory, load, until
+from tests.test_server_e2e import Server, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "deploy" / "monitoring"
@@ -54,3 +59,75 @@ def test_the_alerting_metrics_move(make_client: ClientFactory, models_root: Path
     total = re.search(r"^basehold_host_memory_total_bytes (\S+)", text, re.M)
     available = re.search(r"^basehold_host_memory_available_bytes (\S+)", text, re.M)
     assert total and available and 0 < float(available.group(1)) < float(total.group(1))
+
+
+GPU_ONLY = ("basehold_gpu_memory_",)  # no GPU here: NVML exports nothing to plot
+
+
+def _prometheus(tmp_path: Path, target: str, port: int) -> subprocess.Popen[bytes]:
+    prometheus = shutil.which("prometheus")
+    assert prometheus, "prometheus is missing: apt-get install prometheus (.ci/run does)"
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {"job_name": "basehold", "static_configs": [{"targets": [target]}]}
+                ],
+            }
+        )
+    )
+    return subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_every_dashboard_query_runs_against_a_real_prometheus_scraping_basehold(
+    live_server: Server, models_root: Path, tmp_path: Path
+) -> None:
+    board = json.loads((MONITORING / "dashboard.json").read_text())
+    queries = [t["expr"] for panel in board["panels"] for t in panel["targets"]]
+    assert len(queries) >= 12
+    http = httpx.Client(base_url=live_server.url, timeout=60)
+    ok = http.post("/v1/models", json={"source": str(models_root / "gpt2"), "dtype": "float32"})
+    bad = http.post("/v1/models", json={"source": str(models_root / "llama"), "task": "seq2seq-lm"})
+    for response in (ok, bad):
+        model_id = response.json()["id"]
+
+        def settled(model_id: str = model_id) -> bool:
+            return http.get(f"/v1/models/{model_id}").json()["state"] in TERMINAL
+
+        until(settled, "settled")
+    port = free_port()
+    server = _prometheus(tmp_path, live_server.url.removeprefix("http://"), port)
+    api = f"http://127.0.0.1:{port}/api/v1/query"
+
+    def query(expr: str) -> list[dict[str, Any]]:
+        answer = httpx.get(api, params={"query": expr}, timeout=30).json()
+        assert answer["status"] == "success", (expr, answer)
+        result: list[dict[str, Any]] = answer["data"]["result"]
+        return result
+
+    def scraped_twice() -> bool:
+        try:
+            return bool(query('count_over_time(up{job="basehold"}[1m]) >= 3'))
+        except httpx.TransportError:
+            return False
+
+    try:
+        until(scraped_twice, "Prometheus scraped basehold three times", 60)
+        for expr in queries:
+            result = query(expr)
+            if not any(name in expr for name in GPU_ONLY):
+                assert result, f"{expr} has no data from a real basehold"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

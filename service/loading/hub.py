@@ -1,0 +1,466 @@
+"""Hub sources, metadata first: resolve the revision to a commit, list what the snapshot
+holds, read config.json and the safetensors headers and check the disk — all before any
+weight byte is fetched — then download with huggingface_hub.
+
+huggingface_hub (2.x) writes each download to a process-unique `<etag>.<id>.incomplete`
+file and deletes it on failure, so a loader killed mid-download leaves a partial file that
+no later download would use. `resume_partials` finishes those with huggingface_hub's own
+`http_get` (a `Range` request from where the file stopped) before the snapshot download
+runs, under the same per-blob lock huggingface_hub takes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from huggingface_hub import (
+    HfApi,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+    snapshot_download,
+)
+from huggingface_hub import errors as hf_errors
+from huggingface_hub.file_download import http_get, repo_folder_name
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils._fixes import WeakFileLock
+from huggingface_hub.utils._headers import build_hf_headers
+from huggingface_hub.utils._paths import filter_repo_objects
+from huggingface_hub.utils.tqdm import tqdm as hf_tqdm
+
+from service.errors import (
+    BaseholdError,
+    DownloadFailed,
+    GatedOrUnauthorized,
+    InsufficientStorage,
+    InvalidCheckpoint,
+    SourceNotFound,
+)
+from service.loading.progress import Phase, Progress
+from service.loading.sources import HubOptions, HubSource, hub_cache_dir, hub_offline
+
+log = logging.getLogger("basehold.hub")
+
+# Files a transformers checkpoint never needs: other frameworks' weights, original dumps.
+HUB_IGNORE = [
+    "*.msgpack",
+    "*.h5",
+    "*.ot",
+    "*.onnx",
+    "*.onnx_data",
+    "*.tflite",
+    "*.gguf",
+    "original/*",
+    "onnx/*",
+    "openvino/*",
+    "coreml/*",
+]
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# huggingface_hub 2.x: `<etag>.<8 hex>.incomplete`; 0.x/1.x: `<etag>.incomplete`.
+_PARTIAL = re.compile(r"^(?P<etag>[0-9a-f]{40,64})(?:\.[0-9a-f]{8})?\.incomplete$")
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    name: str
+    size: int
+    etag: str  # the LFS sha256, or the git blob id: the blob's name in the cache
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a hub source is at one commit, and what of it the cache lacks."""
+
+    source: HubSource
+    commit: str
+    files: tuple[PlannedFile, ...]
+    cache: Path
+    offline_folder: Path | None = None  # offline: the cached snapshot, nothing to fetch
+
+    @property
+    def storage(self) -> Path:
+        return self.cache / repo_folder_name(repo_id=self.source.repo_id, repo_type="model")
+
+    def cached(self, file: PlannedFile) -> bool:
+        return (self.storage / "blobs" / file.etag).exists()
+
+    def missing(self) -> list[PlannedFile]:
+        return [f for f in self.files if not self.cached(f)]
+
+    def partial_bytes(self) -> int:
+        return sum(size for _, size in partials(self).values())
+
+
+@contextmanager
+def hub_errors(source: HubSource) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into ours, with what to do next."""
+    try:
+        yield
+    except hf_errors.GatedRepoError as exc:
+        raise GatedOrUnauthorized(
+            f"{source.repo_id} is gated. Accept its terms on the Hub, then pass a token with "
+            "access in the X-HF-Token header (or set HF_TOKEN on the server)."
+        ) from exc
+    except hf_errors.RepositoryNotFoundError as exc:
+        raise _auth_or_missing(source, exc) from exc
+    except hf_errors.RevisionNotFoundError as exc:
+        raise SourceNotFound(
+            f"{source.repo_id} has no revision {source.revision!r}. Check the branch, tag or sha."
+        ) from exc
+    except hf_errors.LocalEntryNotFoundError as exc:
+        if hub_offline():
+            raise SourceNotFound(
+                f"{source.repo_id}@{source.revision} is not in the local HF cache and the hub "
+                "is offline (HF_HUB_OFFLINE). Download it first or allow hub access."
+            ) from exc
+        raise
+    except hf_errors.HfHubHTTPError as exc:
+        if _refused(exc):
+            raise _auth_or_missing(source, exc) from exc
+        raise
+
+
+@contextmanager
+def _metadata(source: HubSource) -> Iterator[None]:
+    """Metadata requests (no retry loop of ours): a hub that does not answer fails the
+    load `download_failed` with what to check."""
+    try:
+        with hub_errors(source):
+            yield
+    except Exception as exc:
+        if _permanent(exc):
+            raise
+        raise DownloadFailed(
+            f"The Hub did not answer for {source.repo_id} ({type(exc).__name__}: "
+            f"{str(exc)[:200]}). Check the node's access to the Hub (HF_ENDPOINT, proxy), "
+            "then load it again."
+        ) from exc
+
+
+def _auth_or_missing(source: HubSource, exc: Exception) -> BaseholdError:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        return GatedOrUnauthorized(
+            f"The Hub answered {status} for {source.repo_id}: it is private or gated. Pass a "
+            "token with access in the X-HF-Token header (or set HF_TOKEN on the server)."
+        )
+    if status == 404 or isinstance(exc, hf_errors.RepositoryNotFoundError):
+        return SourceNotFound(f"{source.repo_id} was not found on the Hub. Check the repo id.")
+    return SourceNotFound(f"Could not fetch {source.repo_id} from the Hub: {type(exc).__name__}.")
+
+
+# -- metadata -------------------------------------------------------------------------
+def plan(source: HubSource, token: str | None, options: HubOptions) -> Plan:
+    """Resolve the revision to a commit and list the files a load needs (no file bytes)."""
+    cache = Path(hub_cache_dir())
+    if hub_offline():
+        with hub_errors(source):
+            folder = Path(
+                snapshot_download(
+                    source.repo_id,
+                    revision=source.revision,
+                    cache_dir=cache,
+                    local_files_only=True,
+                    ignore_patterns=HUB_IGNORE,
+                )
+            )
+        return Plan(source, folder.name, (), cache, offline_folder=folder)
+    api = HfApi(endpoint=options.endpoint, token=token or None)
+    with _metadata(source):
+        commit = source.revision
+        if not _COMMIT.fullmatch(commit):
+            commit = str(api.repo_info(source.repo_id, revision=source.revision).sha)
+        entries = {
+            entry.path: entry
+            for entry in api.list_repo_tree(source.repo_id, revision=commit, recursive=True)
+            if isinstance(entry, RepoFile)
+        }
+    wanted = filter_repo_objects(list(entries), ignore_patterns=HUB_IGNORE)
+    files = tuple(
+        PlannedFile(name, int(entries[name].size), _etag(entries[name])) for name in wanted
+    )
+    return Plan(source, commit, files, cache)
+
+
+def _etag(entry: Any) -> str:
+    lfs = getattr(entry, "lfs", None)
+    return str(lfs.sha256 if lfs is not None else entry.blob_id)
+
+
+def fetch_config(plan: Plan, token: str | None, options: HubOptions) -> Path:
+    """config.json at the plan's commit (into the cache); the folder it sits in."""
+    if plan.offline_folder is not None:
+        return plan.offline_folder
+    with _metadata(plan.source):
+        path = hf_hub_download(
+            plan.source.repo_id,
+            "config.json",
+            revision=plan.commit,
+            token=token or None,
+            cache_dir=plan.cache,
+            endpoint=options.endpoint,
+        )
+    return Path(path).parent
+
+
+def check_weights(plan: Plan, token: str | None, options: HubOptions) -> int:
+    """Read the safetensors headers (ranged requests, huggingface_hub's
+    `get_safetensors_metadata`): the weights exist and parse, before they are fetched.
+    Returns their tensor bytes (0 for `.bin` checkpoints, whose size is the files')."""
+    if plan.offline_folder is not None:
+        return 0
+    names = {f.name for f in plan.files}
+    api = HfApi(endpoint=options.endpoint, token=token or None)
+    try:
+        with _metadata(plan.source):
+            metadata = api.get_safetensors_metadata(plan.source.repo_id, revision=plan.commit)
+    except hf_errors.NotASafetensorsRepoError:
+        if any(n.startswith("pytorch_model") and n.endswith(".bin") for n in names):
+            return sum(f.size for f in plan.files if f.name.endswith(".bin"))
+        raise InvalidCheckpoint(
+            f"{plan.source.repo_id}@{plan.commit[:12]} has no weights (*.safetensors or "
+            "pytorch_model*.bin). Check the repo id and revision."
+        ) from None
+    except hf_errors.SafetensorsParsingError as exc:
+        raise InvalidCheckpoint(
+            f"{plan.source.repo_id}@{plan.commit[:12]}: a safetensors header does not parse "
+            f"({exc}). The checkpoint on the Hub is broken; pick another revision."
+        ) from exc
+    total = 0
+    for file in metadata.files_metadata.values():
+        total += sum(t.data_offsets[1] - t.data_offsets[0] for t in file.tensors.values())
+    return total
+
+
+def check_disk(plan: Plan) -> None:
+    """The files the cache lacks must fit in its free space (partial files count as done)."""
+    needed = sum(f.size for f in plan.missing()) - plan.partial_bytes()
+    if needed <= 0:
+        return
+    folder = plan.cache
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise InsufficientStorage(
+            f"Downloading {plan.source.repo_id}@{plan.commit[:12]} needs {needed} bytes in "
+            f"the HF cache {plan.cache}, which has {free} bytes free. Free space there, or "
+            "point HF_HUB_CACHE at a larger disk."
+        )
+
+
+# -- download -------------------------------------------------------------------------
+def partials(plan: Plan) -> dict[str, tuple[Path, int]]:
+    """The largest partial file per blob the cache still lacks: etag → (path, bytes)."""
+    blobs = plan.storage / "blobs"
+    lacking = {f.etag for f in plan.missing()}
+    found: dict[str, tuple[Path, int]] = {}
+    if not blobs.is_dir():
+        return found
+    for path in blobs.iterdir():
+        match = _PARTIAL.match(path.name)
+        if match is None or match["etag"] not in lacking:
+            continue
+        size = path.stat().st_size
+        if size > found.get(match["etag"], (path, -1))[1]:
+            found[match["etag"]] = (path, size)
+    return found
+
+
+class _Quiet(hf_tqdm):
+    """huggingface_hub's bars, never drawn: progress is what `_Watcher` sees on disk."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+
+class _Watcher:
+    """Download progress as bytes on disk: the blobs the cache lacked when the download
+    began, complete or partial (huggingface_hub's temporary files grow as bytes arrive,
+    over HTTP or Xet alike), summed across files every 0.1 s."""
+
+    def __init__(self, plan: Plan, progress: Progress) -> None:
+        self._plan = plan
+        self._progress = progress
+        self._sizes = {f.etag: f.size for f in plan.missing()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="download-progress", daemon=True)
+
+    @property
+    def total(self) -> int:
+        return sum(self._sizes.values())
+
+    def on_disk(self) -> int:
+        blobs = self._plan.storage / "blobs"
+        found: dict[str, int] = {}
+        try:
+            entries = list(os.scandir(blobs))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if entry.name in self._sizes:
+                found[entry.name] = self._sizes[entry.name]
+                continue
+            match = _PARTIAL.match(entry.name)
+            if match is not None and match["etag"] in self._sizes:
+                try:
+                    size = entry.stat().st_size
+                except FileNotFoundError:
+                    continue  # renamed into place meanwhile
+                found[match["etag"]] = max(found.get(match["etag"], 0), size)
+        return sum(min(found[etag], self._sizes[etag]) for etag in found)
+
+    def __enter__(self) -> _Watcher:
+        self._progress.set_total(self.total)
+        self._report()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._report()
+
+    def _report(self) -> None:
+        done = self.on_disk()
+        if done != self._progress.bytes_done:
+            self._progress.bytes_done = 0
+            self._progress.advance(done)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self._report()
+
+
+def resume_partials(plan: Plan, token: str | None, options: HubOptions) -> None:
+    """Finish what a killed download left (see the module's docstring)."""
+    names = {f.etag: f for f in plan.files}
+    locks = plan.cache / ".locks" / plan.storage.name
+    locks.mkdir(parents=True, exist_ok=True)
+    for etag, (partial, _) in partials(plan).items():
+        file = names[etag]
+        blob = plan.storage / "blobs" / etag
+        with WeakFileLock(locks / f"{etag}.lock"):
+            if blob.exists() or not partial.exists():
+                continue
+            done = partial.stat().st_size
+            log.info("resuming %s at %d of %d bytes", file.name, done, file.size)
+            url = hf_hub_url(
+                plan.source.repo_id, file.name, revision=plan.commit, endpoint=options.endpoint
+            )
+            meta = get_hf_file_metadata(url, token=token or None, endpoint=options.endpoint)
+            location = meta.location
+            same_origin = urlsplit(location).netloc == urlsplit(url).netloc
+            headers = build_hf_headers(token=(token or None) if same_origin else False)
+            with partial.open("r+b") as fh:
+                fh.seek(done)
+                http_get(
+                    location,
+                    fh,
+                    resume_size=done,
+                    headers=headers,
+                    expected_size=file.size,
+                    tqdm_class=_Quiet,
+                )
+            os.chmod(partial, 0o644 & ~_umask())
+            os.replace(partial, blob)
+        for other in blob.parent.glob(f"{etag}.*incomplete"):
+            other.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _permanent(exc: BaseException) -> bool:
+    """Errors a retry cannot fix: refusals, missing entries, our own errors."""
+    refusals = (
+        BaseholdError,
+        hf_errors.GatedRepoError,
+        hf_errors.RepositoryNotFoundError,
+        hf_errors.RevisionNotFoundError,
+        hf_errors.RemoteEntryNotFoundError,
+        hf_errors.NotASafetensorsRepoError,
+        hf_errors.SafetensorsParsingError,
+    )
+    return isinstance(exc, refusals) or _refused(exc)
+
+
+def _refused(exc: BaseException) -> bool:
+    """An HTTP answer that says no (4xx), not "later" (408, 429, 5xx)."""
+    if not isinstance(exc, hf_errors.HfHubHTTPError):
+        return False
+    status = getattr(exc.response, "status_code", None)
+    return status is not None and 400 <= status < 500 and status not in (408, 429)
+
+
+def download(plan: Plan, token: str | None, options: HubOptions, progress: Progress) -> Path:
+    """The snapshot folder, downloaded with huggingface_hub (parallel files, its faster
+    backends where installed), partial files resumed first. Transient failures (a cut
+    connection, 5xx) are retried with exponential backoff, then fail `download_failed`."""
+    if plan.offline_folder is not None:
+        return plan.offline_folder
+    with _Watcher(plan, progress):
+        progress.set_phase(Phase.DOWNLOADING)  # with its total and what is already on disk
+        return _download(plan, token, options)
+
+
+def _download(plan: Plan, token: str | None, options: HubOptions) -> Path:
+    for attempt in range(options.retries + 1):
+        try:
+            with hub_errors(plan.source):
+                resume_partials(plan, token, options)
+                folder = snapshot_download(
+                    plan.source.repo_id,
+                    revision=plan.commit,
+                    token=token or None,
+                    cache_dir=plan.cache,
+                    ignore_patterns=HUB_IGNORE,
+                    endpoint=options.endpoint,
+                    max_workers=options.workers,
+                    tqdm_class=_Quiet,
+                )
+            return Path(str(folder))
+        except BaseException as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise InsufficientStorage(
+                    f"The disk of the HF cache {plan.cache} filled up while downloading "
+                    f"{plan.source.repo_id}. Free space there, or point HF_HUB_CACHE at a "
+                    "larger disk; the next load resumes what was fetched."
+                ) from exc
+            if _permanent(exc) or not isinstance(exc, Exception):
+                raise
+            if attempt == options.retries:
+                raise DownloadFailed(
+                    f"Downloading {plan.source.repo_id}@{plan.commit[:12]} failed "
+                    f"{attempt + 1} times ({type(exc).__name__}: {str(exc)[:200]}). The files "
+                    "fetched so far stay in the cache and the next load resumes them: check "
+                    "the node's access to the Hub (HF_ENDPOINT, proxy), then load it again."
+                ) from exc
+            delay = options.backoff * 2**attempt
+            log.warning(
+                "download of %s failed (%s: %s); retry %d of %d in %.1f s",
+                plan.source.repo_id,
+                type(exc).__name__,
+                str(exc)[:200],
+                attempt + 1,
+                options.retries,
+                delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")

@@ -1,0 +1,390 @@
+"""A local stand-in for the Hugging Face Hub: the parts of its HTTP API that
+`huggingface_hub` uses to find and download a model, served from folders on 127.0.0.1.
+
+- `GET /api/models/{repo}/revision/{rev}`: repo info (`sha` = the commit), 401 for private
+  repos without their token, 404 `RepoNotFound` / `RevisionNotFound`.
+- `GET /api/models/{repo}/tree/{rev}`: the file listing (`oid`, `size`, `lfs`).
+- `HEAD|GET /{repo}/resolve/{rev}/{file}`: small files answer 200 with `ETag` (the git blob
+  id), `X-Repo-Commit`, `Content-Length`; large files (LFS) answer 302 to `/lfs/{sha256}`
+  with `X-Linked-Etag` / `X-Linked-Size`, as the Hub redirects to its CDN. Gated repos
+  answer 401 `GatedRepo` without their token.
+- `GET /lfs/{sha256}`: the bytes, with `Range` (206).
+
+It can slow down (`rate`, bytes per second per response), fail mid-file (`fail_after`:
+close the connection after N bytes of a file, the next `fail_times` whole-file GETs),
+answer 503 to whole-file GETs (`unavailable`; ranged reads such as header reads still
+work), and counts what it served per file (`served`), so a test sees exactly what was
+downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".gguf")
+CHUNK = 64 * 1024
+
+
+@dataclass
+class HubFile:
+    name: str
+    path: Path
+    size: int
+    blob_id: str  # git's sha1 of "blob <size>\0<bytes>"
+    sha256: str | None  # set for LFS files
+
+    @property
+    def etag(self) -> str:
+        return self.sha256 or self.blob_id
+
+
+@dataclass
+class HubRepo:
+    repo_id: str
+    commit: str
+    files: dict[str, HubFile]
+    branches: dict[str, str]
+    gated: bool = False
+    private: bool = False
+    token: str | None = None
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    range: str | None
+    status: int
+
+
+@dataclass
+class Faults:
+    """What the hub does wrong, changeable while it runs."""
+
+    rate: float | None = None  # bytes per second per response; None: as fast as it can
+    # Whole-file GETs of `file` are cut after `fail_after[file]` bytes, `fail_times` times.
+    fail_after: dict[str, int] = field(default_factory=dict)
+    fail_times: dict[str, int] = field(default_factory=dict)
+    unavailable: set[str] = field(default_factory=set)  # 503 for whole-file GETs
+
+
+def _digest(data_path: Path) -> tuple[str, str]:
+    sha1 = hashlib.sha1(f"blob {data_path.stat().st_size}\0".encode())
+    sha256 = hashlib.sha256()
+    with data_path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            sha1.update(chunk)
+            sha256.update(chunk)
+    return sha1.hexdigest(), sha256.hexdigest()
+
+
+class LocalHub:
+    def __init__(self) -> None:
+        self.repos: dict[str, HubRepo] = {}
+        self.faults = Faults()
+        self.served: Counter[str] = Counter()  # "repo/file" → body bytes sent
+        self.requests: list[Request] = []
+        self._lock = threading.Lock()
+        # The Hub and its "CDN" (LFS bytes): two origins, as huggingface_hub expects.
+        self._servers: list[ThreadingHTTPServer] = []
+
+    # -- content -------------------------------------------------------------------
+    def add(
+        self,
+        repo_id: str,
+        folder: Path,
+        *,
+        branches: tuple[str, ...] = ("main",),
+        gated: bool = False,
+        private: bool = False,
+        token: str | None = None,
+        claimed: dict[str, int] | None = None,
+    ) -> HubRepo:
+        """Serve `folder` as `repo_id`. `claimed`: sizes the listing and the metadata
+        headers state instead of the files' own (a repo too big for the disk)."""
+        files: dict[str, HubFile] = {}
+        commit = hashlib.sha1(repo_id.encode())
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            name = path.relative_to(folder).as_posix()
+            blob_id, sha256 = _digest(path)
+            lfs = name.endswith(LFS_SUFFIXES)
+            size = (claimed or {}).get(name, path.stat().st_size)
+            files[name] = HubFile(name, path, size, blob_id, sha256 if lfs else None)
+            commit.update(f"{name}:{blob_id}".encode())
+        sha = commit.hexdigest()
+        repo = HubRepo(repo_id, sha, files, dict.fromkeys(branches, sha), gated, private, token)
+        self.repos[repo_id] = repo
+        return repo
+
+    def bytes_served(self, repo_id: str, name: str | None = None) -> int:
+        with self._lock:
+            if name is not None:
+                return self.served[f"{repo_id}/{name}"]
+            return sum(n for key, n in self.served.items() if key.startswith(f"{repo_id}/"))
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.served.clear()
+            self.requests.clear()
+
+    # -- server --------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._servers[0].server_address[1]}"
+
+    @property
+    def cdn(self) -> str:
+        return f"http://127.0.0.1:{self._servers[1].server_address[1]}"
+
+    def start(self) -> LocalHub:
+        hub = self
+
+        class Handler(_Handler):
+            owner = hub
+
+        for _ in range(2):
+            server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            self._servers.append(server)
+        return self
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers.clear()
+
+    def __enter__(self) -> LocalHub:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def record(self, request: Request) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    def count(self, key: str, n: int) -> None:
+        with self._lock:
+            self.served[key] += n
+
+    def take_cut(self, name: str) -> int | None:
+        """Bytes to send of `name` before cutting the connection, if a cut is due."""
+        with self._lock:
+            left = self.faults.fail_times.get(name, 0)
+            if left <= 0 or name not in self.faults.fail_after:
+                return None
+            self.faults.fail_times[name] = left - 1
+            return self.faults.fail_after[name]
+
+
+_API = re.compile(
+    r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<rev>[^/]+))?$"
+)
+_RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+_LFS = re.compile(r"^/lfs/(?P<sha>[0-9a-f]{64})$")
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: LocalHub
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+    def do_HEAD(self) -> None:
+        self._route(body=False)
+
+    def do_GET(self) -> None:
+        self._route(body=True)
+
+    # -- routing -------------------------------------------------------------------
+    def _route(self, *, body: bool) -> None:
+        path = unquote(urlsplit(self.path).path)
+        status = 500
+        try:
+            if match := _API.match(path):
+                kind = match["kind"] or "revision"
+                status = self._api(match["repo"], kind, match["rev"] or "main")
+            elif match := _RESOLVE.match(path):
+                status = self._resolve(match["repo"], match["rev"], match["file"], body=body)
+            elif match := _LFS.match(path):
+                status = self._lfs(match["sha"], body=body)
+            else:
+                status = self._error(404, "RepoNotFound", "no such route")
+        finally:
+            self.owner.record(Request(self.command, path, self.headers.get("Range"), status))
+
+    def _repo(self, repo_id: str, *, files: bool) -> HubRepo | int:
+        repo = self.owner.repos.get(repo_id)
+        auth = self.headers.get("Authorization", "")
+        allowed = repo is not None and (
+            not (repo.private or (repo.gated and files)) or auth == f"Bearer {repo.token}"
+        )
+        if repo is None or (repo.private and not allowed):
+            return self._error(401, "RepoNotFound", "Repository not found")
+        if not allowed:
+            return self._error(
+                401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access."
+            )
+        return repo
+
+    def _commit(self, repo: HubRepo, rev: str) -> str | int:
+        if rev == repo.commit:
+            return rev
+        if rev in repo.branches:
+            return repo.branches[rev]
+        return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+
+    def _api(self, repo_id: str, kind: str, rev: str) -> int:
+        repo = self._repo(repo_id, files=False)
+        if isinstance(repo, int):
+            return repo
+        commit = self._commit(repo, rev)
+        if isinstance(commit, int):
+            return commit
+        payload: Any
+        if kind == "revision":
+            payload = {
+                "id": repo.repo_id,
+                "modelId": repo.repo_id,
+                "sha": commit,
+                "private": repo.private,
+                "gated": "manual" if repo.gated else False,
+                "siblings": [{"rfilename": name} for name in repo.files],
+            }
+        else:
+            payload = [_tree_entry(f) for f in repo.files.values()]
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        return 200
+
+    def _resolve(self, repo_id: str, rev: str, name: str, *, body: bool) -> int:
+        repo = self._repo(repo_id, files=True)
+        if isinstance(repo, int):
+            return repo
+        commit = self._commit(repo, rev)
+        if isinstance(commit, int):
+            return commit
+        file = repo.files.get(name)
+        if file is None:
+            return self._error(404, "EntryNotFound", f"{name} does not exist", commit=commit)
+        headers = {"X-Repo-Commit": commit, "ETag": f'"{file.blob_id}"'}
+        if file.sha256 is not None:  # LFS: to the "CDN", as the Hub does
+            headers |= {
+                "X-Linked-Etag": f'"{file.sha256}"',
+                "X-Linked-Size": str(file.size),
+                "Location": f"{self.owner.cdn}/lfs/{file.sha256}",
+                "Content-Length": "0",
+            }
+            self.send_response(302)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            return 302
+        return self._send_file(f"{repo_id}/{name}", file, headers, body=body)
+
+    def _lfs(self, sha: str, *, body: bool) -> int:
+        for repo in self.owner.repos.values():
+            for file in repo.files.values():
+                if file.sha256 == sha:
+                    return self._send_file(f"{repo.repo_id}/{file.name}", file, {}, body=body)
+        return self._error(404, "EntryNotFound", "no such object")
+
+    # -- bodies ----------------------------------------------------------------------
+    def _send_file(self, key: str, file: HubFile, headers: dict[str, str], *, body: bool) -> int:
+        faults = self.owner.faults
+        if body and file.name in faults.unavailable and not self.headers.get("Range"):
+            return self._error(503, "", "Service temporarily unavailable")
+        size = file.path.stat().st_size
+        start, stop = 0, size  # [start, stop)
+        status = 200
+        wanted = self.headers.get("Range")
+        if wanted and (match := _RANGE.match(wanted.strip())):
+            start = int(match[1])
+            stop = min(size, int(match[2]) + 1) if match[2] else size
+            if start >= size:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return 416
+            status = 206
+            headers = headers | {"Content-Range": f"bytes {start}-{stop - 1}/{size}"}
+        self.send_response(status)
+        for key_, value in headers.items():
+            self.send_header(key_, value)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(stop - start))
+        self.end_headers()
+        if not body:
+            return status
+        cut = self.owner.take_cut(file.name) if not wanted else None
+        self._stream(key, file.path, start, stop, cut)
+        return status
+
+    def _stream(self, key: str, path: Path, start: int, stop: int, cut: int | None) -> None:
+        began = time.monotonic()
+        sent = 0
+        with path.open("rb") as fh:
+            fh.seek(start)
+            while start + sent < stop:
+                size = min(CHUNK, stop - start - sent)
+                if cut is not None:
+                    size = min(size, cut - sent)
+                    if size <= 0:
+                        self.close_connection = True
+                        self.wfile.flush()
+                        self.connection.close()  # mid-file: the client sees a short body
+                        return
+                chunk = fh.read(size)
+                try:
+                    self.wfile.write(chunk)
+                except OSError:
+                    return  # the client went away (cancelled, killed)
+                sent += len(chunk)
+                self.owner.count(key, len(chunk))
+                rate = self.owner.faults.rate
+                if rate:
+                    ahead = sent / rate - (time.monotonic() - began)
+                    if ahead > 0:
+                        time.sleep(ahead)
+
+    def _error(self, status: int, code: str, message: str, commit: str | None = None) -> int:
+        data = json.dumps({"error": message}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        if code:
+            self.send_header("X-Error-Code", code)
+        self.send_header("X-Error-Message", message)
+        if commit is not None:
+            self.send_header("X-Repo-Commit", commit)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        return status
+
+
+def _tree_entry(file: HubFile) -> dict[str, Any]:
+    entry: dict[str, Any] = {"type": "file", "oid": file.blob_id, "size": file.size}
+    entry["path"] = file.name
+    if file.sha256 is not None:
+        entry["lfs"] = {"oid": file.sha256, "size": file.size, "pointerSize": 134}
+    return entry

@@ -1,0 +1,248 @@
+"""Hub loads against a local stand-in hub (`tests.hub.LocalHub`, real HTTP on 127.0.0.1)
+downloaded by the real huggingface_hub: admission before any weight byte, the disk
+checked, progress in bytes, cancel, resume after a SIGKILL, retries, gated repos."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from tests import checkpoints
+from tests.conftest import ClientFactory, until, wait_for
+from tests.hub import LocalHub
+from tests.state.test_restart import env_for
+from tests.test_server_e2e import start
+
+WEIGHTS = "model.safetensors"
+HEADER_READ = 100_001  # huggingface_hub's get_safetensors_metadata reads bytes 0-100000
+CHUNK = 10 * 1024 * 1024  # huggingface_hub writes downloads in chunks of this size
+
+
+@pytest.fixture(scope="module")
+def bigger(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~21 MB of weights: huggingface_hub writes in 10 MB chunks, so progress shows steps."""
+    path = tmp_path_factory.mktemp("bigger") / "llama"
+    return checkpoints.llama(path, hidden=256, layers=4, vocab=4000)
+
+
+@pytest.fixture
+def hub(
+    models_root: Path, bigger: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[LocalHub]:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    with LocalHub() as local:
+        local.add("acme/llama", models_root / "llama", branches=("main", "v1"))
+        local.add("acme/bigger", bigger)
+        yield local
+
+
+@pytest.fixture
+def hub_client(make_client: ClientFactory, hub: LocalHub) -> TestClient:
+    return make_client(hf_endpoint=hub.url, download_retries=2, download_backoff_seconds=0.2)
+
+
+def weight_reads(hub: LocalHub, repo: str) -> list[str | None]:
+    """The Range header of every GET of `repo`'s weights (None: the whole file)."""
+    sha = hub.repos[repo].files[WEIGHTS].sha256
+    return [r.range for r in hub.requests if r.method == "GET" and r.path == f"/lfs/{sha}"]
+
+
+def blobs(tmp_path: Path, repo: str) -> list[Path]:
+    folder = tmp_path / "hf-cache" / f"models--{repo.replace('/', '--')}" / "blobs"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def settled(hub: LocalHub, repo: str) -> None:
+    """Until the hub has sent nothing more of `repo` for half a second."""
+    last, since = -1, time.monotonic()
+    deadline = since + 30
+    while time.monotonic() < deadline:
+        now = hub.bytes_served(repo)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > 0.5:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{repo} is still being downloaded")
+
+
+def test_a_hub_load_names_its_commit_and_counts_download_bytes(
+    hub_client: TestClient, hub: LocalHub
+) -> None:
+    repo = hub.repos["acme/bigger"]
+    total = sum(f.size for f in repo.files.values())
+    hub.faults.rate = total / 3  # about 3 s of download to watch
+    response = hub_client.post("/v1/models", json={"source": "acme/bigger", "dtype": "float32"})
+    assert response.status_code == 202, response.text
+    model_id = response.json()["id"]
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = hub_client.get(f"/v1/models/{model_id}").json()
+        if status["progress"]["phase"] == "downloading":
+            seen.append(status["progress"])
+        if status["state"] in ("ready", "failed"):
+            break
+        time.sleep(0.05)
+    assert status["state"] == "ready", status
+    done = [p["bytes_done"] for p in seen]
+    assert len(set(done)) >= 3, seen  # bytes grow while the files come in
+    assert done == sorted(done)
+    # Every file, not one at a time (config.json came with admission, before the download).
+    assert {p["bytes_total"] for p in seen} == {total - repo.files["config.json"].size}
+    assert status["resolved_revision"] == repo.commit
+    assert status["spec"]["revision"] == "main"
+    lease = hub_client.post(f"/v1/models/{model_id}/leases", json={"holder": "t"}).json()
+    assert lease["handle"]["provenance"] == {
+        "source": "acme/bigger",
+        "hub_id": "acme/bigger",
+        "revision": repo.commit,
+    }
+    assert hub.bytes_served("acme/bigger", WEIGHTS) == HEADER_READ + repo.files[WEIGHTS].size
+
+
+def test_a_load_that_cannot_fit_answers_507_before_any_weight_byte(
+    make_client: ClientFactory, hub: LocalHub, tmp_path: Path
+) -> None:
+    client = make_client(hf_endpoint=hub.url, host_memory_budget="300KB", memory_headroom="0")
+    response = client.post("/v1/models", json={"source": "acme/llama", "dtype": "float32"})
+    assert response.status_code == 507, response.text
+    assert response.json()["code"] == "insufficient_memory"
+    # Only the safetensors header was read (huggingface_hub's ranged read), never the file.
+    assert weight_reads(hub, "acme/llama") == ["bytes=0-100000"]
+    size = hub.repos["acme/llama"].files[WEIGHTS].size
+    assert hub.bytes_served("acme/llama", WEIGHTS) == HEADER_READ < size
+    assert not [b for b in blobs(tmp_path, "acme/llama") if b.stat().st_size == size]
+    assert client.get("/v1/models").json()["models"] == []
+
+
+def test_a_download_the_disk_cannot_take_answers_507_insufficient_storage(
+    hub_client: TestClient, hub: LocalHub, models_root: Path, tmp_path: Path
+) -> None:
+    hub.add("acme/huge", models_root / "llama", claimed={WEIGHTS: 1 << 50})  # 1 PiB
+    response = hub_client.post("/v1/models", json={"source": "acme/huge", "dtype": "float32"})
+    assert response.status_code == 507, response.text
+    problem = response.json()
+    assert problem["code"] == "insufficient_storage"
+    needed, free = map(int, re.findall(r"(\d+) bytes", problem["detail"]))
+    assert needed == (1 << 50) + hub.repos["acme/huge"].files["generation_config.json"].size
+    assert 0 < free < needed and f"HF cache {tmp_path / 'hf-cache'}," in problem["detail"]
+    assert weight_reads(hub, "acme/huge") == ["bytes=0-100000"]
+
+
+def test_delete_mid_download_stops_it_within_two_seconds(
+    hub_client: TestClient, hub: LocalHub
+) -> None:
+    hub.faults.rate = 50_000  # 0.9 MB of weights: ~17 s
+    model_id = hub_client.post("/v1/models", json={"source": "acme/llama"}).json()["id"]
+
+    def downloading() -> bool:
+        status = hub_client.get(f"/v1/models/{model_id}").json()
+        return status["progress"]["phase"] == "downloading" and status["progress"]["bytes_done"] > 0
+
+    until(downloading, "the download started")
+    began = time.monotonic()
+    response = hub_client.delete(f"/v1/models/{model_id}")
+    assert response.status_code in (202, 204), response.text
+    until(lambda: hub_client.get(f"/v1/models/{model_id}").status_code == 404, "gone", 10)
+    assert time.monotonic() - began < 2
+    served = hub.bytes_served("acme/llama")
+    time.sleep(0.5)  # nothing more is fetched: the loader and its connections are gone
+    assert hub.bytes_served("acme/llama") - served <= 64 * 1024  # at most a chunk in flight
+
+
+def test_a_cut_mid_file_is_resumed_not_restarted(hub_client: TestClient, hub: LocalHub) -> None:
+    size = hub.repos["acme/bigger"].files[WEIGHTS].size
+    cut = size * 3 // 4
+    hub.faults.fail_after[WEIGHTS] = cut
+    hub.faults.fail_times[WEIGHTS] = 1
+    response = hub_client.post("/v1/models", json={"source": "acme/bigger"})
+    status = wait_for(hub_client, response.json()["id"])
+    assert status["state"] == "ready", status
+    reads = weight_reads(hub, "acme/bigger")
+    assert reads[:2] == ["bytes=0-100000", None] and len(reads) == 3, reads
+    # huggingface_hub resumes from the last whole 10 MiB chunk it wrote, not from zero.
+    resumed_at = int(str(reads[2]).removeprefix("bytes=").removesuffix("-"))
+    assert resumed_at == cut // CHUNK * CHUNK > 0, reads
+    assert hub.bytes_served("acme/bigger", WEIGHTS) == HEADER_READ + cut + size - resumed_at
+
+
+def test_a_hub_that_keeps_failing_ends_download_failed(
+    hub_client: TestClient, hub: LocalHub, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub.faults.unavailable.add(WEIGHTS)
+    response = hub_client.post("/v1/models", json={"source": "acme/llama"})
+    status = wait_for(hub_client, response.json()["id"])
+    assert status["state"] == "failed"
+    assert status["error"]["code"] == "download_failed", status
+    assert "3 times" in status["error"]["message"] and "load it again" in status["error"]["message"]
+    assert weight_reads(hub, "acme/llama").count(None) == 3  # the first try and 2 retries
+    hub.faults.unavailable.clear()  # the hub is back: the same request loads
+    again = hub_client.post("/v1/models", json={"source": "acme/llama"}).json()["id"]
+    assert wait_for(hub_client, again)["state"] == "ready"
+
+
+def test_a_gated_repo_without_a_token_fails_before_any_download(
+    hub_client: TestClient, hub: LocalHub, models_root: Path
+) -> None:
+    hub.add("acme/gated", models_root / "llama", gated=True, token="hf_good_token")
+    model_id = hub_client.post("/v1/models", json={"source": "acme/gated"}).json()["id"]
+    status = wait_for(hub_client, model_id)
+    assert status["error"]["code"] == "gated_or_unauthorized", status
+    assert "X-HF-Token" in status["error"]["message"]
+    assert hub.bytes_served("acme/gated") == 0
+    response = hub_client.post(
+        "/v1/models", json={"source": "acme/gated"}, headers={"X-HF-Token": "hf_good_token"}
+    )
+    assert wait_for(hub_client, response.json()["id"])["state"] == "ready"
+
+
+@pytest.mark.e2e
+def test_a_restart_mid_download_resumes_where_the_files_stopped(
+    tmp_path: Path, hub: LocalHub
+) -> None:
+    repo = hub.repos["acme/bigger"]
+    size = repo.files[WEIGHTS].size
+    hub.faults.rate = 2_000_000
+    env = env_for(tmp_path, BASEHOLD_HF_ENDPOINT=hub.url)
+    server = start(tmp_path, [], env=env)
+    try:
+        body = {"source": "acme/bigger", "dtype": "float32"}
+        model_id = httpx.post(f"{server.url}/v1/models", json=body, timeout=60).json()["id"]
+
+        def partial_on_disk() -> bool:  # huggingface_hub writes whole 10 MiB chunks
+            return any(
+                b.name.endswith(".incomplete") and b.stat().st_size >= CHUNK
+                for b in blobs(tmp_path, "acme/bigger")
+            )
+
+        until(partial_on_disk, "a first chunk on disk")
+        server.kill()  # SIGKILL mid-download: the loader goes with it
+        settled(hub, "acme/bigger")
+        partial = [b for b in blobs(tmp_path, "acme/bigger") if b.name.endswith(".incomplete")]
+        assert len(partial) == 1, partial
+        left = size - partial[0].stat().st_size
+        assert 0 < left < size - CHUNK // 2
+        hub.reset_counts()
+        hub.faults.rate = None
+        port = int(server.url.rsplit(":", 1)[1])
+        server = start(tmp_path, [], env=env, port=port, ready=False)
+        until(
+            lambda: httpx.get(f"{server.url}/v1/models/{model_id}").json()["state"] == "ready",
+            "restored",
+            120,
+        )
+        second = hub.bytes_served("acme/bigger")
+        assert second < 1.1 * left, (second, left, size)
+        assert any(r.range == f"bytes={size - left}-" for r in hub.requests), hub.requests
+    finally:
+        server.stop()
