@@ -4,6 +4,7 @@ checked, progress in bytes, cancel, resume after a SIGKILL, retries, gated repos
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -73,6 +74,26 @@ def settled(hub: LocalHub, repo: str) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"{repo} is still being downloaded")
+
+
+def downloading_events(url: str, model_id: str, at_least: int) -> list[dict[str, Any]]:
+    """Progress events of `model_id` in phase `downloading` (from /v1/events), until one
+    counts `at_least` bytes done."""
+    seen: list[dict[str, Any]] = []
+    headers = {"Last-Event-ID": "0"}
+    with httpx.stream("GET", f"{url}/v1/events", headers=headers, timeout=60) as stream:
+        kind = ""
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and kind == "progress":
+                event = json.loads(line.split(":", 1)[1])
+                progress = event["progress"]
+                if event["id"] == model_id and progress["phase"] == "downloading":
+                    seen.append(progress)
+                    if progress["bytes_done"] >= at_least:
+                        return seen
+    raise AssertionError(f"the events ended before {at_least} bytes: {seen}")
 
 
 def test_a_hub_load_names_its_commit_and_counts_download_bytes(
@@ -219,17 +240,15 @@ def test_a_restart_mid_download_resumes_where_the_files_stopped(
         body = {"source": "acme/bigger", "dtype": "float32"}
         model_id = httpx.post(f"{server.url}/v1/models", json=body, timeout=60).json()["id"]
 
-        def partial_on_disk() -> bool:  # huggingface_hub writes whole 10 MiB chunks
-            return any(
-                b.name.endswith(".incomplete") and b.stat().st_size >= CHUNK
-                for b in blobs(tmp_path, "acme/bigger")
-            )
-
-        until(partial_on_disk, "a first chunk on disk")
+        # /v1/events streams the download's progress; a first 10 MiB chunk is on disk.
+        seen = downloading_events(server.url, model_id, CHUNK)
+        assert seen[-1]["bytes_total"] == sum(f.size for f in repo.files.values()) - (
+            repo.files["config.json"].size
+        )
         server.kill()  # SIGKILL mid-download: the loader goes with it
         settled(hub, "acme/bigger")
         partial = [b for b in blobs(tmp_path, "acme/bigger") if b.name.endswith(".incomplete")]
-        assert len(partial) == 1, partial
+        assert len(partial) == 1 and partial[0].stat().st_size >= CHUNK, partial
         left = size - partial[0].stat().st_size
         assert 0 < left < size - CHUNK // 2
         hub.reset_counts()
