@@ -94,9 +94,10 @@ class Loaders:
         )
 
     def estimate(self, spec: LoadRequest, token: str | None, *, full: bool) -> Estimate:
-        """What `spec` would take, priced in a helper process of the template. `full`: a
-        local checkpoint, checked too (what admission at POST needs); else the config
-        alone (hub sources fetch config.json only)."""
+        """What `spec` would take, priced in a helper process of the template. `full`: what
+        admission at POST needs (a local checkpoint checked; a hub source's commit, file
+        list, config and safetensors headers, and the cache's free disk; nothing
+        downloaded); else the config alone (hub sources fetch config.json only)."""
         job = self._job("", "", spec, token, False)
         helper = LoaderProcess(self.template, "prepare" if full else "estimate", job)
         try:

@@ -4,7 +4,9 @@ A load is a sequence the registry drives: an estimate (a helper process; no lock
 under the lock (one admission path for every source; eviction victims are chosen and
 marked there) → victims' memory released *after* the lock is let go → a loader process,
 followed from an executor thread until it hands over the model's fds and manifest. Hub
-sources are admitted when their loader has fetched them and asks. Nothing slow ever runs
+sources are priced from their metadata, before any download; a load that could not be
+priced at submit is admitted when its loader asks, before it reads or downloads any
+weight. Nothing slow ever runs
 under the lock, so async routes that read the registry never wait behind an unload.
 """
 
