@@ -215,12 +215,13 @@ def fetch_config(plan: Plan, token: str | None, options: HubOptions) -> Path:
     return Path(path).parent
 
 
-def check_weights(plan: Plan, token: str | None, options: HubOptions) -> int:
+def check_weights(plan: Plan, token: str | None, options: HubOptions) -> None:
     """Read the safetensors headers (ranged requests, huggingface_hub's
     `get_safetensors_metadata`): the weights exist and parse, before they are fetched.
-    Returns their tensor bytes (0 for `.bin` checkpoints, whose size is the files')."""
-    if plan.offline_folder is not None:
-        return 0
+    Nothing to read when every file is cached already (the load checks the local headers)
+    or for `.bin` checkpoints."""
+    if plan.offline_folder is not None or not plan.missing():
+        return
     names = {f.name for f in plan.files}
     api = HfApi(endpoint=options.endpoint, token=token or None)
     try:
@@ -228,7 +229,7 @@ def check_weights(plan: Plan, token: str | None, options: HubOptions) -> int:
             metadata = api.get_safetensors_metadata(plan.source.repo_id, revision=plan.commit)
     except hf_errors.NotASafetensorsRepoError:
         if any(n.startswith("pytorch_model") and n.endswith(".bin") for n in names):
-            return sum(f.size for f in plan.files if f.name.endswith(".bin"))
+            return
         raise InvalidCheckpoint(
             f"{plan.source.repo_id}@{plan.commit[:12]} has no weights (*.safetensors or "
             "pytorch_model*.bin). Check the repo id and revision."
@@ -238,10 +239,15 @@ def check_weights(plan: Plan, token: str | None, options: HubOptions) -> int:
             f"{plan.source.repo_id}@{plan.commit[:12]}: a safetensors header does not parse "
             f"({exc}). The checkpoint on the Hub is broken; pick another revision."
         ) from exc
-    total = 0
-    for file in metadata.files_metadata.values():
-        total += sum(t.data_offsets[1] - t.data_offsets[0] for t in file.tensors.values())
-    return total
+    tensors = sum(len(file.tensors) for file in metadata.files_metadata.values())
+    log.info(
+        "%s@%s: %d tensors in %d safetensors files; %d bytes to fetch",
+        plan.source.repo_id,
+        plan.commit[:12],
+        tensors,
+        len(metadata.files_metadata),
+        sum(f.size for f in plan.missing()),
+    )
 
 
 def check_disk(plan: Plan) -> None:

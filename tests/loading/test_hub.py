@@ -265,3 +265,36 @@ def test_a_restart_mid_download_resumes_where_the_files_stopped(
         assert any(r.range == f"bytes={size - left}-" for r in hub.requests), hub.requests
     finally:
         server.stop()
+
+
+def test_a_cached_snapshot_is_not_fetched_again(hub_client: TestClient, hub: LocalHub) -> None:
+    first = wait_for(
+        hub_client, hub_client.post("/v1/models", json={"source": "acme/llama"}).json()["id"]
+    )
+    assert first["state"] == "ready"
+    assert hub_client.delete(f"/v1/models/{first['id']}").status_code in (202, 204)
+    until(lambda: hub_client.get(f"/v1/models/{first['id']}").status_code == 404, "unloaded")
+    hub.reset_counts()
+    again = wait_for(
+        hub_client, hub_client.post("/v1/models", json={"source": "acme/llama"}).json()["id"]
+    )
+    assert again["state"] == "ready" and again["resolved_revision"] == first["resolved_revision"]
+    assert hub.bytes_served("acme/llama") == 0  # the commit and the file list only
+    assert {r.method for r in hub.requests} == {"GET"} and all(
+        "/api/" in r.path for r in hub.requests
+    )
+
+
+def test_a_repo_without_weights_fails_before_any_download(
+    hub_client: TestClient, hub: LocalHub, models_root: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "no-weights").mkdir()
+    (tmp_path / "no-weights" / "config.json").write_bytes(
+        (models_root / "llama" / "config.json").read_bytes()
+    )
+    hub.add("acme/no-weights", tmp_path / "no-weights")
+    status = wait_for(
+        hub_client, hub_client.post("/v1/models", json={"source": "acme/no-weights"}).json()["id"]
+    )
+    assert status["error"]["code"] == "invalid_checkpoint", status
+    assert "has no weights" in status["error"]["message"]
