@@ -67,7 +67,6 @@ HUB_IGNORE = [
     "openvino/*",
     "coreml/*",
 ]
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # huggingface_hub 2.x: `<etag>.<8 hex>.incomplete`; 0.x/1.x: `<etag>.incomplete`.
 _PARTIAL = re.compile(r"^(?P<etag>[0-9a-f]{40,64})(?:\.[0-9a-f]{8})?\.incomplete$")
 
@@ -163,25 +162,49 @@ def _auth_or_missing(source: HubSource, exc: Exception) -> BaseholdError:
 
 # -- metadata -------------------------------------------------------------------------
 def plan(source: HubSource, token: str | None, options: HubOptions) -> Plan:
-    """Resolve the revision to a commit and list the files a load needs (no file bytes)."""
+    """Resolve the revision to a commit and list the files a load needs (no file bytes).
+    Offline (HF_HUB_OFFLINE), or when the Hub does not answer, a complete cached snapshot
+    of the revision is used as it is (huggingface_hub's own fallback)."""
     cache = Path(hub_cache_dir())
     if hub_offline():
         with hub_errors(source):
-            folder = Path(
-                snapshot_download(
-                    source.repo_id,
-                    revision=source.revision,
-                    cache_dir=cache,
-                    local_files_only=True,
-                    ignore_patterns=HUB_IGNORE,
-                )
-            )
+            folder = _cached_snapshot(source, cache)
         return Plan(source, folder.name, (), cache, offline_folder=folder)
+    try:
+        return _online_plan(source, token, options, cache)
+    except DownloadFailed as exc:
+        try:
+            folder = _cached_snapshot(source, cache)
+        except (hf_errors.LocalEntryNotFoundError, hf_errors.IncompleteSnapshotError):
+            raise exc from None
+        log.warning(
+            "the Hub did not answer for %s (%s); loading the cached snapshot %s",
+            source.repo_id,
+            exc.message,
+            folder.name,
+        )
+        return Plan(source, folder.name, (), cache, offline_folder=folder)
+
+
+def _cached_snapshot(source: HubSource, cache: Path) -> Path:
+    return Path(
+        snapshot_download(
+            source.repo_id,
+            revision=source.revision,
+            cache_dir=cache,
+            local_files_only=True,
+            ignore_patterns=HUB_IGNORE,
+        )
+    )
+
+
+def _online_plan(source: HubSource, token: str | None, options: HubOptions, cache: Path) -> Plan:
     api = HfApi(endpoint=options.endpoint, token=token or None)
     with _metadata(source):
-        commit = source.revision
-        if not _COMMIT.fullmatch(commit):
-            commit = str(api.repo_info(source.repo_id, revision=source.revision).sha)
+        # huggingface_hub's resolve: the commit, and refs/<revision> written in the cache
+        # (what a later load finds when the Hub does not answer).
+        resolved = api.resolve_revision(source.repo_id, revision=source.revision, cache_dir=cache)
+        commit = resolved.resolved
         entries = {
             entry.path: entry
             for entry in api.list_repo_tree(source.repo_id, revision=commit, recursive=True)

@@ -135,6 +135,9 @@ def test_a_load_that_cannot_fit_answers_507_before_any_weight_byte(
     make_client: ClientFactory, hub: LocalHub, tmp_path: Path
 ) -> None:
     client = make_client(hf_endpoint=hub.url, host_memory_budget="300KB", memory_headroom="0")
+    estimate = client.post("/v1/estimate", json={"source": "acme/llama", "dtype": "float32"})
+    assert estimate.status_code == 200 and estimate.json()["fits"] is False, estimate.text
+    assert weight_reads(hub, "acme/llama") == []  # an estimate reads config.json only
     response = client.post("/v1/models", json={"source": "acme/llama", "dtype": "float32"})
     assert response.status_code == 507, response.text
     assert response.json()["code"] == "insufficient_memory"
@@ -298,3 +301,21 @@ def test_a_repo_without_weights_fails_before_any_download(
     )
     assert status["error"]["code"] == "invalid_checkpoint", status
     assert "has no weights" in status["error"]["message"]
+
+
+def test_a_cached_model_loads_while_the_hub_is_down(hub_client: TestClient, hub: LocalHub) -> None:
+    post = {"source": "acme/llama", "revision": "v1"}
+    first = wait_for(hub_client, hub_client.post("/v1/models", json=post).json()["id"])
+    assert first["state"] == "ready"
+    assert hub_client.delete(f"/v1/models/{first['id']}").status_code in (202, 204)
+    until(lambda: hub_client.get(f"/v1/models/{first['id']}").status_code == 404, "unloaded")
+    hub.stop()  # connections refused from now on
+    again = wait_for(hub_client, hub_client.post("/v1/models", json=post).json()["id"])
+    assert again["state"] == "ready", again["error"]
+    assert again["resolved_revision"] == hub.repos["acme/llama"].commit
+    # Not cached at all: the load fails and says what to check.
+    missing = wait_for(
+        hub_client, hub_client.post("/v1/models", json={"source": "acme/bigger"}).json()["id"]
+    )
+    assert missing["error"]["code"] == "download_failed", missing
+    assert "access to the Hub" in missing["error"]["message"]
