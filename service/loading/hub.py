@@ -18,7 +18,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +86,7 @@ class Plan:
     commit: str
     files: tuple[PlannedFile, ...]
     cache: Path
-    offline_folder: Path | None = None  # offline: the cached snapshot, nothing to fetch
+    cached_folder: Path | None = None  # offline or Hub down: the cached snapshot, as it is
 
     @property
     def storage(self) -> Path:
@@ -169,7 +169,7 @@ def plan(source: HubSource, token: str | None, options: HubOptions) -> Plan:
     if hub_offline():
         with hub_errors(source):
             folder = _cached_snapshot(source, cache)
-        return Plan(source, folder.name, (), cache, offline_folder=folder)
+        return Plan(source, folder.name, (), cache, cached_folder=folder)
     try:
         return _online_plan(source, token, options, cache)
     except DownloadFailed as exc:
@@ -183,7 +183,7 @@ def plan(source: HubSource, token: str | None, options: HubOptions) -> Plan:
             exc.message,
             folder.name,
         )
-        return Plan(source, folder.name, (), cache, offline_folder=folder)
+        return Plan(source, folder.name, (), cache, cached_folder=folder)
 
 
 def _cached_snapshot(source: HubSource, cache: Path) -> Path:
@@ -224,8 +224,8 @@ def _etag(entry: Any) -> str:
 
 def fetch_config(plan: Plan, token: str | None, options: HubOptions) -> Path:
     """config.json at the plan's commit (into the cache); the folder it sits in."""
-    if plan.offline_folder is not None:
-        return plan.offline_folder
+    if plan.cached_folder is not None:
+        return plan.cached_folder
     with _metadata(plan.source):
         path = hf_hub_download(
             plan.source.repo_id,
@@ -243,7 +243,7 @@ def check_weights(plan: Plan, token: str | None, options: HubOptions) -> None:
     `get_safetensors_metadata`): the weights exist and parse, before they are fetched.
     Nothing to read when every file is cached already (the load checks the local headers)
     or for `.bin` checkpoints."""
-    if plan.offline_folder is not None or not plan.missing():
+    if plan.cached_folder is not None or not plan.missing():
         return
     names = {f.name for f in plan.files}
     api = HfApi(endpoint=options.endpoint, token=token or None)
@@ -291,21 +291,33 @@ def check_disk(plan: Plan) -> None:
 
 
 # -- download -------------------------------------------------------------------------
+def _scan(blobs: Path, etags: Collection[str]) -> tuple[set[str], dict[str, tuple[Path, int]]]:
+    """Which of `etags` are complete blobs, and the largest partial file of each other."""
+    complete: set[str] = set()
+    partial: dict[str, tuple[Path, int]] = {}
+    try:
+        entries = list(os.scandir(blobs))
+    except FileNotFoundError:
+        return complete, partial
+    for entry in entries:
+        if entry.name in etags:
+            complete.add(entry.name)
+            continue
+        match = _PARTIAL.match(entry.name)
+        if match is None or match["etag"] not in etags:
+            continue
+        try:
+            size = entry.stat().st_size
+        except FileNotFoundError:
+            continue  # renamed into place meanwhile
+        if size > partial.get(match["etag"], (blobs, -1))[1]:
+            partial[match["etag"]] = (Path(entry.path), size)
+    return complete, {etag: found for etag, found in partial.items() if etag not in complete}
+
+
 def partials(plan: Plan) -> dict[str, tuple[Path, int]]:
     """The largest partial file per blob the cache still lacks: etag → (path, bytes)."""
-    blobs = plan.storage / "blobs"
-    lacking = {f.etag for f in plan.missing()}
-    found: dict[str, tuple[Path, int]] = {}
-    if not blobs.is_dir():
-        return found
-    for path in blobs.iterdir():
-        match = _PARTIAL.match(path.name)
-        if match is None or match["etag"] not in lacking:
-            continue
-        size = path.stat().st_size
-        if size > found.get(match["etag"], (path, -1))[1]:
-            found[match["etag"]] = (path, size)
-    return found
+    return _scan(plan.storage / "blobs", {f.etag for f in plan.missing()})[1]
 
 
 class _Quiet(hf_tqdm):
@@ -333,24 +345,9 @@ class _Watcher:
         return sum(self._sizes.values())
 
     def on_disk(self) -> int:
-        blobs = self._plan.storage / "blobs"
-        found: dict[str, int] = {}
-        try:
-            entries = list(os.scandir(blobs))
-        except FileNotFoundError:
-            return 0
-        for entry in entries:
-            if entry.name in self._sizes:
-                found[entry.name] = self._sizes[entry.name]
-                continue
-            match = _PARTIAL.match(entry.name)
-            if match is not None and match["etag"] in self._sizes:
-                try:
-                    size = entry.stat().st_size
-                except FileNotFoundError:
-                    continue  # renamed into place meanwhile
-                found[match["etag"]] = max(found.get(match["etag"], 0), size)
-        return sum(min(found[etag], self._sizes[etag]) for etag in found)
+        complete, partial = _scan(self._plan.storage / "blobs", self._sizes)
+        done = sum(self._sizes[etag] for etag in complete)
+        return done + sum(min(size, self._sizes[etag]) for etag, (_, size) in partial.items())
 
     def __enter__(self) -> _Watcher:
         self._progress.set_total(self.total)
@@ -442,8 +439,8 @@ def download(plan: Plan, token: str | None, options: HubOptions, progress: Progr
     """The snapshot folder, downloaded with huggingface_hub (parallel files, its faster
     backends where installed), partial files resumed first. Transient failures (a cut
     connection, 5xx) are retried with exponential backoff, then fail `download_failed`."""
-    if plan.offline_folder is not None:
-        return plan.offline_folder
+    if plan.cached_folder is not None:
+        return plan.cached_folder
     with _Watcher(plan, progress):
         progress.set_phase(Phase.DOWNLOADING)  # with its total and what is already on disk
         return _download(plan, token, options)
