@@ -1,8 +1,9 @@
 """A local stand-in for the Hugging Face Hub: the parts of its HTTP API that
 `huggingface_hub` uses to find and download a model, served from folders on 127.0.0.1.
 
-- `GET /api/models/{repo}/revision/{rev}`: repo info (`sha` = the commit), 401 for private
-  repos without their token, 404 `RepoNotFound` / `RevisionNotFound`.
+- `GET /api/models/{repo}/revision/{rev}`: repo info (`sha` = the commit; with
+  `?blobs=true` each sibling's `size`, `blobId` and `lfs`), 401 for private repos without
+  their token, 404 `RepoNotFound` / `RevisionNotFound`.
 - `GET /api/models/{repo}/tree/{rev}`: the file listing (`oid`, `size`, `lfs`).
 - `HEAD|GET /{repo}/resolve/{rev}/{file}`: small files answer 200 with `ETag` (the git blob
   id), `X-Repo-Commit`, `Content-Length`; large files (LFS) answer 302 to `/lfs/{sha256}`
@@ -212,7 +213,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routing -------------------------------------------------------------------
     def _route(self, *, body: bool) -> None:
-        path = unquote(urlsplit(self.path).path)
+        url = urlsplit(self.path)
+        path = unquote(url.path)
+        self.blobs = "blobs=true" in url.query.lower()  # repo info with file metadata
         status = 500
         try:
             if match := _API.match(path):
@@ -263,7 +266,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "sha": commit,
                 "private": repo.private,
                 "gated": "manual" if repo.gated else False,
-                "siblings": [{"rfilename": name} for name in repo.files],
+                "siblings": [_sibling(f, blobs=self.blobs) for f in repo.files.values()],
             }
         else:
             payload = [_tree_entry(f) for f in repo.files.values()]
@@ -380,6 +383,15 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
         return status
+
+
+def _sibling(file: HubFile, *, blobs: bool) -> dict[str, Any]:
+    sibling: dict[str, Any] = {"rfilename": file.name}
+    if blobs:
+        sibling |= {"size": file.size, "blobId": file.blob_id}
+        if file.sha256 is not None:
+            sibling["lfs"] = {"sha256": file.sha256, "size": file.size, "pointerSize": 134}
+    return sibling
 
 
 def _tree_entry(file: HubFile) -> dict[str, Any]:

@@ -34,7 +34,6 @@ from huggingface_hub import (
 )
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.file_download import http_get, repo_folder_name
-from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils._fixes import WeakFileLock
 from huggingface_hub.utils._headers import build_hf_headers
 from huggingface_hub.utils._paths import filter_repo_objects
@@ -202,19 +201,16 @@ def _online_plan(source: HubSource, token: str | None, options: HubOptions, cach
     api = HfApi(endpoint=options.endpoint, token=token or None)
     with _metadata(source):
         # huggingface_hub's resolve: the commit, and refs/<revision> written in the cache
-        # (what a later load finds when the Hub does not answer).
+        # (what a later load finds when the Hub does not answer). Both calls fail fast
+        # when the Hub is unreachable (the tree listing would retry for ~25 s).
         resolved = api.resolve_revision(source.repo_id, revision=source.revision, cache_dir=cache)
-        commit = resolved.resolved
-        entries = {
-            entry.path: entry
-            for entry in api.list_repo_tree(source.repo_id, revision=commit, recursive=True)
-            if isinstance(entry, RepoFile)
-        }
+        info = api.model_info(source.repo_id, revision=resolved.resolved, files_metadata=True)
+    entries = {sibling.rfilename: sibling for sibling in info.siblings or []}
     wanted = filter_repo_objects(list(entries), ignore_patterns=HUB_IGNORE)
     files = tuple(
-        PlannedFile(name, int(entries[name].size), _etag(entries[name])) for name in wanted
+        PlannedFile(name, int(entries[name].size or 0), _etag(entries[name])) for name in wanted
     )
-    return Plan(source, commit, files, cache)
+    return Plan(source, resolved.resolved, files, cache)
 
 
 def _etag(entry: Any) -> str:
