@@ -18,6 +18,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,8 +46,7 @@ def _serve(checkpoint: Path, answer: multiprocessing.Queue[Hub]) -> None:
     hub = LocalHub().start()
     repo = hub.add(REPO, checkpoint)
     answer.put(Hub(hub.url, repo.commit, {f.name: f.size for f in repo.files.values()}))
-    while True:
-        time.sleep(3600)
+    threading.Event().wait()  # serves until the bench terminates this process
 
 
 @contextmanager
@@ -94,7 +94,7 @@ def _served(hub: Hub, work: Path, cache: Path) -> float:
         started = time.perf_counter()
         response = served.http.post("/v1/models", json={"source": REPO, "dtype": "float32"})
         model_id = response.json()["id"]
-        while True:
+        while time.perf_counter() - started < 600:
             status = served.http.get(f"/v1/models/{model_id}").json()
             phase = status["progress"]["phase"]
             if status["state"] == "failed":
@@ -102,6 +102,7 @@ def _served(hub: Hub, work: Path, cache: Path) -> float:
             if status["state"] == "ready" or phase not in ("resolving", "downloading"):
                 return time.perf_counter() - started
             time.sleep(0.01)
+        raise TimeoutError(f"{model_id} was still downloading after 600 s")
     finally:
         served.stop()
 

@@ -95,6 +95,7 @@ class LocalHub:
         self.faults = Faults()
         self.served: Counter[str] = Counter()  # "repo/file" → body bytes sent
         self.requests: list[Request] = []
+        self.streaming = 0  # file bodies being sent right now
         self._lock = threading.Lock()
         # The Hub and its "CDN" (LFS bytes): two origins, as huggingface_hub expects.
         self._servers: list[ThreadingHTTPServer] = []
@@ -179,6 +180,10 @@ class LocalHub:
     def count(self, key: str, n: int) -> None:
         with self._lock:
             self.served[key] += n
+
+    def streams(self, change: int) -> None:
+        with self._lock:
+            self.streaming += change
 
     def take_cut(self, name: str) -> int | None:
         """Bytes to send of `name` before cutting the connection, if a cut is due."""
@@ -270,13 +275,7 @@ class _Handler(BaseHTTPRequestHandler):
             }
         else:
             payload = [_tree_entry(f) for f in repo.files.values()]
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        return 200
+        return self._json(200, payload, {})
 
     def _resolve(self, repo_id: str, rev: str, name: str, *, body: bool) -> int:
         repo = self._repo(repo_id, files=True)
@@ -296,11 +295,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "Location": f"{self.owner.cdn}/lfs/{file.sha256}",
                 "Content-Length": "0",
             }
-            self.send_response(302)
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.end_headers()
-            return 302
+            return self._head(302, headers)
         return self._send_file(f"{repo_id}/{name}", file, headers, body=body)
 
     def _lfs(self, sha: str, *, body: bool) -> int:
@@ -312,30 +307,21 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- bodies ----------------------------------------------------------------------
     def _send_file(self, key: str, file: HubFile, headers: dict[str, str], *, body: bool) -> int:
-        faults = self.owner.faults
-        if body and file.name in faults.unavailable and not self.headers.get("Range"):
+        wanted = self.headers.get("Range")
+        if body and file.name in self.owner.faults.unavailable and not wanted:
             return self._error(503, "", "Service temporarily unavailable")
         size = file.path.stat().st_size
         start, stop = 0, size  # [start, stop)
         status = 200
-        wanted = self.headers.get("Range")
         if wanted and (match := _RANGE.match(wanted.strip())):
             start = int(match[1])
             stop = min(size, int(match[2]) + 1) if match[2] else size
             if start >= size:
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{size}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return 416
+                return self._head(416, {"Content-Range": f"bytes */{size}", "Content-Length": "0"})
             status = 206
             headers = headers | {"Content-Range": f"bytes {start}-{stop - 1}/{size}"}
-        self.send_response(status)
-        for key_, value in headers.items():
-            self.send_header(key_, value)
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(stop - start))
-        self.end_headers()
+        headers = headers | {"Accept-Ranges": "bytes", "Content-Length": str(stop - start)}
+        self._head(status, headers)
         if not body:
             return status
         cut = self.owner.take_cut(file.name) if not wanted else None
@@ -343,6 +329,13 @@ class _Handler(BaseHTTPRequestHandler):
         return status
 
     def _stream(self, key: str, path: Path, start: int, stop: int, cut: int | None) -> None:
+        self.owner.streams(+1)
+        try:
+            self._send_bytes(key, path, start, stop, cut)
+        finally:
+            self.owner.streams(-1)
+
+    def _send_bytes(self, key: str, path: Path, start: int, stop: int, cut: int | None) -> None:
         began = time.monotonic()
         sent = 0
         with path.open("rb") as fh:
@@ -370,18 +363,26 @@ class _Handler(BaseHTTPRequestHandler):
                         time.sleep(ahead)
 
     def _error(self, status: int, code: str, message: str, commit: str | None = None) -> int:
-        data = json.dumps({"error": message}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        headers = {"X-Error-Message": message}
         if code:
-            self.send_header("X-Error-Code", code)
-        self.send_header("X-Error-Message", message)
+            headers["X-Error-Code"] = code
         if commit is not None:
-            self.send_header("X-Repo-Commit", commit)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
+            headers["X-Repo-Commit"] = commit
+        return self._json(status, {"error": message}, headers)
+
+    def _json(self, status: int, payload: Any, headers: dict[str, str]) -> int:
+        data = json.dumps(payload).encode()
+        headers = headers | {"Content-Type": "application/json", "Content-Length": str(len(data))}
+        self._head(status, headers)
         if self.command != "HEAD":
             self.wfile.write(data)
+        return status
+
+    def _head(self, status: int, headers: dict[str, str]) -> int:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
         return status
 
 

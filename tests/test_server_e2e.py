@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -56,6 +57,19 @@ class Server:
         code = self.process.wait(timeout=60)
         shutil.rmtree(self.socket.parent, ignore_errors=True)
         return code
+
+
+def sse(url: str, timeout: float = 30) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every event of `url`/v1/events since the process started (Last-Event-ID 0), as
+    (event type, data), for as long as the caller reads."""
+    headers = {"Last-Event-ID": "0"}
+    with httpx.stream("GET", f"{url}/v1/events", headers=headers, timeout=timeout) as stream:
+        kind = ""
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                yield kind, json.loads(line.split(":", 1)[1])
 
 
 def server_env(tmp_path: Path) -> dict[str, str]:

@@ -33,10 +33,11 @@ from service.loading.pipeline import (
     admission_estimate,
     estimate_only,
     load_and_place,
-    prepare,
+    prepare_admitted,
     translate,
 )
 from service.loading.progress import Phase, Progress
+from service.memory.admission import Estimate
 from service.memory.cuda import TorchCuda
 
 log = logging.getLogger("basehold.loader")
@@ -146,14 +147,17 @@ def _estimate(channel: Channel, job: Job, *, full: bool) -> None:
 def _load(channel: Channel, job: Job) -> None:
     ctx = _context(job)
     progress = Progress(on_change=_Reporter(channel))
+
+    def admit(estimated: Estimate) -> bool:  # asked before any weight byte is fetched
+        channel.send({"type": "prepared", "estimate": estimated.to_json()})
+        reply, _ = channel.recv()
+        return reply.get("type") == "go"
+
     try:
-        if not job.admitted:  # asked before any weight byte is downloaded or read
-            estimated = admission_estimate(job.spec, job.token, ctx)
-            channel.send({"type": "prepared", "estimate": estimated.to_json()})
-            reply, _ = channel.recv()
-            if reply.get("type") != "go":
-                return
-        prepared = prepare(job.spec, job.token, ctx, progress)
+        admission = None if job.admitted else admit
+        prepared = prepare_admitted(job.spec, job.token, ctx, progress, admission)
+        if prepared is None:
+            return
         loaded = load_and_place(job.model_id, job.load_id, prepared, ctx, progress)
     except ChannelClosed:
         raise

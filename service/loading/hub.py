@@ -458,14 +458,14 @@ def _download(plan: Plan, token: str | None, options: HubOptions) -> Path:
                     tqdm_class=_Quiet,
                 )
             return Path(str(folder))
-        except BaseException as exc:
+        except Exception as exc:
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise InsufficientStorage(
                     f"The disk of the HF cache {plan.cache} filled up while downloading "
                     f"{plan.source.repo_id}. Free space there, or point HF_HUB_CACHE at a "
                     "larger disk; the next load resumes what was fetched."
                 ) from exc
-            if _permanent(exc) or not isinstance(exc, Exception):
+            if _permanent(exc):
                 raise
             if attempt == options.retries:
                 raise DownloadFailed(

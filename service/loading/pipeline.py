@@ -1,12 +1,13 @@
 """One load from request to held model, as steps the registry drives:
-`prepare` (resolve, check, estimate) → the registry admits → `load_and_place`.
-Nothing here calls back into the registry. Runs in a worker thread."""
+`prepare` (resolve, check; priced where admission asks) → `load_and_place`.
+Nothing here calls back into the registry. Runs in a loader process."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -79,17 +80,17 @@ class Resolved:
     task: Task
     # Where every file the load reads must resolve: the model roots, or the hub cache.
     allowed: tuple[Path, ...]
+    plan: hub.Plan | None = None  # hub sources: the commit and its files
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """Everything known before any weight is read: where the checkpoint is, what it is,
-    and what it will take. The registry admits a load on this."""
+    """Everything known before any weight is read: where the checkpoint is and what it
+    is. (What it will take is priced only where admission asks: `_priced`.)"""
 
     spec: LoadRequest
     resolved: Resolved
     checkpoint: CheckpointInfo
-    estimate: Estimate
 
 
 @dataclass
@@ -107,14 +108,16 @@ def resolve(
     *,
     stage: Stage = Stage.FULL,
     progress: Progress | None = None,
+    plan: hub.Plan | None = None,
 ) -> Resolved:
     """Find the checkpoint and decide the task. Hub sources: the revision resolved to a
-    commit and the file list first (no file bytes), then as far as `stage` says."""
+    commit and the file list first (no file bytes; `plan` when that was done already),
+    then as far as `stage` says."""
     source = parse_source(spec.source, spec.revision, ctx.roots)
     revision: str | None = None
     if isinstance(source, HubSource):
         allowed: tuple[Path, ...] = (Path(hub_cache_dir()).resolve(),)
-        plan = hub.plan(source, token, ctx.hub)
+        plan = plan or hub.plan(source, token, ctx.hub)
         revision = plan.commit
         if stage is Stage.FULL:
             hub.check_disk(plan)
@@ -133,36 +136,65 @@ def resolve(
     config = _load_config(path, spec)
     task = resolve_task(spec.task, config)
     _prepare_config(config, spec, task)
-    return Resolved(path, revision, config, task, allowed)
+    return Resolved(path, revision, config, task, allowed, plan)
+
+
+def _priced(spec: LoadRequest, resolved: Resolved, ctx: LoadContext) -> Estimate:
+    return estimate(spec, resolved.config, resolved.task, ctx.cuda)
 
 
 def estimate_only(spec: LoadRequest, token: str | None, ctx: LoadContext) -> Estimate:
     """POST /v1/estimate: the config alone (hub sources fetch config.json only)."""
-    resolved = resolve(spec, token, ctx, stage=Stage.CONFIG)
-    return estimate(spec, resolved.config, resolved.task, ctx.cuda)
+    return _priced(spec, resolve(spec, token, ctx, stage=Stage.CONFIG), ctx)
 
 
 def admission_estimate(spec: LoadRequest, token: str | None, ctx: LoadContext) -> Estimate:
     """What admission needs before a load reads weights: a local checkpoint checked in
     full; a hub source from its metadata (config, safetensors headers, the cache's free
     disk), with no weight byte downloaded."""
-    if not spec.source.startswith("/"):
-        resolved = resolve(spec, token, ctx, stage=Stage.ADMIT)
-        return estimate(spec, resolved.config, resolved.task, ctx.cuda)
-    return prepare(spec, token, ctx).estimate
+    if spec.source.startswith("/"):
+        return _priced(spec, prepare(spec, token, ctx).resolved, ctx)
+    return _priced(spec, resolve(spec, token, ctx, stage=Stage.ADMIT), ctx)
 
 
 def prepare(
-    spec: LoadRequest, token: str | None, ctx: LoadContext, progress: Progress | None = None
+    spec: LoadRequest,
+    token: str | None,
+    ctx: LoadContext,
+    progress: Progress | None = None,
+    plan: hub.Plan | None = None,
 ) -> Prepared:
-    """Resolve (download hub snapshots), check the checkpoint's files, estimate."""
+    """Resolve (download hub snapshots) and check the checkpoint's files."""
     if progress is not None:
         progress.set_phase(Phase.RESOLVING)
-    resolved = resolve(spec, token, ctx, progress=progress)
+    resolved = resolve(spec, token, ctx, progress=progress, plan=plan)
     checkpoint = inspect_checkpoint(resolved.path, resolved.allowed)
-    return Prepared(
-        spec, resolved, checkpoint, estimate(spec, resolved.config, resolved.task, ctx.cuda)
-    )
+    return Prepared(spec, resolved, checkpoint)
+
+
+Admit = Callable[[Estimate], bool]  # asked before weights are read; False: stop the load
+
+
+def prepare_admitted(
+    spec: LoadRequest,
+    token: str | None,
+    ctx: LoadContext,
+    progress: Progress,
+    admit: Admit | None,
+) -> Prepared | None:
+    """`prepare`, with `admit` (when given) asked before any weight byte is downloaded or
+    read: a hub source from its metadata, a local one once its files are checked. None
+    when it says no."""
+    if admit is None:
+        return prepare(spec, token, ctx, progress)
+    if spec.source.startswith("/"):
+        prepared = prepare(spec, token, ctx, progress)
+        return prepared if admit(_priced(spec, prepared.resolved, ctx)) else None
+    progress.set_phase(Phase.RESOLVING)
+    metadata = resolve(spec, token, ctx, stage=Stage.ADMIT)
+    if not admit(_priced(spec, metadata, ctx)):
+        return None
+    return prepare(spec, token, ctx, progress, metadata.plan)  # the same commit and files
 
 
 def _load_config(path: Path, spec: LoadRequest) -> PretrainedConfig:

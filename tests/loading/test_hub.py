@@ -4,7 +4,7 @@ checked, progress in bytes, cancel, resume after a SIGKILL, retries, gated repos
 
 from __future__ import annotations
 
-import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -19,7 +19,7 @@ from tests import checkpoints
 from tests.conftest import ClientFactory, until, wait_for
 from tests.hub import LocalHub
 from tests.state.test_restart import env_for
-from tests.test_server_e2e import start
+from tests.test_server_e2e import sse, start
 
 WEIGHTS = "model.safetensors"
 HEADER_READ = 100_001  # huggingface_hub's get_safetensors_metadata reads bytes 0-100000
@@ -62,37 +62,39 @@ def blobs(tmp_path: Path, repo: str) -> list[Path]:
     return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
-def settled(hub: LocalHub, repo: str) -> None:
-    """Until the hub has sent nothing more of `repo` for half a second."""
-    last, since = -1, time.monotonic()
-    deadline = since + 30
-    while time.monotonic() < deadline:
-        now = hub.bytes_served(repo)
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since > 0.5:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{repo} is still being downloaded")
+def open_under(folder: Path) -> list[str]:
+    """Files under `folder` that some process holds open (its /proc/*/fd links)."""
+    prefix = f"{folder.resolve()}/"
+    found = []
+    for link in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            target = os.readlink(link)
+        except OSError:
+            continue  # the process or fd went away meanwhile
+        if target.startswith(prefix):
+            found.append(target)
+    return found
+
+
+def stopped(hub: LocalHub, cache: Path, repo: str) -> None:
+    """Until no process holds a file of `repo`'s cache open (its loader is gone) and the hub
+    sends no body any more (its writes to the closed connections failed)."""
+    blobs = cache / f"models--{repo.replace('/', '--')}" / "blobs"
+    until(lambda: not open_under(blobs), f"the download of {repo} stopped", 30)
+    until(lambda: hub.streaming == 0, "the hub's responses ended", 30)
 
 
 def downloading_events(url: str, model_id: str, at_least: int) -> list[dict[str, Any]]:
     """Progress events of `model_id` in phase `downloading` (from /v1/events), until one
     counts `at_least` bytes done."""
     seen: list[dict[str, Any]] = []
-    headers = {"Last-Event-ID": "0"}
-    with httpx.stream("GET", f"{url}/v1/events", headers=headers, timeout=60) as stream:
-        kind = ""
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                kind = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and kind == "progress":
-                event = json.loads(line.split(":", 1)[1])
-                progress = event["progress"]
-                if event["id"] == model_id and progress["phase"] == "downloading":
-                    seen.append(progress)
-                    if progress["bytes_done"] >= at_least:
-                        return seen
+    for kind, event in sse(url, timeout=60):
+        if kind != "progress" or event["id"] != model_id:
+            continue
+        if event["progress"]["phase"] == "downloading":
+            seen.append(event["progress"])
+            if seen[-1]["bytes_done"] >= at_least:
+                return seen
     raise AssertionError(f"the events ended before {at_least} bytes: {seen}")
 
 
@@ -164,24 +166,25 @@ def test_a_download_the_disk_cannot_take_answers_507_insufficient_storage(
 
 
 def test_delete_mid_download_stops_it_within_two_seconds(
-    hub_client: TestClient, hub: LocalHub
+    hub_client: TestClient, hub: LocalHub, tmp_path: Path
 ) -> None:
     hub.faults.rate = 50_000  # 0.9 MB of weights: ~17 s
     model_id = hub_client.post("/v1/models", json={"source": "acme/llama"}).json()["id"]
 
-    def downloading() -> bool:
-        status = hub_client.get(f"/v1/models/{model_id}").json()
-        return status["progress"]["phase"] == "downloading" and status["progress"]["bytes_done"] > 0
+    def downloading_weights() -> bool:  # huggingface_hub holds the weights' partial file open
+        return any(target.endswith(".incomplete") for target in open_under(tmp_path / "hf-cache"))
 
-    until(downloading, "the download started")
+    until(downloading_weights, "the weights' download started")
     began = time.monotonic()
     response = hub_client.delete(f"/v1/models/{model_id}")
     assert response.status_code in (202, 204), response.text
     until(lambda: hub_client.get(f"/v1/models/{model_id}").status_code == 404, "gone", 10)
+    until(lambda: not open_under(tmp_path / "hf-cache"), "the loader is gone", 10)
     assert time.monotonic() - began < 2
     served = hub.bytes_served("acme/llama")
-    time.sleep(0.5)  # nothing more is fetched: the loader and its connections are gone
-    assert hub.bytes_served("acme/llama") - served <= 64 * 1024  # at most a chunk in flight
+    until(lambda: hub.streaming == 0, "the hub's response ended", 30)
+    # Nothing more was fetched: at most the chunks the hub wrote before it saw the close.
+    assert hub.bytes_served("acme/llama") - served <= 2 * 64 * 1024
 
 
 def test_a_cut_mid_file_is_resumed_not_restarted(hub_client: TestClient, hub: LocalHub) -> None:
@@ -249,7 +252,7 @@ def test_a_restart_mid_download_resumes_where_the_files_stopped(
             repo.files["config.json"].size
         )
         server.kill()  # SIGKILL mid-download: the loader goes with it
-        settled(hub, "acme/bigger")
+        stopped(hub, tmp_path / "hf-cache", "acme/bigger")
         partial = [b for b in blobs(tmp_path, "acme/bigger") if b.name.endswith(".incomplete")]
         assert len(partial) == 1 and partial[0].stat().st_size >= CHUNK, partial
         left = size - partial[0].stat().st_size

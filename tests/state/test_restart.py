@@ -27,7 +27,7 @@ from tests.conftest import LLAMA_LAYERS_ON_DISK
 from tests.handles.arenas import arena_fds
 from tests.handles.spawn import Process, spawn_worker
 from tests.reference import from_pretrained
-from tests.test_server_e2e import ROOT, Server, server_env, start, wait_ready
+from tests.test_server_e2e import ROOT, Server, server_env, sse, start, wait_ready
 
 pytestmark = pytest.mark.e2e
 TOKENS = torch.tensor([[1, 5, 9, 42, 7, 3]])
@@ -64,16 +64,11 @@ def db_models(tmp_path: Path) -> dict[str, str]:
 def events(server: Server, kinds: set[str], count: int) -> list[dict[str, Any]]:
     """The first `count` events of `kinds` since the process started (Last-Event-ID 0)."""
     found: list[dict[str, Any]] = []
-    headers = {"Last-Event-ID": "0"}
-    with httpx.stream("GET", f"{server.url}/v1/events", headers=headers, timeout=30) as stream:
-        kind = ""
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                kind = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and kind in kinds:
-                found.append({"event": kind, **json.loads(line.split(":", 1)[1])})
-                if len(found) >= count:
-                    return found
+    for kind, data in sse(server.url):
+        if kind in kinds:
+            found.append({"event": kind, **data})
+            if len(found) >= count:
+                return found
     return found
 
 
