@@ -32,8 +32,13 @@ from huggingface_hub import (
     hf_hub_url,
     snapshot_download,
 )
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hf_errors
-from huggingface_hub.file_download import http_get, repo_folder_name
+from huggingface_hub.file_download import (
+    _cache_commit_hash_for_specific_revision,
+    http_get,
+    repo_folder_name,
+)
 from huggingface_hub.utils._fixes import WeakFileLock
 from huggingface_hub.utils._headers import build_hf_headers
 from huggingface_hub.utils._paths import filter_repo_objects
@@ -198,19 +203,31 @@ def _cached_snapshot(source: HubSource, cache: Path) -> Path:
 
 
 def _online_plan(source: HubSource, token: str | None, options: HubOptions, cache: Path) -> Plan:
+    """The commit and its files (sizes, etags) from one repo-info request, bounded by
+    huggingface_hub's metadata timeout (the API calls have none of their own: a hub that
+    accepts the connection and never answers would hold the POST and the load forever)."""
     api = HfApi(endpoint=options.endpoint, token=token or None)
     with _metadata(source):
-        # huggingface_hub's resolve: the commit, and refs/<revision> written in the cache
-        # (what a later load finds when the Hub does not answer). Both calls fail fast
-        # when the Hub is unreachable (the tree listing would retry for ~25 s).
-        resolved = api.resolve_revision(source.repo_id, revision=source.revision, cache_dir=cache)
-        info = api.model_info(source.repo_id, revision=resolved.resolved, files_metadata=True)
+        info = api.model_info(
+            source.repo_id, revision=source.revision, files_metadata=True, timeout=_timeout()
+        )
     entries = {sibling.rfilename: sibling for sibling in info.siblings or []}
     wanted = filter_repo_objects(list(entries), ignore_patterns=HUB_IGNORE)
     files = tuple(
         PlannedFile(name, int(entries[name].size or 0), _etag(entries[name])) for name in wanted
     )
-    return Plan(source, resolved.resolved, files, cache)
+    plan = Plan(source, str(info.sha), files, cache)
+    try:  # refs/<revision>: what a later load finds when the Hub does not answer
+        _cache_commit_hash_for_specific_revision(str(plan.storage), source.revision, plan.commit)
+    except OSError as exc:
+        log.warning("could not record %s@%s in the cache: %s", source.repo_id, source.revision, exc)
+    return plan
+
+
+def _timeout() -> float:
+    """huggingface_hub's metadata timeout, HF_HUB_ETAG_TIMEOUT, read now: a loader takes
+    the service's HF_* settings after huggingface_hub was imported in its template."""
+    return float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or hub_constants.DEFAULT_ETAG_TIMEOUT)
 
 
 def _etag(entry: Any) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -322,3 +323,18 @@ def test_a_cached_model_loads_while_the_hub_is_down(hub_client: TestClient, hub:
     )
     assert missing["error"]["code"] == "download_failed", missing
     assert "access to the Hub" in missing["error"]["message"]
+
+
+def test_a_hub_that_never_answers_fails_the_load_instead_of_hanging(
+    make_client: ClientFactory, hub: LocalHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")  # huggingface_hub's metadata timeout
+    with socket.socket() as silent:  # connections are accepted (backlog), never answered
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        client = make_client(hf_endpoint=f"http://127.0.0.1:{silent.getsockname()[1]}")
+        response = client.post("/v1/models", json={"source": "acme/llama"})
+        assert response.status_code == 202, response.text  # priced later, by its loader
+        status = wait_for(client, response.json()["id"])
+    assert status["error"]["code"] == "download_failed", status
+    assert "ReadTimeout" in status["error"]["message"]
