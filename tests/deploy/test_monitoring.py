@@ -108,7 +108,8 @@ def test_every_dashboard_query_runs_against_a_real_prometheus_scraping_basehold(
         until(settled, "settled")
     port = free_port()
     server = _prometheus(tmp_path, live_server.url.removeprefix("http://"), port)
-    api = f"http://127.0.0.1:{port}/api/v1/query"
+    origin = f"http://127.0.0.1:{port}"
+    api = f"{origin}/api/v1/query"
 
     def query(expr: str) -> list[dict[str, Any]]:
         answer = httpx.get(api, params={"query": expr}, timeout=30).json()
@@ -116,14 +117,19 @@ def test_every_dashboard_query_runs_against_a_real_prometheus_scraping_basehold(
         result: list[dict[str, Any]] = answer["data"]["result"]
         return result
 
-    def scraped_twice() -> bool:
+    def ready() -> bool:
+        # Prometheus answers its API with a plain-text 503 until its TSDB is open.
         try:
-            return bool(query('count_over_time(up{job="basehold"}[1m]) >= 3'))
+            return httpx.get(f"{origin}/-/ready", timeout=5).status_code == 200
         except httpx.TransportError:
             return False
 
+    def scraped_thrice() -> bool:
+        return bool(query('count_over_time(up{job="basehold"}[1m]) >= 3'))
+
     try:
-        until(scraped_twice, "Prometheus scraped basehold three times", 60)
+        until(ready, "Prometheus ready", 60)
+        until(scraped_thrice, "Prometheus scraped basehold three times", 60)
         for expr in queries:
             result = query(expr)
             if not any(name in expr for name in GPU_ONLY):
