@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
@@ -55,19 +56,7 @@ def load(client: Client, args: argparse.Namespace) -> int:
     console.print(f"[bold]{status['id']}[/]: {status['state']}")
     if not args.wait:
         return 0
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("queued", total=None)
-        while status["state"] in ("queued", "loading"):
-            time.sleep(0.25)
-            status = client.get(status["id"])
-            p = status["progress"]
-            bar.update(
-                task,
-                description=f"{status['state']}: {p['phase']}",
-                completed=p["bytes_done"],
-                total=p["bytes_total"] or None,
-            )
+    status = (_bar if console.is_terminal else _lines)(client, status)
     if status["state"] != "ready":
         error = status.get("error") or {}
         console.print(
@@ -79,6 +68,47 @@ def load(client: Client, args: argparse.Namespace) -> int:
         f"{_size(status['memory']['footprint_bytes'])}"
     )
     return 0
+
+
+def _polls(client: Client, status: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The model's status every 0.25 s while it is queued or loading; the last one ends it."""
+    while status["state"] in ("queued", "loading"):
+        time.sleep(0.25)
+        status = client.get(status["id"])
+        yield status
+
+
+def _bar(client: Client, first: dict[str, Any]) -> dict[str, Any]:
+    """A terminal: one live bar (phase, bytes, elapsed), gone when the load ends."""
+    status = first
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("queued", total=None)
+        for status in _polls(client, first):
+            p = status["progress"]
+            bar.update(
+                task,
+                description=f"{status['state']}: {p['phase']}",
+                completed=p["bytes_done"],
+                total=p["bytes_total"] or None,
+            )
+    return status
+
+
+def _lines(client: Client, first: dict[str, Any]) -> dict[str, Any]:
+    """Not a terminal (a job's log, a pipe): a line per phase and per tenth of its bytes."""
+    status = first
+    last: tuple[str, int] | None = None
+    for status in _polls(client, first):
+        p = status["progress"]
+        total = p["bytes_total"] or 0
+        step = (p["phase"], 10 * p["bytes_done"] // total if total else 0)
+        if status["state"] in ("queued", "loading") and step != last:
+            last = step
+            done = f" {_size(p['bytes_done'])} of {_size(total)}" if total else ""
+            percent = f" ({100 * p['bytes_done'] // total}%)" if total else ""
+            console.print(f"{status['id']} {status['state']}: {p['phase']}{done}{percent}")
+    return status
 
 
 def ls(client: Client, args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from service.app import create_app
 from service.loaders import template
 from service.settings import Settings
 from tests import checkpoints, zygote
+from tests.hub import LocalHub
 
 if TYPE_CHECKING:
     from tests.test_server_e2e import Server
@@ -80,6 +81,39 @@ def live_server(tmp_path: Path, models_root: Path) -> Iterator[Server]:
         "BASEHOLD_LEASE_REAP_SECONDS": "0.2",
     }
     running = start(tmp_path, [], env=env)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def bigger(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~21 MB of weights: huggingface_hub writes in 10 MB chunks, so progress shows steps."""
+    path = tmp_path_factory.mktemp("bigger") / "llama"
+    return checkpoints.llama(path, hidden=256, layers=4, vocab=4000)
+
+
+@pytest.fixture
+def hub(
+    models_root: Path, bigger: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[LocalHub]:
+    """A stand-in hub on 127.0.0.1 (`tests.hub`) with acme/llama (branches main and v1) and
+    acme/bigger; the HF cache in the test's folder, hub access on (services the test starts
+    inherit both)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    with LocalHub() as local:
+        local.add("acme/llama", models_root / "llama", branches=("main", "v1"))
+        local.add("acme/bigger", bigger)
+        yield local
+
+
+@pytest.fixture
+def hub_server(tmp_path: Path, hub: LocalHub) -> Iterator[Server]:
+    """`basehold serve` loading from the stand-in hub (no keys)."""
+    from tests.test_server_e2e import start
+
+    running = start(tmp_path, [], env={"BASEHOLD_HF_ENDPOINT": hub.url})
     yield running
     running.stop()
 

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
+import select
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.handles.spawn import run_basehold
+from tests.hub import LocalHub
 from tests.test_server_e2e import ROOT, Server, start
 
 pytestmark = pytest.mark.e2e
@@ -105,3 +110,71 @@ print(json.dumps([name for name in heavy if name in sys.modules]))
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def _download_steps(text: str) -> list[int]:
+    """The percentages of `load --wait`'s plain `downloading` lines."""
+    line = r"loading: downloading [\d.]+ \S+ of [\d.]+ MiB \((\d+)%\)"
+    return [int(m) for m in re.findall(line, text)]
+
+
+def test_load_wait_in_a_log_prints_the_download_in_tenths(
+    hub_server: Server, hub: LocalHub
+) -> None:
+    """Not a terminal (a Kubernetes job's log): a line per phase and per tenth of the
+    download, with bytes, then the result."""
+    hub.faults.rate = sum(f.size for f in hub.repos["acme/bigger"].files.values()) / 4
+    loaded = cli(
+        hub_server,
+        "load",
+        "acme/bigger",
+        "--name",
+        "piped",
+        "--dtype",
+        "float32",
+        "--wait",
+        token=None,
+    )
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    steps = _download_steps(loaded.stdout)
+    assert len(steps) >= 2 and steps == sorted(steps) and steps[-1] > 0, loaded.stdout
+    assert loaded.stdout.rstrip().splitlines()[-1].startswith("piped ready in")
+
+
+def test_load_wait_in_a_terminal_draws_a_bar_with_the_download_bytes(
+    hub_server: Server, hub: LocalHub
+) -> None:
+    """A real pseudo-terminal: rich's live bar shows the phase and the bytes (no log lines)."""
+    hub.faults.rate = sum(f.size for f in hub.repos["acme/bigger"].files.values()) / 4
+    env = {**os.environ, "BASEHOLD_URL": hub_server.url, "COLUMNS": "160", "TERM": "xterm"}
+    env.pop("BASEHOLD_TOKEN", None)
+    argv = ["load", "acme/bigger", "--name", "tty", "--dtype", "float32", "--wait"]
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", *argv],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        cwd=ROOT,
+        env=env,
+    )
+    os.close(secondary)
+    out = bytearray()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if select.select([primary], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the terminal's other side closed
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif process.poll() is not None:
+            break
+    os.close(primary)
+    assert process.wait(timeout=30) == 0, out.decode(errors="replace")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
+    assert re.search(r"loading: downloading.*\d+\.\d/\d+\.\d MB", text), text
+    assert not _download_steps(text)  # the bar, not the log lines
+    assert "tty ready in" in text

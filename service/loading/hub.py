@@ -34,6 +34,7 @@ from huggingface_hub import (
 )
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hf_errors
+from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
 from huggingface_hub.file_download import (
     _cache_commit_hash_for_specific_revision,
     http_get,
@@ -221,7 +222,27 @@ def _online_plan(source: HubSource, token: str | None, options: HubOptions, cach
         _cache_commit_hash_for_specific_revision(str(plan.storage), source.revision, plan.commit)
     except OSError as exc:
         log.warning("could not record %s@%s in the cache: %s", source.repo_id, source.revision, exc)
+    _record_tree(plan, list(entries.values()))
     return plan
+
+
+def _record_tree(plan: Plan, siblings: list[Any]) -> None:
+    """Write the commit's file list into huggingface_hub's tree cache, as `snapshot_download`
+    would after listing the tree itself: it then lists nothing (its tree listing has no
+    timeout, and on the Hub it is paged). An entry huggingface_hub cannot use is ignored by
+    it (format version, Xet hashes: these files keep their HEAD request)."""
+    if not siblings or any(s.blob_id is None or s.size is None for s in siblings):
+        return  # the hub sent no file metadata: let snapshot_download list the tree
+    entries = {
+        s.rfilename: TreeCacheEntry(
+            size=int(s.size),
+            blob_id=str(s.blob_id),
+            lfs_sha256=s.lfs.sha256 if s.lfs is not None else None,
+            lfs_size=s.lfs.size if s.lfs is not None else None,
+        )
+        for s in siblings
+    }
+    write_tree_cache(str(plan.storage), plan.commit, entries)
 
 
 def _timeout() -> float:

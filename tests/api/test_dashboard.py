@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.hub import LocalHub
 from tests.test_server_e2e import Server, start
 
 pytestmark = [
@@ -159,3 +161,21 @@ def test_every_answer_carries_the_security_headers(secured: Server) -> None:
     dashboard = httpx.get(secured.url + "/").headers["content-security-policy"]
     script_src = next(d for d in dashboard.split(";") if d.strip().startswith("script-src"))
     assert "'sha256-" in script_src and "unsafe" not in script_src
+
+
+def test_dashboard_shows_a_hub_download_in_percent(hub_server: Server, hub: LocalHub) -> None:
+    """A hub load's row shows phase `downloading` and the share of its bytes on disk."""
+    from playwright.sync_api import expect, sync_playwright
+
+    hub.faults.rate = sum(f.size for f in hub.repos["acme/bigger"].files.values()) / 6
+    body = {"source": "acme/bigger", "name": "dl", "dtype": "float32"}
+    assert httpx.post(f"{hub_server.url}/v1/models", json=body).status_code == 202
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.goto(hub_server.url + "/")
+        row = page.locator('tr[data-model="dl"]')
+        progress = row.locator("td").nth(2)
+        expect(progress).to_contain_text(re.compile(r"downloading [1-9]\d*%"), timeout=60_000)
+        expect(row.locator(".state")).to_have_text("ready", timeout=120_000)
+        browser.close()

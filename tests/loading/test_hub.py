@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests import checkpoints
 from tests.conftest import ClientFactory, until, wait_for
 from tests.hub import LocalHub
 from tests.state.test_restart import env_for
@@ -25,26 +23,6 @@ from tests.test_server_e2e import sse, start
 WEIGHTS = "model.safetensors"
 HEADER_READ = 100_001  # huggingface_hub's get_safetensors_metadata reads bytes 0-100000
 CHUNK = 10 * 1024 * 1024  # huggingface_hub writes downloads in chunks of this size
-
-
-@pytest.fixture(scope="module")
-def bigger(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """~21 MB of weights: huggingface_hub writes in 10 MB chunks, so progress shows steps."""
-    path = tmp_path_factory.mktemp("bigger") / "llama"
-    return checkpoints.llama(path, hidden=256, layers=4, vocab=4000)
-
-
-@pytest.fixture
-def hub(
-    models_root: Path, bigger: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[LocalHub]:
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    with LocalHub() as local:
-        local.add("acme/llama", models_root / "llama", branches=("main", "v1"))
-        local.add("acme/bigger", bigger)
-        yield local
 
 
 @pytest.fixture
@@ -132,6 +110,9 @@ def test_a_hub_load_names_its_commit_and_counts_download_bytes(
         "revision": repo.commit,
     }
     assert hub.bytes_served("acme/bigger", WEIGHTS) == HEADER_READ + repo.files[WEIGHTS].size
+    # The file list came with the commit: snapshot_download found it in huggingface_hub's
+    # tree cache and listed nothing (its tree listing has no timeout).
+    assert not [r.path for r in hub.requests if "/tree/" in r.path]
 
 
 def test_a_load_that_cannot_fit_answers_507_before_any_weight_byte(
@@ -288,7 +269,7 @@ def test_a_cached_snapshot_is_not_fetched_again(hub_client: TestClient, hub: Loc
     assert again["state"] == "ready" and again["resolved_revision"] == first["resolved_revision"]
     assert hub.bytes_served("acme/llama") == 0  # the commit and the file list only
     assert {r.method for r in hub.requests} == {"GET"} and all(
-        "/api/" in r.path for r in hub.requests
+        "/api/" in r.path and "/tree/" not in r.path for r in hub.requests
     )
 
 
