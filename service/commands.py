@@ -175,6 +175,8 @@ def estimate(client: Client, args: argparse.Namespace) -> int:
         f"total {_size(result['total_bytes'])}, largest layer "
         f"{_size(result['largest_layer_bytes'])}: {verdict}"
     )
+    if result.get("download_bytes"):
+        console.print(f"downloads {_size(result['download_bytes'])} into the HF cache first")
     return 0 if result["fits"] else 3
 
 

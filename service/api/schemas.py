@@ -225,6 +225,10 @@ class EstimateOut(BaseModel):
     free_bytes: dict[str, int] = Field(
         description="free per device after headroom and what queued/loading models will take"
     )
+    download_bytes: int = Field(
+        default=0,
+        description="what a hub source downloads into the HF cache first (0: local or cached)",
+    )
 
 
 class FileOut(BaseModel):

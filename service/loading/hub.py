@@ -15,7 +15,6 @@ import errno
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 from collections.abc import Collection, Iterator
@@ -55,6 +54,8 @@ from service.errors import (
 )
 from service.loading.progress import Phase, Progress
 from service.loading.sources import HubOptions, HubSource, hub_cache_dir, hub_offline
+from service.memory.admission import Download
+from service.memory.disk import require_room
 
 log = logging.getLogger("basehold.hub")
 
@@ -105,6 +106,21 @@ class Plan:
 
     def partial_bytes(self) -> int:
         return sum(size for _, size in partials(self).values())
+
+    @property
+    def snapshot(self) -> str:
+        return f"{self.source.repo_id}@{self.commit[:12]}"
+
+    def download_bytes(self) -> int:
+        """What the download will write: the missing files, less their partial files."""
+        if self.cached_folder is not None:
+            return 0
+        return max(0, sum(f.size for f in self.missing()) - self.partial_bytes())
+
+    def download(self) -> Download | None:
+        """For admission: what this snapshot's download will still write, if anything."""
+        needed = self.download_bytes()
+        return Download(str(self.cache), self.snapshot, needed) if needed else None
 
 
 @contextmanager
@@ -309,19 +325,7 @@ def check_weights(plan: Plan, token: str | None, options: HubOptions) -> None:
 
 def check_disk(plan: Plan) -> None:
     """The files the cache lacks must fit in its free space (partial files count as done)."""
-    needed = sum(f.size for f in plan.missing()) - plan.partial_bytes()
-    if needed <= 0:
-        return
-    folder = plan.cache
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise InsufficientStorage(
-            f"Downloading {plan.source.repo_id}@{plan.commit[:12]} needs {needed} bytes in "
-            f"the HF cache {plan.cache}, which has {free} bytes free. Free space there, or "
-            "point HF_HUB_CACHE at a larger disk."
-        )
+    require_room(plan.cache, plan.download_bytes(), plan.snapshot)
 
 
 # -- download -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import errno
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -140,7 +140,11 @@ def resolve(
 
 
 def _priced(spec: LoadRequest, resolved: Resolved, ctx: LoadContext) -> Estimate:
-    return estimate(spec, resolved.config, resolved.task, ctx.cuda)
+    """What the load takes in memory, and for a hub source what it writes to disk first."""
+    priced = estimate(spec, resolved.config, resolved.task, ctx.cuda)
+    if resolved.plan is None:
+        return priced
+    return replace(priced, download=resolved.plan.download())
 
 
 def estimate_only(spec: LoadRequest, token: str | None, ctx: LoadContext) -> Estimate:

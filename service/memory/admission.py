@@ -12,26 +12,43 @@ from service.memory.nvml import GpuProbe, by_torch_index
 
 
 @dataclass(frozen=True)
+class Download:
+    """What a hub load will write to the HF cache's disk before it loads."""
+
+    cache: str  # the HF cache folder
+    snapshot: str  # repo@commit: loads of one snapshot share its download
+    bytes: int  # what the cache lacks (partial files count as fetched)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Download:
+        return cls(str(data["cache"]), str(data["snapshot"]), int(data["bytes"]))
+
+
+@dataclass(frozen=True)
 class Estimate:
     """What a load will take (from `service.memory.estimate`, run in a loader process)."""
 
     total_bytes: int
     by_device: dict[str, int]
     largest_layer_bytes: int
+    download: Download | None = None  # hub sources with files to fetch
 
     def to_json(self) -> dict[str, object]:
         return {
             "total_bytes": self.total_bytes,
             "by_device": self.by_device,
             "largest_layer_bytes": self.largest_layer_bytes,
+            "download": None if self.download is None else vars(self.download),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Estimate:
+        download = data.get("download")
         return cls(
             total_bytes=int(data["total_bytes"]),
             by_device={str(k): int(v) for k, v in data["by_device"].items()},
             largest_layer_bytes=int(data["largest_layer_bytes"]),
+            download=None if download is None else Download.from_json(download),
         )
 
 

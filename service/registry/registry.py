@@ -44,6 +44,7 @@ from service.loading.sources import LocalSource, parse_source
 from service.loading.spec import LoadRequest
 from service.memory.admission import Estimate, Measured
 from service.memory.cuda import CudaProbe
+from service.registry.downloads import require_disk
 from service.registry.gate import MemoryGate, refuse
 from service.registry.identity import MODEL_ID, derived_id, spec_key
 from service.registry.persist import Persistence
@@ -280,11 +281,14 @@ class Registry:
     def _admit(
         self, record: ModelRecord, estimate: Estimate, measured: Measured
     ) -> list[ModelRecord]:
-        """Admit `record` or raise InsufficientMemory (lock held; `measured` was probed
-        before it was taken). Evicts only when that makes the load fit, and never leased
+        """Admit `record` or raise InsufficientStorage (its download does not fit beside
+        those in flight) or InsufficientMemory (lock held; `measured` was probed before it
+        was taken). Evicts only when that makes the load fit, and never leased
         or loading models. Victims are marked unloading here; their memory is released by
         the caller after the lock is let go."""
         records = list(self._records.values())
+        if estimate.download is not None:
+            require_disk(estimate.download, records, exclude=record.id)
         short = self.gate.shortfalls(estimate, records, measured, exclude=record.id)
         victims: list[ModelRecord] = []
         for candidate in self.gate.candidates(records) if short else []:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from service.memory.disk import free_bytes
 from tests.conftest import ClientFactory, until, wait_for
 from tests.hub import LocalHub
 from tests.state.test_restart import env_for
@@ -122,6 +123,11 @@ def test_a_load_that_cannot_fit_answers_507_before_any_weight_byte(
     estimate = client.post("/v1/estimate", json={"source": "acme/llama", "dtype": "float32"})
     assert estimate.status_code == 200 and estimate.json()["fits"] is False, estimate.text
     assert weight_reads(hub, "acme/llama") == []  # an estimate reads config.json only
+    # ... and says what the load would download: every file but config.json (fetched).
+    files = hub.repos["acme/llama"].files
+    assert estimate.json()["download_bytes"] == sum(
+        f.size for name, f in files.items() if name != "config.json"
+    )
     response = client.post("/v1/models", json={"source": "acme/llama", "dtype": "float32"})
     assert response.status_code == 507, response.text
     assert response.json()["code"] == "insufficient_memory"
@@ -145,6 +151,39 @@ def test_a_download_the_disk_cannot_take_answers_507_insufficient_storage(
     assert needed == (1 << 50) + hub.repos["acme/huge"].files["generation_config.json"].size
     assert 0 < free < needed and f"HF cache {tmp_path / 'hf-cache'}," in problem["detail"]
     assert weight_reads(hub, "acme/huge") == ["bytes=0-100000"]
+
+
+def test_downloads_in_flight_count_against_the_disk(
+    hub_client: TestClient, hub: LocalHub, models_root: Path, tmp_path: Path
+) -> None:
+    """Two downloads that each fit the cache's disk but not together: the second answers
+    507 while the first is in flight, and is admitted once it is gone. Another load of the
+    same snapshot shares its download."""
+    share = int(free_bytes(tmp_path / "hf-cache") * 0.6)
+    hub.add("acme/first", models_root / "llama", claimed={WEIGHTS: share})
+    hub.add("acme/second", models_root / "llama", claimed={WEIGHTS: share})
+    hub.faults.rate = 20_000  # the first stays in flight
+
+    def post(source: str, dtype: str = "float32") -> tuple[int, dict[str, Any]]:
+        response = hub_client.post("/v1/models", json={"source": source, "dtype": dtype})
+        return response.status_code, response.json()
+
+    def gone(model_id: str) -> None:
+        hub_client.delete(f"/v1/models/{model_id}")
+        until(lambda: hub_client.get(f"/v1/models/{model_id}").status_code == 404, "gone")
+
+    status, first = post("acme/first")
+    assert status == 202, first
+    status, refused = post("acme/second")
+    assert status == 507 and refused["code"] == "insufficient_storage", refused
+    assert "to be written by downloads in flight" in refused["detail"]
+    status, same_files = post("acme/first", dtype="float16")
+    assert status == 202, same_files
+    gone(first["id"])
+    gone(same_files["id"])
+    status, again = post("acme/second")
+    assert status == 202, again
+    gone(again["id"])
 
 
 def test_delete_mid_download_stops_it_within_two_seconds(

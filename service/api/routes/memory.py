@@ -57,4 +57,5 @@ def estimate(
         largest_layer_bytes=result.largest_layer_bytes,
         fits=fits,
         free_bytes=free,
+        download_bytes=result.download.bytes if result.download is not None else 0,
     )
