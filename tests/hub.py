@@ -11,7 +11,7 @@
   answer 401 `GatedRepo` without their token.
 - `GET /lfs/{sha256}`: the bytes, with `Range` (206).
 
-It can slow down (`rate`, bytes per second per response), fail mid-file (`fail_after`:
+It can slow down (`rate`, bytes per second per download), fail mid-file (`fail_after`:
 close the connection after N bytes of a file, the next `fail_times` whole-file GETs),
 answer 503 to whole-file GETs (`unavailable`; ranged reads such as header reads still
 work), and counts what it served per file (`served`), so a test sees exactly what was
@@ -72,7 +72,9 @@ class Request:
 class Faults:
     """What the hub does wrong, changeable while it runs."""
 
-    rate: float | None = None  # bytes per second per response; None: as fast as it can
+    # Bytes per second per download (whole files and open-ended ranges: not header reads);
+    # None: as fast as it can.
+    rate: float | None = None
     # Whole-file GETs of `file` are cut after `fail_after[file]` bytes, `fail_times` times.
     fail_after: dict[str, int] = field(default_factory=dict)
     fail_times: dict[str, int] = field(default_factory=dict)
@@ -312,30 +314,36 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(503, "", "Service temporarily unavailable")
         size = file.path.stat().st_size
         start, stop = 0, size  # [start, stop)
-        status = 200
+        status, closed = 200, False  # closed: a `bytes=a-b` read (a header read)
         if wanted and (match := _RANGE.match(wanted.strip())):
             start = int(match[1])
             stop = min(size, int(match[2]) + 1) if match[2] else size
             if start >= size:
                 return self._head(416, {"Content-Range": f"bytes */{size}", "Content-Length": "0"})
-            status = 206
+            status, closed = 206, bool(match[2])
             headers = headers | {"Content-Range": f"bytes {start}-{stop - 1}/{size}"}
         headers = headers | {"Accept-Ranges": "bytes", "Content-Length": str(stop - start)}
         self._head(status, headers)
         if not body:
             return status
         cut = self.owner.take_cut(file.name) if not wanted else None
-        self._stream(key, file.path, start, stop, cut)
+        rate = None if closed else self.owner.faults.rate
+        self._stream(key, file.path, (start, stop), cut, rate)
         return status
 
-    def _stream(self, key: str, path: Path, start: int, stop: int, cut: int | None) -> None:
+    def _stream(
+        self, key: str, path: Path, span: tuple[int, int], cut: int | None, rate: float | None
+    ) -> None:
         self.owner.streams(+1)
         try:
-            self._send_bytes(key, path, start, stop, cut)
+            self._send_bytes(key, path, span, cut, rate)
         finally:
             self.owner.streams(-1)
 
-    def _send_bytes(self, key: str, path: Path, start: int, stop: int, cut: int | None) -> None:
+    def _send_bytes(
+        self, key: str, path: Path, span: tuple[int, int], cut: int | None, rate: float | None
+    ) -> None:
+        start, stop = span
         began = time.monotonic()
         sent = 0
         with path.open("rb") as fh:
@@ -356,7 +364,6 @@ class _Handler(BaseHTTPRequestHandler):
                     return  # the client went away (cancelled, killed)
                 sent += len(chunk)
                 self.owner.count(key, len(chunk))
-                rate = self.owner.faults.rate
                 if rate:
                     ahead = sent / rate - (time.monotonic() - began)
                     if ahead > 0:
