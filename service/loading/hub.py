@@ -55,7 +55,7 @@ from service.errors import (
 from service.loading.progress import Phase, Progress
 from service.loading.sources import HubOptions, HubSource, hub_cache_dir, hub_offline
 from service.memory.admission import Download
-from service.memory.disk import require_room
+from service.memory.disk import free_bytes, require_room
 
 log = logging.getLogger("basehold.hub")
 
@@ -118,9 +118,12 @@ class Plan:
         return max(0, sum(f.size for f in self.missing()) - self.partial_bytes())
 
     def download(self) -> Download | None:
-        """For admission: what this snapshot's download will still write, if anything."""
+        """For admission: what this snapshot's download will still write, if anything,
+        and the cache disk's free space now."""
         needed = self.download_bytes()
-        return Download(str(self.cache), self.snapshot, needed) if needed else None
+        if not needed:
+            return None
+        return Download(str(self.cache), self.snapshot, needed, free_bytes(self.cache))
 
 
 @contextmanager
@@ -325,7 +328,8 @@ def check_weights(plan: Plan, token: str | None, options: HubOptions) -> None:
 
 def check_disk(plan: Plan) -> None:
     """The files the cache lacks must fit in its free space (partial files count as done)."""
-    require_room(plan.cache, plan.download_bytes(), plan.snapshot)
+    if needed := plan.download_bytes():
+        require_room(plan.cache, needed, plan.snapshot, free_bytes(plan.cache))
 
 
 # -- download -------------------------------------------------------------------------

@@ -18,10 +18,12 @@ class Download:
     cache: str  # the HF cache folder
     snapshot: str  # repo@commit: loads of one snapshot share its download
     bytes: int  # what the cache lacks (partial files count as fetched)
+    free: int  # the cache disk's free bytes when it was priced (no probe under a lock)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Download:
-        return cls(str(data["cache"]), str(data["snapshot"]), int(data["bytes"]))
+        fields = (str(data["cache"]), str(data["snapshot"]))
+        return cls(*fields, int(data["bytes"]), int(data["free"]))
 
 
 @dataclass(frozen=True)

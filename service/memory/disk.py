@@ -16,13 +16,10 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def require_room(cache: Path, needed: int, what: str, in_flight: int = 0) -> None:
-    """Raise InsufficientStorage unless `needed` bytes fit in the cache's free space once
-    the downloads in flight wrote their remaining `in_flight` bytes."""
-    if needed <= 0:
-        return
-    free = free_bytes(cache)
-    if needed + in_flight <= free:
+def require_room(cache: Path, needed: int, what: str, free: int, in_flight: int = 0) -> None:
+    """Raise InsufficientStorage unless `needed` bytes fit in the `free` bytes of the
+    cache's disk once the downloads in flight wrote their remaining `in_flight` bytes."""
+    if needed <= 0 or needed + in_flight <= free:
         return
     others = f", {in_flight} of them to be written by downloads in flight" if in_flight else ""
     raise InsufficientStorage(

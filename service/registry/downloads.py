@@ -38,8 +38,11 @@ def in_flight(records: Iterable[ModelRecord], cache: str, exclude: str) -> dict[
 
 
 def require_disk(download: Download, records: Iterable[ModelRecord], exclude: str) -> None:
-    """Raise InsufficientStorage unless `download` fits beside the downloads in flight."""
+    """Raise InsufficientStorage unless `download` fits beside the downloads in flight
+    (against the free space it was priced with: no disk probe here, under the lock)."""
     others = in_flight(records, download.cache, exclude)
     if download.snapshot in others:
         return  # its files are on their way already
-    require_room(Path(download.cache), download.bytes, download.snapshot, sum(others.values()))
+    require_room(
+        Path(download.cache), download.bytes, download.snapshot, download.free, sum(others.values())
+    )
