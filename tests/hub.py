@@ -251,20 +251,22 @@ class _Handler(BaseHTTPRequestHandler):
             )
         return repo
 
-    def _commit(self, repo: HubRepo, rev: str) -> str | int:
+    def _at(self, repo_id: str, rev: str, *, files: bool) -> tuple[HubRepo, str] | int:
+        """The repo and the commit `rev` names, or the status of the error answered."""
+        repo = self._repo(repo_id, files=files)
+        if isinstance(repo, int):
+            return repo
         if rev == repo.commit:
-            return rev
+            return repo, rev
         if rev in repo.branches:
-            return repo.branches[rev]
+            return repo, repo.branches[rev]
         return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
 
     def _api(self, repo_id: str, kind: str, rev: str) -> int:
-        repo = self._repo(repo_id, files=False)
-        if isinstance(repo, int):
-            return repo
-        commit = self._commit(repo, rev)
-        if isinstance(commit, int):
-            return commit
+        found = self._at(repo_id, rev, files=False)
+        if isinstance(found, int):
+            return found
+        repo, commit = found
         payload: Any
         if kind == "revision":
             payload = {
@@ -280,12 +282,10 @@ class _Handler(BaseHTTPRequestHandler):
         return self._json(200, payload, {})
 
     def _resolve(self, repo_id: str, rev: str, name: str, *, body: bool) -> int:
-        repo = self._repo(repo_id, files=True)
-        if isinstance(repo, int):
-            return repo
-        commit = self._commit(repo, rev)
-        if isinstance(commit, int):
-            return commit
+        found = self._at(repo_id, rev, files=True)
+        if isinstance(found, int):
+            return found
+        repo, commit = found
         file = repo.files.get(name)
         if file is None:
             return self._error(404, "EntryNotFound", f"{name} does not exist", commit=commit)

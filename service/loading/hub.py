@@ -327,7 +327,9 @@ def check_weights(plan: Plan, token: str | None, options: HubOptions) -> None:
 
 
 def check_disk(plan: Plan) -> None:
-    """The files the cache lacks must fit in its free space (partial files count as done)."""
+    """The files the cache lacks must fit in its free space (partial files count as done),
+    checked again as the download starts: admission checked it beside the downloads in
+    flight, maybe long before."""
     if needed := plan.download_bytes():
         require_room(plan.cache, needed, plan.snapshot, free_bytes(plan.cache))
 

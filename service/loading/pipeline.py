@@ -68,7 +68,7 @@ class Stage(Enum):
     """How far `resolve` goes for a hub source."""
 
     CONFIG = "config"  # config.json only (POST /v1/estimate)
-    ADMIT = "admit"  # + the safetensors headers and the disk: admission, nothing downloaded
+    ADMIT = "admit"  # + the safetensors headers: admission, nothing downloaded
     FULL = "full"  # the snapshot downloaded (the load)
 
 
@@ -124,9 +124,8 @@ def resolve(
             path = hub.download(plan, token, ctx.hub, progress or Progress())
         else:
             path = hub.fetch_config(plan, token, ctx.hub)
-            if stage is Stage.ADMIT:
+            if stage is Stage.ADMIT:  # the disk: the registry, with the downloads in flight
                 hub.check_weights(plan, token, ctx.hub)
-                hub.check_disk(plan)
     else:
         assert isinstance(source, LocalSource)
         allowed = tuple(ctx.roots)

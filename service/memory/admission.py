@@ -22,8 +22,8 @@ class Download:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Download:
-        fields = (str(data["cache"]), str(data["snapshot"]))
-        return cls(*fields, int(data["bytes"]), int(data["free"]))
+        cache, snapshot = str(data["cache"]), str(data["snapshot"])
+        return cls(cache, snapshot, int(data["bytes"]), int(data["free"]))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from pydantic import ValidationError
 
 from service.errors import (
     BaseholdError,
-    InsufficientStorage,
     InvalidSpec,
     LoaderCrashed,
     ModelLeased,
@@ -260,12 +259,13 @@ class Registry:
         """Every load is priced at submit, in a helper process: a local checkpoint checked
         in full, a hub source from its metadata (config, safetensors headers, the cache's
         free disk: nothing downloaded). A request the server refuses (a file outside the
-        roots, remote code, an impossible spec, a download the disk cannot take) is answered
-        at once; anything else (a gated repo, a hub that does not answer, broken files) is
-        left to the load, which fails with the precise code, or admits it late."""
+        roots, remote code, an impossible spec) is answered at once, and so by admission is
+        one that does not fit in memory or on the cache's disk; anything else (a gated repo,
+        a hub that does not answer, broken files) is left to the load, which fails with the
+        precise code, or admits it late."""
         try:
             return self._loaders.estimate(spec, token, full=True)
-        except (SourceNotAllowed, RemoteCodeRefused, InvalidSpec, InsufficientStorage):
+        except (SourceNotAllowed, RemoteCodeRefused, InvalidSpec):
             raise
         except Exception:
             return None
