@@ -6,8 +6,8 @@ marked there) → victims' memory released *after* the lock is let go → a load
 followed from an executor thread until it hands over the model's fds and manifest. Hub
 sources are priced from their metadata, before any download; a load that could not be
 priced at submit is admitted when its loader asks, before it reads or downloads any
-weight. Nothing slow ever runs
-under the lock, so async routes that read the registry never wait behind an unload.
+weight. Nothing slow ever runs under the lock, so async routes that read the registry
+never wait behind an unload.
 """
 
 from __future__ import annotations
