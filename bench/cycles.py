@@ -1,6 +1,6 @@
-"""Leak check: N load/unload cycles through the HTTP API; the server's RSS and the kernel's
-shared memory (Shmem: where the sealed arenas live) before and after (and the peak while a
-model is held).
+"""Leak check: N load/unload cycles through the HTTP API; the server's RSS and the shared
+memory its processes hold (where the sealed arenas live; nobody else's on the machine)
+before and after (and the peak while a model is held).
 
     .venv/bin/python bench/cycles.py [--cycles 50] [--params-m 100]
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 from common import server, smaps, wait_ready, workspace
 
-from service.memory.host import shared_memory_bytes as shm_used
+from tests.shared_memory import held_shared_memory
 
 MiB = 2**20
 
@@ -35,17 +35,18 @@ def main() -> None:
             model_id = http.post("/v1/models", json={"source": str(source), **spec}).json()["id"]
             wait_ready(http, model_id)
             http.delete(f"/v1/models/{model_id}")
-        rss0, shm0 = smaps(pid)["Rss"], shm_used()
+        rss0, shm0 = smaps(pid)["Rss"], held_shared_memory(pid)
         peak_rss, peak_shm = rss0, shm0
         start = time.perf_counter()
         for cycle in range(args.cycles):
             spec = specs[cycle % len(specs)]
             model_id = http.post("/v1/models", json={"source": str(source), **spec}).json()["id"]
             wait_ready(http, model_id, poll=0.02)
-            peak_rss, peak_shm = max(peak_rss, smaps(pid)["Rss"]), max(peak_shm, shm_used())
+            peak_shm = max(peak_shm, held_shared_memory(pid))
+            peak_rss = max(peak_rss, smaps(pid)["Rss"])
             assert http.delete(f"/v1/models/{model_id}").status_code == 204
         elapsed = time.perf_counter() - start
-        rss1, shm1 = smaps(pid)["Rss"], shm_used()
+        rss1, shm1 = smaps(pid)["Rss"], held_shared_memory(pid)
     print(
         f"\nbasehold cycles bench: {args.cycles} load/unload cycles of a ~{args.params_m}M "
         f"Llama (fp32 and nf4 alternating), {elapsed:.0f}s\n"
@@ -57,7 +58,7 @@ def main() -> None:
         f"{(rss1 - rss0) / MiB:+.1f} |"
     )
     print(
-        f"| Shmem (arenas) | {shm0 / MiB:.0f} | {peak_shm / MiB:.0f} | {shm1 / MiB:.0f} | "
+        f"| shared (arenas) | {shm0 / MiB:.0f} | {peak_shm / MiB:.0f} | {shm1 / MiB:.0f} | "
         f"{(shm1 - shm0) / MiB:+.1f} |"
     )
 

@@ -1,6 +1,6 @@
 """Storm bench: a minute of random concurrent traffic and SIGKILLed workers against a live
 server holding three tiny models; prints requests by route and status, p50/p99 latency per
-route, and the leak figures (the service's RSS + the kernel's shared memory, against a
+route, and the leak figures (the service's RSS + the shared memory it holds, against a
 baseline taken after a warm-up storm in the same run).
 
     .venv/bin/python bench/storm.py [--seconds 60] [--clients 4]
@@ -68,8 +68,8 @@ def main() -> None:
         f"| responses >= 500 or failed connections | {len(report.server_errors())} |\n"
         f"| models left / held bytes after settling | {len(models_left)} / "
         f"{memory['host']['held_bytes']} |\n"
-        f"| RSS + Shmem: baseline (MiB) | {baseline / MiB:.0f} |\n"
-        f"| RSS + Shmem: after (MiB) | {after / MiB:.0f} |\n"
+        f"| RSS + shared: baseline (MiB) | {baseline / MiB:.0f} |\n"
+        f"| RSS + shared: after (MiB) | {after / MiB:.0f} |\n"
         f"| growth | {(after - baseline) / baseline * 100:+.1f}% |"
     )
 

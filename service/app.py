@@ -18,8 +18,10 @@ from fastapi_offline import FastAPIOffline
 from service import __version__
 from service.api import openapi, problems
 from service.api.guards import RequestGuards
+from service.api.probes import Probes
 from service.api.routes import dashboard, files, health, leases, memory, models, observe
 from service.api.security_headers import SecurityHeaders
+from service.api.slots import Slots
 from service.api.timing import RequestMetrics
 from service.events import EventBus
 from service.handles.fdpass import ArenaServer, resolve_group
@@ -143,6 +145,7 @@ def create_app(
             threads=settings.torch_threads or max(1, (os.cpu_count() or 2) - 1),
             template=settings.loader_template,
             memory_limit=settings.loader_memory_limit,
+            stall_seconds=settings.loader_stall_seconds,
         )
     )
     placement = loaders.arenas
@@ -171,6 +174,7 @@ def create_app(
 
     events = EventBus()
     metrics = Metrics()
+    probes = Probes()  # NVML and psutil, off the event loop
 
     def publish(record: ModelRecord, previous: State, target: State) -> None:
         kind = "progress" if previous == target else "state"
@@ -185,10 +189,9 @@ def create_app(
 
     preload = Preload(settings.preload) if settings.preload is not None else None
 
-    def _warm_then_preload() -> None:
-        loaders.warm()
-        if preload is not None:
-            preload.run(registry)
+    def _preload_once_warm(preload: Preload, warming: threading.Thread) -> None:
+        warming.join()  # its estimates run in the template's helpers
+        preload.run(registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -199,7 +202,8 @@ def create_app(
             )
         # The loader template imports torch and friends in its own process, from now on:
         # /healthz answers at once, /readyz once the template forks.
-        threading.Thread(target=_warm_then_preload, name="loader-template", daemon=True).start()
+        warming = threading.Thread(target=loaders.warm, name="loader-template", daemon=True)
+        warming.start()
         # Everything imported so far lives for the whole process: keep it out of the
         # cyclic GC's full passes.
         gc.collect()
@@ -215,6 +219,10 @@ def create_app(
         reaper = asyncio.create_task(_reap_leases(lending, placement, every, metrics))
         if features is not None:
             await run_in_threadpool(features.start)
+        if preload is not None:  # once started and restored: a restored model is found
+            threading.Thread(
+                target=_preload_once_warm, args=(preload, warming), name="preload", daemon=True
+            ).start()
         app.state.ready = True
         try:
             yield
@@ -235,6 +243,7 @@ def create_app(
                 ("close the state database", db.close),
                 ("release the state lock", lock.release),
             )
+            probes.close()
 
     # Swagger UI and ReDoc from fastapi-offline's bundled assets: an air-gapped GPU node
     # shows /docs without reaching a CDN.
@@ -248,6 +257,9 @@ def create_app(
     )
     app.state.settings = settings
     app.state.registry = registry
+    app.state.estimate_slots = Slots(
+        "estimates", settings.max_concurrent_estimates, settings.max_concurrent_estimates, 10.0
+    )
     app.state.lending = lending
     app.state.placement = placement
     app.state.arenas = arenas
@@ -255,6 +267,7 @@ def create_app(
     app.state.preload = preload
     app.state.cuda = probe
     app.state.gpus = gate.gpus
+    app.state.probes = probes
     app.state.events = events
     app.state.metrics = metrics
     app.state.ready = False

@@ -21,6 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
     # setting answers in a fraction of a second.
     from service.api.guards import is_loopback
     from service.handles.fdpass import check_folder, resolve_group
+    from service.loaders.template import check_template
     from service.private_dir import FolderUnsafe
     from service.state.lock import StateDirLocked, StateLock
 
@@ -49,6 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         lock.acquire()
         check_folder(settings.socket.parent, resolve_group(settings.socket_group))
+        check_template(settings.loader_template)
     except (StateDirLocked, FolderUnsafe) as exc:
         print(f"basehold: refusing to start: {exc}", file=sys.stderr)
         return 2

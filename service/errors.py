@@ -157,6 +157,12 @@ class TooManyLeases(BaseholdError):
     title = "Too many leases"
 
 
+class TooManyRequests(BaseholdError):
+    code = "too_many_requests"
+    status = 429
+    title = "Too many requests"
+
+
 class FileNotFound(BaseholdError):
     code = "file_not_found"
     status = 404
@@ -167,6 +173,24 @@ class LoaderCrashed(BaseholdError):
     code = "loader_crashed"
     status = 500
     title = "Loader process died"
+
+
+class LoaderStalled(BaseholdError):
+    code = "loader_stalled"
+    status = 504
+    title = "Loader process stalled"
+
+
+class LoaderUnavailable(BaseholdError):
+    code = "loader_unavailable"
+    status = 503
+    title = "Loader template unavailable"
+
+
+class InvalidPath(BaseholdError):
+    code = "invalid_path"
+    status = 400
+    title = "Invalid path"
 
 
 def relayed(code: str, message: str, status: int) -> BaseholdError:

@@ -12,17 +12,26 @@ keeps one file there, rewritten atomically on every change:
 so a training Job can ask for a node that holds its base with node affinity on
 `feature.node.kubernetes.io/basehold-model.<id>`, and nothing in the service needs
 Kubernetes API access. The file is removed at shutdown (its labels go with it).
+
+The folder must be this user's and writable by no one else (checked at start, and again on
+the folder's fd before each write): whoever can write it could plant a symlink at the
+file's name. The file is written as a new temporary file (`O_CREAT|O_EXCL|O_NOFOLLOW`, a
+random name, its mode set on the fd) renamed over the file's name, all relative to the
+checked folder's fd: no symlink is ever followed, no path is ever chmod-ed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import secrets
 import threading
 from pathlib import Path
 
+from service.private_dir import FolderUnsafe, check_private, open_folder
 from service.registry.record import ModelRecord
 from service.registry.states import State
 from service.state.writer import OrderedWriter
@@ -31,6 +40,7 @@ log = logging.getLogger("basehold.node_features")
 PREFIX = "basehold-model."
 READY = "basehold.ready=true"
 NAME_MAX = 63  # a label name (the part after the prefix's "/")
+SETTING = "BASEHOLD_NODE_FEATURES_FILE"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -51,6 +61,10 @@ class NodeFeatures:
     """Keeps the feature file in step with the registry (subscribe `on_transition`)."""
 
     def __init__(self, path: Path, writer: OrderedWriter) -> None:
+        """Raises FolderUnsafe (the message says what to change) unless `path`'s folder
+        exists, is this user's and no one else can write it: a service configured so
+        refuses to start before it starts anything."""
+        check_private(path.parent, SETTING, create=False)
         self.path = path
         self._writer = writer
         self._lock = threading.Lock()
@@ -58,7 +72,13 @@ class NodeFeatures:
         self._serving = False
 
     def start(self) -> None:
-        """The service is up: say so (ready models are added as they become ready)."""
+        """The service is up: say so (ready models are added as they become ready).
+        Raises FolderUnsafe when the file's folder is not this user's alone."""
+        folder = open_folder(self.path.parent, SETTING, create=False)
+        try:
+            self._clear_temporaries(folder)
+        finally:
+            os.close(folder)
         with self._lock:
             self._serving = True
             lines = self._lines()
@@ -86,9 +106,18 @@ class NodeFeatures:
             self._serving = False
         self._writer.flush()
         try:
-            self.path.unlink(missing_ok=True)
+            folder = open_folder(self.path.parent, SETTING, create=False)
+        except (FolderUnsafe, OSError) as exc:
+            log.warning("could not remove the node features file %s: %s", self.path, exc)
+            return
+        try:
+            os.unlink(self.path.name, dir_fd=folder)  # a name: never follows a symlink
+        except FileNotFoundError:
+            pass
         except OSError as exc:
             log.warning("could not remove the node features file %s: %s", self.path, exc)
+        finally:
+            os.close(folder)
 
     def _lines(self) -> list[str]:
         return [READY, *sorted(f"{label_name(m)}=ready" for m in self._models)]
@@ -99,15 +128,44 @@ class NodeFeatures:
         self._writer.submit(lambda: self._write(lines))
         self._writer.flush()
 
+    def _temporary_prefix(self) -> str:
+        return f".{self.path.name}."
+
+    def _clear_temporaries(self, folder: int) -> None:
+        """Temporary files a crashed instance left (or anything planted under such a
+        name, symlinks included: unlinking a name never follows it)."""
+        prefix = self._temporary_prefix()
+        for name in os.listdir(folder):
+            if name.startswith(prefix) and name.endswith(".tmp"):
+                try:
+                    os.unlink(name, dir_fd=folder)
+                except OSError as exc:
+                    log.warning("could not remove %s in %s: %s", name, self.path.parent, exc)
+
     def _write(self, lines: list[str]) -> None:
-        """Atomically: NFD never reads half a file."""
+        """Atomically (NFD never reads half a file), in the folder as checked now."""
         if not self._serving:
             return
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            temporary.write_text("\n".join(lines) + "\n")
-            os.chmod(temporary, 0o644)  # NFD's worker reads it as another user
-            os.replace(temporary, self.path)
+            folder = open_folder(self.path.parent, SETTING, create=False)
+        except (FolderUnsafe, OSError) as exc:
+            log.warning("not writing the node features file %s: %s", self.path, exc)
+            return
+        temporary = f"{self._temporary_prefix()}{secrets.token_hex(8)}.tmp"
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(temporary, flags, 0o600, dir_fd=folder)
+            try:
+                os.fchmod(fd, 0o644)  # NFD's worker reads it as another user
+                data = memoryview(("\n".join(lines) + "\n").encode())
+                while data:
+                    data = data[os.write(fd, data) :]
+            finally:
+                os.close(fd)
+            os.rename(temporary, self.path.name, src_dir_fd=folder, dst_dir_fd=folder)
         except OSError as exc:
             log.warning("could not write the node features file %s: %s", self.path, exc)
-            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=folder)
+        finally:
+            os.close(folder)

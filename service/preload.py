@@ -55,7 +55,9 @@ class Preload:
         self.done = False  # every entry submitted (or refused)
 
     def run(self, registry: Submits) -> None:
-        """Submit every entry (call it once the registry is up; it may block on estimates)."""
+        """Submit every entry. Call it once the service holds its state lock and restored
+        what it held (a restored model is then found, not loaded twice); it may block on
+        estimates."""
         try:
             entries = read_entries(self.path)
         except PreloadUnreadable as exc:

@@ -55,6 +55,13 @@ class Settings(BaseSettings):
         "Default: a `models/` folder beside the state dir.",
     )
     max_concurrent_loads: int = Field(default=1, ge=1, le=64)
+    max_concurrent_estimates: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="POST /v1/estimate helper processes at once; as many more wait up to "
+        "10 s, the rest are refused 429 too_many_requests.",
+    )
     allow_remote_code: bool = Field(
         default=False, description="Allow `trust_remote_code: true` in load requests."
     )
@@ -75,6 +82,13 @@ class Settings(BaseSettings):
         ge=1,
         le=100_000,
         description="More leases held by one holder name (on all models) answer 429.",
+    )
+    max_leases_per_key: int = Field(
+        default=16,
+        ge=1,
+        le=100_000,
+        description="More leases on one model taken with one worker API key (whatever their "
+        "holder names) answer 429. Admin keys, and a service without keys, are exempt.",
     )
     host_memory_budget: str | None = Field(
         default=None,
@@ -100,6 +114,13 @@ class Settings(BaseSettings):
         description="The socket of a running loader template (`python -m "
         "service.loaders.forker --listen PATH`, same user) to fork loaders from, instead of "
         "starting one: several instances on a node can share one.",
+    )
+    loader_stall_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        le=86400,
+        description="A loader that sends nothing (no progress, no answer) for this long is "
+        "killed and its load fails loader_stalled.",
     )
     preload: Path | None = Field(
         default=None,

@@ -16,6 +16,11 @@ close the connection after N bytes of a file, the next `fail_times` whole-file G
 answer 503 to whole-file GETs (`unavailable`; ranged reads such as header reads still
 work), and counts what it served per file (`served`), so a test sees exactly what was
 downloaded.
+
+A repo can also lie, as a mirror or proxy that is not the Hub could (`Lies`): a commit
+that is not a sha (`../x`), ETags that are paths, file names that leave the repo, bodies
+longer than the sizes it lists (`claimed` sizes are stated in the listing and the HEAD
+headers alike; the bytes sent are the file's own, plus `extra`).
 """
 
 from __future__ import annotations
@@ -50,6 +55,20 @@ class HubFile:
 
 
 @dataclass
+class Lies:
+    """What this hub says wrong about one repo."""
+
+    commit: str | None = None  # the commit its repo info and X-Repo-Commit headers name
+    header_commit: str | None = None  # X-Repo-Commit only (repo info stays true)
+    etags: dict[str, str] = field(default_factory=dict)  # file → its HEAD's ETag value
+    names: dict[str, str] = field(default_factory=dict)  # file → the name its listing gives
+    extra: dict[str, int] = field(default_factory=dict)  # file → spaces sent after its bytes
+    no_length: set[str] = field(default_factory=set)  # file → body without Content-Length
+    missing: set[str] = field(default_factory=set)  # file → 404 EntryNotFound when fetched
+    xet: set[str] = field(default_factory=set)  # LFS file → a HEAD with Xet headers (no CAS)
+
+
+@dataclass
 class HubRepo:
     repo_id: str
     commit: str
@@ -58,6 +77,12 @@ class HubRepo:
     gated: bool = False
     private: bool = False
     token: str | None = None
+    lies: Lies = field(default_factory=Lies)
+
+    @property
+    def said_commit(self) -> str:
+        """The commit its headers name."""
+        return self.lies.header_commit or self.lies.commit or self.commit
 
 
 @dataclass
@@ -79,6 +104,9 @@ class Faults:
     fail_after: dict[str, int] = field(default_factory=dict)
     fail_times: dict[str, int] = field(default_factory=dict)
     unavailable: set[str] = field(default_factory=set)  # 503 for whole-file GETs
+    # As the Hub may: small files' `resolve` answers 307 to `/api/resolve-cache/...` on the
+    # same host (whose headers huggingface_hub does not read: it follows), then the file.
+    resolve_cache: bool = False
 
 
 def _digest(data_path: Path) -> tuple[str, str]:
@@ -113,9 +141,10 @@ class LocalHub:
         private: bool = False,
         token: str | None = None,
         claimed: dict[str, int] | None = None,
+        lies: Lies | None = None,
     ) -> HubRepo:
         """Serve `folder` as `repo_id`. `claimed`: sizes the listing and the metadata
-        headers state instead of the files' own (a repo too big for the disk)."""
+        headers state instead of the files' own (a repo too big for the disk, or a lie)."""
         files: dict[str, HubFile] = {}
         commit = hashlib.sha1(repo_id.encode())
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -127,6 +156,7 @@ class LocalHub:
             commit.update(f"{name}:{blob_id}".encode())
         sha = commit.hexdigest()
         repo = HubRepo(repo_id, sha, files, dict.fromkeys(branches, sha), gated, private, token)
+        repo.lies = lies or Lies()
         self.repos[repo_id] = repo
         return repo
 
@@ -201,6 +231,9 @@ _API = re.compile(
     r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/(?P<kind>revision|tree)/(?P<rev>[^/]+))?$"
 )
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+_CACHED = re.compile(
+    r"^/api/resolve-cache/models/(?P<repo>[^/]+/[^/]+)/(?P<rev>[^/]+)/(?P<file>.+)$"
+)
 _LFS = re.compile(r"^/lfs/(?P<sha>[0-9a-f]{64})$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
@@ -230,6 +263,10 @@ class _Handler(BaseHTTPRequestHandler):
                 status = self._api(match["repo"], kind, match["rev"] or "main")
             elif match := _RESOLVE.match(path):
                 status = self._resolve(match["repo"], match["rev"], match["file"], body=body)
+            elif match := _CACHED.match(path):
+                status = self._resolve(
+                    match["repo"], match["rev"], match["file"], body=body, cached=True
+                )
             elif match := _LFS.match(path):
                 status = self._lfs(match["sha"], body=body)
             else:
@@ -268,51 +305,69 @@ class _Handler(BaseHTTPRequestHandler):
             return found
         repo, commit = found
         payload: Any
+        lies = repo.lies
         if kind == "revision":
             payload = {
                 "id": repo.repo_id,
                 "modelId": repo.repo_id,
-                "sha": commit,
+                "sha": lies.commit or commit,
                 "private": repo.private,
                 "gated": "manual" if repo.gated else False,
-                "siblings": [_sibling(f, blobs=self.blobs) for f in repo.files.values()],
+                "siblings": [_sibling(f, lies, blobs=self.blobs) for f in repo.files.values()],
             }
         else:
-            payload = [_tree_entry(f) for f in repo.files.values()]
+            payload = [_tree_entry(f, lies) for f in repo.files.values()]
         return self._json(200, payload, {})
 
-    def _resolve(self, repo_id: str, rev: str, name: str, *, body: bool) -> int:
+    def _resolve(
+        self, repo_id: str, rev: str, name: str, *, body: bool, cached: bool = False
+    ) -> int:
         found = self._at(repo_id, rev, files=True)
         if isinstance(found, int):
             return found
         repo, commit = found
         file = repo.files.get(name)
-        if file is None:
-            return self._error(404, "EntryNotFound", f"{name} does not exist", commit=commit)
-        headers = {"X-Repo-Commit": commit, "ETag": f'"{file.blob_id}"'}
+        said = repo.said_commit
+        if file is None or name in repo.lies.missing:
+            return self._error(404, "EntryNotFound", f"{name} does not exist", commit=said)
+        etag = repo.lies.etags.get(name)
+        headers = {"X-Repo-Commit": said, "ETag": f'"{etag or file.blob_id}"'}
         if file.sha256 is not None:  # LFS: to the "CDN", as the Hub does
             headers |= {
-                "X-Linked-Etag": f'"{file.sha256}"',
+                "X-Linked-Etag": f'"{etag or file.sha256}"',
                 "X-Linked-Size": str(file.size),
                 "Location": f"{self.owner.cdn}/lfs/{file.sha256}",
                 "Content-Length": "0",
             }
+            if name in repo.lies.xet:  # huggingface_hub would ask this route for a CAS token
+                headers |= {
+                    "X-Xet-Hash": file.sha256,
+                    "X-Xet-Refresh-Route": f"{self.owner.url}/api/models/{repo_id}/xet-read-token",
+                }
             return self._head(302, headers)
-        return self._send_file(f"{repo_id}/{name}", file, headers, body=body)
+        if self.owner.faults.resolve_cache and not cached:
+            location = f"/api/resolve-cache/models/{repo_id}/{commit}/{name}"
+            headers = {"X-Repo-Commit": said, "ETag": 'W/"not-a-blob-id"', "Location": location}
+            return self._head(307, headers | {"Content-Length": "0"})
+        return self._send_file(f"{repo_id}/{name}", file, repo.lies, headers, body=body)
 
     def _lfs(self, sha: str, *, body: bool) -> int:
         for repo in self.owner.repos.values():
             for file in repo.files.values():
                 if file.sha256 == sha:
-                    return self._send_file(f"{repo.repo_id}/{file.name}", file, {}, body=body)
+                    key = f"{repo.repo_id}/{file.name}"
+                    return self._send_file(key, file, repo.lies, {}, body=body)
         return self._error(404, "EntryNotFound", "no such object")
 
     # -- bodies ----------------------------------------------------------------------
-    def _send_file(self, key: str, file: HubFile, headers: dict[str, str], *, body: bool) -> int:
+    def _send_file(
+        self, key: str, file: HubFile, lies: Lies, headers: dict[str, str], *, body: bool
+    ) -> int:
         wanted = self.headers.get("Range")
         if body and file.name in self.owner.faults.unavailable and not wanted:
             return self._error(503, "", "Service temporarily unavailable")
-        size = file.path.stat().st_size
+        content = _Body(file.path, lies.extra.get(file.name, 0))
+        size = content.size
         start, stop = 0, size  # [start, stop)
         status, closed = 200, False  # closed: a `bytes=a-b` read (a header read)
         if wanted and (match := _RANGE.match(wanted.strip())):
@@ -322,32 +377,37 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._head(416, {"Content-Range": f"bytes */{size}", "Content-Length": "0"})
             status, closed = 206, bool(match[2])
             headers = headers | {"Content-Range": f"bytes {start}-{stop - 1}/{size}"}
-        headers = headers | {"Accept-Ranges": "bytes", "Content-Length": str(stop - start)}
+        # A HEAD states what the hub claims; a GET sends what it has.
+        length = stop - start if body or status == 206 else file.size
+        headers = headers | {"Accept-Ranges": "bytes", "Content-Length": str(length)}
+        if body and file.name in lies.no_length:  # the body runs until the connection closes
+            del headers["Content-Length"]
+            headers["Connection"] = "close"
+            self.close_connection = True
         self._head(status, headers)
         if not body:
             return status
         cut = self.owner.take_cut(file.name) if not wanted else None
         rate = None if closed else self.owner.faults.rate
-        self._stream(key, file.path, (start, stop), cut, rate)
+        self._stream(key, content, (start, stop), cut, rate)
         return status
 
     def _stream(
-        self, key: str, path: Path, span: tuple[int, int], cut: int | None, rate: float | None
+        self, key: str, content: _Body, span: tuple[int, int], cut: int | None, rate: float | None
     ) -> None:
         self.owner.streams(+1)
         try:
-            self._send_bytes(key, path, span, cut, rate)
+            self._send_bytes(key, content, span, cut, rate)
         finally:
             self.owner.streams(-1)
 
     def _send_bytes(
-        self, key: str, path: Path, span: tuple[int, int], cut: int | None, rate: float | None
+        self, key: str, content: _Body, span: tuple[int, int], cut: int | None, rate: float | None
     ) -> None:
         start, stop = span
         began = time.monotonic()
         sent = 0
-        with path.open("rb") as fh:
-            fh.seek(start)
+        with content.path.open("rb") as fh:
             while start + sent < stop:
                 size = min(CHUNK, stop - start - sent)
                 if cut is not None:
@@ -357,7 +417,7 @@ class _Handler(BaseHTTPRequestHandler):
                         self.wfile.flush()
                         self.connection.close()  # mid-file: the client sees a short body
                         return
-                chunk = fh.read(size)
+                chunk = content.read(fh, start + sent, size)
                 try:
                     self.wfile.write(chunk)
                 except OSError:
@@ -393,8 +453,28 @@ class _Handler(BaseHTTPRequestHandler):
         return status
 
 
-def _sibling(file: HubFile, *, blobs: bool) -> dict[str, Any]:
-    sibling: dict[str, Any] = {"rfilename": file.name}
+@dataclass(frozen=True)
+class _Body:
+    """A file's bytes, then `extra` spaces (a body longer than the size listed)."""
+
+    path: Path
+    extra: int
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size + self.extra
+
+    def read(self, fh: Any, offset: int, size: int) -> bytes:
+        own = self.path.stat().st_size
+        data = b""
+        if offset < own:
+            fh.seek(offset)
+            data = fh.read(min(size, own - offset))
+        return data + b" " * (size - len(data))
+
+
+def _sibling(file: HubFile, lies: Lies, *, blobs: bool) -> dict[str, Any]:
+    sibling: dict[str, Any] = {"rfilename": lies.names.get(file.name, file.name)}
     if blobs:
         sibling |= {"size": file.size, "blobId": file.blob_id}
         if file.sha256 is not None:
@@ -402,9 +482,9 @@ def _sibling(file: HubFile, *, blobs: bool) -> dict[str, Any]:
     return sibling
 
 
-def _tree_entry(file: HubFile) -> dict[str, Any]:
+def _tree_entry(file: HubFile, lies: Lies) -> dict[str, Any]:
     entry: dict[str, Any] = {"type": "file", "oid": file.blob_id, "size": file.size}
-    entry["path"] = file.name
+    entry["path"] = lies.names.get(file.name, file.name)
     if file.sha256 is not None:
         entry["lfs"] = {"oid": file.sha256, "size": file.size, "pointerSize": 134}
     return entry

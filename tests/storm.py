@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import psutil
 
-from service.memory.host import shared_memory_bytes
 from tests.handles.spawn import Process, spawn_worker
+from tests.shared_memory import held_shared_memory
 
 NAMES = ("s0", "s1", "s2")
 
@@ -61,8 +61,9 @@ class StormReport:
 
 
 def footprint(pid: int) -> int:
-    """What the service holds: its RSS plus the kernel's shared memory (the arenas)."""
-    return int(psutil.Process(pid).memory_info().rss) + shared_memory_bytes()
+    """What the service holds: its RSS plus the shared memory (the arenas) its processes
+    hold, and nobody else's (tests/shared_memory.py)."""
+    return int(psutil.Process(pid).memory_info().rss) + held_shared_memory(pid)
 
 
 class Storm:

@@ -3,16 +3,26 @@ registry (ready shareable models only) and goes away at shutdown."""
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import stat
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 
 from service.app import create_app
-from service.node_features import label_name
+from service.loaders.held import Held, Placed
+from service.loading.spec import LoadRequest, Task
+from service.node_features import NodeFeatures, label_name
+from service.private_dir import FolderUnsafe
+from service.registry.record import ModelRecord
+from service.registry.states import State
 from service.settings import Settings
+from service.state.writer import OrderedWriter
 from tests.conftest import load
 
 LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
@@ -64,3 +74,92 @@ def test_the_file_lists_ready_shareable_models_and_goes_at_shutdown(
         assert features(path) == ["basehold.ready=true", "basehold-model.kept=ready"]
     assert not path.exists()  # the service stopped: its labels go
     assert list(path.parent.iterdir()) == []  # and no temporary file is left behind
+
+
+def written(path: Path) -> NodeFeatures:
+    """A started NodeFeatures on `path` (the service is up: the file says so)."""
+    nfd = NodeFeatures(path, OrderedWriter())
+    nfd.start()
+    return nfd
+
+
+def test_a_planted_symlink_is_never_followed(tmp_path: Path) -> None:
+    """A group member once could write the folder: their symlinks, at the file's name and
+    at the temporary name the old code used, point at the service's HF token. Neither is
+    followed: the token keeps its bytes and its 0600, and the file is a file of its own."""
+    folder = tmp_path / "features.d"
+    folder.mkdir(mode=0o755)
+    token = tmp_path / "hf-token"
+    token.write_bytes(b"hf_secret\n")
+    token.chmod(0o600)
+    path = folder / "basehold"
+    path.symlink_to(token)
+    (folder / f".basehold.{os.getpid()}.tmp").symlink_to(token)
+    old = os.umask(0o077)  # the mode is set on the fd, whatever the umask
+    try:
+        nfd = written(path)
+    finally:
+        os.umask(old)
+    assert token.read_bytes() == b"hf_secret\n"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert not path.is_symlink() and features(path) == ["basehold.ready=true"]
+    assert stat.S_IMODE(path.lstat().st_mode) == 0o644  # NFD's worker reads it as another user
+    nfd.stop()
+    assert not path.exists() and token.read_bytes() == b"hf_secret\n"
+    assert list(folder.iterdir()) == []  # the planted temporary symlink is cleared too
+
+
+@pytest.mark.parametrize("mode", [0o775, 0o757, 0o777])
+def test_a_folder_others_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    folder = tmp_path / "features.d"
+    folder.mkdir()
+    folder.chmod(mode)  # the old reference DaemonSet made it 0775 for the socket group
+    with pytest.raises(FolderUnsafe, match=r"writable by others.*BASEHOLD_NODE_FEATURES_FILE"):
+        written(folder / "basehold")
+    assert list(folder.iterdir()) == []
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        socket=tmp_path / "socket" / "basehold.sock",
+        node_features_file=folder / "basehold",
+    )
+    with pytest.raises(FolderUnsafe, match="writable by others"):
+        create_app(settings)  # refused before anything starts
+
+
+def test_a_folder_of_another_user_is_refused(tmp_path: Path) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to give the folder away")
+    folder = tmp_path / "features.d"
+    folder.mkdir(mode=0o755)
+    os.chown(folder, 4242, 4242)
+    with pytest.raises(FolderUnsafe, match="belongs to uid 4242"):
+        written(folder / "basehold")
+
+
+def test_a_folder_made_unsafe_after_start_gets_no_more_writes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "features.d"
+    folder.mkdir(mode=0o755)
+    path = folder / "basehold"
+    nfd = written(path)
+    folder.chmod(0o775)
+    held = Held(
+        task=Task.CAUSAL_LM,
+        architecture="LlamaForCausalLM",
+        dtype="float32",
+        parameters=1,
+        resolved_revision=None,
+        by_device={"cpu": 1},
+        device_map={"": "cpu"},
+        placed=Placed(shareable=True),
+        checkpoint=tmp_path,
+        allowed=(tmp_path,),
+    )
+    record = ModelRecord(id="m", name=None, spec=LoadRequest(source="/m"), key="k", loaded=held)
+    with caplog.at_level(logging.WARNING, "basehold.node_features"):
+        nfd.on_transition(record, State.LOADING, State.READY)
+    assert features(path) == ["basehold.ready=true"]  # not rewritten
+    assert "writable by others" in caplog.text
+    folder.chmod(0o755)
+    nfd.stop()

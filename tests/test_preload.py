@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from fastapi.testclient import TestClient
 
+from service.app import create_app
+from service.registry.record import utcnow
+from service.settings import Settings
+from service.state.database import ModelRow, StateDB
+from service.state.lock import StateDirLocked, StateLock
 from tests.conftest import ClientFactory, estimated_sizes, load, until
 
 
@@ -96,3 +104,83 @@ def test_pinned_models_are_never_evicted(make_client: ClientFactory, models_root
     )
     assert refused.status_code == 507, refused.text
     assert older["id"] in _held(client)
+
+
+def test_preload_waits_for_the_state_lock(
+    tmp_path: Path, models_root: Path, socket_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Preload ran beside startup, before the state lock was taken: a service that could
+    not start (another one serves its state directory) loaded models anyway."""
+    preload = tmp_path / "preload.yaml"
+    preload.write_text(yaml.safe_dump([{"source": str(models_root / "gpt2"), "name": "m"}]))
+    settings = Settings(
+        state_dir=tmp_path / "state", socket=socket_path, model_roots=[models_root], preload=preload
+    )
+    app = create_app(settings)
+    # The thread that starts the loader template (and used to preload right after).
+    warming: list[threading.Thread] = []
+    warm = app.state.loaders.warm
+
+    def noted_warm() -> None:
+        warming.append(threading.current_thread())
+        warm()
+
+    monkeypatch.setattr(app.state.loaders, "warm", noted_warm)
+    other = StateLock(settings.state_dir)
+    other.acquire()
+    try:
+        with pytest.raises(StateDirLocked), TestClient(app, base_url="http://localhost"):
+            pass
+        until(lambda: warming, "the loader template was never started", 30)
+        warming[0].join(60)
+        assert not warming[0].is_alive(), "the loader template never started"
+        assert app.state.registry.records() == [], "a service that did not start preloaded"
+        assert not app.state.preload.done
+    finally:
+        other.release()
+        app.state.registry.shutdown()
+
+
+def test_preload_runs_after_restore(
+    tmp_path: Path, models_root: Path, socket_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model both restored and preloaded is restored, then found by the preload: one
+    load. Preload used to run before restore, whose record then replaced the preload's
+    active one (two loads of one id)."""
+    spec: dict[str, object] = {
+        "source": str(models_root / "gpt2"),
+        "name": "base",
+        "dtype": "float32",
+    }
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    db = StateDB.open(state)
+    now = utcnow()
+    db.put_model(ModelRow("base", "base", spec, "k" * 64, "ready", now, now))
+    db.close()
+    preload = tmp_path / "preload.yaml"
+    preload.write_text(yaml.safe_dump([spec]))
+    app = create_app(
+        Settings(state_dir=state, socket=socket_path, model_roots=[models_root], preload=preload)
+    )
+    registry = app.state.registry
+    calls: list[str] = []
+
+    def noted(name: str) -> Callable[..., Any]:
+        real = getattr(registry, name)
+
+        def call(*args: Any) -> Any:
+            calls.append(name)
+            return real(*args)
+
+        return call
+
+    for name in ("restore", "submit"):
+        monkeypatch.setattr(registry, name, noted(name))
+    with TestClient(app, base_url="http://localhost") as client:
+        until(lambda: _ready(client), "/readyz never said ready", 120)
+        assert calls == ["restore", "submit"]
+        held = _held(client)
+        assert list(held) == ["base"] and held["base"]["state"] == "ready"
+        timings = held["base"]["timings"]
+        assert isinstance(timings, dict) and timings["restored_at"] is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated, Any
 
@@ -69,6 +70,19 @@ async def caller_scopes(
 
 
 ScopesDep = Annotated[frozenset[str], Depends(caller_scopes)]
+
+
+async def caller_key(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str | None:
+    """A fingerprint of the request's API key (never the key), to count what one key
+    holds; None without one. Use it beside `require`, which checks the key."""
+    if credentials is None:
+        return None
+    return hashlib.sha256(credentials.credentials.encode()).hexdigest()[:16]
+
+
+KeyDep = Annotated[str | None, Depends(caller_key)]
 
 
 def require(*scopes: Scope) -> Any:

@@ -7,18 +7,25 @@
 - Without API keys, a request whose `Host` is not a loopback name or one of
   `allowed_hosts` answers 400 `invalid_host`: a web page the operator visits cannot reach
   the service through a DNS name it rebinds to 127.0.0.1.
+- A path with a control character (once percent-decoded: `%00` and the rest of C0, and
+  DEL) answers 400 `invalid_path`, whatever route it is for: no model id, lease id or
+  file name has one, a NUL cannot reach the kernel (a 500 before), and none reaches a
+  log line or a header.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.problems import problem
+from service.errors import InvalidPath
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 async def _answer(
@@ -78,6 +85,19 @@ class RequestGuards:
                 "This service has no API keys and answers only to loopback names (localhost, "
                 "127.0.0.1, ::1). Use one of those, or add this host to "
                 "BASEHOLD_ALLOWED_HOSTS (better: configure BASEHOLD_API_KEYS).",
+            )
+            return
+        if _CONTROL.search(scope.get("path", "")):
+            await _answer(
+                scope,
+                receive,
+                send,
+                InvalidPath.status,
+                InvalidPath.code,
+                InvalidPath.title,
+                "The path has a control character (a NUL, a line break, ...); no model id, "
+                "lease id or file name has one. Check how the URL was built (percent-encoded "
+                "%00-%1F or %7F).",
             )
             return
         declared = headers.get(b"content-length")

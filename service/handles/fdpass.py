@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import random
 import selectors
 import socket
 import struct
@@ -29,13 +30,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.handles.throttled_log import ThrottledLog
 from service.private_dir import FolderUnsafe, check_parent, check_private
 
 log = logging.getLogger("basehold.handles")
 
 MAX_LINE = 4096
 MAX_FDS = 64  # the arena and one segment per GPU
-TIMEOUT_S = 5.0
+TIMEOUT_S = 2.0  # a worker sends its one line as soon as it connects
+# A connection this young is never closed to make room for another: a worker's request
+# follows its connect at once, so only one that sits idle longer can lose its slot.
+GRACE_S = 0.25
+# `busy` answers are retried with exponential backoff (and jitter) within the deadline.
+BUSY_FIRST_S = 0.05
+BUSY_MAX_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,7 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
 class _Conn:
     sock: socket.socket
     peer: Peer
+    accepted: float
     deadline: float
     data: bytes = b""
 
@@ -133,11 +142,19 @@ class ArenaServer:
 
     One thread multiplexes every connection (non-blocking, `selectors`): an idle or slow
     client costs an fd, never a thread, and each must send its whole request line within
-    `deadline` seconds or is cut off. A peer (uid, pid) holds at most `per_peer`
-    connections and all peers `max_connections`; past either, new connections are told
-    `busy` and closed. Complete requests are authorized and answered by a small pool.
-    Running out of fds (EMFILE) pauses accepting for a moment and never ends the loop;
-    `serving` says whether the loop runs (`/readyz` answers 503 when it does not)."""
+    `deadline` seconds or is cut off. Connections waiting for their request are capped
+    per peer (uid, pid) at `per_peer`, per uid at `per_uid` and in all at
+    `max_connections`. A new connection past a cap takes the slot of the oldest waiting
+    connection under that cap, if that one has waited `grace` seconds (a worker sends its
+    request at once: only an idle or stalled client waits that long); else it is told
+    `busy` and closed (workers retry). So idle clients cannot hold slots: a peer the
+    server cannot tell apart from others (pid 0: every process of a uid in a sibling
+    container) or 40 idle processes turn nobody away for longer than `grace`.
+    Complete requests are authorized and answered by a small pool. What clients provoke
+    (turned away, cut off, refused) is logged at most once per `log_every` seconds per
+    kind, with a count of what was left out. Running out of fds (EMFILE) pauses
+    accepting for a moment and never ends the loop; `serving` says whether the loop runs
+    (`/readyz` answers 503 when it does not)."""
 
     def __init__(
         self,
@@ -147,14 +164,20 @@ class ArenaServer:
         group: int | None = None,
         deadline: float = TIMEOUT_S,
         per_peer: int = 16,
+        per_uid: int = 64,
         max_connections: int = 512,
+        grace: float = GRACE_S,
+        log_every: float = 60.0,
     ) -> None:
         self.path = path
         self._authorize = authorize
         self._group = group
         self._deadline = deadline
         self._per_peer = per_peer
+        self._per_uid = per_uid
         self._max_connections = max_connections
+        self._grace = grace
+        self._log = ThrottledLog(log, log_every)
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="arena-socket")
@@ -164,6 +187,8 @@ class ArenaServer:
         self._selector: selectors.BaseSelector | None = None
         self._paused_until = 0.0
         self.accept_errors = 0
+        self.refused = 0  # new connections told `busy`
+        self.evicted = 0  # waiting connections closed to make room for a new one
 
     @property
     def serving(self) -> bool:
@@ -233,6 +258,7 @@ class ArenaServer:
                     elif key.fileobj is not self._wake_r:
                         self._receive(selector, self._conns[key.fd])
                 self._cut_off_late(selector)
+                self._log.flush_due()
         except Exception:
             log.exception("arena socket: the serving loop failed; workers cannot attach")
         finally:
@@ -271,17 +297,39 @@ class ArenaServer:
     def _admit(self, selector: selectors.BaseSelector, sock: socket.socket) -> None:
         peer = Peer(*peer_credentials(sock))
         sock.setblocking(False)
+        now = time.monotonic()
         # Per (uid, pid): pid 0 is every peer of that uid in another PID namespace.
-        mine = sum(
-            1 for c in self._conns.values() if (c.peer.uid, c.peer.pid) == (peer.uid, peer.pid)
-        )
-        if mine >= self._per_peer or len(self._conns) >= self._max_connections:
-            log.warning("arena socket: too many connections; turned away %s", peer)
-            detail = "too many open connections from you or in all; close idle ones and retry"
-            self._send(sock, {"ok": False, "code": "busy", "detail": detail})
-            sock.close()
-            return
-        conn = _Conn(sock, peer, time.monotonic() + self._deadline)
+        caps: list[tuple[Callable[[Peer], bool], int]] = [
+            (lambda p: (p.uid, p.pid) == (peer.uid, peer.pid), self._per_peer),
+            (lambda p: p.uid == peer.uid, self._per_uid),
+            (lambda p: True, self._max_connections),
+        ]
+        for under, cap in caps:
+            waiting = [c for c in self._conns.values() if under(c.peer)]  # oldest first
+            if len(waiting) < cap:
+                continue
+            oldest = waiting[0] if waiting else None
+            if oldest is None or now - oldest.accepted < self._grace:
+                self.refused += 1
+                self._log.warning(
+                    "turned away", "arena socket: too many connections; turned away %s", peer
+                )
+                detail = "too many open connections from you or in all; retry shortly"
+                self._send(sock, {"ok": False, "code": "busy", "detail": detail})
+                sock.close()
+                return
+            self.evicted += 1
+            self._log.warning(
+                "closed to make room",
+                "arena socket: %s sent no complete request in %.1f s; closed to make room for %s",
+                oldest.peer,
+                now - oldest.accepted,
+                peer,
+            )
+            detail = "closed to make room: send your request as soon as you connect, and retry"
+            self._send(oldest.sock, {"ok": False, "code": "busy", "detail": detail})
+            self._close(selector, oldest)
+        conn = _Conn(sock, peer, now, now + self._deadline)
         self._conns[sock.fileno()] = conn
         selector.register(sock, selectors.EVENT_READ)
 
@@ -303,7 +351,8 @@ class ArenaServer:
     def _cut_off_late(self, selector: selectors.BaseSelector) -> None:
         now = time.monotonic()
         for conn in [c for c in self._conns.values() if c.deadline <= now]:
-            log.warning(
+            self._log.warning(
+                "cut off",
                 "arena socket: %s sent no complete request in %.0f s; closed",
                 conn.peer,
                 self._deadline,
@@ -326,7 +375,7 @@ class ArenaServer:
                 request = json.loads(line)
                 lease_id, secret = str(request["lease_id"]), str(request["secret"])
             except (ValueError, KeyError, TypeError):
-                log.warning("arena socket: malformed request from %s", conn.peer)
+                self._log.warning("malformed", "arena socket: malformed request from %s", conn.peer)
                 detail = "send one JSON line with lease_id and secret"
                 self._send(conn.sock, {"ok": False, "code": "bad_request", "detail": detail})
                 return
@@ -335,7 +384,13 @@ class ArenaServer:
             except Exception as exc:
                 code = str(getattr(exc, "code", "internal"))
                 detail = str(getattr(exc, "message", exc))
-                log.warning("arena socket: refused %s for %s: %s", lease_id[:64], conn.peer, code)
+                self._log.warning(
+                    f"refused {code[:32]}",
+                    "arena socket: refused %s for %s: %s",
+                    lease_id[:64],
+                    conn.peer,
+                    code,
+                )
                 self._send(conn.sock, {"ok": False, "code": code, "detail": detail})
                 return
             try:
@@ -378,11 +433,35 @@ def receive_fds(
 ) -> list[int]:
     """Worker side: ask the service at `path` for the fds of `lease_id`'s model: the
     arena's, then one per device segment. The peer must run as `socket_uid` (the handle
-    says which uid serves the socket): a socket someone else swapped in gets no secret."""
+    says which uid serves the socket): a socket someone else swapped in gets no secret.
+    A `busy` service (too many connections waiting, or a full accept queue) is asked again
+    with exponential backoff and jitter until `timeout` seconds have passed in all."""
+    deadline = time.monotonic() + timeout
+    pause = BUSY_FIRST_S
+    while True:
+        try:
+            return _ask(path, lease_id, secret, socket_uid, max(deadline - time.monotonic(), 0.1))
+        except ArenaRefused as exc:
+            left = deadline - time.monotonic()
+            if exc.code != "busy" or left <= 0:
+                raise
+        # Half the pause fixed, half random: workers turned away together spread out.
+        time.sleep(min(pause / 2 + random.uniform(0, pause / 2), left))
+        pause = min(pause * 2, BUSY_MAX_S)
+
+
+def _ask(
+    path: str, lease_id: str, secret: str, socket_uid: int | None, timeout: float
+) -> list[int]:
+    """One request: the fds, or ArenaRefused."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
         try:
             conn.connect(path)
+        except BlockingIOError:  # EAGAIN: the accept queue is full
+            raise ArenaRefused(
+                "busy", f"the service's socket {path} accepts no more connections for now"
+            ) from None
         except OSError as exc:
             raise ArenaRefused(
                 "socket_unreachable",

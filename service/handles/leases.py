@@ -4,6 +4,10 @@ A lease is a capability: its secret is returned once, at grant, and only its SHA
 kept (here and in the state database). Renewing, releasing and fetching the arena need the
 secret. The table writes through to the state database (when given one), so leases
 survive a restart with their ids and secrets: a worker renews into the restarted service.
+
+A grant may name the API key that asked for it (a fingerprint, never the key) with a cap:
+one key holds at most that many leases on one model, whatever holder names it sends. The
+fingerprint lives in memory only: leases restored after a restart count for no key.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
-from service.errors import LeaseForbidden, LeaseNotFound
+from service.errors import LeaseForbidden, LeaseNotFound, TooManyLeases
 from service.state.database import LeaseRow, StateDB
 from service.state.writer import OrderedWriter, WriterLock
 
@@ -55,6 +59,7 @@ class LeaseTable:
         self._grace = timedelta(seconds=grace_seconds)
         self._holds: dict[str, datetime] = {}
         self._ended: OrderedDict[str, EndReason] = OrderedDict()
+        self._keys: dict[str, str] = {}  # lease id -> the fingerprint of the key that took it
 
     def persist_to(self, db: StateDB) -> None:
         """Write through to `db` from now on (set at startup, state lock held)."""
@@ -80,8 +85,18 @@ class LeaseTable:
             self._delete(dropped)
         return kept
 
-    def grant(self, model_id: str, holder: str, ttl_seconds: int) -> tuple[Lease, str]:
-        """A new lease and its secret (shown once; only its hash is kept)."""
+    def grant(
+        self,
+        model_id: str,
+        holder: str,
+        ttl_seconds: int,
+        *,
+        key: str | None = None,
+        max_per_key: int | None = None,
+    ) -> tuple[Lease, str]:
+        """A new lease and its secret (shown once; only its hash is kept). `key`: the
+        fingerprint of the API key asking (None: no cap applies); it may hold at most
+        `max_per_key` leases on `model_id` (else TooManyLeases)."""
         now = _now()
         secret = secrets.token_urlsafe(32)
         lease = Lease(
@@ -94,9 +109,32 @@ class LeaseTable:
             secret_hash=_hash(secret),
         )
         with self._lock:
+            if key is not None and max_per_key is not None:
+                held = self._count_key(model_id, key)
+                if held >= max_per_key:
+                    raise TooManyLeases(
+                        f"This API key already holds {held} leases on {model_id} "
+                        f"(BASEHOLD_MAX_LEASES_PER_KEY={max_per_key}), whatever their holder "
+                        "names. Release leases you no longer use (DELETE /v1/leases/{id} "
+                        "with its secret; Client.attach releases its lease when its block "
+                        "ends), or ask the operator to raise the limit."
+                    )
+                self._keys[lease.id] = key
             self._leases[lease.id] = lease
             self._put(lease)
         return lease, secret
+
+    def count_key(self, model_id: str, key: str) -> int:
+        """Active leases on `model_id` taken with the API key of fingerprint `key`."""
+        with self._lock:
+            return self._count_key(model_id, key)
+
+    def _count_key(self, model_id: str, key: str) -> int:
+        return sum(
+            1
+            for lease_id, taker in self._keys.items()
+            if taker == key and self._leases[lease_id].model_id == model_id
+        )
 
     def check(self, lease_id: str, secret: str | None) -> Lease:
         """The lease, if `secret` is its secret; else LeaseForbidden (or LeaseNotFound)."""
@@ -123,6 +161,7 @@ class LeaseTable:
         with self._lock:
             lease = self._get(lease_id)
             del self._leases[lease_id]
+            self._keys.pop(lease_id, None)
             self._ended_now([lease_id], reason)
             self._delete([lease_id])
             self._hold(lease.model_id, _now() + self._grace)
@@ -201,6 +240,7 @@ class LeaseTable:
             gone = [lease for lease in self._leases.values() if which(lease)]
             for lease in gone:
                 del self._leases[lease.id]
+                self._keys.pop(lease.id, None)
             self._ended_now([lease.id for lease in gone], reason)
             self._delete([lease.id for lease in gone])
         return gone

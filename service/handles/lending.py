@@ -44,8 +44,18 @@ class Lending:
         self.max_leases_per_model = max_leases_per_model
         self.max_leases_per_holder = max_leases_per_holder
 
-    def grant(self, model_id: str, holder: str, ttl_seconds: int) -> Grant:
-        """A lease on a ready, shareable model, with its secret and the model's handle."""
+    def grant(
+        self,
+        model_id: str,
+        holder: str,
+        ttl_seconds: int,
+        *,
+        key: str | None = None,
+        max_per_key: int | None = None,
+    ) -> Grant:
+        """A lease on a ready, shareable model, with its secret and the model's handle.
+        `key`, `max_per_key`: the asking API key's fingerprint and its cap of leases on
+        one model (`LeaseTable.grant`)."""
 
         def take(record: ModelRecord) -> tuple[Lease, str]:
             held = self.table.count(record.id)
@@ -62,7 +72,9 @@ class Lending:
                     f"{self.max_leases_per_holder}). Release leases you no longer use, or "
                     "ask the operator to raise the limit."
                 )
-            return self.table.grant(record.id, holder, ttl_seconds)
+            return self.table.grant(
+                record.id, holder, ttl_seconds, key=key, max_per_key=max_per_key
+            )
 
         (lease, secret), handle = self.registry.lend(model_id, take)
         log.info("lease %s on %s granted to %s for %ss", lease.id, model_id, holder, ttl_seconds)

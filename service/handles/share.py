@@ -1,4 +1,7 @@
-"""Service side: put a loaded model's tensors into an arena and re-point the model to it."""
+"""In the loader process: put a loaded model's tensors into an arena and re-point the model
+to it. The handle it builds names the worker socket and its uid as the job says; the
+serving process puts its own in when it receives the manifest (a loader never chooses
+where workers send a lease's secret)."""
 
 from __future__ import annotations
 
@@ -120,9 +123,9 @@ def _quant4(plan: _Plan, name: str, module: Any) -> Quant4Module:
 
 @dataclass
 class Shared:
-    """A model placed in an arena: the handle, and what keeps the memory alive here (the
-    arena's fd and one fd per device segment, which the service and workers get copies
-    of, and this process's own mappings)."""
+    """A model placed in an arena: the handle, and what keeps the memory alive in the loader
+    (the arena's fd and one fd per device segment, which the serving process and workers
+    get copies of, and the loader's own mappings)."""
 
     handle: Handle
     arena: Arena
@@ -179,7 +182,7 @@ def _fill_segments(
 
 
 def _rebind(model: Any, handle: Handle, arena: dict[str, torch.Tensor]) -> None:
-    """Point the service's own model at the arena; the private copies are then freed."""
+    """Point the loader's model at the arena; the private copies are then freed."""
     modules = dict(model.named_modules())
     for name, entry in handle.parameters.items():
         owner, _, leaf = name.rpartition(".")

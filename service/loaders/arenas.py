@@ -74,11 +74,6 @@ class HeldArenas:
             os.close(fd)
         return arena
 
-    def runner(self, load_id: str) -> LoaderProcess | None:
-        with self._lock:
-            held = self._held.get(load_id)
-            return held.runner if held is not None else None
-
     def release(self, load_id: str, keep_until: datetime | None = None) -> None:
         """Close the arena's fd and end the runner now; the segments' fds now, or at
         `keep_until` when revoked leases may still be reading them."""

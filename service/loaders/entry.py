@@ -1,5 +1,6 @@
-"""The loader process's entry point. Torch-free here, so the serving process can name it;
-the loader side it runs is already imported in the template."""
+"""The loader process's entry point, run in the child the template forked. Torch-free
+here, so the serving process can name it; the loader side it runs is already imported in
+the template."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import importlib
 import socket
 
 from service.loaders.job import Job
+from service.loaders.protocol import Kind
 
 
-def run(kind: str, sock: socket.socket, job: Job) -> None:
+def run(kind: Kind, sock: socket.socket, job: Job) -> None:
     child = importlib.import_module("service.loading.child")
     child.main(kind, sock, job)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.handles.descriptor import Handle
 from service.loading.spec import Task
@@ -15,6 +16,31 @@ class Placed:
     shareable: bool
     reason: str | None = None
     handle: Handle | None = None  # shareable models only
+
+
+class Manifest(BaseModel):
+    """A held model's facts as its loader reports them (`protocol.Ready`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task: Task
+    architecture: str
+    dtype: str
+    parameters: int = Field(ge=0)
+    resolved_revision: str | None
+    by_device: dict[str, int]
+    device_map: dict[str, str]
+    shareable: bool
+    reason: str | None
+    handle: Handle | None
+    checkpoint: Path
+    allowed: list[Path]
+
+    @model_validator(mode="after")
+    def _shareable_has_a_handle(self) -> Manifest:
+        if self.shareable and self.handle is None:
+            raise ValueError("a shareable model comes with its handle")
+        return self
 
 
 @dataclass
@@ -43,39 +69,43 @@ class Held:
         """Whether the loader stays alive holding the model: not shareable."""
         return not self.placed.shareable
 
-    def to_json(self) -> dict[str, Any]:
+    def served_by(self, socket: str, uid: int) -> Held:
+        """The same facts with the worker socket and its uid of the serving process: what
+        workers are told never comes from a loader."""
         handle = self.placed.handle
-        return {
-            "task": self.task.value,
-            "architecture": self.architecture,
-            "dtype": self.dtype,
-            "parameters": self.parameters,
-            "resolved_revision": self.resolved_revision,
-            "by_device": self.by_device,
-            "device_map": self.device_map,
-            "shareable": self.placed.shareable,
-            "reason": self.placed.reason,
-            "handle": handle.model_dump(mode="json") if handle is not None else None,
-            "checkpoint": str(self.checkpoint),
-            "allowed": [str(path) for path in self.allowed],
-        }
+        if handle is None:
+            return self
+        arena = handle.arena.model_copy(update={"socket": socket})
+        served = handle.model_copy(update={"arena": arena, "socket_uid": uid})
+        return replace(self, placed=replace(self.placed, handle=served))
+
+    def manifest(self) -> Manifest:
+        return Manifest(
+            task=self.task,
+            architecture=self.architecture,
+            dtype=self.dtype,
+            parameters=self.parameters,
+            resolved_revision=self.resolved_revision,
+            by_device=self.by_device,
+            device_map=self.device_map,
+            shareable=self.placed.shareable,
+            reason=self.placed.reason,
+            handle=self.placed.handle,
+            checkpoint=self.checkpoint,
+            allowed=list(self.allowed),
+        )
 
     @classmethod
-    def from_json(cls, facts: dict[str, Any]) -> Held:
-        handle = facts.get("handle")
+    def from_manifest(cls, facts: Manifest) -> Held:
         return cls(
-            task=Task(facts["task"]),
-            architecture=str(facts["architecture"]),
-            dtype=str(facts["dtype"]),
-            parameters=int(facts["parameters"]),
-            resolved_revision=facts.get("resolved_revision"),
-            by_device={str(k): int(v) for k, v in facts["by_device"].items()},
-            device_map={str(k): str(v) for k, v in facts["device_map"].items()},
-            placed=Placed(
-                shareable=bool(facts["shareable"]),
-                reason=facts.get("reason"),
-                handle=Handle.model_validate(handle) if handle is not None else None,
-            ),
-            checkpoint=Path(facts["checkpoint"]),
-            allowed=tuple(Path(path) for path in facts["allowed"]),
+            task=facts.task,
+            architecture=facts.architecture,
+            dtype=facts.dtype,
+            parameters=facts.parameters,
+            resolved_revision=facts.resolved_revision,
+            by_device=dict(facts.by_device),
+            device_map=dict(facts.device_map),
+            placed=Placed(shareable=facts.shareable, reason=facts.reason, handle=facts.handle),
+            checkpoint=facts.checkpoint,
+            allowed=tuple(facts.allowed),
         )

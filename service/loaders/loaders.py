@@ -1,13 +1,17 @@
 """Loads as processes: start a loader from the template, follow its messages (progress,
-admission, the manifest), and turn how it ended into a state."""
+admission, the manifest), and turn how it ended into a state.
+
+What a loader says is checked, never trusted further: every message is typed
+(`service.loaders.protocol`) and one that is not a message of the protocol (or brings the
+wrong fds) fails that load, its fds closed; a loader that says nothing for
+`stall_seconds` is killed (`loader_stalled`); the socket and uid workers are sent to are
+this process's, whatever the manifest says."""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-import threading
-import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -15,13 +19,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from service.errors import LoaderCrashed, relayed
+from service.errors import LoaderCrashed, LoaderStalled, relayed
 from service.loaders.arenas import HeldArenas
 from service.loaders.held import Held
-from service.loaders.job import Job, hub_env
+from service.loaders.job import Job, StandIn, hub_env
+from service.loaders.keeper import Liveness, Template
 from service.loaders.process import LoaderProcess
-from service.loaders.template import Template
-from service.loaders.wire import ChannelClosed
+from service.loaders.protocol import (
+    Estimated,
+    Failed,
+    FromLoader,
+    Go,
+    Prepared,
+    Progressed,
+    Ready,
+    Stop,
+)
+from service.loaders.template import REPLY_SECONDS
+from service.loaders.wire import BadMessage, ChannelClosed, ChannelTimeout, close_fds
 from service.loading.progress import Progress
 from service.loading.sources import HubOptions
 from service.loading.spec import LoadRequest
@@ -42,31 +57,26 @@ class LoaderSetup:
     threads: int = 1
     template: str | None = None  # a running template's socket (else the service starts one)
     memory_limit: int | None = None  # per loader, beyond the template's address space
-
-
-def _close(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
+    stall_seconds: float = 300.0  # a loader silent this long is killed (loader_stalled)
+    reply_seconds: float = REPLY_SECONDS  # the template's answer to a connection
 
 
 class Loaders:
     def __init__(self, setup: LoaderSetup) -> None:
+        """Refuses a shared template that cannot be trusted (`template.TemplateRefused`)."""
         self.setup = setup
         self.arenas = HeldArenas()
-        self.template = Template(setup.template)
-        self.template_ready = threading.Event()
+        self.template = Template(setup.template, reply_seconds=setup.reply_seconds)
 
     def warm(self) -> None:
         """Start the loader template (torch and friends import there, ~5 s on a small
-        node); /readyz waits for it. A failure is logged; loads then start it again."""
-        started = time.monotonic()
-        try:
-            self.template.ensure()
-        except Exception:
-            log.exception("the loader template did not start; loads will try again")
-            return
-        log.info("loader template ready in %.1f s", time.monotonic() - started)
-        self.template_ready.set()
+        node; a shared one is checked) and return once it serves, or at close. /readyz
+        follows it from then on; it is started again whenever it exits."""
+        self.template.wait_up()
+
+    def liveness(self) -> Liveness:
+        """Whether the template serves (`state` "up"), and what to say while it does not."""
+        return self.template.liveness()
 
     @property
     def roots(self) -> list[Path]:
@@ -85,12 +95,13 @@ class Loaders:
             offload_root=setup.offload_root,
             hub=setup.hub,
             socket=str(setup.socket),
-            cuda=setup.cuda,
-            segments=setup.segments,
+            cuda=StandIn.of(setup.cuda),
+            segments=StandIn.of(setup.segments),
             admitted=admitted,
             threads=setup.threads,
             memory_limit=setup.memory_limit,
             hub_env=hub_env(),
+            stall_seconds=setup.stall_seconds,
         )
 
     def estimate(self, spec: LoadRequest, token: str | None, *, full: bool) -> Estimate:
@@ -100,18 +111,17 @@ class Loaders:
         downloaded); else the config alone (hub sources fetch config.json only)."""
         job = self._job("", "", spec, token, False)
         helper = LoaderProcess(self.template, "prepare" if full else "estimate", job)
+        what = "The estimate's helper process"
         try:
-            message, fds = helper.recv()
-            _close(fds)
-        except ChannelClosed:
-            raise LoaderCrashed(
-                f"The estimate's helper process {helper.ended()}; see the server log."
-            ) from None
+            message, fds = self._next(helper, what)
+            close_fds(fds)
         finally:
             helper.stop()
-        if message.get("type") == "failed":
-            raise relayed(message["code"], message["message"], int(message["status"]))
-        return Estimate.from_json(message["estimate"])
+        if isinstance(message, Failed):
+            raise relayed(message.code, message.message, message.status)
+        if isinstance(message, Estimated):
+            return self._valued(helper, message, what)
+        raise self._unreadable(helper, what, f"{message.type} instead of an estimate")
 
     def start(
         self, model_id: str, load_id: str, spec: LoadRequest, token: str | None, admitted: bool
@@ -125,38 +135,87 @@ class Loaders:
     ) -> Held:
         """Follow a load to its manifest. `admit` raises if the load may not go on (the
         loader is then told to stop). Raises the load's own error, `LoadCancelled` once
-        `progress.cancel` is set, or `LoaderCrashed` when the process died."""
+        `progress.cancel` is set, `LoaderCrashed` when the process died or said something
+        this side cannot read, `LoaderStalled` when it said nothing for too long."""
+        what = f"The loader process of {loader.job.model_id}"
         while True:
-            try:
-                message, fds = loader.recv()
-            except ChannelClosed:
-                progress.check_cancelled()
-                raise LoaderCrashed(
-                    f"The loader process {loader.ended()} while loading {loader.job.model_id}; "
-                    "nothing else was affected. Load it again; if it keeps crashing, see the "
-                    "server log."
-                ) from None
-            kind = message.get("type")
-            if kind == "ready":
-                held = Held.from_json(message["facts"])
-                if len(fds) != (1 + held.segments if held.placed.shareable else 0):
-                    _close(fds)
-                    raise LoaderCrashed(f"the loader sent {len(fds)} fds for its manifest")
-                self.arenas.add(loader.job.load_id, held, fds, loader)
-                return held
-            _close(fds)
-            if kind == "progress":
-                progress.mirror(message["phase"], message["bytes_done"], message["bytes_total"])
-            elif kind == "prepared":
+            message, fds = self._next(loader, what, progress)
+            if isinstance(message, Ready):
+                return self._held(loader, message, fds, what)
+            if isinstance(message, Progressed):
+                progress.mirror(message.phase.value, message.bytes_done, message.bytes_total)
+            elif isinstance(message, Prepared):
+                estimate = self._valued(loader, message, what)
                 try:
-                    admit(Estimate.from_json(message["estimate"]))
+                    admit(estimate)
                 except BaseException:
                     with suppress(ChannelClosed):
-                        loader.send({"type": "stop"})
+                        loader.send(Stop())
                     raise
-                loader.send({"type": "go"})
-            elif kind == "failed":
-                raise relayed(message["code"], message["message"], int(message["status"]))
+                loader.send(Go())
+            elif isinstance(message, Failed):
+                raise relayed(message.code, message.message, message.status)
+            else:
+                raise self._unreadable(loader, what, f"{message.type} during a load")
+
+    def _next(
+        self, loader: LoaderProcess, what: str, progress: Progress | None = None
+    ) -> tuple[FromLoader, list[int]]:
+        """The loader's next message and its fds: only a manifest brings any."""
+        stall = self.setup.stall_seconds
+        try:
+            message, fds = loader.receive(stall)
+        except ChannelTimeout:
+            loader.kill()
+            if progress is not None:
+                progress.check_cancelled()
+            raise LoaderStalled(
+                f"{what} sent nothing for {stall:g} s (BASEHOLD_LOADER_STALL_SECONDS) and was "
+                "killed; a hub download or a disk may be stuck. Load it again; if its loads "
+                "are quiet that long on purpose, raise the setting. See the server log."
+            ) from None
+        except ChannelClosed:
+            if progress is not None:
+                progress.check_cancelled()
+            raise LoaderCrashed(
+                f"{what} {loader.ended()}; nothing else was affected. Load it again; if it "
+                "keeps crashing, see the server log."
+            ) from None
+        except BadMessage as exc:
+            if progress is not None:
+                progress.check_cancelled()
+            raise self._unreadable(loader, what, str(exc)) from None
+        if not isinstance(message, Ready) and fds:
+            close_fds(fds)
+            raise self._unreadable(loader, what, f"{len(fds)} fd(s) with {message.type}")
+        return message, fds
+
+    def _held(self, loader: LoaderProcess, ready: Ready, fds: list[int], what: str) -> Held:
+        held = Held.from_manifest(ready.facts)
+        expected = 1 + held.segments if held.placed.shareable else 0
+        if len(fds) != expected:
+            close_fds(fds)
+            raise self._unreadable(loader, what, f"a manifest with {len(fds)} fds, {expected} due")
+        # Workers are sent to this process's socket, checked against this process's uid.
+        held = held.served_by(str(self.setup.socket), os.getuid())
+        self.arenas.add(loader.job.load_id, held, fds, loader)
+        return held
+
+    def _valued(self, loader: LoaderProcess, message: Prepared | Estimated, what: str) -> Estimate:
+        try:
+            return message.value()
+        except BadMessage as exc:
+            raise self._unreadable(loader, what, str(exc)) from None
+
+    @staticmethod
+    def _unreadable(loader: LoaderProcess, what: str, why: str) -> LoaderCrashed:
+        """A loader that broke the protocol is stopped; its load fails, nothing else."""
+        loader.kill()
+        log.error("%s broke the loader protocol: %s", what, why)
+        return LoaderCrashed(
+            f"{what} sent a message this service cannot read ({why}) and was stopped; nothing "
+            "else was affected. Load it again; if it keeps happening, see the server log."
+        )
 
     def close(self) -> None:
         """At shutdown, after every model was let go: the template exits."""

@@ -1,19 +1,29 @@
 """One loader process, seen from the serving process: fork it from the template, talk to
-it over its channel, stop or kill it, and say how it ended."""
+it over its channel, stop or kill it, and say how it ended.
+
+Its end has one owner: a reaper thread per process reads the template's word of its exit
+(once) and sets an event; any number of threads wait on that event, so none of them ever
+reads the status connection or finds it closed under it."""
 
 from __future__ import annotations
 
-import select
 import signal
 import socket
 import threading
-import time
 from contextlib import suppress
-from typing import Any
+from typing import Protocol
 
 from service.loaders.job import Job
-from service.loaders.template import Template, read_status
-from service.loaders.wire import Channel
+from service.loaders.protocol import FROM_LOADER, FROM_TEMPLATE, Exited, FromLoader, Kind, Message
+from service.loaders.wire import BadMessage, Channel, ChannelClosed, ChannelTimeout, close_fds
+
+
+class Spawner(Protocol):
+    """What forks loaders (`service.loaders.keeper.Template`)."""
+
+    reply_seconds: float
+
+    def spawn(self, kind: Kind, job: Job, channel: socket.socket) -> tuple[int, Channel]: ...
 
 
 def _describe(exitcode: int | None) -> str:
@@ -29,7 +39,7 @@ def _describe(exitcode: int | None) -> str:
 
 
 class LoaderProcess:
-    def __init__(self, template: Template, kind: str, job: Job) -> None:
+    def __init__(self, template: Spawner, kind: Kind, job: Job) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.job = job
         try:
@@ -40,34 +50,41 @@ class LoaderProcess:
         finally:
             child.close()
         self.channel = Channel(parent)
+        self._reply_seconds = template.reply_seconds
         self._exitcode: int | None = None
-        self._lock = threading.Lock()  # the status is read once, by whoever asks first
+        self._ended = threading.Event()
+        self._lock = threading.Lock()  # kill() never shuts a status socket being closed
+        threading.Thread(target=self._reap, name=f"loader-{self.pid}", daemon=True).start()
 
-    def recv(self) -> tuple[dict[str, Any], list[int]]:
-        return self.channel.recv()
+    def _reap(self) -> None:
+        """The one reader of the status connection: the template sends the exit status
+        when it reaped the loader; a template that went away counts as SIGKILL."""
+        code = -int(signal.SIGKILL)
+        try:
+            self._status.wait_readable()
+            message, fds = self._status.receive(FROM_TEMPLATE, self._reply_seconds)
+            close_fds(fds)
+            if isinstance(message, Exited):
+                code = message.status
+        except (ChannelClosed, ChannelTimeout, BadMessage, OSError):
+            pass
+        with self._lock:
+            self._exitcode = code
+            self._status.close()
+        self._ended.set()
 
-    def send(self, message: dict[str, Any]) -> None:
+    def receive(self, timeout: float | None = None) -> tuple[FromLoader, list[int]]:
+        """The loader's next message and its fds (see `Channel.receive`)."""
+        return self.channel.receive(FROM_LOADER, timeout)
+
+    def send(self, message: Message) -> None:
         self.channel.send(message)
 
     def wait(self, timeout: float | None = None) -> int | None:
         """The exit code once it ended (negative: the signal), None if still running."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._lock:
-                if self._exitcode is not None:
-                    return self._exitcode
-                status = self._status
-            # Short slices: another thread may read the status (and close it) meanwhile.
-            left = 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
-            ready, _, _ = select.select([status], [], [], left)
-            if ready:
-                with self._lock:
-                    if self._exitcode is None:
-                        self._exitcode = read_status(status)
-                        status.close()
-                    return self._exitcode
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
+        self._ended.wait(timeout)
+        with self._lock:
+            return self._exitcode
 
     def ended(self, timeout: float = 5.0) -> str:
         """How it ended, for `loader_crashed` ("was killed by SIGKILL")."""
@@ -79,7 +96,7 @@ class LoaderProcess:
         with self._lock:
             if self._exitcode is None:
                 with suppress(OSError):
-                    self._status.shutdown(socket.SHUT_WR)
+                    self._status.sock.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
         """Let go of its channel (it ended, or is about to)."""

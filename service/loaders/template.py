@@ -1,32 +1,50 @@
-"""The pre-imported template loaders fork from (`service.loaders.forker`): a process that
-imported torch, transformers, accelerate and bitsandbytes once. Forking a loader from it
-costs milliseconds; the serving process itself never imports them.
+"""The pre-imported template loaders fork from (`service.loaders.forker`), seen from the
+serving process: start one, check one, and ask one for a loader.
 
-Each service starts its own template (a private socket in a 0700 folder; the template
-exits with the service), or uses a running one named by BASEHOLD_LOADER_TEMPLATE (one
-template for several instances of the same user on a node; the test suite shares one).
+A template imported torch, transformers, accelerate and bitsandbytes once: forking a
+loader from it costs milliseconds; the serving process itself never imports them. Each
+service starts its own (a private socket in a 0700 folder; it exits with the service), or
+uses a running one named by BASEHOLD_LOADER_TEMPLATE (one template for several instances
+of the same user on a node; the test suite shares one).
+
+A template gets every load's job, with its hub token, and hands back what workers map: it
+is trusted only once checked. Its socket's folder must be this user's alone, the process
+at the other end of every connection must run as this uid (SO_PEERCRED, checked before a
+byte is sent), and it must answer the handshake in this loader protocol's version.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-import pickle
-import shutil
+import select
 import socket
-import struct
 import subprocess
 import sys
-import tempfile
-import threading
+import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from service.loaders.wire import ChannelClosed, recv_exactly
+from service.handles.fdpass import peer_credentials
+from service.loaders.job import Job
+from service.loaders.protocol import (
+    FROM_TEMPLATE,
+    PROTOCOL_VERSION,
+    Hello,
+    Kind,
+    Refused,
+    Spawn,
+    Spawned,
+)
+from service.loaders.wire import BadMessage, Channel, ChannelClosed, ChannelTimeout, close_fds
+from service.private_dir import FolderUnsafe, check_private
 
-# The template's protocol (service.loaders.forker answers it): a request's header (the
-# job's length), then the child's pid and, when it ends, its exit status.
-HEADER = struct.Struct("!I")
-STATUS = struct.Struct("!i")
+log = logging.getLogger("basehold.loaders")
+
+SETTING = "BASEHOLD_LOADER_TEMPLATE"
+START_SECONDS = 300.0  # imports on a cold disk; a template that takes longer is stuck
+REPLY_SECONDS = 30.0  # the template answers a connection at once (it only forks)
 
 # What the template imports before it forks anything: the loader side of every load, what
 # every from_pretrained imports on first use (~1 s that each loader would pay again), the
@@ -66,12 +84,24 @@ def preload() -> list[str]:
 
 
 class TemplateUnavailable(RuntimeError):
-    pass
+    """No template answers now (not running, exited, or too slow): a retry may find one."""
 
 
-def start(address: Path, *, owned: bool, log: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
-    """Start a template listening on `address`; returns once it has imported everything.
-    `owned`: it exits when this process closes its stdin (or dies)."""
+class TemplateRefused(FolderUnsafe):
+    """A template that must not be trusted (another uid serves it, others can write its
+    folder, or it speaks another protocol version); the message says what to change."""
+
+
+def start(
+    address: Path,
+    *,
+    owned: bool,
+    log: IO[bytes] | None = None,
+    timeout: float = START_SECONDS,
+) -> subprocess.Popen[bytes]:
+    """Start a template listening on `address`; returns once it has imported everything
+    (TemplateUnavailable if it exits first or takes over `timeout` seconds). `owned`: it
+    exits when this process closes its stdin (or dies)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     # A loader is a fresh process: every buffer a load allocates is new memory to fault in
     # (a long-lived process reused its allocator's cache). Transparent huge pages for
@@ -86,77 +116,145 @@ def start(address: Path, *, owned: bool, log: IO[bytes] | None = None) -> subpro
         env=env,
     )
     assert process.stdout is not None
-    line = process.stdout.readline()
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([process.stdout], [], [], left)[0]:
+            _end(process)
+            raise TemplateUnavailable(f"the loader template did not start in {timeout:g} s")
+        chunk = os.read(process.stdout.fileno(), 64)
+        if not chunk:
+            break
+        line += chunk
     if line.strip() != b"ready":
-        process.kill()
-        process.wait()
-        raise TemplateUnavailable(f"the loader template exited ({process.returncode})")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)  # it exits: say how
+        _end(process)
+        raise TemplateUnavailable(
+            f"the loader template exited while starting ({_exit_words(process.returncode)}); "
+            "see the server log"
+        )
     return process
 
 
-class Template:
-    def __init__(self, address: str | None = None) -> None:
-        self._shared = address or None  # "" (an unset variable in some tools): none
-        self._address: str | None = self._shared
-        self._process: subprocess.Popen[bytes] | None = None
-        self._folder: str | None = None
-        self._lock = threading.Lock()
-
-    def ensure(self) -> str:
-        """The template's address, starting ours (and waiting for its imports) if needed."""
-        with self._lock:
-            if self._shared is not None:
-                return self._shared
-            if self._process is not None and self._process.poll() is None:
-                assert self._address is not None
-                return self._address
-            self._folder = self._folder or tempfile.mkdtemp(prefix="basehold-template-")
-            address = str(Path(self._folder) / "template.sock")
-            Path(address).unlink(missing_ok=True)
-            self._process = start(Path(address), owned=True)
-            self._address = address
-            return address
-
-    def spawn(self, kind: str, job: Any, channel: socket.socket) -> tuple[int, socket.socket]:
-        """Fork a loader running `kind` on `job`, talking over `channel` (passed to it);
-        returns its pid and the connection its exit status will arrive on."""
-        body = pickle.dumps((kind, job))
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            conn.connect(self.ensure())
-            # The loader logs where we log: our stderr goes with the request.
-            socket.send_fds(conn, [HEADER.pack(len(body))], [channel.fileno(), 2])
-            conn.sendall(body)
-            (pid,) = STATUS.unpack(recv_exactly(conn, STATUS.size))
-        except ChannelClosed:
-            conn.close()
-            raise TemplateUnavailable("the loader template hung up") from None
-        except BaseException:
-            conn.close()
-            raise
-        return pid, conn
-
-    def close(self) -> None:
-        """Our template exits (its stdin closes); a shared one is left alone."""
-        with self._lock:
-            process, self._process = self._process, None
-        if process is not None:
-            if process.stdin is not None:
-                process.stdin.close()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
+def _end(process: subprocess.Popen[bytes]) -> None:
+    process.kill()
+    process.wait()
+    for stream in (process.stdin, process.stdout):
+        if stream is not None:
+            stream.close()
 
 
-def read_status(conn: socket.socket) -> int:
-    """The exit status the template sent; a template that went away counts as SIGKILL."""
+def _exit_words(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    return f"signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def check_folder(address: str) -> None:
+    """The folder of a shared template's socket: this user's, and no one else can write
+    it (else someone could put their own template in its place)."""
     try:
-        return int(STATUS.unpack(recv_exactly(conn, STATUS.size))[0])
-    except (ChannelClosed, OSError):
-        return -9
+        check_private(Path(address).parent, SETTING, create=False)
+    except FileNotFoundError:
+        raise TemplateUnavailable(f"the folder of {address} does not exist") from None
+    except FolderUnsafe as exc:
+        raise TemplateRefused(str(exc)) from None
+
+
+def check_template(address: str | None, timeout: float = REPLY_SECONDS) -> None:
+    """At start: refuse a shared template that cannot be trusted (TemplateRefused). One that
+    is not there yet passes: loads fail `loader_unavailable` until it answers."""
+    if not address:
+        return
+    try:
+        check_folder(address)
+        connect(address, timeout).close()
+    except TemplateUnavailable as exc:
+        log.warning(
+            "the shared loader template does not answer yet (%s); loads fail until it does", exc
+        )
+
+
+def connect(address: str, timeout: float, *, watch: bool = False) -> Channel:
+    """A connection to the template at `address` that passed the checks: served by this
+    uid (before anything is sent) and answering the handshake in this protocol."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address)
+        except TimeoutError:
+            raise TemplateUnavailable(
+                f"{address} did not take the connection in {timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise TemplateUnavailable(f"nothing serves {address} ({exc.strerror})") from None
+        sock.settimeout(None)
+        _, uid, _ = peer_credentials(sock)
+        if uid != os.getuid():
+            raise TemplateRefused(
+                f"{address} ({SETTING}) is served by uid {uid}, not by this service's uid "
+                f"({os.getuid()}): a template of another user would get every load's job and "
+                "hub token and hand workers what it likes. Start the template as this user, "
+                f"or unset {SETTING}."
+            )
+        channel = Channel(sock)
+        channel.send(Hello(protocol=PROTOCOL_VERSION, watch=watch))
+        hello, fds = channel.receive(FROM_TEMPLATE, timeout)
+        close_fds(fds)
+    except ChannelTimeout:
+        sock.close()
+        raise TemplateUnavailable(
+            f"{address} did not answer the handshake in {timeout:g} s"
+        ) from None
+    except (ChannelClosed, BadMessage) as exc:
+        sock.close()
+        raise TemplateRefused(
+            f"{address} ({SETTING}) did not answer the handshake of loader protocol "
+            f"{PROTOCOL_VERSION} ({exc}): it is not a template of this version of basehold. "
+            f"Restart it from this version (python -m service.loaders.forker --listen "
+            f"{address}), or unset {SETTING}."
+        ) from None
+    except BaseException:
+        sock.close()
+        raise
+    if not isinstance(hello, Hello) or hello.protocol != PROTOCOL_VERSION:
+        channel.close()
+        spoken = f"protocol {hello.protocol}" if isinstance(hello, Hello) else hello.type
+        raise TemplateRefused(
+            f"{address} ({SETTING}) speaks loader {spoken}; this service speaks protocol "
+            f"{PROTOCOL_VERSION}. Restart the template from this version of basehold "
+            f"(python -m service.loaders.forker --listen {address}), or unset {SETTING}."
+        )
+    return channel
+
+
+def spawn(
+    address: str, kind: Kind, job: Job, channel: socket.socket, timeout: float
+) -> tuple[int, Channel]:
+    """Fork a loader running `kind` on `job` that talks over `channel` (passed to it, with
+    our stderr: the loader logs where we log). Returns its pid and the connection its exit
+    status comes on."""
+    conn = connect(address, timeout)
+    try:
+        conn.send(Spawn(kind=kind, job=job), [channel.fileno(), 2])
+        reply, fds = conn.receive(FROM_TEMPLATE, timeout)
+        close_fds(fds)
+    except ChannelTimeout:
+        conn.close()
+        raise TemplateUnavailable(
+            f"the loader template did not answer a spawn in {timeout:g} s"
+        ) from None
+    except (ChannelClosed, BadMessage) as exc:
+        conn.close()
+        raise TemplateUnavailable(f"the loader template failed a spawn ({exc})") from None
+    except BaseException:
+        conn.close()
+        raise
+    if isinstance(reply, Spawned):
+        return reply.pid, conn
+    conn.close()
+    why = reply.reason if isinstance(reply, Refused) else f"it answered {reply.type}"
+    raise TemplateUnavailable(f"the loader template did not fork the loader: {why}")

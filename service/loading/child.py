@@ -1,11 +1,12 @@
-"""Inside a loader process: one load (or one estimate), reported over the channel.
+"""Inside a loader process: one load (or one estimate), reported over the channel in the
+typed messages of `service.loaders.protocol`.
 
-A load sends `progress` messages, then (hub sources, not admitted yet) `prepared` with the
-estimate and waits for `go`, then `ready` with the manifest (the held model's facts and
-handle) and the arena's fd. A model the service can hold by its fds alone ends the process
-there; otherwise the process stays as the model's runner until the service closes the
-channel. Any failure is one `failed` message with the error's code; a crash is seen by the
-service as the channel closing without either.
+A load sends `Progressed` messages, then (hub sources, not admitted yet) `Prepared` with
+the estimate and waits for `Go`, then `Ready` with the manifest (the held model's facts
+and handle) and the arena's fd. A model the service can hold by its fds alone ends the
+process there; otherwise the process stays as the model's runner until the service says
+`Stop` or closes the channel. Any failure is one `Failed` message with the error's code;
+a crash is seen by the service as the channel closing without either.
 """
 
 from __future__ import annotations
@@ -20,14 +21,24 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from service.handles.devices import CUDA
 from service.handles.placement import ArenaPlacement
 from service.loaders.job import Job
-from service.loaders.wire import Channel, ChannelClosed
+from service.loaders.protocol import (
+    TO_LOADER,
+    Estimated,
+    Failed,
+    Go,
+    Kind,
+    Prepared,
+    Progressed,
+    Ready,
+    Stop,
+)
+from service.loaders.wire import BadMessage, Channel, ChannelClosed, ChannelTimeout, close_fds
 from service.loading.pipeline import (
     LoadContext,
     admission_estimate,
@@ -90,20 +101,20 @@ def _context(job: Job) -> LoadContext:
     return LoadContext(
         roots=job.roots,
         offload_root=job.offload_root,
-        placement=ArenaPlacement(Path(job.socket), job.segments or CUDA),
-        cuda=job.cuda or TorchCuda(),
+        placement=ArenaPlacement(Path(job.socket), job.segments.build() if job.segments else CUDA),
+        cuda=job.cuda.build() if job.cuda else TorchCuda(),
         hub=job.hub,
     )
 
 
-def _failure(job: Job, exc: BaseException) -> dict[str, Any]:
+def _failure(job: Job, exc: BaseException) -> Failed:
     error = translate(exc)
     message = error.message
     if error.code == "internal":
         incident = uuid.uuid4().hex[:12]
         log.error("load of %s failed [incident %s]", job.model_id, incident, exc_info=exc)
         message = f"{message} (incident {incident}; see the server log)"
-    return {"type": "failed", "code": error.code, "message": message, "status": error.status}
+    return Failed(code=error.code, message=message, status=error.status)
 
 
 class _Reporter:
@@ -120,12 +131,11 @@ class _Reporter:
             return
         self._phase, self._sent_at = progress.phase, now
         self._channel.send(
-            {
-                "type": "progress",
-                "phase": progress.phase.value,
-                "bytes_done": progress.bytes_done,
-                "bytes_total": progress.bytes_total,
-            }
+            Progressed(
+                phase=progress.phase,
+                bytes_done=progress.bytes_done,
+                bytes_total=progress.bytes_total,
+            )
         )
 
 
@@ -141,7 +151,7 @@ def _estimate(channel: Channel, job: Job, *, full: bool) -> None:
     except BaseException as exc:
         channel.send(_failure(job, exc))
         return
-    channel.send({"type": "estimate", "estimate": result.to_json()})
+    channel.send(Estimated(estimate=result.to_json()))
 
 
 def _load(channel: Channel, job: Job) -> None:
@@ -149,9 +159,13 @@ def _load(channel: Channel, job: Job) -> None:
     progress = Progress(on_change=_Reporter(channel))
 
     def admit(estimated: Estimate) -> bool:  # asked before any weight byte is fetched
-        channel.send({"type": "prepared", "estimate": estimated.to_json()})
-        reply, _ = channel.recv()
-        return reply.get("type") == "go"
+        channel.send(Prepared(estimate=estimated.to_json()))
+        try:
+            reply, fds = channel.receive(TO_LOADER, job.stall_seconds)
+        except (ChannelTimeout, BadMessage) as exc:  # the service is gone in all but name
+            raise ChannelClosed(f"no answer to prepared: {exc}") from None
+        close_fds(fds)
+        return isinstance(reply, Go)
 
     try:
         admission = None if job.admitted else admit
@@ -167,7 +181,7 @@ def _load(channel: Channel, job: Job) -> None:
     assert isinstance(ctx.placement, ArenaPlacement)
     shared = ctx.placement.shared(job.load_id)
     held = loaded.facts
-    channel.send({"type": "ready", "facts": held.to_json()}, shared.fds if shared else [])
+    channel.send(Ready(facts=held.manifest()), shared.fds if shared else [])
     if not held.needs_runner:
         return  # the service holds the arena and segments by their fds now
     log.info("holding %s as its runner (%s)", job.model_id, held.placed.reason)
@@ -179,16 +193,15 @@ def _run_until_told(channel: Channel) -> None:
     """A runner keeps its model until the service says stop or goes away."""
     while True:
         try:
-            message, fds = channel.recv()
-        except ChannelClosed:
+            message, fds = channel.receive(TO_LOADER)
+        except (ChannelClosed, BadMessage):
             return
-        for fd in fds:
-            os.close(fd)
-        if message.get("type") == "stop":
+        close_fds(fds)
+        if isinstance(message, Stop):
             return
 
 
-def main(kind: str, sock: socket.socket, job: Job) -> None:
+def main(kind: Kind, sock: socket.socket, job: Job) -> None:
     _setup(job)
     channel = Channel(sock)
     try:

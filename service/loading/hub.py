@@ -7,6 +7,12 @@ file and deletes it on failure, so a loader killed mid-download leaves a partial
 no later download would use. `resume_partials` finishes those with huggingface_hub's own
 `http_get` (a `Range` request from where the file stopped) before the snapshot download
 runs, under the same per-blob lock huggingface_hub takes.
+
+The endpoint may not be the Hub (a mirror, a plain-http proxy), so nothing it answers is
+taken on trust: the commit, file names, blob ids and sizes of the listing are checked
+(`hub_checks`) before any of it is written, every request of a hub operation goes through
+`hub_guard` (headers checked, bodies counted against the listing), and what a download
+leaves is checked against the listing before it is used.
 """
 
 from __future__ import annotations
@@ -52,6 +58,17 @@ from service.errors import (
     InvalidCheckpoint,
     SourceNotFound,
 )
+from service.loading.hub_checks import (
+    HubAnswerRefused,
+    file_name_problem,
+    inside,
+    is_commit,
+    is_etag,
+    misfits,
+    shown,
+    size_cap,
+)
+from service.loading.hub_guard import Listed, Watch, watching
 from service.loading.progress import Phase, Progress
 from service.loading.sources import HubOptions, HubSource, hub_cache_dir, hub_offline
 from service.memory.admission import Download
@@ -125,6 +142,17 @@ class Plan:
             return None
         return Download(str(self.cache), self.snapshot, needed, free_bytes(self.cache))
 
+    def watch(self, options: HubOptions) -> Watch:
+        """What the hub's answers about this snapshot must agree with (`hub_guard`)."""
+        repo = self.source.repo_id
+        urls = {
+            hf_hub_url(repo, f.name, revision=self.commit, endpoint=options.endpoint): Listed(
+                f.name, f.size
+            )
+            for f in self.files
+        }
+        return Watch(self.snapshot, self.commit, urls)
+
 
 @contextmanager
 def hub_errors(source: HubSource) -> Iterator[None]:
@@ -196,6 +224,8 @@ def plan(source: HubSource, token: str | None, options: HubOptions) -> Plan:
         return Plan(source, folder.name, (), cache, cached_folder=folder)
     try:
         return _online_plan(source, token, options, cache)
+    except HubAnswerRefused:
+        raise  # a hub that lies is not a hub that is down
     except DownloadFailed as exc:
         try:
             folder = _cached_snapshot(source, cache)
@@ -227,22 +257,88 @@ def _online_plan(source: HubSource, token: str | None, options: HubOptions, cach
     huggingface_hub's metadata timeout (the API calls have none of their own: a hub that
     accepts the connection and never answers would hold the POST and the load forever)."""
     api = HfApi(endpoint=options.endpoint, token=token or None)
-    with _metadata(source):
+    with _metadata(source), watching(Watch(f"{source.repo_id}@{source.revision}", None, {})):
         info = api.model_info(
             source.repo_id, revision=source.revision, files_metadata=True, timeout=_timeout()
         )
-    entries = {sibling.rfilename: sibling for sibling in info.siblings or []}
-    wanted = filter_repo_objects(list(entries), ignore_patterns=HUB_IGNORE)
-    files = tuple(
-        PlannedFile(name, int(entries[name].size or 0), _etag(entries[name])) for name in wanted
-    )
-    plan = Plan(source, str(info.sha), files, cache)
+    plan = _listed_plan(source, info, cache)
+    ref = plan.storage / "refs" / source.revision
     try:  # refs/<revision>: what a later load finds when the Hub does not answer
+        _confined(ref, plan)
         _cache_commit_hash_for_specific_revision(str(plan.storage), source.revision, plan.commit)
     except OSError as exc:
         log.warning("could not record %s@%s in the cache: %s", source.repo_id, source.revision, exc)
-    _record_tree(plan, list(entries.values()))
+    _record_tree(plan, list(info.siblings or []))
     return plan
+
+
+def _listed_plan(source: HubSource, info: Any, cache: Path) -> Plan:
+    """The plan the repo info lists, each part held to the shape the Hub gives it before
+    any of it names a path; files over their kind's cap are refused before any is fetched."""
+    label = f"{source.repo_id}@{source.revision}"
+    commit = str(info.sha)
+    if not is_commit(commit):
+        raise _lied(label, f"commit {shown(commit)}, which is not a 40-hex commit sha")
+    entries = {}
+    for sibling in info.siblings or []:
+        name = str(sibling.rfilename)
+        if (problem := file_name_problem(name)) is not None:
+            raise _lied(
+                label,
+                f"the file name {shown(name)}, which is not a path inside the repo ({problem})",
+            )
+        _check_entry(label, name, sibling)
+        entries[name] = sibling
+    wanted = filter_repo_objects(list(entries), ignore_patterns=HUB_IGNORE)
+    files = tuple(
+        PlannedFile(name, int(entries[name].size), _etag(entries[name])) for name in wanted
+    )
+    for file in files:
+        cap = size_cap(file.name)
+        if cap is not None and file.size > cap:
+            raise InvalidCheckpoint(
+                f"{source.repo_id}@{commit[:12]}: {file.name} is {file.size} bytes, over the "
+                f"{cap >> 20} MiB such a file may have. This is not a checkpoint basehold loads; "
+                "check the repo id and revision."
+            )
+    return Plan(source, commit, files, cache)
+
+
+def _check_entry(label: str, name: str, sibling: Any) -> None:
+    """A listed file's size and blob ids: what it is fetched as, and counted against."""
+    size, blob_id, lfs = sibling.size, sibling.blob_id, sibling.lfs
+    if not isinstance(size, int) or size < 0 or blob_id is None:
+        raise _lied(
+            label,
+            f"no size or blob id for {shown(name)} (a file listing without them cannot be checked)",
+        )
+    if not is_etag(str(blob_id)) or len(str(blob_id)) != 40:
+        raise _lied(label, f"blob id {shown(str(blob_id))} for {shown(name)}, which is not one")
+    if lfs is not None and (
+        not is_etag(str(lfs.sha256)) or len(str(lfs.sha256)) != 64 or lfs.size != size
+    ):
+        raise _lied(
+            label,
+            f"LFS {shown(str(lfs.sha256))} of {lfs.size} bytes for {shown(name)}, listed at {size}",
+        )
+
+
+def _lied(label: str, what: str) -> HubAnswerRefused:
+    return HubAnswerRefused(
+        f"For {label}, the hub listed {what}. basehold refused the listing and wrote nothing "
+        "from it: the endpoint (BASEHOLD_HF_ENDPOINT or HF_ENDPOINT) does not answer as the "
+        "Hugging Face Hub does. Check that mirror or proxy, then load again."
+    )
+
+
+def _confined(path: Path, plan: Plan) -> Path:
+    """`path`, if it lies inside the HF cache (what is written is never outside it)."""
+    if not inside(path, plan.cache):
+        raise HubAnswerRefused(
+            f"{plan.snapshot}: {path} is outside the HF cache {plan.cache}; nothing was "
+            "written there. Check the HF cache folder (HF_HUB_CACHE) for links out of it."
+        )
+    return path
 
 
 def _record_tree(plan: Plan, siblings: list[Any]) -> None:
@@ -250,8 +346,8 @@ def _record_tree(plan: Plan, siblings: list[Any]) -> None:
     would after listing the tree itself: it then lists nothing (its tree listing has no
     timeout, and on the Hub it is paged). An entry huggingface_hub cannot use is ignored by
     it (format version, Xet hashes: these files keep their HEAD request)."""
-    if not siblings or any(s.blob_id is None or s.size is None for s in siblings):
-        return  # the hub sent no file metadata: let snapshot_download list the tree
+    if not siblings:
+        return  # an empty repo: snapshot_download lists it (and finds nothing)
     entries = {
         s.rfilename: TreeCacheEntry(
             size=int(s.size),
@@ -261,6 +357,7 @@ def _record_tree(plan: Plan, siblings: list[Any]) -> None:
         )
         for s in siblings
     }
+    _confined(plan.storage / "trees" / f"{plan.commit}.json", plan)
     write_tree_cache(str(plan.storage), plan.commit, entries)
 
 
@@ -279,7 +376,12 @@ def fetch_config(plan: Plan, token: str | None, options: HubOptions) -> Path:
     """config.json at the plan's commit (into the cache); the folder it sits in."""
     if plan.cached_folder is not None:
         return plan.cached_folder
-    with _metadata(plan.source):
+    listed = next((f for f in plan.files if f.name == "config.json"), None)
+    if listed is None:
+        raise InvalidCheckpoint(
+            f"{plan.snapshot} has no config.json. Check the repo id and revision."
+        )
+    with _metadata(plan.source), watching(plan.watch(options)):
         path = hf_hub_download(
             plan.source.repo_id,
             "config.json",
@@ -288,7 +390,16 @@ def fetch_config(plan: Plan, token: str | None, options: HubOptions) -> Path:
             cache_dir=plan.cache,
             endpoint=options.endpoint,
         )
-    return Path(path).parent
+    folder = plan.storage / "snapshots" / plan.commit
+    if not _same(Path(path).parent, folder) or misfits(
+        folder, plan.cache, [(listed.name, listed.size)]
+    ):
+        _remove(plan, folder, listed)
+        raise HubAnswerRefused(
+            f"{plan.snapshot}: config.json in the HF cache is not the file the hub listed "
+            f"({listed.size} bytes); it was removed. Load again."
+        )
+    return folder
 
 
 def check_weights(plan: Plan, token: str | None, options: HubOptions) -> None:
@@ -301,7 +412,7 @@ def check_weights(plan: Plan, token: str | None, options: HubOptions) -> None:
     names = {f.name for f in plan.files}
     api = HfApi(endpoint=options.endpoint, token=token or None)
     try:
-        with _metadata(plan.source):
+        with _metadata(plan.source), watching(plan.watch(options)):
             metadata = api.get_safetensors_metadata(plan.source.repo_id, revision=plan.commit)
     except hf_errors.NotASafetensorsRepoError:
         if any(n.startswith("pytorch_model") and n.endswith(".bin") for n in names):
@@ -418,11 +529,11 @@ class _Watcher:
 def resume_partials(plan: Plan, token: str | None, options: HubOptions) -> None:
     """Finish what a killed download left (see the module's docstring)."""
     names = {f.etag: f for f in plan.files}
-    locks = plan.cache / ".locks" / plan.storage.name
+    locks = _confined(plan.cache / ".locks" / plan.storage.name, plan)
     locks.mkdir(parents=True, exist_ok=True)
     for etag, (partial, _) in partials(plan).items():
         file = names[etag]
-        blob = plan.storage / "blobs" / etag
+        blob = _confined(plan.storage / "blobs" / etag, plan)
         with WeakFileLock(locks / f"{etag}.lock"):
             if blob.exists() or not partial.exists():
                 continue
@@ -490,10 +601,51 @@ def download(plan: Plan, token: str | None, options: HubOptions, progress: Progr
         return _download(plan, token, options)
 
 
+class SnapshotMismatch(Exception):
+    """Files a download left that are not what the hub listed (removed: a retry fetches
+    them again)."""
+
+
+def _verified(plan: Plan, folder: Path) -> Path:
+    """`folder` if it is the plan's snapshot and holds each listed file at its listed size,
+    inside the cache (Xet downloads bypass `hub_guard`; a cache can be damaged)."""
+    expected = plan.storage / "snapshots" / plan.commit
+    if not _same(folder, expected):
+        raise HubAnswerRefused(
+            f"{plan.snapshot}: the download ended in {folder}, not {expected}. Check the HF "
+            "cache folder (HF_HUB_CACHE), then load again."
+        )
+    names = set(misfits(folder, plan.cache, [(f.name, f.size) for f in plan.files]))
+    if names:
+        for file in plan.files:
+            if file.name in names:
+                _remove(plan, folder, file)
+        raise SnapshotMismatch(
+            f"{', '.join(sorted(shown(n) for n in names))[:300]} in the HF cache are not the "
+            "files the hub listed (size, or a link out of the cache); removed to fetch again"
+        )
+    return folder
+
+
+def _same(folder: Path, other: Path) -> bool:
+    """One folder (huggingface_hub resolves the cache's path, links included)."""
+    return os.path.realpath(folder) == os.path.realpath(other)
+
+
+def _remove(plan: Plan, folder: Path, file: PlannedFile) -> None:
+    """A snapshot's file that is not what the hub listed: its link, and its blob if the
+    blob (not something it links to elsewhere) is the one in this repo's cache."""
+    pointer = folder / file.name
+    blob = plan.storage / "blobs" / file.etag
+    for path in (pointer, blob):
+        if inside(path.parent, plan.cache):
+            path.unlink(missing_ok=True)
+
+
 def _download(plan: Plan, token: str | None, options: HubOptions) -> Path:
     for attempt in range(options.retries + 1):
         try:
-            with hub_errors(plan.source):
+            with hub_errors(plan.source), watching(plan.watch(options)):
                 resume_partials(plan, token, options)
                 folder = snapshot_download(
                     plan.source.repo_id,
@@ -505,7 +657,7 @@ def _download(plan: Plan, token: str | None, options: HubOptions) -> Path:
                     max_workers=options.workers,
                     tqdm_class=_Quiet,
                 )
-            return Path(str(folder))
+            return _verified(plan, Path(str(folder)))
         except Exception as exc:
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise InsufficientStorage(

@@ -13,6 +13,7 @@ from huggingface_hub.utils._validators import validate_repo_id
 
 from service.errors import InvalidSpec, SourceNotAllowed, SourceNotFound
 from service.handles.descriptor import Provenance
+from service.loading.hub_checks import check_revision
 from service.loading.spec import BaseModelRef
 
 
@@ -63,7 +64,9 @@ def parse_source(source: str, revision: str | None, roots: list[Path]) -> Source
         raise InvalidSpec(
             f"{source!r} is neither an absolute local path nor a valid hub repo id ({exc})."
         ) from exc
-    return HubSource(source, revision or "main")
+    # A branch, tag or commit name (git's ref rules): huggingface_hub writes
+    # `refs/<revision>` in the cache, and a `..` there is a path out of it.
+    return HubSource(source, check_revision(revision) if revision else "main")
 
 
 NAME_MAX = 255  # bytes in one path component (Linux)

@@ -24,6 +24,18 @@ class GpuProbe(Protocol):
     def gpus(self) -> list[GpuMemory]: ...
 
 
+class Listing:
+    """The GPUs as one listing of `probe` saw them: every question asked of it reads that
+    list, so one request (a scrape, an admission's probe) lists the GPUs once however
+    many questions it asks."""
+
+    def __init__(self, probe: GpuProbe) -> None:
+        self._gpus = probe.gpus()
+
+    def gpus(self) -> list[GpuMemory]:
+        return list(self._gpus)
+
+
 def same_gpu(a: str, b: str) -> bool:
     """NVML writes UUIDs as "GPU-xxxxxxxx-...", torch without the prefix."""
     return a.lower().removeprefix("gpu-") == b.lower().removeprefix("gpu-")
@@ -44,9 +56,19 @@ def by_torch_index(probe: GpuProbe, cuda: CudaProbe) -> dict[int, GpuMemory]:
     return matched
 
 
+def _pynvml() -> Any:
+    import pynvml
+
+    return pynvml
+
+
 class Nvml:
-    def __init__(self) -> None:
+    """`library`: the NVML bindings (default: pynvml, imported when first asked; tests pass
+    a stand-in that counts what is asked of the driver)."""
+
+    def __init__(self, library: Any = None) -> None:
         self._lock = threading.Lock()
+        self._library = library
         self._module: Any = None
         self._failed = False
 
@@ -54,10 +76,9 @@ class Nvml:
         with self._lock:
             if self._module is None and not self._failed:
                 try:
-                    import pynvml
-
-                    pynvml.nvmlInit()
-                    self._module = pynvml
+                    library = self._library if self._library is not None else _pynvml()
+                    library.nvmlInit()
+                    self._module = library
                 except Exception:  # no library, no driver, no GPU: no devices
                     self._failed = True
             return self._module

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from service.memory.cuda import CudaProbe
 from service.memory.host import host_memory
 from service.memory.nvml import GpuProbe, by_torch_index
+from service.memory.visible import listed_once
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ def memory_snapshot(
     models: Iterable[tuple[str, dict[str, int]]],
     shared_arena_bytes: int = 0,
 ) -> MemorySnapshot:
+    """Blocking (NVML and psutil): run it off the event loop. The GPUs are listed once."""
+    cuda, gpus = listed_once(cuda, gpus)
     per_model = [ModelBytesReport(id=mid, by_device=dict(by)) for mid, by in models]
     held: dict[str, int] = {}
     for entry in per_model:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import os
 
-from service.memory.cuda import CudaDeviceMemory
-from service.memory.nvml import GpuMemory, GpuProbe, Nvml
+from service.memory.cuda import CudaDeviceMemory, CudaProbe
+from service.memory.nvml import GpuMemory, GpuProbe, Listing, Nvml
 
 
 def visible(gpus: list[GpuMemory], setting: str | None) -> list[GpuMemory]:
@@ -37,10 +37,10 @@ class NvmlCuda:
     process allocates nothing on a GPU, so its own allocated/reserved bytes are 0."""
 
     def __init__(self, probe: GpuProbe | None = None) -> None:
-        self._probe = probe or Nvml()
+        self.probe = probe or Nvml()
 
     def _visible(self) -> list[GpuMemory]:
-        return visible(self._probe.gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        return visible(self.probe.gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     def device_count(self) -> int:
         return len(self._visible())
@@ -62,3 +62,13 @@ class NvmlCuda:
 
     def empty_cache(self) -> None:
         return None
+
+
+def listed_once(cuda: CudaProbe, gpus: GpuProbe) -> tuple[CudaProbe, GpuProbe]:
+    """`cuda` and `gpus` for one request: NVML is listed once, and every question after
+    (how many devices, their UUIDs, each one's memory) reads that listing. A `CudaProbe`
+    that does not ask NVML (a test's stand-in) is asked as it is."""
+    listing = Listing(gpus)
+    if isinstance(cuda, NvmlCuda):
+        cuda = NvmlCuda(listing if cuda.probe is gpus else Listing(cuda.probe))
+    return cuda, listing

@@ -18,6 +18,7 @@ from service.memory.admission import (
 )
 from service.memory.cuda import CudaProbe
 from service.memory.nvml import GpuProbe
+from service.memory.visible import listed_once
 from service.registry.record import ModelRecord
 from service.registry.states import State
 
@@ -35,8 +36,9 @@ class MemoryGate:
         self.gpus = gpus
 
     def measure(self) -> Measured:
-        """Probe host and GPU memory. Call it before taking the registry's lock."""
-        return measure(self._cuda, self.gpus)
+        """Probe host and GPU memory (the GPUs listed once). Call it before taking the
+        registry's lock."""
+        return measure(*listed_once(self._cuda, self.gpus))
 
     def free(
         self,

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from service.loaders.held import Held
-from service.loaders.process import LoaderProcess
 from service.loading.progress import Progress
 from service.loading.spec import LoadRequest
 from service.memory.admission import Estimate
+from service.registry.backend import RunningLoad
 from service.registry.states import State
 
 
@@ -45,7 +45,7 @@ class ModelRecord:
     admitted: bool = False
     estimate: Estimate | None = field(default=None, repr=False)
     loaded: Held | None = field(default=None, repr=False)
-    loader: LoaderProcess | None = field(default=None, repr=False)  # the load's (or runner's)
+    loader: RunningLoad | None = field(default=None, repr=False)  # the load's (or runner's)
     leases: int = 0
     queued_at: datetime = field(default_factory=utcnow)
     started_at: datetime | None = None

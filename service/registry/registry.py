@@ -7,7 +7,9 @@ followed from an executor thread until it hands over the model's fds and manifes
 sources are priced from their metadata, before any download; a load that could not be
 priced at submit is admitted when its loader asks, before it reads or downloads any
 weight. Nothing slow ever runs under the lock, so async routes that read the registry
-never wait behind an unload.
+never wait behind an unload. Loaders are reached through a `LoaderBackend`
+(`service.registry.backend`): loader processes in the service, scripted in-process loads
+in the registry's tests.
 """
 
 from __future__ import annotations
@@ -36,13 +38,12 @@ from service.errors import (
     SourceNotAllowed,
 )
 from service.loaders.held import Held
-from service.loaders.loaders import Loaders
-from service.loaders.process import LoaderProcess
 from service.loading.normalize import Devices, normalize
 from service.loading.sources import LocalSource, parse_source
 from service.loading.spec import LoadRequest
 from service.memory.admission import Estimate, Measured
 from service.memory.cuda import CudaProbe
+from service.registry.backend import L, LoaderBackend, RunningLoad
 from service.registry.downloads import require_disk
 from service.registry.gate import MemoryGate, refuse
 from service.registry.identity import MODEL_ID, derived_id, spec_key
@@ -73,7 +74,7 @@ class LeaseBook(Protocol):
 class Registry:
     def __init__(
         self,
-        loaders: Loaders,
+        loaders: LoaderBackend[L],
         cuda: CudaProbe,
         gate: MemoryGate,
         leases: LeaseBook,
@@ -82,7 +83,7 @@ class Registry:
         allow_remote_code: bool,
         writer: OrderedWriter | None = None,
     ) -> None:
-        self._loaders = loaders
+        self._loaders: LoaderBackend[Any] = loaders
         self._cuda = cuda
         self.gate = gate
         self._leases = leases
@@ -192,7 +193,11 @@ class Registry:
             )
             with self._lock:
                 record.leases = self._leases.count(record.id)
-                self._add(record)
+                try:
+                    self._add(record)
+                except NameTaken as exc:  # a load of that id is active already: it stays
+                    log.error("not restoring %s: %s", record.id, exc.message)
+                    continue
             try:
                 record.spec = self.normalize(spec)
                 record.key = spec_key(record.spec)
@@ -240,8 +245,14 @@ class Registry:
             return existing
 
     def _add(self, record: ModelRecord) -> None:
-        """Insert a new record (lock held); a failed one of the same id is replaced."""
+        """Insert a new record (lock held); a failed one of the same id is replaced, an
+        active one never is (two loads of one id, one orphaned): callers check first."""
         previous = self._records.get(record.id)
+        if previous is not None and previous.state in ACTIVE:
+            raise NameTaken(
+                f"{record.id} is {previous.state.value} already; unload it first "
+                f"(DELETE /v1/models/{record.id})."
+            )
         if previous is not None and previous.state == State.FAILED:
             self._transition(previous, State.GONE)
         record.progress.on_change = lambda _: self._progressed(record)
@@ -339,7 +350,7 @@ class Registry:
                 return
             self._transition(record, State.LOADING, started_at=utcnow())
         held: Held | None = None
-        loader: LoaderProcess | None = None
+        loader: RunningLoad | None = None
         failure: ErrorInfo | None = None
         try:
             loader = self._loaders.start(
@@ -375,13 +386,16 @@ class Registry:
         self._fail(record, failure)
 
     def _admit_late(self, record: ModelRecord, estimate: Estimate) -> None:
-        """A hub load's loader fetched the checkpoint and asks before reading weights."""
+        """A hub load's loader fetched the checkpoint and asks before reading weights. A
+        load cancelled meanwhile (even while memory was probed) is admitted nowhere and
+        evicts nothing: `LoadCancelled`."""
         measured = self.gate.measure()
         with self._lock:
+            record.progress.check_cancelled()  # set under this lock by an unload
             victims = self._admit(record, estimate, measured)
         self._evict(victims)
 
-    def _watch(self, record: ModelRecord, runner: LoaderProcess) -> None:
+    def _watch(self, record: ModelRecord, runner: RunningLoad) -> None:
         """A runner that dies while its model is ready turns the model failed."""
 
         def watch() -> None:
@@ -390,7 +404,7 @@ class Registry:
 
         threading.Thread(target=watch, name=f"runner-{record.id}", daemon=True).start()
 
-    def _runner_ended(self, record: ModelRecord, runner: LoaderProcess) -> None:
+    def _runner_ended(self, record: ModelRecord, runner: RunningLoad) -> None:
         with self._lock:
             if record.state != State.READY or self._records.get(record.id) is not record:
                 return  # unloaded (we ended it) or superseded

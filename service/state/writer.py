@@ -4,8 +4,9 @@ The registry and the lease table decide under their locks what must be recorded;
 SQLite commit (milliseconds, more on a busy disk) must not run there, or every reader of
 the registry waits behind it. So a write is queued under the lock (in decision order) and
 run once the thread lets go of its outermost lock: `WriterLock` is a reentrant lock that
-does exactly that. Whoever flushes writes everything queued so far, in order, so when a
-flush returns, every write queued before it is in the database.
+does exactly that. A thread that lets go writes what is queued until its own writes are in
+the database (in order: those decided before them first); a thread that queued nothing
+(a read) never waits for another thread's writes. `flush` writes everything queued so far.
 
 A flush never runs on an event loop (the database refuses writes there): the thread that
 queued a write always flushes it itself once it lets go of its lock.
@@ -33,13 +34,20 @@ def _on_event_loop() -> bool:
 
 class OrderedWriter:
     def __init__(self) -> None:
-        self._pending: deque[Callable[[], object]] = deque()
+        # (number, write): numbered in the order queued, which is the order decided.
+        self._pending: deque[tuple[int, Callable[[], object]]] = deque()
+        self._numbering = threading.Lock()
+        self._queued = 0  # the number of the last write queued
+        self._written = 0  # the number of the last write run
         self._writing = threading.Lock()
         self._local = threading.local()
 
     def submit(self, write: Callable[[], object]) -> None:
         """Queue `write` (call it with the deciding lock held, so order is kept)."""
-        self._pending.append(write)
+        with self._numbering:
+            self._queued += 1
+            self._pending.append((self._queued, write))
+            self._local.last = self._queued
 
     def _depth(self) -> int:
         return int(getattr(self._local, "depth", 0))
@@ -55,17 +63,30 @@ class OrderedWriter:
         (its outermost one flushes) or runs an event loop."""
         if self._depth() or _on_event_loop():
             return
+        self._run()
+
+    def settle(self) -> None:
+        """This thread let go of its outermost writer lock: when this returns, the writes
+        it queued are in the database (after those queued before them). A thread that
+        queued nothing since returns at once, whatever another thread is writing."""
+        if self._depth() or _on_event_loop():
+            return
+        if int(getattr(self._local, "last", 0)) > self._written:
+            self._run()
+
+    def _run(self) -> None:
         with self._writing:
             while self._pending:
-                write = self._pending.popleft()
+                number, write = self._pending.popleft()
                 try:
                     write()
                 except Exception:
                     log.exception("a state database write failed; the next start may differ")
+                self._written = number
 
 
 class WriterLock:
-    """A reentrant lock whose outermost release flushes `writer`'s queued writes."""
+    """A reentrant lock whose outermost release writes what its thread queued."""
 
     def __init__(self, writer: OrderedWriter) -> None:
         self._lock = threading.RLock()
@@ -83,4 +104,4 @@ class WriterLock:
     ) -> None:
         self.writer.leave()
         self._lock.release()
-        self.writer.flush()
+        self.writer.settle()

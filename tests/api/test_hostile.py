@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.api.test_auth import KEYS, bearer
-from tests.conftest import Answer, ClientFactory, CopyFactory
+from tests.conftest import Answer, ClientFactory, CopyFactory, until
 from tests.handles.spawn import run_basehold
 from tests.test_server_e2e import Server, start
 
@@ -177,3 +177,44 @@ def test_paths_the_kernel_cannot_take_answer_400(
 ) -> None:
     detail = problem(client.post(route, json={"source": source}), 400, "invalid_spec")["detail"]
     assert "path" in str(detail)
+
+
+# Every route with a path parameter, with a control character in the parameter.
+CONTROL_PATHS = [
+    ("GET", "/v1/models/{id}/files/tokenizer{c}.json"),  # answered 500 (embedded null byte)
+    ("GET", "/v1/models/{id}/files/sub{c}/config.json"),
+    ("GET", "/v1/models/{id}{c}/files"),
+    ("GET", "/v1/models/{id}{c}"),
+    ("DELETE", "/v1/models/{id}{c}"),
+    ("POST", "/v1/models/{id}{c}/leases"),
+    ("POST", "/v1/leases/lease-x{c}/renew"),
+    ("DELETE", "/v1/leases/lease-x{c}"),
+]
+
+
+def test_control_characters_in_a_path_parameter_answer_400(live: Server, models_root: Path) -> None:
+    admin = bearer("admin-key-123")
+    answer = httpx.post(
+        f"{live.url}/v1/models",
+        json={"source": str(models_root / "gpt2"), "dtype": "float32"},
+        headers=admin,
+    )
+    assert answer.status_code == 202, answer.text
+    model_id = answer.json()["id"]
+    until(
+        lambda: (
+            httpx.get(f"{live.url}/v1/models/{model_id}", headers=admin).json()["state"] == "ready"
+        ),
+        "the model to be ready",
+    )
+    for character in ("%00", "%01", "%0A", "%0d", "%1F", "%7F"):
+        for method, template in CONTROL_PATHS:
+            url = live.url + template.format(id=model_id, c=character)
+            body = {"holder": "h"} if template.endswith("/leases") else None
+            answer = httpx.request(method, url, headers=admin, json=body)
+            detail = str(problem(answer, 400, "invalid_path")["detail"])
+            assert "control character" in detail, (method, url, detail)
+    assert "unhandled error" not in live.output()
+    # The same names without the character are served as before.
+    got = httpx.get(f"{live.url}/v1/models/{model_id}/files/config.json", headers=admin)
+    assert got.status_code == 200

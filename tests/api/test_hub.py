@@ -119,3 +119,17 @@ def test_hub_refusal_says_pass_a_token(
     assert f"Bearer {secret}" in _Refusing.seen_auth  # the token did reach the hub
     everything = response.text + client.get("/v1/models").text + caplog.text
     assert secret not in everything
+
+
+@pytest.mark.parametrize(
+    "revision",
+    ["../../../canary/config.json", "-main", "x.lock", "a\x00b"],
+)
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/estimate"])
+def test_a_revision_that_is_not_a_git_ref_answers_400(
+    client: TestClient, revision: str, path: str
+) -> None:
+    response = client.post(path, json={"source": "acme/tiny-llama", "revision": revision})
+    assert response.status_code == 400, response.text
+    problem = response.json()
+    assert problem["code"] == "invalid_spec" and "revision" in problem["detail"], problem

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.api.test_memory import answers_while_a_probe_is_stuck, nvml_app
 from tests.conftest import load
 from tests.test_server_e2e import Server, start
 
@@ -124,3 +125,20 @@ def test_retried_failure_leaves_the_failed_gauge(client: TestClient, models_root
     text = client.get("/metrics").text
     assert sample(text, "basehold_models", state="failed") == 0
     assert sample(text, "basehold_models", state="ready") == 1
+
+
+def test_one_scrape_lists_the_gpus_once(
+    tmp_path: Path, socket_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One scrape on 8 GPUs listed every GPU 12 times (~400 NVML calls)."""
+    client, library = nvml_app(tmp_path, socket_path, monkeypatch)
+    with client:
+        library.calls = library.listings = 0
+        text = client.get("/metrics").text
+        assert sample(text, "basehold_gpu_memory_used_bytes", device="cuda:7") == 48 << 30
+        assert library.listings == 1, f"one scrape listed the GPUs {library.listings} times"
+        assert library.calls == 1 + 4 * 8
+
+
+def test_a_stuck_gpu_probe_blocks_no_other_request(client: TestClient) -> None:
+    answers_while_a_probe_is_stuck(client, "/metrics")

@@ -224,3 +224,54 @@ def test_secrets_only_by_reference() -> None:
     monitor = next(d for _, d in manifests() if d["kind"] == "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     assert "credentials" in monitor["spec"]["endpoints"][0]["authorization"]
+
+
+def run_host_folders(daemonset: Path, root: Path) -> dict[str, Path]:
+    """Run the DaemonSet's root init container's script for real, its mounts under `root`
+    as the kubelet makes them (a hostPath DirectoryOrCreate root 0755; an emptyDir root,
+    0777 plus the fsGroup's setgid): volume name -> where it is."""
+    [spec] = [d["spec"]["template"]["spec"] for d in docs(daemonset) if d["kind"] == "DaemonSet"]
+    [init] = [c for c in spec["initContainers"] if c["name"] == "host-folders"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    script = " ".join(init["args"])
+    where: dict[str, Path] = {}
+    for mount in sorted(init["volumeMounts"], key=lambda m: -len(m["mountPath"])):
+        folder = root / mount["name"]
+        folder.mkdir()
+        folder.chmod(0o2777 if "emptyDir" in volumes[mount["name"]] else 0o755)
+        script = script.replace(mount["mountPath"], str(folder))
+        where[mount["name"]] = folder
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return where
+
+
+def service_mounts(daemonset: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The service container's env (and the image's) and its mounts (path -> volume)."""
+    [spec] = [d["spec"]["template"]["spec"] for d in docs(daemonset) if d["kind"] == "DaemonSet"]
+    service = next(c for c in spec["containers"] if c["name"] == "basehold")
+    env = {**dockerfile_env(), **{e["name"]: e.get("value") for e in service["env"]}}
+    return env, {m["mountPath"]: m["name"] for m in service["volumeMounts"]}
+
+
+def check_folders_are_the_services_alone(daemonset: Path, root: Path) -> None:
+    """The features folder and the state dir's parent, as the pod starts, pass the checks
+    basehold makes (its uid's, writable by no one else): the feature file's folder could
+    otherwise get a symlink planted by a socket-group member, the state dir be swapped."""
+    env, mounts = service_mounts(daemonset)
+    uid = 10001
+    where = run_host_folders(daemonset, root)
+    features = mounts[str(Path(env["BASEHOLD_NODE_FEATURES_FILE"]).parent)]
+    state_parent = Path(env["BASEHOLD_STATE_DIR"]).parent
+    state = next(name for path, name in mounts.items() if state_parent == Path(path))
+    for name in (features, state):
+        info = where[name].stat()
+        assert info.st_uid == uid, (name, info.st_uid)
+        assert not info.st_mode & 0o022, (name, oct(info.st_mode))
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run the init container's chown")
+def test_the_daemonset_gives_no_one_else_the_features_folder_or_the_state_volume(
+    tmp_path: Path,
+) -> None:
+    check_folders_are_the_services_alone(DEPLOY / "daemonset.yaml", tmp_path)

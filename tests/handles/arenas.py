@@ -39,11 +39,3 @@ def sealed(path: Path) -> bool:
         return is_sealed(fd)
     finally:
         os.close(fd)
-
-
-def rss_shmem(pid: int) -> int:
-    """Shared memory (memfd, tmpfs) the process maps: its arenas, while it holds any."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssShmem:"):
-            return int(line.split()[1]) * 1024
-    return 0

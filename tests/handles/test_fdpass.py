@@ -14,11 +14,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from service.handles.fdpass import ArenaRefused, ArenaServer, Peer, SocketUnsafe, receive_arena
-from tests.conftest import app_of
+from tests.conftest import app_of, until
 
 SECRET = "s3cret"
 
@@ -50,8 +51,11 @@ def serve(
     arena: Arena,
     deadline: float = 5.0,
     per_peer: int = 16,
+    **limits: Any,
 ) -> ArenaServer:
-    server = ArenaServer(socket_path, arena.authorize, deadline=deadline, per_peer=per_peer)
+    server = ArenaServer(
+        socket_path, arena.authorize, deadline=deadline, per_peer=per_peer, **limits
+    )
     server.start()
     return server
 
@@ -113,23 +117,19 @@ def test_a_whole_request_has_one_deadline(socket_path: Path, arena: Arena) -> No
 
 
 def test_connections_per_peer_are_bounded(socket_path: Path, arena: Arena) -> None:
-    server = serve(socket_path, arena, per_peer=3)
+    # grace: held connections stay young, so none is closed to make room for a new one.
+    server = serve(socket_path, arena, per_peer=3, grace=60.0)
     held = [connect(socket_path) for _ in range(3)]
     extra = connect(socket_path)
     try:
         extra.settimeout(10)
         assert json.loads(extra.recv(4096))["code"] == "busy"
+        began = time.monotonic()
         with pytest.raises(ArenaRefused, match="busy"):
-            receive_arena(str(socket_path), "ok", SECRET, os.getuid())
+            receive_arena(str(socket_path), "ok", SECRET, os.getuid(), timeout=0.5)
+        assert 0.4 < time.monotonic() - began < 5  # retried until its deadline, then told
         held.pop().close()
-        deadline = time.monotonic() + 10
-        while True:  # the loop notices the close on its next pass
-            try:
-                attach(socket_path)
-                break
-            except ArenaRefused:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        attach(socket_path)  # the client retries busy until the slot is free
     finally:
         for sock in [*held, extra]:
             sock.close()
@@ -335,3 +335,180 @@ def test_the_socket_group_is_a_gid_or_a_known_group_name() -> None:
 def test_a_peer_names_its_pid_or_another_pid_namespace() -> None:
     assert str(Peer(1234, 1000, 1001)) == "pid 1234 uid 1000 gid 1001"
     assert str(Peer(0, 1000, 1001)) == "another PID namespace uid 1000 gid 1001"
+
+
+# A server in a PID namespace of its own: it cannot see its peers' pids (SO_PEERCRED says
+# 0), as a basehold container cannot see workers in sibling containers.
+NAMESPACED_SERVER = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from service.handles.fdpass import ArenaServer
+
+    memfd = os.memfd_create("basehold:test")
+    os.write(memfd, b"arena")
+    server = ArenaServer(
+        Path(sys.argv[1]), lambda *_: [os.dup(memfd)], deadline=60.0, per_peer=4
+    )
+    server.start()
+    print("serving", flush=True)
+    sys.stdin.read()
+    server.stop()
+    """
+)
+
+# Opens `per` connections in each of `count` forked processes, sends nothing, says "held"
+# once all are connected and keeps them until its stdin closes.
+IDLE_PROCESSES = textwrap.dedent(
+    """
+    import os, socket, sys
+    path, count, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    children = []
+    for _ in range(count):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            held = []
+            for _ in range(per):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(path)
+                held.append(s)
+            os.write(w, b"x")
+            os.read(0, 1)  # until the parent's stdin closes
+            os._exit(0)
+        os.close(w)
+        assert os.read(r, 1) == b"x"
+        children.append(pid)
+    print("held", flush=True)
+    sys.stdin.read()
+    for pid in children:
+        os.waitpid(pid, 0)
+    """
+)
+
+
+def idle_processes(path: Path, count: int, per: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", IDLE_PROCESSES, str(path), str(count), str(per)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root for a PID namespace of its own")
+def test_an_idle_sibling_container_does_not_block_other_workers_of_its_uid(
+    socket_path: Path,
+) -> None:
+    """Every peer is "another PID namespace" to the server, as workers in sibling
+    containers are: one idle process holding its uid's connections must not turn away a
+    worker of that uid in another container (it was told `busy` until the idle ones hit
+    their 60 s deadline)."""
+    server = subprocess.Popen(
+        ["unshare", "--pid", "--fork", sys.executable, "-c", NAMESPACED_SERVER, str(socket_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "serving"
+        idle = idle_processes(socket_path, 1, 4)  # as many as a peer may hold
+        try:
+            began = time.monotonic()
+            fd = receive_arena(str(socket_path), "ok", SECRET, os.getuid(), timeout=20)
+            try:
+                assert os.pread(fd, 5, 0) == b"arena"
+            finally:
+                os.close(fd)
+            assert time.monotonic() - began < 10  # not the idle ones' 60 s deadline
+        finally:
+            stop(idle)
+    finally:
+        stop(server)
+
+
+def test_forty_idle_processes_do_not_block_a_worker(socket_path: Path, arena: Arena) -> None:
+    """40 processes holding 16 idle connections each filled every slot (512): every
+    worker was told `busy` until their deadline, and again as they reconnected."""
+    server = serve(socket_path, arena, deadline=60.0)  # the default limits
+    idle = idle_processes(socket_path, 40, 16)
+    try:
+        assert attach(socket_path) < 10  # not the idle ones' 60 s deadline
+        assert server.serving
+    finally:
+        stop(idle)
+        server.stop()
+
+
+def test_refusals_are_logged_once_a_minute_with_a_count(
+    socket_path: Path, arena: Arena, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refusal logged a line (~2.6 GB an hour under a reconnecting client): now the
+    first of a minute is logged, and the next line says how many were left out."""
+    server = serve(socket_path, arena, per_peer=1, grace=60.0)
+    held = connect(socket_path)
+    try:
+        with caplog.at_level(logging.WARNING, "basehold.handles"):
+            for _ in range(200):
+                with connect(socket_path) as extra:
+                    extra.settimeout(10)
+                    assert json.loads(extra.recv(4096))["code"] == "busy"
+            turned_away = [r for r in caplog.records if "turned away" in r.getMessage()]
+            assert len(turned_away) == 1, len(turned_away)
+            assert server.refused == 200
+    finally:
+        held.close()
+        server.stop()
+
+
+def test_the_lines_left_out_are_counted_when_the_minute_is_over(
+    socket_path: Path, arena: Arena, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = serve(socket_path, arena, per_peer=1, grace=60.0, log_every=0.5)
+    held = connect(socket_path)
+    try:
+        with caplog.at_level(logging.WARNING, "basehold.handles"):
+            for _ in range(30):
+                with connect(socket_path) as extra:
+                    extra.settimeout(10)
+                    extra.recv(4096)
+            until(lambda: "29 more" in caplog.text, "a line counting the 29 left out")
+        assert len([r for r in caplog.records if "turned away" in r.getMessage()]) <= 2
+    finally:
+        held.close()
+        server.stop()
+
+
+def test_a_busy_worker_retries_until_a_slot_is_free(socket_path: Path, arena: Arena) -> None:
+    server = serve(socket_path, arena, per_peer=1, grace=60.0)
+    held = connect(socket_path)
+    got: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            got.append(receive_arena(str(socket_path), "ok", SECRET, os.getuid(), timeout=30))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        until(lambda: server.refused >= 2 or errors, "the worker to be told busy twice")
+        held.close()
+        thread.join(timeout=30)
+        assert errors == [] and len(got) == 1
+        assert os.pread(got[0], 5, 0) == b"arena"
+        os.close(got[0])
+    finally:
+        held.close()
+        server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from service.errors import TooManyLeases
 from service.handles.leases import MAX_TTL_SECONDS, LeaseTable
 from service.state.database import LeaseRow
 from tests.api.test_auth import KEYS, bearer
@@ -251,3 +253,65 @@ def test_a_local_load_names_the_hub_model_it_is_a_copy_of(
     assert hub.status_code == 400 and "Drop base_model" in hub.json()["detail"]
     bad = client.post("/v1/models", json={"source": source, "base_model": {"hub_id": "../x"}})
     assert bad.status_code == 422
+
+
+def test_lease_cap_per_key_and_model(make_client: ClientFactory, models_root: Path) -> None:
+    """One worker key took every lease of a model by varying `holder`: now a key holds at
+    most BASEHOLD_MAX_LEASES_PER_KEY leases on one model; other keys and admins still get
+    theirs, and a released lease frees its slot."""
+    keys = {**KEYS, "worker-key-456": ["worker"], "operator-key-789": ["admin", "worker"]}
+    client = make_client(api_keys=keys, max_leases_per_key=2)
+    admin, worker, other = (
+        bearer("admin-key-123"),
+        bearer("worker-key-123"),
+        bearer("worker-key-456"),
+    )
+    first = load(client, headers=admin, source=str(models_root / "gpt2"))["id"]
+    second = load(client, headers=admin, source=str(models_root / "llama"), dtype="float32")["id"]
+
+    def take(model_id: str, holder: str, headers: dict[str, str]) -> Answer:
+        body = {"holder": holder, "ttl_seconds": 60}
+        return client.post(f"/v1/models/{model_id}/leases", json=body, headers=headers)
+
+    granted = [take(first, f"rank-{i}", worker) for i in range(2)]
+    assert [g.status_code for g in granted] == [201, 201]
+    refused = take(first, "rank-2", worker)
+    body = refused.json()
+    assert (refused.status_code, body["code"]) == (429, "too_many_leases")
+    assert "BASEHOLD_MAX_LEASES_PER_KEY" in body["detail"] and "Release" in body["detail"]
+    assert "worker-key-123" not in refused.text  # the key is never echoed
+    assert take(second, "rank-2", worker).status_code == 201  # per model
+    assert take(first, "rank-2", other).status_code == 201  # per key
+    operator = bearer("operator-key-789")  # an admin key may lease too: not capped
+    assert [take(first, f"admin-{i}", operator).status_code for i in range(3)] == [201] * 3
+    lease_id, secret = granted[0].json()["lease_id"], granted[0].json()["secret"]
+    released = client.delete(f"/v1/leases/{lease_id}", headers={**worker, "X-Lease-Secret": secret})
+    assert released.status_code == 204
+    assert take(first, "rank-3", worker).status_code == 201
+
+
+def test_the_per_key_cap_holds_under_concurrent_grants() -> None:
+    """Checked and taken under one lock: 32 threads of one key never get more than the cap."""
+    table = LeaseTable()
+    granted: list[str] = []
+    refused: list[str] = []
+
+    def take(i: int) -> None:
+        try:
+            lease, _ = table.grant("m", f"rank-{i}", 60, key="k1", max_per_key=4)
+            granted.append(lease.id)
+        except TooManyLeases as exc:
+            refused.append(exc.code)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(granted) == 4 and refused == ["too_many_leases"] * 28
+    assert table.count_key("m", "k1") == 4 and table.count_key("other", "k1") == 0
+    table.grant("m", "x", 60, key="k2", max_per_key=4)  # another key
+    table.grant("m", "x", 60)  # no key: no cap
+    table.release(granted[0])
+    assert table.count_key("m", "k1") == 3
+    table.grant("m", "rank-again", 60, key="k1", max_per_key=4)

@@ -130,8 +130,7 @@ def test_a_runner_that_dies_fails_its_model_only(client: TestClient, models_root
     shared = load(client, source=str(models_root / "gpt2"), dtype="float32")
     private = load(client, source=str(models_root / "llama"), quantization={"method": "bnb-8bit"})
     assert private["state"] == "ready" and private["shareable"] is False
-    app = app_of(client)
-    runner = app.state.placement.runner(app.state.registry.get(private["id"]).load_id)
+    runner = app_of(client).state.registry.get(private["id"]).loader  # it stays as the runner
     assert runner is not None and runner.pid is not None and not _gone(runner.pid)
     os.kill(runner.pid, signal.SIGKILL)
     failed = wait_for(client, private["id"], ("failed",), timeout=30)
@@ -143,8 +142,7 @@ def test_a_runner_that_dies_fails_its_model_only(client: TestClient, models_root
 
 def test_unloading_a_runner_model_ends_its_runner(client: TestClient, models_root: Path) -> None:
     private = load(client, source=str(models_root / "llama"), quantization={"method": "bnb-8bit"})
-    app = app_of(client)
-    runner = app.state.placement.runner(app.state.registry.get(private["id"]).load_id)
+    runner = app_of(client).state.registry.get(private["id"]).loader  # it stays as the runner
     assert runner is not None and runner.pid is not None
     assert client.delete(f"/v1/models/{private['id']}").status_code == 204
     until(lambda: _gone(runner.pid or 0), "the runner outlived its model", 5)

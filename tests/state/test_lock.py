@@ -79,3 +79,34 @@ def test_a_symlinked_state_dir_is_refused(tmp_path: Path) -> None:
     (tmp_path / "state").symlink_to(real)
     with pytest.raises(FolderUnsafe, match="not a directory"):
         StateLock(tmp_path / "state").acquire()
+
+
+def test_a_state_dir_whose_parent_others_can_write_is_refused(tmp_path: Path) -> None:
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    parent.chmod(0o777)  # anyone could rename the state dir away and put theirs in its place
+    state = parent / "state"
+    with pytest.raises(FolderUnsafe, match=r"without the sticky bit.*BASEHOLD_STATE_DIR"):
+        StateLock(state).acquire()
+    assert not (state / FILENAME).exists()
+    parent.chmod(0o1777)  # like /tmp: only an entry's owner may rename it
+    lock = StateLock(state)
+    lock.acquire()
+    lock.release()
+
+
+def test_a_state_dir_swapped_after_start_is_detected(tmp_path: Path) -> None:
+    """The lock holds the folder it checked: a folder put in its place later (only its
+    owner or root can, once the parent is checked) is told apart from it, and the lock
+    file stays in the folder that was checked."""
+    state = tmp_path / "state"
+    lock = StateLock(state)
+    lock.acquire()
+    lock.verify()
+    state.rename(tmp_path / "moved")
+    state.mkdir(mode=0o700)
+    with pytest.raises(FolderUnsafe, match="replaced"):
+        lock.verify()
+    assert (tmp_path / "moved" / FILENAME).read_text() == f"{os.getpid()}\n"
+    assert not (state / FILENAME).exists()
+    lock.release()

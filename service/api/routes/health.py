@@ -21,7 +21,8 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", response_model=None, responses=problem_responses(503))
 async def readyz(request: Request, registry: RegistryDep) -> JSONResponse | dict[str, object]:
     """503 until the registry is up and every model restored after a restart has settled
-    (ready or failed), or when the worker socket stopped serving; the body says which."""
+    (ready or failed), while the loader template starts or is down (it is restarted), or
+    when the worker socket stopped serving; the body says which."""
     if not getattr(request.app.state, "ready", False):
         return problem(503, "not_ready", "Not ready", "The service is starting; retry shortly.")
     arenas = getattr(request.app.state, "arenas", None)
@@ -34,13 +35,12 @@ async def readyz(request: Request, registry: RegistryDep) -> JSONResponse | dict
             "restart the service.",
         )
     loaders = getattr(request.app.state, "loaders", None)
-    if loaders is not None and not loaders.template_ready.is_set():
-        return problem(
-            503,
-            "loaders_starting",
-            "Loaders starting",
-            "The loader template is importing torch and transformers (seconds); retry shortly.",
-        )
+    liveness = getattr(loaders, "liveness", None)  # a stand-in backend may have none
+    template = liveness() if liveness is not None else None
+    if template is not None and template.state == "starting":
+        return problem(503, "loaders_starting", "Loaders starting", template.detail)
+    if template is not None and template.state == "down":
+        return problem(503, "loader_unavailable", "Loader template unavailable", template.detail)
     preload = getattr(request.app.state, "preload", None)
     preloading = preload.waiting(registry) if preload is not None else 0
     if preloading:

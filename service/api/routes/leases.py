@@ -10,7 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
 
-from service.api.deps import LendingDep, ScopesDep, is_admin, require
+from service.api.deps import KeyDep, LendingDep, ScopesDep, SettingsDep, is_admin, require
 from service.api.schemas import LeaseGrant, LeaseList, LeaseOut, LeaseRequest, problem_responses
 
 router = APIRouter(prefix="/v1", tags=["leases"])
@@ -33,10 +33,26 @@ LeaseSecret = Annotated[
     dependencies=[require("worker")],
     responses=problem_responses(401, 403, 404, 409, 422, 429),
 )
-def create_lease(model_id: str, body: LeaseRequest, lending: LendingDep) -> LeaseGrant:
+def create_lease(
+    model_id: str,
+    body: LeaseRequest,
+    lending: LendingDep,
+    scopes: ScopesDep,
+    key: KeyDep,
+    settings: SettingsDep,
+) -> LeaseGrant:
     """Lease a ready model. The answer carries the lease's secret (shown once) and the
-    handle that service.client turns into a model on the service's pages."""
-    return LeaseGrant.of_grant(lending.grant(model_id, body.holder, body.ttl_seconds))
+    handle that service.client turns into a model on the service's pages. A worker key
+    holds at most BASEHOLD_MAX_LEASES_PER_KEY leases on one model (admin keys are exempt)."""
+    capped = None if is_admin(scopes) else key
+    grant = lending.grant(
+        model_id,
+        body.holder,
+        body.ttl_seconds,
+        key=capped,
+        max_per_key=settings.max_leases_per_key,
+    )
+    return LeaseGrant.of_grant(grant)
 
 
 @router.post(

@@ -26,17 +26,20 @@ def snapshot_of(state: State) -> MemorySnapshot:
 @router.get("/memory", response_model=MemoryReport, dependencies=[require("read")])
 async def memory(request: Request) -> MemoryReport:
     """Per GPU (NVML), host (psutil) and per-model bytes counted from the tensors."""
-    return MemoryReport.model_validate(asdict(snapshot_of(request.app.state)))
+    state = request.app.state
+    snapshot = await state.probes.run(lambda: snapshot_of(state))  # off the event loop
+    return MemoryReport.model_validate(asdict(snapshot))
 
 
 @router.post(
     "/estimate",
     response_model=EstimateOut,
     dependencies=[require("read")],
-    responses=problem_responses(400, 401, 403, 404, 413, 422),
+    responses=problem_responses(400, 401, 403, 404, 413, 422, 429),
 )
 def estimate(
     request: LoadRequest,
+    http: Request,
     registry: RegistryDep,
     scopes: ScopesDep,
     x_hf_token: HubToken = None,
@@ -49,7 +52,8 @@ def estimate(
             "Estimating with trust_remote_code runs the checkpoint's code: that needs an admin "
             "key. Drop trust_remote_code or ask the operator."
         )
-    result, free = registry.estimate(request, x_hf_token)
+    with http.app.state.estimate_slots.slot():
+        result, free = registry.estimate(request, x_hf_token)
     fits = all(n <= free.get(d, 0) for d, n in result.by_device.items() if d != "disk")
     return EstimateOut(
         total_bytes=result.total_bytes,

@@ -38,7 +38,7 @@ async def metrics(request: Request) -> Response:
         if r.state in (State.QUEUED, State.LOADING)
     ]
     metrics.oldest_load_seconds.set(max(waiting).total_seconds() if waiting else 0)
-    snapshot = snapshot_of(state)
+    snapshot = await state.probes.run(lambda: snapshot_of(state))  # off the event loop
     metrics.arena_bytes.set(snapshot.host.shared_arena_bytes)
     metrics.host_total_bytes.set(snapshot.host.total_bytes)
     metrics.host_available_bytes.set(snapshot.host.available_bytes)
