@@ -107,6 +107,9 @@ class Faults:
     # As the Hub may: small files' `resolve` answers 307 to `/api/resolve-cache/...` on the
     # same host (whose headers huggingface_hub does not read: it follows), then the file.
     resolve_cache: bool = False
+    # Whole-file GETs of `file` send their headers, then wait until `held[file]` is set
+    # (a request held in flight for as long as the test needs; it counts in `streaming`).
+    held: dict[str, threading.Event] = field(default_factory=dict)
 
 
 def _digest(data_path: Path) -> tuple[str, str]:
@@ -389,14 +392,23 @@ class _Handler(BaseHTTPRequestHandler):
             return status
         cut = self.owner.take_cut(file.name) if not wanted else None
         rate = None if closed else self.owner.faults.rate
-        self._stream(key, content, (start, stop), cut, rate)
+        gate = None if wanted else self.owner.faults.held.get(file.name)
+        self._stream(key, content, (start, stop), cut, rate, gate)
         return status
 
     def _stream(
-        self, key: str, content: _Body, span: tuple[int, int], cut: int | None, rate: float | None
+        self,
+        key: str,
+        content: _Body,
+        span: tuple[int, int],
+        cut: int | None,
+        rate: float | None,
+        gate: threading.Event | None = None,
     ) -> None:
         self.owner.streams(+1)
         try:
+            if gate is not None:
+                gate.wait(120)
             self._send_bytes(key, content, span, cut, rate)
         finally:
             self.owner.streams(-1)

@@ -60,9 +60,17 @@ class Job(BaseModel):
     memory_limit: int | None = Field(default=None, ge=0)  # address space it may add
     # The service's hub settings now (HF_*): the template's environment is from its start.
     hub_env: dict[str, str] = Field(default_factory=dict, repr=False)
+    # May the loader fall back on the server's own hub token (HF_TOKEN, the token file)
+    # when `token` is None? Not for a read-only estimate by a key without `admin`.
+    server_token: bool = True
     # How long the loader waits for the service's answer to `prepared`.
     stall_seconds: float = Field(default=300.0, gt=0)
 
 
-def hub_env() -> dict[str, str]:
-    return {key: value for key, value in os.environ.items() if key.startswith("HF_")}
+def hub_env(*, server_token: bool = True) -> dict[str, str]:
+    """The service's HF_* settings for a loader; without `server_token`, not its token."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key.startswith("HF_") and (server_token or key != "HF_TOKEN")
+    }

@@ -83,7 +83,14 @@ class Loaders:
         return self.setup.roots
 
     def _job(
-        self, model_id: str, load_id: str, spec: LoadRequest, token: str | None, admitted: bool
+        self,
+        model_id: str,
+        load_id: str,
+        spec: LoadRequest,
+        token: str | None,
+        admitted: bool,
+        *,
+        server_token: bool = True,
     ) -> Job:
         setup = self.setup
         return Job(
@@ -100,16 +107,20 @@ class Loaders:
             admitted=admitted,
             threads=setup.threads,
             memory_limit=setup.memory_limit,
-            hub_env=hub_env(),
+            hub_env=hub_env(server_token=server_token),
+            server_token=server_token,
             stall_seconds=setup.stall_seconds,
         )
 
-    def estimate(self, spec: LoadRequest, token: str | None, *, full: bool) -> Estimate:
+    def estimate(
+        self, spec: LoadRequest, token: str | None, *, full: bool, server_token: bool = True
+    ) -> Estimate:
         """What `spec` would take, priced in a helper process of the template. `full`: what
         admission at POST needs (a local checkpoint checked; a hub source's commit, file
         list, config and safetensors headers, and the cache's free disk; nothing
-        downloaded); else the config alone (hub sources fetch config.json only)."""
-        job = self._job("", "", spec, token, False)
+        downloaded); else the config alone (hub sources fetch config.json only).
+        `server_token`: without a `token`, the server's own hub token may be used."""
+        job = self._job("", "", spec, token, False, server_token=server_token)
         helper = LoaderProcess(self.template, "prepare" if full else "estimate", job)
         what = "The estimate's helper process"
         try:

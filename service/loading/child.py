@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
 
 from service.handles.devices import CUDA
 from service.handles.placement import ArenaPlacement
@@ -73,6 +74,9 @@ def _setup(job: Job) -> None:
     for key in [key for key in os.environ if key.startswith("HF_")]:
         del os.environ[key]
     os.environ.update(job.hub_env)
+    if not job.server_token:  # the request's token or none: never the server's own
+        os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+        hub_constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True  # read at import, in the template
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the service, which stops us
     logging.basicConfig(

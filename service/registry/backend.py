@@ -52,10 +52,13 @@ class LoaderBackend(Protocol[L]):
         """The folders local sources must be under."""
         ...
 
-    def estimate(self, spec: LoadRequest, token: str | None, *, full: bool) -> Estimate:
+    def estimate(
+        self, spec: LoadRequest, token: str | None, *, full: bool, server_token: bool = True
+    ) -> Estimate:
         """What `spec` would take. `full`: what admission at submit needs (a local
         checkpoint checked, a hub source's metadata; nothing downloaded); else the config
-        alone. Raises the load's error when it cannot be priced."""
+        alone. `server_token`: without `token`, the server's own hub token may be used.
+        Raises the load's error when it cannot be priced."""
         ...
 
     def start(

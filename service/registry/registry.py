@@ -281,9 +281,13 @@ class Registry:
         except Exception:
             return None
 
-    def estimate(self, request: LoadRequest, token: str | None) -> tuple[Estimate, dict[str, int]]:
-        """POST /v1/estimate: nothing is loaded; hub sources fetch config.json only."""
-        result = self._loaders.estimate(self.normalize(request), token, full=False)
+    def estimate(
+        self, request: LoadRequest, token: str | None, *, server_token: bool = True
+    ) -> tuple[Estimate, dict[str, int]]:
+        """POST /v1/estimate: nothing is loaded; hub sources fetch config.json only.
+        `server_token`: without `token`, the server's own hub token may be used."""
+        spec = self.normalize(request)
+        result = self._loaders.estimate(spec, token, full=False, server_token=server_token)
         measured = self.gate.measure()
         with self._lock:
             return result, self.gate.free(self._records.values(), measured)

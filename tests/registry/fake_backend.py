@@ -194,7 +194,9 @@ class FakeBackend:
     def roots(self) -> list[Path]:
         return self._roots
 
-    def estimate(self, spec: LoadRequest, token: str | None, *, full: bool) -> Estimate:
+    def estimate(
+        self, spec: LoadRequest, token: str | None, *, full: bool, server_token: bool = True
+    ) -> Estimate:
         price = self.prices.get(spec.source)
         if price is None:
             raise LoaderCrashed(f"{spec.source} cannot be priced before its load")

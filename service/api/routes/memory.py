@@ -46,14 +46,16 @@ def estimate(
 ) -> EstimateOut:
     """What a load would take per device, from the config on the meta device; nothing is
     loaded (hub sources fetch config.json only). With `trust_remote_code` the config's own
-    code runs, so that needs an admin key."""
+    code runs, so that needs an admin key. A hub source is fetched with the request's
+    X-HF-Token only: the server's own token (HF_TOKEN) serves admin keys alone, so a read
+    key cannot reach what only the server's token may see."""
     if request.trust_remote_code and "admin" not in scopes:
         raise Forbidden(
             "Estimating with trust_remote_code runs the checkpoint's code: that needs an admin "
             "key. Drop trust_remote_code or ask the operator."
         )
     with http.app.state.estimate_slots.slot():
-        result, free = registry.estimate(request, x_hf_token)
+        result, free = registry.estimate(request, x_hf_token, server_token="admin" in scopes)
     fits = all(n <= free.get(d, 0) for d, n in result.by_device.items() if d != "disk")
     return EstimateOut(
         total_bytes=result.total_bytes,

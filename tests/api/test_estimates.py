@@ -1,9 +1,13 @@
-"""POST /v1/estimate runs a helper process per request: a flood of them is bounded."""
+"""POST /v1/estimate is read-only: a flood of them is bounded (each runs a helper process),
+and a read key never borrows the server's hub token."""
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from service.api.slots import Slots
 from service.errors import TooManyRequests
@@ -16,7 +20,8 @@ def test_estimates_beyond_the_slots_and_the_queue_answer_429(
 ) -> None:
     client = make_client(hf_endpoint=hub.url, max_concurrent_estimates=1)
     slots: Slots = app_of(client).state.estimate_slots
-    hub.faults.rate = 200  # config.json trickles in: the estimate holds its slot meanwhile
+    release = threading.Event()
+    hub.faults.held["config.json"] = release  # the estimate holds its slot meanwhile
     answers: list[Any] = []
 
     def estimate() -> None:
@@ -36,7 +41,7 @@ def test_estimates_beyond_the_slots_and_the_queue_answer_429(
     assert body["code"] == "too_many_requests"
     assert "try again" in body["detail"]
 
-    hub.faults.rate = None
+    release.set()
     first.join(60)
     second.join(60)
     assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
@@ -86,3 +91,28 @@ def test_a_call_that_waits_past_its_deadline_is_refused() -> None:
         assert slots.waiting == 0
     with slots.slot():  # the slot is free again
         assert slots.busy == 1
+
+
+def test_a_read_key_estimates_a_hub_source_with_its_own_token_only(
+    make_client: ClientFactory, hub: LocalHub, models_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.add("acme/private", models_root / "llama", private=True, token="hf_server_token")
+    monkeypatch.setenv("HF_TOKEN", "hf_server_token")  # the server's own token
+    keys = {"admin-key-123": ["admin"], "reader-key-123": ["read"]}
+    client = make_client(hf_endpoint=hub.url, api_keys=keys)
+    body = {"source": "acme/private"}
+
+    def estimate(key: str, **headers: str) -> Any:
+        return client.post(
+            "/v1/estimate", json=body, headers={"Authorization": f"Bearer {key}", **headers}
+        )
+
+    refused = estimate("reader-key-123")
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["code"] == "gated_or_unauthorized"
+    assert "X-HF-Token" in refused.json()["detail"]
+    own = estimate("reader-key-123", **{"X-HF-Token": "hf_server_token"})
+    assert own.status_code == 200, own.text
+    admin = estimate("admin-key-123")
+    assert admin.status_code == 200, admin.text
+    assert admin.json()["total_bytes"] == own.json()["total_bytes"]
