@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
+from service.loading.pin import HubPin
 from service.loading.sources import HubOptions
 from service.loading.spec import LoadRequest
 
@@ -56,6 +57,7 @@ class Job(BaseModel):
     cuda: StandIn | None = None  # None: torch's view, in the loader
     segments: StandIn | None = None  # None: CUDA
     admitted: bool = False  # else the loader asks before it reads any weight
+    pin: HubPin | None = None  # admitted hub loads: the snapshot admission priced
     threads: int = Field(default=1, ge=1)  # torch threads in the loader
     memory_limit: int | None = Field(default=None, ge=0)  # address space it may add
     # The service's hub settings now (HF_*): the template's environment is from its start.

@@ -37,6 +37,7 @@ from service.loaders.protocol import (
 )
 from service.loaders.template import REPLY_SECONDS
 from service.loaders.wire import BadMessage, ChannelClosed, ChannelTimeout, close_fds
+from service.loading.pin import HubPin
 from service.loading.progress import Progress
 from service.loading.sources import HubOptions
 from service.loading.spec import LoadRequest
@@ -91,6 +92,7 @@ class Loaders:
         admitted: bool,
         *,
         server_token: bool = True,
+        pin: HubPin | None = None,
     ) -> Job:
         setup = self.setup
         return Job(
@@ -105,6 +107,7 @@ class Loaders:
             cuda=StandIn.of(setup.cuda),
             segments=StandIn.of(setup.segments),
             admitted=admitted,
+            pin=pin,
             threads=setup.threads,
             memory_limit=setup.memory_limit,
             hub_env=hub_env(server_token=server_token),
@@ -135,11 +138,17 @@ class Loaders:
         raise self._unreadable(helper, what, f"{message.type} instead of an estimate")
 
     def start(
-        self, model_id: str, load_id: str, spec: LoadRequest, token: str | None, admitted: bool
+        self,
+        model_id: str,
+        load_id: str,
+        spec: LoadRequest,
+        token: str | None,
+        admitted: bool,
+        pin: HubPin | None = None,
     ) -> LoaderProcess:
-        return LoaderProcess(
-            self.template, "load", self._job(model_id, load_id, spec, token, admitted)
-        )
+        """Fork a load. `pin`: the hub snapshot admission priced, which it downloads."""
+        job = self._job(model_id, load_id, spec, token, admitted, pin=pin)
+        return LoaderProcess(self.template, "load", job)
 
     def drive(
         self, loader: LoaderProcess, progress: Progress, admit: Callable[[Estimate], None]

@@ -173,7 +173,7 @@ def _load(channel: Channel, job: Job) -> None:
 
     try:
         admission = None if job.admitted else admit
-        prepared = prepare_admitted(job.spec, job.token, ctx, progress, admission)
+        prepared = prepare_admitted(job.spec, job.token, ctx, progress, admission, job.pin)
         if prepared is None:
             return
         loaded = load_and_place(job.model_id, job.load_id, prepared, ctx, progress)

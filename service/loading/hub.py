@@ -69,6 +69,7 @@ from service.loading.hub_checks import (
     size_cap,
 )
 from service.loading.hub_guard import Listed, Watch, watching
+from service.loading.pin import HubPin, PinnedFile
 from service.loading.progress import Phase, Progress
 from service.loading.sources import HubOptions, HubSource, hub_cache_dir, hub_offline
 from service.memory.admission import Download
@@ -141,6 +142,31 @@ class Plan:
         if not needed:
             return None
         return Download(str(self.cache), self.snapshot, needed, free_bytes(self.cache))
+
+    def pin(self) -> HubPin:
+        """What admission priced, for the loader that downloads it (`from_pin`)."""
+        files = tuple(PinnedFile(name=f.name, size=f.size, etag=f.etag) for f in self.files)
+        folder = None if self.cached_folder is None else str(self.cached_folder)
+        return HubPin(commit=self.commit, files=files, cached_folder=folder)
+
+    @classmethod
+    def from_pin(cls, source: HubSource, pin: HubPin) -> Plan:
+        """The plan admission priced, held to the same checks as a hub's listing: the
+        serving process carried it, a loader process made it."""
+        cache = Path(hub_cache_dir())
+        label = f"{source.repo_id}@{source.revision}"
+        if not is_commit(pin.commit):
+            raise _lied(label, f"commit {shown(pin.commit)}, which is not a 40-hex commit sha")
+        for file in pin.files:
+            if (problem := file_name_problem(file.name)) is not None:
+                raise _lied(label, f"the file name {shown(file.name)} ({problem})")
+            if not is_etag(file.etag):
+                raise _lied(label, f"blob id {shown(file.etag)} for {shown(file.name)}")
+        folder = None if pin.cached_folder is None else Path(pin.cached_folder)
+        if folder is not None and not inside(folder, cache):
+            raise _lied(label, f"the cached snapshot {shown(str(folder))}, outside the cache")
+        files = tuple(PlannedFile(f.name, f.size, f.etag) for f in pin.files)
+        return cls(source, pin.commit, files, cache, cached_folder=folder)
 
     def watch(self, options: HubOptions) -> Watch:
         """What the hub's answers about this snapshot must agree with (`hub_guard`)."""

@@ -33,6 +33,7 @@ from service.loading.checkpoint import (
     inspect_checkpoint,
     require_config,
 )
+from service.loading.pin import HubPin
 from service.loading.placement import Placement
 from service.loading.progress import Phase, Progress
 from service.loading.sources import (
@@ -109,15 +110,17 @@ def resolve(
     stage: Stage = Stage.FULL,
     progress: Progress | None = None,
     plan: hub.Plan | None = None,
+    pin: HubPin | None = None,
 ) -> Resolved:
     """Find the checkpoint and decide the task. Hub sources: the revision resolved to a
-    commit and the file list first (no file bytes; `plan` when that was done already),
-    then as far as `stage` says."""
+    commit and the file list first (no file bytes; `plan` when that was done already in
+    this process, `pin` when admission did it in another), then as far as `stage` says."""
     source = parse_source(spec.source, spec.revision, ctx.roots)
     revision: str | None = None
     if isinstance(source, HubSource):
         allowed: tuple[Path, ...] = (Path(hub_cache_dir()).resolve(),)
-        plan = plan or hub.plan(source, token, ctx.hub)
+        if plan is None:
+            plan = hub.Plan.from_pin(source, pin) if pin else hub.plan(source, token, ctx.hub)
         revision = plan.commit
         if stage is Stage.FULL:
             hub.check_disk(plan)
@@ -143,7 +146,7 @@ def _priced(spec: LoadRequest, resolved: Resolved, ctx: LoadContext) -> Estimate
     priced = estimate(spec, resolved.config, resolved.task, ctx.cuda)
     if resolved.plan is None:
         return priced
-    return replace(priced, download=resolved.plan.download())
+    return replace(priced, download=resolved.plan.download(), pin=resolved.plan.pin())
 
 
 def estimate_only(spec: LoadRequest, token: str | None, ctx: LoadContext) -> Estimate:
@@ -166,11 +169,12 @@ def prepare(
     ctx: LoadContext,
     progress: Progress | None = None,
     plan: hub.Plan | None = None,
+    pin: HubPin | None = None,
 ) -> Prepared:
     """Resolve (download hub snapshots) and check the checkpoint's files."""
     if progress is not None:
         progress.set_phase(Phase.RESOLVING)
-    resolved = resolve(spec, token, ctx, progress=progress, plan=plan)
+    resolved = resolve(spec, token, ctx, progress=progress, plan=plan, pin=pin)
     checkpoint = inspect_checkpoint(resolved.path, resolved.allowed)
     return Prepared(spec, resolved, checkpoint)
 
@@ -184,12 +188,14 @@ def prepare_admitted(
     ctx: LoadContext,
     progress: Progress,
     admit: Admit | None,
+    pin: HubPin | None = None,
 ) -> Prepared | None:
     """`prepare`, with `admit` (when given) asked before any weight byte is downloaded or
     read: a hub source from its metadata, a local one once its files are checked. None
-    when it says no."""
+    when it says no. Admitted already (`admit` None): a hub source downloads the snapshot
+    admission priced (`pin`), resolving nothing again."""
     if admit is None:
-        return prepare(spec, token, ctx, progress)
+        return prepare(spec, token, ctx, progress, pin=pin)
     if spec.source.startswith("/"):
         prepared = prepare(spec, token, ctx, progress)
         return prepared if admit(_priced(spec, prepared.resolved, ctx)) else None

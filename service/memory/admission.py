@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from service.loading.pin import HubPin
 from service.memory.cuda import CudaProbe
 from service.memory.host import host_memory
 from service.memory.nvml import GpuProbe, by_torch_index
@@ -34,6 +35,7 @@ class Estimate:
     by_device: dict[str, int]
     largest_layer_bytes: int
     download: Download | None = None  # hub sources with files to fetch
+    pin: HubPin | None = None  # hub sources: the snapshot priced, which the load downloads
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -41,16 +43,18 @@ class Estimate:
             "by_device": self.by_device,
             "largest_layer_bytes": self.largest_layer_bytes,
             "download": None if self.download is None else vars(self.download),
+            "pin": None if self.pin is None else self.pin.model_dump(mode="json"),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Estimate:
-        download = data.get("download")
+        download, pin = data.get("download"), data.get("pin")
         return cls(
             total_bytes=int(data["total_bytes"]),
             by_device={str(k): int(v) for k, v in data["by_device"].items()},
             largest_layer_bytes=int(data["largest_layer_bytes"]),
             download=None if download is None else Download.from_json(download),
+            pin=None if pin is None else HubPin.model_validate(pin),
         )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from service.loaders.held import Held
+from service.loading.pin import HubPin
 from service.loading.progress import Progress
 from service.loading.spec import LoadRequest
 from service.memory.admission import Estimate
@@ -62,10 +63,17 @@ class LoaderBackend(Protocol[L]):
         ...
 
     def start(
-        self, model_id: str, load_id: str, spec: LoadRequest, token: str | None, admitted: bool
+        self,
+        model_id: str,
+        load_id: str,
+        spec: LoadRequest,
+        token: str | None,
+        admitted: bool,
+        pin: HubPin | None = None,
     ) -> L:
         """Start a load (`admitted`: admission is done; else it asks before it reads or
-        downloads any weight)."""
+        downloads any weight). `pin`: the hub snapshot admission priced, which the load
+        downloads without resolving the revision again."""
         ...
 
     def drive(self, loader: L, progress: Progress, admit: Callable[[Estimate], None]) -> Held:

@@ -357,8 +357,9 @@ class Registry:
         loader: RunningLoad | None = None
         failure: ErrorInfo | None = None
         try:
+            pin = record.estimate.pin if record.estimate is not None else None
             loader = self._loaders.start(
-                record.id, record.load_id, record.spec, token, record.admitted
+                record.id, record.load_id, record.spec, token, record.admitted, pin
             )
             with self._lock:
                 record.loader = loader

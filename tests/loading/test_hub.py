@@ -312,6 +312,18 @@ def test_a_cached_snapshot_is_not_fetched_again(hub_client: TestClient, hub: Loc
     )
 
 
+def test_a_hub_load_resolves_its_revision_once(hub_client: TestClient, hub: LocalHub) -> None:
+    """Admission prices a commit and its files; the loader downloads that snapshot without
+    asking the hub what `main` is again (it may have moved meanwhile)."""
+    status = wait_for(
+        hub_client, hub_client.post("/v1/models", json={"source": "acme/bigger"}).json()["id"]
+    )
+    assert status["state"] == "ready", status
+    assert status["resolved_revision"] == hub.repos["acme/bigger"].commit
+    resolves = [r for r in hub.requests if r.path.startswith("/api/") and "/revision/" in r.path]
+    assert [r.path for r in resolves] == ["/api/models/acme/bigger/revision/main"]
+
+
 def test_a_repo_without_weights_fails_before_any_download(
     hub_client: TestClient, hub: LocalHub, models_root: Path, tmp_path: Path
 ) -> None:

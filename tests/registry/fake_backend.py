@@ -16,6 +16,7 @@ from pathlib import Path
 from service.errors import LoaderCrashed, relayed
 from service.handles.leases import LeaseTable
 from service.loaders.held import Held, Placed
+from service.loading.pin import HubPin
 from service.loading.progress import Progress
 from service.loading.spec import LoadRequest, Task
 from service.memory.admission import Budget, Estimate
@@ -203,7 +204,13 @@ class FakeBackend:
         return price
 
     def start(
-        self, model_id: str, load_id: str, spec: LoadRequest, token: str | None, admitted: bool
+        self,
+        model_id: str,
+        load_id: str,
+        spec: LoadRequest,
+        token: str | None,
+        admitted: bool,
+        pin: HubPin | None = None,
     ) -> FakeLoad:
         steps = self.scripts.get(model_id, [Ready()])
         load = FakeLoad(self._changed, model_id, load_id, spec, admitted, steps)
