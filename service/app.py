@@ -78,9 +78,12 @@ def _shutdown_steps(*steps: tuple[str, Callable[[], object]]) -> None:
             log.exception("shutdown: %s failed; going on with the rest", name)
 
 
-def _start_state(settings: Settings, registry: Registry, table: LeaseTable) -> StateDB:
+def _start_state(
+    settings: Settings, lock: StateLock, registry: Registry, table: LeaseTable
+) -> StateDB:
     """With the state lock held: clean what a crashed instance left, open the database,
     write through from now on, and restore (or forget) what it holds. Runs in a thread."""
+    lock.verify()  # the folder checked and locked is still the one its path names
     offload = clean_offload(settings.offload_dir)
     if offload:
         log.info("removed %d offload folder(s) a previous instance left", offload)
@@ -210,7 +213,7 @@ def create_app(
         gc.freeze()
         lock.acquire()
         events.bind(asyncio.get_running_loop())
-        db = await run_in_threadpool(_start_state, settings, registry, table)
+        db = await run_in_threadpool(_start_state, settings, lock, registry, table)
         arenas.start()
         restoring = registry.restoring()
         if restoring:

@@ -59,7 +59,13 @@ def _serve(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.server import serve
 
-    serve(create_app(settings, lock=lock), args.host, args.port, args.log_level)
+    try:  # the node-features folder, a shared loader template: checked as the app is built
+        app = create_app(settings, lock=lock)
+    except FolderUnsafe as exc:
+        lock.release()
+        print(f"basehold: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    serve(app, args.host, args.port, args.log_level)
     return 0
 
 

@@ -163,3 +163,23 @@ def test_a_folder_made_unsafe_after_start_gets_no_more_writes(
     assert "writable by others" in caplog.text
     folder.chmod(0o755)
     nfd.stop()
+
+
+def test_basehold_serve_refuses_an_unsafe_features_folder_with_one_line(tmp_path: Path) -> None:
+    import tempfile
+
+    from tests.handles.spawn import run_basehold
+
+    folder = tmp_path / "features.d"
+    folder.mkdir()
+    folder.chmod(0o775)  # group-writable: a group member could plant or read the file
+    env = {
+        **os.environ,
+        "BASEHOLD_STATE_DIR": str(tmp_path / "state"),
+        "BASEHOLD_SOCKET": str(Path(tempfile.mkdtemp(prefix="bh-s-")) / "s.sock"),
+        "BASEHOLD_NODE_FEATURES_FILE": str(folder / "basehold"),
+    }
+    result = run_basehold(["serve", "--port", "1"], env, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "refusing to start" in result.stderr and str(folder) in result.stderr
+    assert "Traceback" not in result.stderr
