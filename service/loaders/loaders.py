@@ -14,7 +14,7 @@ import os
 import shutil
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from service.loaders.template import REPLY_SECONDS
 from service.loaders.wire import BadMessage, ChannelClosed, ChannelTimeout, close_fds
 from service.loading.pin import HubPin
 from service.loading.progress import Progress
-from service.loading.sources import HubOptions
+from service.loading.sources import HubOptions, hub_cache_dir, within
 from service.loading.spec import LoadRequest
 from service.memory.admission import Estimate
 from service.memory.cuda import CudaProbe
@@ -216,10 +216,24 @@ class Loaders:
         if len(fds) != expected:
             close_fds(fds)
             raise self._unreadable(loader, what, f"a manifest with {len(fds)} fds, {expected} due")
-        # Workers are sent to this process's socket, checked against this process's uid.
-        held = held.served_by(str(self.setup.socket), os.getuid())
+        # Workers are sent to this process's socket, checked against this process's uid,
+        # and a checkpoint's small files are served from where this process allows.
+        allowed = self._allowed(loader.job.spec)
+        if not within(held.checkpoint.resolve(), allowed):
+            close_fds(fds)
+            shown = ", ".join(str(a) for a in allowed)
+            why = f"a checkpoint folder {str(held.checkpoint)[:200]!r} outside {shown}"
+            raise self._unreadable(loader, what, why)
+        held = replace(held.served_by(str(self.setup.socket), os.getuid()), allowed=allowed)
         self.arenas.add(loader.job.load_id, held, fds, loader)
         return held
+
+    def _allowed(self, spec: LoadRequest) -> tuple[Path, ...]:
+        """Where a load of `spec` may serve files from: the model roots (a local source) or
+        the HF cache (a hub source), as this process sees them."""
+        if spec.source.startswith("/"):  # a local path (as `parse_source` tells them apart)
+            return tuple(root.resolve() for root in self.roots)
+        return (Path(hub_cache_dir()).resolve(),)
 
     def _valued(self, loader: LoaderProcess, message: Prepared | Estimated, what: str) -> Estimate:
         try:

@@ -37,9 +37,12 @@ def _arena() -> int:
     return fd
 
 
-def manifest(socket_path: str, uid: int) -> dict[str, Any]:
+def manifest(
+    socket_path: str, uid: int, checkpoint: str = "/rogue", allowed: str = "/rogue"
+) -> dict[str, Any]:
     """A well-formed manifest of a shareable model with an empty arena, whose handle names
-    `socket_path` and `uid` as where workers fetch it."""
+    `socket_path` and `uid` as where workers fetch it, and whose small files are served
+    from `checkpoint`, confined to `allowed`."""
     handle = {
         "model_id": "liar",
         "arena": {"socket": socket_path, "name": "bh-rogue-arena", "size": 64, "data_start": 0},
@@ -64,8 +67,8 @@ def manifest(socket_path: str, uid: int) -> dict[str, Any]:
         "shareable": True,
         "reason": None,
         "handle": handle,
-        "checkpoint": "/rogue",
-        "allowed": ["/rogue"],
+        "checkpoint": checkpoint,
+        "allowed": [allowed],
     }
 
 
@@ -75,42 +78,55 @@ def _linger(sock: socket.socket) -> None:
         pass
 
 
-def liar(sock: socket.socket) -> None:
-    """A well-formed manifest that names another socket and another uid."""
+def liar(sock: socket.socket, job: Any) -> None:
+    """A well-formed manifest that names another socket and another uid, and claims the
+    whole disk as where its checkpoint's files may be served from."""
     fd = _arena()
-    _frame(sock, {"type": "ready", "facts": manifest(SOCKET_CLAIMED, UID_CLAIMED)}, [fd], 1)
+    facts = manifest(SOCKET_CLAIMED, UID_CLAIMED, job.spec.source, "/")
+    _frame(sock, {"type": "ready", "facts": facts}, [fd], 1)
     os.close(fd)
     _linger(sock)
 
 
-def wrong_fields(sock: socket.socket) -> None:
+def outside(sock: socket.socket, job: Any) -> None:
+    """A manifest whose checkpoint folder (whose files the service would serve) is a folder
+    outside the model roots and the hub cache."""
+    fd = _arena()
+    facts = manifest(SOCKET_CLAIMED, os.getuid(), "/etc", "/")
+    _frame(sock, {"type": "ready", "facts": facts}, [fd], 1)
+    os.close(fd)
+    _linger(sock)
+
+
+def wrong_fields(sock: socket.socket, job: Any) -> None:
     """A `ready` whose facts are not a manifest, with the arena's fd."""
     fd = _arena()
     _frame(sock, {"type": "ready", "facts": {"shape": "of nothing"}}, [fd], 1)
     os.close(fd)
 
 
-def wrong_type(sock: socket.socket) -> None:
+def wrong_type(sock: socket.socket, job: Any) -> None:
     """A message type the protocol does not have, with an fd."""
     fd = _arena()
     _frame(sock, {"type": "surprise", "what": 1}, [fd], 1)
     os.close(fd)
 
 
-def wrong_fd_count(sock: socket.socket) -> None:
+def wrong_fd_count(sock: socket.socket, job: Any) -> None:
     """A manifest that announces two fds and brings one."""
     fd = _arena()
     _frame(sock, {"type": "ready", "facts": manifest(SOCKET_CLAIMED, os.getuid())}, [fd], 2)
     os.close(fd)
 
 
-def linger(sock: socket.socket) -> None:
+def linger(sock: socket.socket, job: Any) -> None:
     """Say nothing; stay until told."""
     _linger(sock)
 
 
-BEHAVIOURS: dict[str, Callable[[socket.socket], None]] = {
+BEHAVIOURS: dict[str, Callable[[socket.socket, Any], None]] = {
     "rogue-liar": liar,
+    "rogue-outside": outside,
     "rogue-wrong-fields": wrong_fields,
     "rogue-wrong-type": wrong_type,
     "rogue-wrong-fd-count": wrong_fd_count,
@@ -125,7 +141,7 @@ def _main(kind: Any, sock: socket.socket, job: Any) -> None:
         _load(kind, sock, job)
         return
     try:
-        behaviour(sock)
+        behaviour(sock, job)
     finally:
         sock.close()
 

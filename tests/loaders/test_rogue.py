@@ -78,13 +78,16 @@ def test_a_manifest_cannot_name_another_socket_or_uid(loaders: Loaders, tmp_path
         # What a worker is told comes from this process, whatever the loader claimed.
         assert handle.arena.socket == str(tmp_path / "ours.sock") != rogue.SOCKET_CLAIMED
         assert handle.socket_uid == os.getuid() != rogue.UID_CLAIMED
+        # Where its small files are served from: the service's roots, not the loader's "/".
+        assert held.allowed == (tmp_path.resolve(),)
     finally:
         loader.kill()
         loaders.discard("load-liar")
 
 
 @pytest.mark.parametrize(
-    "behaviour", ["rogue-wrong-fields", "rogue-wrong-type", "rogue-wrong-fd-count"]
+    "behaviour",
+    ["rogue-wrong-fields", "rogue-wrong-type", "rogue-wrong-fd-count", "rogue-outside"],
 )
 def test_a_message_the_service_cannot_read_fails_that_load_and_closes_its_fds(
     loaders: Loaders, tmp_path: Path, behaviour: str
