@@ -38,7 +38,7 @@ def worker_main(mode: str, arg: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
 
-    from service.client import Client
+    from service.worker.client import Client
 
     if mode == "attach":
         url, model_id, count = arg.split(",")

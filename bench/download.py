@@ -27,9 +27,9 @@ from pathlib import Path
 
 from common import launch, workspace
 
-from service.loading import hub as downloader
-from service.loading.progress import Progress
-from service.loading.sources import HubOptions, HubSource
+from service.common.load.progress import Progress
+from service.common.load.sources import HubOptions, HubSource
+from service.loader import hub as downloader
 from tests.hub import LocalHub
 
 REPO = "bench/llama"

@@ -76,7 +76,7 @@ def devices_for(where: str) -> Any:
 
 
 def base_tensors(model: Any) -> list[Any]:
-    from service.memory.footprint import all_tensors
+    from service.loader.footprint import all_tensors
 
     return [t for _, t in all_tensors(model) if t.numel()]
 
@@ -121,7 +121,7 @@ def worker_main(
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
 
-    from service.client import Client, LeaseLost, lease_of
+    from service.worker.client import Client, LeaseLost, lease_of
 
     device = torch.device(where)
     torch.zeros(1, device=device)  # CUDA context first: it is not the model's memory
@@ -206,7 +206,7 @@ WORKER_PRELOAD = [
     "peft",
     "bitsandbytes",
     "safetensors.torch",
-    "service.client",
+    "service.worker.client",
     "tests.handles.host_segments",
 ]
 
@@ -261,7 +261,7 @@ def segment_export_main(where: str, say: Callable[[Any], None], listen: Callable
 
     import torch
 
-    from service.handles.devices import CUDA
+    from service.common.handles.devices import CUDA
 
     devices = devices_for(where) or CUDA
     segment = devices.allocate(torch.device(where), MiB)
@@ -275,8 +275,8 @@ def segment_export_main(where: str, say: Callable[[Any], None], listen: Callable
 
 def probe_segment(where: str, described_json: str, fd: int) -> str:
     """`--probe-segment`: open a segment from an inherited fd; print its first MiB's digest."""
-    from service.handles.descriptor import DeviceSegment
-    from service.handles.devices import CUDA
+    from service.common.handles.descriptor import DeviceSegment
+    from service.common.handles.devices import CUDA
 
     described = DeviceSegment.model_validate_json(described_json)
     opened = (devices_for(where) or CUDA).open(described, fd)
@@ -304,7 +304,7 @@ def preflight(where: str) -> list[str]:
     import torch
     import transformers
 
-    from service.handles.devices import CUDA
+    from service.common.handles.devices import CUDA
 
     lines = [
         f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers "

@@ -12,18 +12,18 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from service.commands import add_commands, run
-from service.logsafe import configure
-from service.settings import Settings
+from service.common.logsafe import configure
+from service.serving.settings import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
     # What can refuse to start is checked before torch and the app are imported: a bad
     # setting answers in a fraction of a second.
-    from service.api.guards import is_loopback
-    from service.handles.fdpass import check_folder, resolve_group
-    from service.loaders.template import check_template
-    from service.private_dir import FolderUnsafe
-    from service.state.lock import StateDirLocked, StateLock
+    from service.common.private_dir import FolderUnsafe
+    from service.serving.api.guards import is_loopback
+    from service.serving.loaders.template import check_template
+    from service.serving.socket.server import check_folder, resolve_group
+    from service.serving.state.lock import StateDirLocked, StateLock
 
     logging.getLogger().setLevel(args.log_level.upper())
     try:
@@ -56,8 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if args.demo:
         _write_demo(settings, args.host, args.port)
-    from service.app import create_app
-    from service.server import serve
+    from service.serving.app import create_app
+    from service.serving.server import serve
 
     try:  # the node-features folder, a shared loader template: checked as the app is built
         app = create_app(settings, lock=lock)

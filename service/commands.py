@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from service.client import BaseholdError, Client
+from service.worker.client import BaseholdError, Client
 
 console = Console()
 

@@ -14,9 +14,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.loaders import template
-from service.settings import Settings
+from service.serving.app import create_app
+from service.serving.loaders import template
+from service.serving.settings import Settings
 from tests import checkpoints, zygote
 from tests.hub import LocalHub
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from service.handles.repack import disable_cpu_repack
+from service.common.handles.repack import disable_cpu_repack
 
 
 def from_pretrained(auto_class: Any, path: str | Path, **kwargs: Any) -> Any:

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
-from service.state.lock import StateLock
+from service.serving.app import create_app
+from service.serving.settings import Settings
+from service.serving.state.lock import StateLock
 from tests.conftest import MINILM, ClientFactory, app_of, load
 
 

@@ -96,7 +96,7 @@ def test_the_cli_and_the_clients_http_calls_import_no_torch(
     code = f"""
 import json, sys
 from service.cli import main
-from service.client import Client
+from service.worker.client import Client
 assert main(["ls"]) == 0
 client = Client({server.url!r}, token={KEY!r})
 status = client.ensure({{"source": {str(models_root / "gpt2")!r}, "name": "no-torch"}})

@@ -1,4 +1,4 @@
-"""service.client against a live server: jobs that start before their base exists, ensure
+"""service.worker.client against a live server: jobs that start before their base exists, ensure
 (load-if-absent, one load for many jobs), attach by spec, and why a lease was lost."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from service.client import BaseholdError, Client, lease_of
+from service.worker.client import BaseholdError, Client, lease_of
 from tests.conftest import until
 from tests.test_server_e2e import Server
 

@@ -14,15 +14,15 @@ from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.app import create_app
-from service.loaders.held import Held, Placed
-from service.loading.spec import LoadRequest, Task
-from service.node_features import NodeFeatures, label_name
-from service.private_dir import FolderUnsafe
-from service.registry.record import ModelRecord
-from service.registry.states import State
-from service.settings import Settings
-from service.state.writer import OrderedWriter
+from service.common.load.spec import LoadRequest, Task
+from service.common.private_dir import FolderUnsafe
+from service.common.protocol.held import Held, Placed
+from service.serving.app import create_app
+from service.serving.node_features import NodeFeatures, label_name
+from service.serving.registry.record import ModelRecord
+from service.serving.registry.states import State
+from service.serving.settings import Settings
+from service.serving.state.writer import OrderedWriter
 from tests.conftest import load
 
 LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")

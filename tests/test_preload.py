@@ -14,11 +14,11 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.registry.record import utcnow
-from service.settings import Settings
-from service.state.database import ModelRow, StateDB
-from service.state.lock import StateDirLocked, StateLock
+from service.serving.app import create_app
+from service.serving.registry.record import utcnow
+from service.serving.settings import Settings
+from service.serving.state.database import ModelRow, StateDB
+from service.serving.state.lock import StateDirLocked, StateLock
 from tests.conftest import ClientFactory, estimated_sizes, load, until
 
 

@@ -1,4 +1,4 @@
-"""service.sizes parses sizes exactly as accelerate's convert_file_size_to_int."""
+"""service.common.sizes parses sizes exactly as accelerate's convert_file_size_to_int."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from accelerate.utils import convert_file_size_to_int
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.sizes import parse_size
+from service.common.sizes import parse_size
 
 UNITS = ["GiB", "MiB", "KiB", "GB", "MB", "KB", "Gb", "Mb", "Kb", "gib", "mb", "kB", "B", ""]
 

@@ -80,7 +80,7 @@ MODEL_CODE = (  # what a worker's first attach imports: the test checkpoints' cl
 )
 PRELOAD = {
     # The serving process imports no torch: its loaders fork from their own template.
-    "serve": ("service.app", "service.server", "service.cli"),
+    "serve": ("service.serving.app", "service.serving.server", "service.cli"),
     "worker": (
         *MODEL_CODE,
         "torch",
@@ -88,7 +88,7 @@ PRELOAD = {
         "peft",
         "bitsandbytes",
         "safetensors.torch",
-        "service.client",
+        "service.worker.client",
         "tests.reference",
         "tests.handles.worker",
     ),

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from service.api.slots import Slots
-from service.errors import TooManyRequests
+from service.common.errors import TooManyRequests
+from service.serving.api.slots import Slots
 from tests.conftest import ClientFactory, app_of, until
 from tests.hub import LocalHub
 

@@ -10,8 +10,8 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
-from service.memory.cuda import CudaDeviceMemory
-from service.memory.nvml import GpuMemory, Nvml
+from service.common.cuda import CudaDeviceMemory
+from service.serving.memory.nvml import GpuMemory, Nvml
 from tests.conftest import ClientFactory, app_of, load
 
 
@@ -112,8 +112,8 @@ def test_estimates_see_gpus_through_the_seam(
 ) -> None:
     """Two (faked) GPUs with room: accelerate's auto map puts the model on the first; no
     direct torch.cuda question can say otherwise."""
-    from service.app import create_app
-    from service.settings import Settings
+    from service.serving.app import create_app
+    from service.serving.settings import Settings
 
     settings = Settings(state_dir=tmp_path / "state", socket=socket_path, model_roots=[models_root])
     app = create_app(settings, cuda=FakeCuda(2), gpus=FakeNvml())
@@ -164,8 +164,8 @@ def nvml_app(
     tmp_path: Path, socket_path: Path, monkeypatch: pytest.MonkeyPatch, count: int = 8
 ) -> tuple[TestClient, NvmlLibrary]:
     """An app whose GPUs (all visible) are NVML's: `count` of them, each question counted."""
-    from service.app import create_app
-    from service.settings import Settings
+    from service.serving.app import create_app
+    from service.serving.settings import Settings
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     library = NvmlLibrary(count)

@@ -12,10 +12,10 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM
 
-from service.handles.attach import attach_fd
-from service.loading.pipeline import LoadContext, prepare
-from service.loading.placement import PrivateMemory
-from service.loading.strategies import get_loader
+from service.loader.pipeline import LoadContext, prepare
+from service.loader.placement import PrivateMemory
+from service.loader.strategies.registry import get_loader
+from service.worker.attach import attach_fd
 from tests.conftest import LLAMA_LAYERS_ON_DISK, MINILM, ClientFactory, app_of, load, wait_for
 
 
@@ -284,7 +284,7 @@ def test_unload_returns_404_after(client: TestClient, models_root: Path) -> None
 
 
 def test_held_weights_are_private_not_file_mapped(client: TestClient, models_root: Path) -> None:
-    from service.memory.resident import file_ranges
+    from service.loader.resident import file_ranges
 
     status = load(client, source=str(models_root / "llama"), dtype="float32")
     model = held_model(client, status["id"])

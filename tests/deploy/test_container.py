@@ -125,8 +125,8 @@ def test_dockerfile_shape() -> None:
 
 @pytest.fixture(scope="module")
 def routes(tmp_path_factory: pytest.TempPathFactory) -> TestClient:
-    from service.app import create_app
-    from service.settings import Settings
+    from service.serving.app import create_app
+    from service.serving.settings import Settings
 
     tmp = tmp_path_factory.mktemp("deploy")
     app = create_app(

@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from service.handles.arena import is_sealed
+from service.common.handles.arena import is_sealed
 
 
 def arena_fds(pid: int) -> dict[str, Path]:

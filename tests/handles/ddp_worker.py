@@ -23,7 +23,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from service.client import Client
+from service.worker.client import Client
 from tests.handles.hf_worker import CPU_TRAINING
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from service.client import Client, LeaseLost, lease_of
+from service.worker.client import Client, LeaseLost, lease_of
 
 TEXTS = [
     "basehold keeps one copy of a base model and lends it to every training job.",

@@ -1,5 +1,5 @@
 """A stand-in for CUDA device segments on machines without a GPU, behind the same seam
-(`service.handles.devices.DeviceSegments`).
+(`service.common.handles.devices.DeviceSegments`).
 
 It claims CPU tensors, so a whole model goes through the device-segment path (layout,
 copy, rebind, descriptor, the fds the loader hands the service and the service hands
@@ -18,8 +18,8 @@ import weakref
 
 import torch
 
-from service.handles.descriptor import DeviceSegment
-from service.handles.devices import SegmentUnavailable
+from service.common.handles.descriptor import DeviceSegment
+from service.common.handles.devices import SegmentUnavailable
 
 STAND_IN_UUID = "GPU-host-stand-in"
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from service.app import create_app
-from service.logsafe import configure
-from service.server import serve
-from service.settings import Settings
+from service.common.logsafe import configure
+from service.serving.app import create_app
+from service.serving.server import serve
+from service.serving.settings import Settings
 from tests.handles.host_segments import HostSegments
 
 

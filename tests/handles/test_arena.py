@@ -13,11 +13,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from service.handles.arena import is_sealed, map_copy_on_write, write_arena
-from service.handles.attach import attach_fd
-from service.handles.share import NotShareableModel, share
-from service.memory.footprint import all_tensors
-from service.memory.resident import file_ranges
+from service.common.handles.arena import is_sealed, map_copy_on_write, write_arena
+from service.loader.footprint import all_tensors
+from service.loader.resident import file_ranges
+from service.loader.share import NotShareableModel, share
+from service.worker.attach import attach_fd
 from tests.reference import from_pretrained
 
 TENSORS = {
@@ -155,7 +155,7 @@ def memfds() -> set[str]:
 def test_a_failure_after_the_arena_is_written_closes_it(
     models_root: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
-    import service.handles.share as share_module
+    import service.loader.share as share_module
 
     model = from_pretrained(AutoModelForCausalLM, models_root / "gpt2", dtype=torch.float32)
 

@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 
-from service.handles.fdpass import ArenaRefused, ArenaServer, Peer, SocketUnsafe, receive_arena
+from service.common.socket_protocol import ArenaRefused
+from service.serving.socket.server import ArenaServer, Peer, SocketUnsafe
+from service.worker.socket import receive_arena
 from tests.conftest import app_of, until
 
 SECRET = "s3cret"
@@ -230,7 +232,8 @@ EMFILE = textwrap.dedent(
     """
     import os, resource, socket, sys, time
     from pathlib import Path
-    from service.handles.fdpass import ArenaServer, receive_arena
+    from service.serving.socket.server import ArenaServer
+    from service.worker.socket import receive_arena
 
     memfd = os.memfd_create("basehold:test")
     path = Path(sys.argv[1])
@@ -322,7 +325,7 @@ def test_a_socket_folder_whose_parent_others_can_write_is_refused(
 def test_the_socket_group_is_a_gid_or_a_known_group_name() -> None:
     import grp
 
-    from service.handles.fdpass import SocketUnsafe, resolve_group
+    from service.serving.socket.server import SocketUnsafe, resolve_group
 
     assert resolve_group(None) is None and resolve_group("") is None
     assert resolve_group("54322") == 54322
@@ -343,7 +346,7 @@ NAMESPACED_SERVER = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from service.handles.fdpass import ArenaServer
+    from service.serving.socket.server import ArenaServer
 
     memfd = os.memfd_create("basehold:test")
     os.write(memfd, b"arena")

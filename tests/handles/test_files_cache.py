@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.handles.files_cache import fetch_files
+from service.worker.files_cache import fetch_files
 
 DATA = b'{"model_type": "gpt2"}'
 

@@ -9,8 +9,8 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
-from service.client import BaseholdError, _lease_is_gone
-from service.handles.lease_state import LeaseState, Renewer
+from service.worker.client import BaseholdError, _lease_is_gone
+from service.worker.lease_state import LeaseState, Renewer
 
 
 def lease(ttl: int = 1) -> LeaseState:
@@ -103,7 +103,7 @@ def test_retrying_goes_on_past_the_expiry_until_the_service_answers(
 def test_a_callback_gets_the_loss_before_forward_passes_raise() -> None:
     from transformers import TrainerControl, TrainerState
 
-    from service.handles.callback import LeaseCallback
+    from service.worker.callback import LeaseCallback
 
     state = lease()
     assert state.forward_refusal() is None

@@ -10,9 +10,9 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from service.errors import TooManyLeases
-from service.handles.leases import MAX_TTL_SECONDS, LeaseTable
-from service.state.database import LeaseRow
+from service.common.errors import TooManyLeases
+from service.serving.leases.leases import MAX_TTL_SECONDS, LeaseTable
+from service.serving.state.database import LeaseRow
 from tests.api.test_auth import KEYS, bearer
 from tests.conftest import Answer, ClientFactory, load, until
 

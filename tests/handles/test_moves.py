@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from service.client import Client, keep_base_out_of_ddp
+from service.worker.client import Client, keep_base_out_of_ddp
 from tests.test_server_e2e import Server, wait_ready
 
 pytestmark = pytest.mark.e2e

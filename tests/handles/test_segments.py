@@ -19,21 +19,21 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from service.app import create_app
-from service.client import LeaseLost
-from service.handles.attach import AttachError, attach_fd
-from service.handles.descriptor import Handle, Provenance
-from service.handles.devices import DEVICE_ALIGN, CudaSegments, SegmentUnavailable
-from service.handles.fdpass import Peer
-from service.handles.lease_state import guard_forward
-from service.handles.leases import LeaseTable
-from service.handles.placement import ArenaPlacement
-from service.handles.share import share
-from service.loaders.arenas import HeldArenas
-from service.loaders.held import Held
-from service.loading.spec import Task
-from service.memory.footprint import all_tensors
-from service.settings import Settings
+from service.common.handles.descriptor import Handle, Provenance
+from service.common.handles.devices import DEVICE_ALIGN, CudaSegments, SegmentUnavailable
+from service.common.load.spec import Task
+from service.common.protocol.held import Held
+from service.loader.arena_placement import ArenaPlacement
+from service.loader.footprint import all_tensors
+from service.loader.share import share
+from service.serving.app import create_app
+from service.serving.leases.leases import LeaseTable
+from service.serving.loaders.arenas import HeldArenas
+from service.serving.settings import Settings
+from service.serving.socket.server import Peer
+from service.worker.attach import AttachError, attach_fd
+from service.worker.client import LeaseLost
+from service.worker.lease_state import guard_forward
 from tests.conftest import app_of, load
 from tests.handles.host_segments import HostSegments
 from tests.handles.test_arena import QUANT
@@ -348,7 +348,7 @@ def test_without_a_driver_a_vmm_segment_is_refused_with_the_reason() -> None:
     load, the driver does not, and the error says so (a load then keeps the model private
     with that reason)."""
     pytest.importorskip("cuda.bindings.driver")
-    from service.handles import vmm
+    from service.common.handles import vmm
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: bench/gpu_check.py checks the real path")

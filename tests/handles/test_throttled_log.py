@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from service.handles.throttled_log import ThrottledLog
+from service.serving.socket.throttled_log import ThrottledLog
 
 
 class Clock:

@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.handles.fdpass import ArenaRefused, receive_arena
+from service.common.socket_protocol import ArenaRefused
+from service.worker.socket import receive_arena
 from tests import checkpoints
 from tests.conftest import until
 from tests.handles.arenas import arena_fds, arena_of, sealed, sha256

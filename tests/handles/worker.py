@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.client import Client
-from service.memory.footprint import all_tensors
-from service.memory.resident import file_ranges
+from service.loader.footprint import all_tensors
+from service.loader.resident import file_ranges
+from service.worker.client import Client
 from tests.reference import from_pretrained
 
 

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from service.loading import child
+from service.loader import child
 
 SOCKET_CLAIMED = "/tmp/bh-rogue-elsewhere.sock"
 UID_CLAIMED = 4242

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import BaseholdError
-from service.loaders.loaders import Loaders, LoaderSetup
-from service.loading.spec import LoadRequest
+from service.common.errors import BaseholdError
+from service.common.load.spec import LoadRequest
+from service.serving.loaders.loaders import Loaders, LoaderSetup
 from tests.conftest import ClientFactory, until, wait_for
 from tests.loaders.test_loaders import _gone, _start, frozen_loader
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.loaders import template
+from service.serving.loaders import template
 from tests.conftest import ClientFactory, load, until, wait_for
 
 DOWN = {"loader_unavailable", "loaders_starting"}
@@ -39,7 +39,7 @@ def _own_templates() -> set[int]:
         state, parent = stat.rsplit(")", 1)[1].split()[:2]
         if int(parent) != os.getpid() or state in ("Z", "X"):
             continue
-        if b"service.loaders.forker" in command and any(
+        if b"service.loader.forker" in command and any(
             b"/basehold-template-" in part for part in command
         ):
             found.add(int(entry))

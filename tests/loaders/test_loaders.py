@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.registry.record import ModelRecord
-from service.registry.states import State
+from service.serving.registry.record import ModelRecord
+from service.serving.registry.states import State
 from tests.conftest import app_of, load, until, wait_for
 
 

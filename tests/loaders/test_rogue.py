@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import BaseholdError
-from service.loaders import template
-from service.loaders.loaders import Loaders, LoaderSetup
-from service.loading.progress import Progress
-from service.loading.spec import LoadRequest
+from service.common.errors import BaseholdError
+from service.common.load.progress import Progress
+from service.common.load.spec import LoadRequest
+from service.serving.loaders import template
+from service.serving.loaders.loaders import Loaders, LoaderSetup
 from tests.conftest import until
 from tests.loaders import rogue
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from service.app import create_app
-from service.private_dir import FolderUnsafe
-from service.settings import Settings
+from service.common.private_dir import FolderUnsafe
+from service.serving.app import create_app
+from service.serving.settings import Settings
 from tests.conftest import ClientFactory, wait_for
 
 FAKE = Path(__file__).with_name("fake_template.py")

@@ -11,12 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import InsufficientMemory, LoaderCrashed, relayed
-from service.loaders.job import Job, StandIn
-from service.loaders.protocol import FROM_LOADER, TO_TEMPLATE, Spawn
-from service.loaders.wire import BadMessage, Channel, ChannelClosed, ChannelTimeout, encode, parse
-from service.loading.sources import HubOptions
-from service.loading.spec import LoadRequest
+from service.common.errors import InsufficientMemory, LoaderCrashed, relayed
+from service.common.load.sources import HubOptions
+from service.common.load.spec import LoadRequest
+from service.common.protocol.job import Job, StandIn
+from service.common.protocol.messages import FROM_LOADER, TO_TEMPLATE, Spawn
+from service.common.protocol.wire import (
+    BadMessage,
+    Channel,
+    ChannelClosed,
+    ChannelTimeout,
+    encode,
+    parse,
+)
 from tests.handles.host_segments import HostSegments
 
 

@@ -10,8 +10,8 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
-from service.errors import InvalidCheckpoint
-from service.loading.checkpoint import inspect_checkpoint, read_safetensors_header
+from service.common.errors import InvalidCheckpoint
+from service.loader.checkpoint import inspect_checkpoint, read_safetensors_header
 from tests.conftest import CopyFactory, load
 
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.errors import InvalidSpec
-from service.loading.device_map import (
+from service.common.errors import InvalidSpec
+from service.common.load.device_map import (
     accelerate_device_map,
     accelerate_max_memory,
     normalize_device_map,

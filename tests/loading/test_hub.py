@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.memory.disk import free_bytes
+from service.common.disk import free_bytes
 from tests.conftest import ClientFactory, until, wait_for
 from tests.hub import LocalHub
 from tests.state.test_restart import env_for

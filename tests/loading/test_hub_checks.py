@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import InvalidSpec
-from service.loading.files import MAX_FILE_BYTES
-from service.loading.hub_checks import (
+from service.common.errors import InvalidSpec
+from service.common.load.hub_checks import (
     CONFIG_MAX_BYTES,
     SMALL_MAX_BYTES,
     check_revision,
@@ -18,7 +17,8 @@ from service.loading.hub_checks import (
     is_etag,
     size_cap,
 )
-from service.loading.sources import HubSource, parse_source
+from service.common.load.sources import HubSource, parse_source
+from service.serving.files import MAX_FILE_BYTES
 
 SHA1 = "0123456789abcdef0123456789abcdef01234567"
 SHA256 = "ab" * 32

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx2
 import pytest
 
-from service.loading.hub_guard import API_MAX_BYTES, Listed, _cap, _final
+from service.loader.hub_guard import API_MAX_BYTES, Listed, _cap, _final
 
 URL = "http://mirror.test/acme/llama/resolve/0123456789abcdef0123456789abcdef01234567/a.bin"
 FILE = Listed("a.bin", 1000)

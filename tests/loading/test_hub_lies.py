@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.loading.hub_checks import CONFIG_MAX_BYTES
+from service.common.load.hub_checks import CONFIG_MAX_BYTES
 from tests.conftest import ClientFactory, until, wait_for
 from tests.hub import Lies, LocalHub
 from tests.loading.test_hub import HEADER_READ, WEIGHTS, weight_reads

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from service.loading.hub import Plan
-from service.loading.hub_checks import HubAnswerRefused
-from service.loading.pin import HubPin, PinnedFile
-from service.loading.sources import HubSource
+from service.common.load.hub_checks import HubAnswerRefused
+from service.common.load.pin import HubPin, PinnedFile
+from service.common.load.sources import HubSource
+from service.loader.hub import Plan
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 ETAG = "ab" * 32

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import InvalidSpec, SourceNotAllowed, SourceNotFound
-from service.loading.sources import HubSource, LocalSource, parse_source
+from service.common.errors import InvalidSpec, SourceNotAllowed, SourceNotFound
+from service.common.load.sources import HubSource, LocalSource, parse_source
 
 
 def test_local_under_root(tmp_path: Path) -> None:

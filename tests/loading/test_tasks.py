@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoConfig, BertConfig, GPT2Config, LlamaConfig, PretrainedConfig, T5Config
 
-from service.errors import WrongModelType
-from service.loading.spec import Task
-from service.loading.tasks import infer_task, resolve_task, supported_tasks
+from service.common.errors import WrongModelType
+from service.common.load.spec import Task
+from service.loader.tasks import infer_task, resolve_task, supported_tasks
 from tests.conftest import MINILM
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from service.memory.footprint import bytes_by_device, count_parameters
-from service.memory.resident import copy_out_of_files, file_ranges
+from service.loader.footprint import bytes_by_device, count_parameters
+from service.loader.resident import copy_out_of_files, file_ranges
 
 
 def test_tied_weights_count_once() -> None:

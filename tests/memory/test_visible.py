@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.memory.nvml import GpuMemory
-from service.memory.visible import NvmlCuda, visible
+from service.serving.memory.nvml import GpuMemory
+from service.serving.memory.visible import NvmlCuda, visible
 
 GPUS = [
     GpuMemory(index=i, name="H200", total_bytes=100, free_bytes=90 - i, used_bytes=10 + i, uuid=u)

@@ -13,18 +13,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from service.errors import LoaderCrashed, relayed
-from service.handles.leases import LeaseTable
-from service.loaders.held import Held, Placed
-from service.loading.pin import HubPin
-from service.loading.progress import Progress
-from service.loading.spec import LoadRequest, Task
-from service.memory.admission import Budget, Estimate
-from service.memory.nvml import GpuMemory
-from service.registry.gate import MemoryGate, MemoryPolicy
-from service.registry.record import ModelRecord
-from service.registry.registry import Registry
-from service.registry.states import State
+from service.common.errors import LoaderCrashed, relayed
+from service.common.estimates import Estimate
+from service.common.load.pin import HubPin
+from service.common.load.progress import Progress
+from service.common.load.spec import LoadRequest, Task
+from service.common.protocol.held import Held, Placed
+from service.serving.leases.leases import LeaseTable
+from service.serving.memory.admission import Budget
+from service.serving.memory.nvml import GpuMemory
+from service.serving.registry.gate import MemoryGate, MemoryPolicy
+from service.serving.registry.record import ModelRecord
+from service.serving.registry.registry import Registry
+from service.serving.registry.states import State
 from tests.api.test_memory import FakeCuda
 
 MiB = 1 << 20

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from service.errors import InsufficientStorage
-from service.loading.progress import Phase
-from service.loading.spec import LoadRequest
-from service.memory.admission import Download, Estimate
-from service.registry.downloads import in_flight, require_disk
-from service.registry.record import ModelRecord
-from service.registry.states import State
+from service.common.errors import InsufficientStorage
+from service.common.estimates import Download, Estimate
+from service.common.load.progress import Phase
+from service.common.load.spec import LoadRequest
+from service.serving.registry.downloads import in_flight, require_disk
+from service.serving.registry.record import ModelRecord
+from service.serving.registry.states import State
 
 CACHE = "/cache"
 FREE = 1 << 40

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from service.loading.spec import DType, LoadRequest
-from service.registry.identity import derived_id, spec_key
+from service.common.load.spec import DType, LoadRequest
+from service.serving.registry.identity import derived_id, spec_key
 
 
 def test_name_is_not_part_of_identity() -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.memory.nvml import GpuMemory
-from service.settings import Settings
+from service.serving.app import create_app
+from service.serving.memory.nvml import GpuMemory
+from service.serving.settings import Settings
 from tests.api.test_memory import FakeCuda
 from tests.conftest import load
 

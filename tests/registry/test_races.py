@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from service.loading.spec import LoadRequest
-from service.state.database import ModelRow
+from service.common.load.spec import LoadRequest
+from service.serving.state.database import ModelRow
 from tests.conftest import until
 from tests.registry.conftest import Registries
 from tests.registry.fake_backend import AskAdmission, MiB, Pause, Ready, cpu

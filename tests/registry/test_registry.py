@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.errors import ModelNotReady
-from service.handles.placement import ArenaPlacement
-from service.loading.pipeline import LoadContext, discard, load_and_place, prepare
-from service.loading.progress import Progress
-from service.loading.spec import DType, LoadRequest
-from service.registry.record import new_load_id
+from service.common.errors import ModelNotReady
+from service.common.load.progress import Progress
+from service.common.load.spec import DType, LoadRequest
+from service.loader.arena_placement import ArenaPlacement
+from service.loader.pipeline import LoadContext, discard, load_and_place, prepare
+from service.serving.registry.record import new_load_id
 from tests.conftest import ClientFactory, app_of, estimated_sizes, load
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.registry.states import TRANSITIONS, IllegalTransition, State, check_transition
+from service.serving.registry.states import TRANSITIONS, IllegalTransition, State, check_transition
 
 
 def test_every_state_has_a_row() -> None:

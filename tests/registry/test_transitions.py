@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.errors import InsufficientMemory
-from service.loading.spec import LoadRequest
+from service.common.errors import InsufficientMemory
+from service.common.load.spec import LoadRequest
 from tests.conftest import until
 from tests.registry.conftest import Registries
 from tests.registry.fake_backend import (

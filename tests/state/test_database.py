@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.state.database import (
+from service.serving.state.database import (
     FILENAME,
     SCHEMA_VERSION,
     LeaseRow,

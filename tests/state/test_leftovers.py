@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.state.leftovers import clean_offload
+from service.serving.state.leftovers import clean_offload
 
 
 def test_clean_offload_removes_every_folder(tmp_path: Path) -> None:

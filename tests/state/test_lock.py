@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.private_dir import FileUnsafe, FolderUnsafe
-from service.state.lock import FILENAME, StateDirLocked, StateLock
+from service.common.private_dir import FileUnsafe, FolderUnsafe
+from service.serving.state.lock import FILENAME, StateDirLocked, StateLock
 
 
 def test_second_holder_is_refused_with_the_first_ones_pid(tmp_path: Path) -> None:
@@ -26,7 +26,8 @@ def test_second_holder_is_refused_with_the_first_ones_pid(tmp_path: Path) -> Non
 
 def test_a_killed_holder_leaves_no_lock(tmp_path: Path) -> None:
     code = (
-        "import os, sys; from pathlib import Path; from service.state.lock import StateLock; "
+        "import os, sys; from pathlib import Path; "
+        "from service.serving.state.lock import StateLock; "
         f"StateLock(Path({str(tmp_path)!r})).acquire(); print('held', flush=True); "
         "os.kill(os.getpid(), 9)"
     )

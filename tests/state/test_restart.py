@@ -20,8 +20,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from service.client import Client
-from service.state.database import FILENAME
+from service.serving.state.database import FILENAME
+from service.worker.client import Client
 from tests import checkpoints
 from tests.conftest import LLAMA_LAYERS_ON_DISK
 from tests.handles.arenas import arena_fds

@@ -10,10 +10,10 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.registry.record import utcnow
-from service.settings import Settings
-from service.state.database import ModelRow, StateDB
+from service.serving.app import create_app
+from service.serving.registry.record import utcnow
+from service.serving.settings import Settings
+from service.serving.state.database import ModelRow, StateDB
 from tests.conftest import MINILM, wait_for
 
 

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from service.state.writer import OrderedWriter, WriterLock
+from service.serving.state.writer import OrderedWriter, WriterLock
 
 WAIT = 10.0  # generous: these are bounds for a loaded machine, not expected durations
 

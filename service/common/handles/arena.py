@@ -1,0 +1,167 @@
+"""The arena: one sealed memfd per model whose bytes are a valid safetensors file.
+
+Written once (streamed tensor by tensor), then sealed with F_SEAL_WRITE, F_SEAL_SHRINK,
+F_SEAL_GROW and F_SEAL_SEAL: from then on the kernel refuses every write, truncation and
+writable shared mapping to anyone, the service included, also through /proc/<pid>/fd. It
+lives in no filesystem: nothing can swap it, and it is freed when the last fd or mapping
+goes, however its holders die. The service maps it PROT_READ/MAP_SHARED; a worker maps it
+MAP_PRIVATE with write access, so reads share the service's pages and a write (an
+in-place op, `merge_and_unload()`) copies only the page written into the worker.
+Tensors are views of a mapping; `torch.frombuffer` keeps the mapping alive for as long as
+any view exists, so mappings are never closed by hand.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import mmap
+import os
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from service.common.handles.descriptor import ArenaEntry
+
+PAGE = mmap.PAGESIZE
+# safetensors dtype codes.
+DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+TORCH_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+@dataclass(frozen=True)
+class Arena:
+    """A written, sealed arena: the service's fd and where the tensors are."""
+
+    fd: int
+    name: str
+    size: int
+    data_start: int
+    entries: list[ArenaEntry]
+
+
+def _header(entries: list[ArenaEntry]) -> bytes:
+    body: dict[str, object] = {
+        e.name: {
+            "dtype": e.dtype,
+            "shape": e.shape,
+            "data_offsets": [e.offset, e.offset + e.nbytes],
+        }
+        for e in entries
+    }
+    body["__metadata__"] = {"format": "pt", "producer": "basehold"}
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    # Pad with spaces (allowed by the format) so tensor data starts on a page boundary.
+    total = -(-(8 + len(raw)) // PAGE) * PAGE
+    return raw + b" " * (total - 8 - len(raw))
+
+
+def plan_entries(
+    tensors: Iterable[tuple[str, torch.Tensor]], *, align: int = 1, segment: str | None = None
+) -> list[ArenaEntry]:
+    """Lay tensors out largest element first, so every tensor is naturally aligned.
+
+    The file keeps them contiguous (safetensors allows no holes); device segments ask for
+    a coarser `align` so kernels get the alignment a fresh allocation would have."""
+    items = sorted(tensors, key=lambda kv: (-kv[1].element_size(), kv[0]))
+    entries, offset = [], 0
+    for name, tensor in items:
+        offset = -(-offset // align) * align
+        nbytes = tensor.numel() * tensor.element_size()
+        entries.append(
+            ArenaEntry(
+                name=name,
+                dtype=DTYPE_CODES[tensor.dtype],
+                shape=list(tensor.shape),
+                offset=offset,
+                nbytes=nbytes,
+                segment=segment,
+            )
+        )
+        offset += nbytes
+    return entries
+
+
+def segment_view(base: torch.Tensor, entry: ArenaEntry) -> torch.Tensor:
+    """A typed view of one entry inside a flat uint8 device segment."""
+    raw = base[entry.offset : entry.offset + entry.nbytes]
+    return raw.view(TORCH_DTYPES[entry.dtype]).view(entry.shape)
+
+
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def write_arena(name: str, tensors: dict[str, torch.Tensor]) -> Arena:
+    """Write the tensors into a new memfd and seal it. The caller owns the returned fd."""
+    entries = plan_entries(tensors.items())
+    header = _header(entries)
+    fd = os.memfd_create(f"basehold:{name}", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    try:
+        _write_all(fd, len(header).to_bytes(8, "little"))
+        _write_all(fd, header)
+        for entry in entries:
+            flat = tensors[entry.name].detach().contiguous().reshape(-1)
+            if flat.numel():
+                _write_all(fd, flat.view(torch.uint8).numpy().data)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        size = os.fstat(fd).st_size
+    except BaseException:
+        os.close(fd)
+        raise
+    return Arena(
+        fd=fd, name=f"basehold:{name}", size=size, data_start=8 + len(header), entries=entries
+    )
+
+
+def is_sealed(fd: int) -> bool:
+    return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS
+
+
+def map_shared(fd: int) -> mmap.mmap:
+    """The service's mapping: read-only, the arena's own pages."""
+    return mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+
+
+def map_copy_on_write(fd: int) -> mmap.mmap:
+    """A worker's mapping: reads share the arena's pages; a write copies that page into
+    this process only (the seal keeps the arena itself unchanged)."""
+    if not is_sealed(fd):
+        raise ValueError("refusing an arena that is not sealed: its bytes could still change")
+    return mmap.mmap(fd, 0, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def view(mapping: mmap.mmap, entry: ArenaEntry, data_start: int) -> torch.Tensor:
+    dtype = TORCH_DTYPES[entry.dtype]
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=dtype)
+    with warnings.catch_warnings():
+        # The service's mapping is read-only on purpose: a write through it faults.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        raw = torch.frombuffer(
+            mapping, dtype=torch.uint8, count=entry.nbytes, offset=data_start + entry.offset
+        )
+    return raw.view(dtype).view(entry.shape)
+
+
+def views(
+    mapping: mmap.mmap, entries: list[ArenaEntry], data_start: int
+) -> dict[str, torch.Tensor]:
+    return {e.name: view(mapping, e, data_start) for e in entries}

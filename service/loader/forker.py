@@ -1,0 +1,365 @@
+"""The loader template process: `python -m service.loader.forker --listen PATH`.
+
+It imports torch, transformers, accelerate, bitsandbytes and common model code once, then
+forks one loader per request on its Unix socket (the same uid only). A request is one
+connection, in the typed protocol of `service.common.protocol.messages`: `Hello` both ways (a
+requester of another protocol version is told this one's and dropped), then `Spawn` with
+the job and two fds (the loader's channel, and the requester's stderr); the answer is
+`Spawned` with the loader's pid, then `Exited` when it ends. If the requester hangs up
+first, the loader is killed: a loader never outlives the service that asked for it. A
+`Hello` with `watch` is kept open and never answered again: its end tells the requester
+that the template went away.
+
+The template stays single-threaded, so forking it is safe. It never blocks on one
+requester: every connection is read without blocking, a frame at a time, and one that
+has not sent a whole request within REPLY_SECONDS is dropped. It exits when its owner
+closes its stdin, or on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import importlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+from service.common.protocol.messages import (
+    PROTOCOL_VERSION,
+    REPLY_SECONDS,
+    TO_TEMPLATE,
+    Exited,
+    Hello,
+    Message,
+    Refused,
+    Spawn,
+    Spawned,
+)
+from service.common.protocol.wire import (
+    BadMessage,
+    ChannelClosed,
+    FrameReader,
+    close_fds,
+    encode,
+    parse,
+)
+from service.common.socket_protocol import peer_credentials
+from service.loader.imports import preload
+
+log = logging.getLogger("basehold.template")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _preload(modules: list[str]) -> list[str]:
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def _reply(conn: socket.socket, message: Message) -> bool:
+    """Send a small answer (it fits the socket's buffer, so this never waits long)."""
+    try:
+        conn.settimeout(1.0)
+        conn.sendall(encode(message, 0))
+        return True
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            conn.setblocking(False)
+
+
+def _child(spawn: Spawn, fds: list[int], closing: list[int]) -> None:
+    """In the forked child: become the loader (never returns)."""
+    code = 1
+    channel_fd, stderr_fd = fds
+    try:
+        close_fds(closing)
+        os.dup2(stderr_fd, 1)
+        os.dup2(stderr_fd, 2)
+        os.close(stderr_fd)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # the template went: so do we
+        from service.loader import entry
+
+        sock = socket.socket(fileno=channel_fd)
+        sock.setblocking(True)
+        entry.run(spawn.kind, sock, spawn.job)
+        code = 0
+    except BaseException:
+        log.exception("loader child failed before it could report")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+@dataclass
+class _Pending:
+    """A requester's connection until it sent its whole request."""
+
+    conn: socket.socket
+    deadline: float
+    reader: FrameReader = field(default_factory=lambda: FrameReader(max_fds=2))
+    greeted: bool = False
+
+
+@dataclass(frozen=True)
+class _Loader:
+    pid: int  # the requester's connection now waits for its end
+
+
+class _Watch:
+    """A requester's liveness watch: held open until either side goes."""
+
+
+class Forker:
+    def __init__(self, listener: socket.socket, owner: int | None) -> None:
+        self.listener = listener
+        self.owner = owner  # the owner's stdin: EOF means the owner is gone
+        self.children: dict[int, socket.socket] = {}  # pid -> its requester's connection
+        self.pending: dict[socket.socket, _Pending] = {}
+        self.watches: set[socket.socket] = set()
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        self.stopping = False
+
+    def serve(self) -> None:
+        self.listener.setblocking(False)
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "signal")
+        if self.owner is not None:
+            self.selector.register(self.owner, selectors.EVENT_READ, "owner")
+        while not self.stopping:
+            for key, _ in self.selector.select(self._timeout()):
+                data = key.data
+                if data == "accept":
+                    self._accept()
+                elif data == "signal":
+                    self._signals()
+                elif data == "owner":
+                    if not os.read(self.owner or 0, 4096):
+                        self.stopping = True
+                elif isinstance(data, _Pending):
+                    self._read(data)
+                elif isinstance(data, _Loader):
+                    self._hung_up(data.pid, self.children.get(data.pid))
+                elif isinstance(data, _Watch):
+                    self._watch_read(key.fileobj)  # type: ignore[arg-type]
+            self._expire()
+        for pid in list(self.children):
+            self._kill(pid)
+
+    def _timeout(self) -> float | None:
+        if not self.pending:
+            return None
+        return max(0.0, min(p.deadline for p in self.pending.values()) - time.monotonic())
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for pending in [p for p in self.pending.values() if p.deadline <= now]:
+            log.warning("template: a requester sent no whole request in %g s", REPLY_SECONDS)
+            self._drop(pending.conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        self.pending.pop(conn, None)
+        self.watches.discard(conn)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn)
+        conn.close()
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        _, uid, _ = peer_credentials(conn)
+        if uid != os.getuid():
+            log.warning("template: refused a connection from uid %d", uid)
+            conn.close()
+            return
+        conn.setblocking(False)
+        pending = _Pending(conn, time.monotonic() + REPLY_SECONDS)
+        self.pending[conn] = pending
+        self.selector.register(conn, selectors.EVENT_READ, pending)
+
+    def _read(self, pending: _Pending) -> None:
+        """Read what this requester sent so far; act on each whole message."""
+        while pending.conn in self.pending:
+            try:
+                got = pending.reader.step(pending.conn)
+            except BlockingIOError:
+                return
+            except (ChannelClosed, BadMessage, OSError) as exc:
+                if not isinstance(exc, ChannelClosed):
+                    log.warning("template: a bad request: %s", exc)
+                self._drop(pending.conn)
+                return
+            if got is not None:
+                self._request(pending, *got)
+
+    def _request(self, pending: _Pending, data: dict[str, object], fds: list[int]) -> None:
+        try:
+            message = parse(TO_TEMPLATE, data, fds)
+        except BadMessage as exc:
+            log.warning("template: a bad request: %s", exc)
+            _reply(pending.conn, Refused(reason=f"not a request of this protocol: {exc}"))
+            self._drop(pending.conn)
+            return
+        if not pending.greeted:
+            if not isinstance(message, Hello) or fds:
+                close_fds(fds)
+                _reply(pending.conn, Hello(protocol=PROTOCOL_VERSION))
+                self._drop(pending.conn)
+                return
+            answered = _reply(pending.conn, Hello(protocol=PROTOCOL_VERSION))
+            if not answered or message.protocol != PROTOCOL_VERSION:
+                self._drop(pending.conn)  # it sees our version and gives up
+            elif message.watch:
+                self.pending.pop(pending.conn)
+                self.watches.add(pending.conn)
+                self.selector.modify(pending.conn, selectors.EVENT_READ, _Watch())
+            else:
+                pending.greeted = True
+            return
+        if not isinstance(message, Spawn) or len(fds) != 2:
+            close_fds(fds)
+            _reply(pending.conn, Refused(reason="a spawn comes with the channel and stderr fds"))
+            self._drop(pending.conn)
+            return
+        self.pending.pop(pending.conn)
+        self.selector.unregister(pending.conn)
+        self._fork(pending.conn, message, fds)
+
+    def _fork(self, conn: socket.socket, spawn: Spawn, fds: list[int]) -> None:
+        closing = [
+            self.listener.fileno(),
+            self.wake_r,
+            self.wake_w,
+            self.selector.fileno(),
+            conn.fileno(),
+            *(c.fileno() for c in self.children.values()),
+            *(c.fileno() for c in self.pending),
+            *(c.fileno() for c in self.watches),
+        ]
+        if self.owner is not None:
+            closing.append(self.owner)
+        pid = os.fork()
+        if pid == 0:
+            _child(spawn, fds, closing)
+        close_fds(fds)
+        self.children[pid] = conn
+        if not _reply(conn, Spawned(pid=pid)):
+            self._kill(pid)  # its status goes nowhere; it is reaped all the same
+            return
+        self.selector.register(conn, selectors.EVENT_READ, _Loader(pid))
+
+    def _signals(self) -> None:
+        while True:
+            try:
+                data = os.read(self.wake_r, 4096)
+            except BlockingIOError:
+                break
+            if signal.SIGTERM in data:
+                self.stopping = True
+            if len(data) < 4096:
+                break
+        self._reap()
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.children.pop(pid, None)
+            if conn is None:
+                continue
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(conn)
+            _reply(conn, Exited(status=os.waitstatus_to_exitcode(status)))
+            conn.close()
+
+    def _hung_up(self, pid: int, conn: socket.socket | None) -> None:
+        """The requester shut its end (a cancel, or it went away): the loader is killed;
+        its status still goes back once it is reaped."""
+        if conn is None:
+            return
+        try:
+            data = conn.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(conn)
+            self._kill(pid)
+
+    def _watch_read(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+
+    def _kill(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.loader.forker")
+    parser.add_argument("--listen", required=True, help="Unix socket path to create")
+    parser.add_argument("--owned", action="store_true", help="exit when stdin closes")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    missing = _preload(preload())
+    if missing:
+        log.info("template: not importable here (skipped): %s", ", ".join(missing))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        listener.bind(args.listen)
+    finally:
+        os.umask(old)
+    listener.listen(64)
+    forker = Forker(listener, sys.stdin.fileno() if args.owned else None)
+    print("ready", flush=True)  # the owner waits for this line
+    try:
+        forker.serve()
+    finally:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(args.listen)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

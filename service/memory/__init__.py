@@ -1,1 +1,0 @@
-"""What memory is used, by whom, and getting it back."""

@@ -1,0 +1,66 @@
+"""Liveness and readiness (open, no key needed)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.serving.api.deps import RegistryDep
+from service.serving.api.problems import problem
+from service.serving.api.schemas import problem_responses
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """200 while the process serves."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=None, responses=problem_responses(503))
+async def readyz(request: Request, registry: RegistryDep) -> JSONResponse | dict[str, object]:
+    """503 until the registry is up and every model restored after a restart has settled
+    (ready or failed), while the loader template starts or is down (it is restarted), or
+    when the worker socket stopped serving; the body says which."""
+    if not getattr(request.app.state, "ready", False):
+        return problem(503, "not_ready", "Not ready", "The service is starting; retry shortly.")
+    arenas = getattr(request.app.state, "arenas", None)
+    if arenas is not None and not arenas.serving:
+        return problem(
+            503,
+            "socket_down",
+            "Worker socket down",
+            "The socket workers attach through stopped serving; see the server log and "
+            "restart the service.",
+        )
+    loaders = getattr(request.app.state, "loaders", None)
+    liveness = getattr(loaders, "liveness", None)  # a stand-in backend may have none
+    template = liveness() if liveness is not None else None
+    if template is not None and template.state == "starting":
+        return problem(503, "loaders_starting", "Loaders starting", template.detail)
+    if template is not None and template.state == "down":
+        return problem(503, "loader_unavailable", "Loader template unavailable", template.detail)
+    preload = getattr(request.app.state, "preload", None)
+    preloading = preload.waiting(registry) if preload is not None else 0
+    if preloading:
+        waiting = "being submitted" if preloading < 0 else f"{preloading} still loading"
+        return problem(
+            503,
+            "preloading",
+            "Preloading",
+            f"The models in BASEHOLD_PRELOAD are {waiting}; retry shortly (GET /v1/models "
+            "shows their progress).",
+            preloading=max(preloading, 0),
+        )
+    restoring = registry.restoring()
+    if restoring:
+        return problem(
+            503,
+            "restoring",
+            "Restoring",
+            f"{restoring} model(s) held before the restart are still loading; retry shortly "
+            "(GET /v1/models shows their progress).",
+            restoring=restoring,
+        )
+    return {"status": "ready", "restoring": 0}

@@ -1,0 +1,295 @@
+"""create_app(settings): the one place the service is wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+from fastapi_offline import FastAPIOffline
+
+from service import __version__
+from service.common.cuda import CudaProbe
+from service.common.load.sources import HubOptions
+from service.serving.api import openapi, problems
+from service.serving.api.guards import RequestGuards
+from service.serving.api.probes import Probes
+from service.serving.api.routes import dashboard, files, health, leases, memory, models, observe
+from service.serving.api.security_headers import SecurityHeaders
+from service.serving.api.slots import Slots
+from service.serving.api.timing import RequestMetrics
+from service.serving.events import EventBus
+from service.serving.leases.leases import LeaseTable
+from service.serving.leases.lending import Lending
+from service.serving.loaders.arenas import HeldArenas
+from service.serving.loaders.loaders import Loaders, LoaderSetup
+from service.serving.memory.nvml import GpuProbe, Nvml
+from service.serving.memory.visible import NvmlCuda
+from service.serving.metrics import Metrics
+from service.serving.node_features import NodeFeatures
+from service.serving.preload import Preload
+from service.serving.registry.gate import MemoryGate, MemoryPolicy
+from service.serving.registry.persist import Persistence
+from service.serving.registry.record import ModelRecord, summary
+from service.serving.registry.registry import Registry
+from service.serving.registry.states import State
+from service.serving.settings import Settings
+from service.serving.socket.server import ArenaServer, resolve_group
+from service.serving.state.database import StateDB
+from service.serving.state.leftovers import clean_offload
+from service.serving.state.lock import StateLock
+from service.serving.state.writer import OrderedWriter
+
+log = logging.getLogger("basehold")
+
+
+async def _reap_leases(
+    lending: Lending, placement: HeldArenas, every: float, metrics: Metrics
+) -> None:
+    """Drop unrenewed leases; free device segments that revoked leases no longer need.
+    A pass that fails (a locked database, a GPU error) is logged and the next one runs:
+    the reaper is what keeps dead workers from pinning memory, so it never stops."""
+
+    def expire() -> None:  # a DB write
+        metrics.leases_expired.inc(len(lending.expire()))
+
+    while True:
+        await asyncio.sleep(every)
+        for step in (expire, placement.collect):
+            try:
+                await asyncio.to_thread(step)
+            except Exception:
+                log.exception("lease reaper: %s failed; retrying next pass", step.__name__)
+
+
+def _shutdown_steps(*steps: tuple[str, Callable[[], object]]) -> None:
+    """Run every step of a shutdown even if one fails (each failure is logged)."""
+    for name, step in steps:
+        try:
+            step()
+        except Exception:
+            log.exception("shutdown: %s failed; going on with the rest", name)
+
+
+def _start_state(
+    settings: Settings, lock: StateLock, registry: Registry, table: LeaseTable
+) -> StateDB:
+    """With the state lock held: clean what a crashed instance left, open the database,
+    write through from now on, and restore (or forget) what it holds. Runs in a thread."""
+    lock.verify()  # the folder checked and locked is still the one its path names
+    offload = clean_offload(settings.offload_dir)
+    if offload:
+        log.info("removed %d offload folder(s) a previous instance left", offload)
+    db = StateDB.open(settings.state_dir)
+    registry.persist_to(Persistence(db, registry.writer))
+    table.persist_to(db)
+    if not settings.restore:
+        forgot_models, forgot_leases = db.forget_all()
+        log.warning(
+            "BASEHOLD_RESTORE=false: starting empty; forgot %d recorded model(s) and %d "
+            "lease(s) in %s",
+            forgot_models,
+            forgot_leases,
+            db.path,
+        )
+        return db
+    rows = db.models()
+    leases = table.restore(db.leases(), {row.id for row in rows})
+    restored = registry.restore(rows)
+    if restored or leases:
+        log.info(
+            "restoring %d model(s) (most recently used first: %s) and %d lease(s) from %s",
+            len(restored),
+            ", ".join(r.id for r in restored) or "-",
+            len(leases),
+            db.path,
+        )
+    return db
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    cuda: CudaProbe | None = None,
+    gpus: GpuProbe | None = None,
+    segments: object | None = None,
+    lock: StateLock | None = None,
+) -> FastAPI:
+    """`cuda`, `gpus` and `segments` are the seams to GPU hardware (tests without one
+    pass fakes; `segments` travels to loader processes); the defaults ask torch (in the
+    loaders), NVML and CUDA IPC. `lock`: the state directory's
+    lock if the caller took it already (the CLI does, to refuse with a clear line);
+    otherwise startup takes it."""
+    settings = settings or Settings()
+    settings.ensure_dirs()
+    lock = lock or StateLock(settings.state_dir)
+    gpus = gpus or Nvml()
+    probe = cuda or NvmlCuda(gpus)  # the serving process never initialises CUDA
+    loaders = Loaders(
+        LoaderSetup(
+            roots=settings.model_roots,
+            offload_root=settings.offload_dir,
+            socket=settings.socket,
+            cuda=cuda,  # None: loaders ask torch
+            hub=HubOptions(
+                endpoint=settings.hf_endpoint,
+                retries=settings.download_retries,
+                backoff=settings.download_backoff_seconds,
+                workers=settings.download_workers,
+            ),
+            segments=segments,
+            threads=settings.torch_threads or max(1, (os.cpu_count() or 2) - 1),
+            template=settings.loader_template,
+            memory_limit=settings.loader_memory_limit,
+            stall_seconds=settings.loader_stall_seconds,
+        )
+    )
+    placement = loaders.arenas
+    gate = MemoryGate(MemoryPolicy(settings.budget, settings.eviction), probe, gpus)
+    writer = OrderedWriter()  # one ordered writer for the registry and the leases
+    table = LeaseTable(settings.segment_grace_seconds, writer)
+    registry = Registry(
+        loaders,
+        probe,
+        gate,
+        table,
+        max_concurrent_loads=settings.max_concurrent_loads,
+        allow_remote_code=settings.allow_remote_code,
+        writer=writer,
+    )
+    lending = Lending(
+        registry,
+        table,
+        placement,
+        settings.max_leases_per_model,
+        settings.max_leases_per_holder,
+    )
+    arenas = ArenaServer(
+        settings.socket, lending.arena_fds, group=resolve_group(settings.socket_group)
+    )
+
+    events = EventBus()
+    metrics = Metrics()
+    probes = Probes()  # NVML and psutil, off the event loop
+
+    def publish(record: ModelRecord, previous: State, target: State) -> None:
+        kind = "progress" if previous == target else "state"
+        events.publish(kind, {**summary(record), "previous": previous.value})
+
+    registry.subscribe(metrics.on_transition)
+    registry.subscribe(publish)
+    features = None
+    if settings.node_features_file is not None:
+        features = NodeFeatures(settings.node_features_file, writer)
+        registry.subscribe(features.on_transition)
+
+    preload = Preload(settings.preload) if settings.preload is not None else None
+
+    def _preload_once_warm(preload: Preload, warming: threading.Thread) -> None:
+        warming.join()  # its estimates run in the template's helpers
+        preload.run(registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.auth_enabled:
+            log.warning(
+                "no API keys configured (BASEHOLD_API_KEYS): every request is "
+                "trusted; serve on 127.0.0.1 only"
+            )
+        # The loader template imports torch and friends in its own process, from now on:
+        # /healthz answers at once, /readyz once the template forks.
+        warming = threading.Thread(target=loaders.warm, name="loader-template", daemon=True)
+        warming.start()
+        # Everything imported so far lives for the whole process: keep it out of the
+        # cyclic GC's full passes.
+        gc.collect()
+        gc.freeze()
+        lock.acquire()
+        events.bind(asyncio.get_running_loop())
+        db = await run_in_threadpool(_start_state, settings, lock, registry, table)
+        arenas.start()
+        restoring = registry.restoring()
+        if restoring:
+            events.publish("restore", {"restoring": restoring, "leases": len(table.active())})
+        every = settings.lease_reap_seconds
+        reaper = asyncio.create_task(_reap_leases(lending, placement, every, metrics))
+        if features is not None:
+            await run_in_threadpool(features.start)
+        if preload is not None:  # once started and restored: a restored model is found
+            threading.Thread(
+                target=_preload_once_warm, args=(preload, warming), name="preload", daemon=True
+            ).start()
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            log.info("shutting down: cancelling loads and unloading models")
+            labels = [("remove the node features file", features.stop)] if features else []
+            await run_in_threadpool(
+                _shutdown_steps,
+                *labels,
+                ("write what is queued", writer.flush),
+                ("freeze the state database", db.freeze),  # what the next start restores
+                ("stop the worker socket", arenas.stop),
+                ("unload models", registry.shutdown),
+                ("close the state database", db.close),
+                ("release the state lock", lock.release),
+            )
+            probes.close()
+
+    # Swagger UI and ReDoc from fastapi-offline's bundled assets: an air-gapped GPU node
+    # shows /docs without reaching a CDN.
+    app = FastAPIOffline(
+        title="basehold",
+        version=__version__,
+        summary="Load and hold Hugging Face base models; lend them to PEFT training workers.",
+        lifespan=lifespan,
+        static_url="/static/docs",
+        swagger_ui_parameters={"validatorUrl": None},
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.estimate_slots = Slots(
+        "estimates", settings.max_concurrent_estimates, settings.max_concurrent_estimates, 10.0
+    )
+    app.state.lending = lending
+    app.state.placement = placement
+    app.state.arenas = arenas
+    app.state.loaders = loaders
+    app.state.preload = preload
+    app.state.cuda = probe
+    app.state.gpus = gate.gpus
+    app.state.probes = probes
+    app.state.events = events
+    app.state.metrics = metrics
+    app.state.ready = False
+    problems.install(app)
+    openapi.install(app)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(leases.router)
+    app.include_router(files.router)
+    app.include_router(memory.router)
+    app.include_router(observe.router)
+    app.include_router(dashboard.router)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(SecurityHeaders)
+    # Outermost: before routing, auth and body parsing.
+    app.add_middleware(
+        RequestGuards,
+        max_body_bytes=settings.max_body_bytes,
+        check_host=not settings.auth_enabled,
+        allowed_hosts=settings.allowed_hosts,
+    )
+    return app

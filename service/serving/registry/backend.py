@@ -1,0 +1,93 @@
+"""What the registry asks of loaders: one small interface (`LoaderBackend`), so the
+registry never reaches into how a load runs. The service's backend is
+`service.serving.loaders.loaders.Loaders` (loader processes forked from the template), which
+satisfies it structurally; registry tests drive an in-process fake
+(`tests/registry/fake_backend.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from service.common.estimates import Estimate
+from service.common.load.pin import HubPin
+from service.common.load.progress import Progress
+from service.common.load.spec import LoadRequest
+from service.common.protocol.held import Held
+
+
+class RunningLoad(Protocol):
+    """A load under way (its loader), or the runner that holds a model that cannot be
+    shared: the registry stops it, waits for it and says how it ended."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def kill(self) -> None:
+        """End it at once (a cancel); what it held goes with it."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Its exit code once it ended (negative: the signal), None if still running."""
+        ...
+
+    def ended(self, timeout: float = 5.0) -> str:
+        """How it ended, for an error message ("was killed by SIGKILL")."""
+        ...
+
+    def close(self) -> None:
+        """Let go of the connection to it (it ended, or is about to)."""
+        ...
+
+
+L = TypeVar("L", bound=RunningLoad)
+
+
+class LoaderBackend(Protocol[L]):
+    """Runs loads for the registry. `L`: the backend's running load."""
+
+    @property
+    def roots(self) -> list[Path]:
+        """The folders local sources must be under."""
+        ...
+
+    def estimate(
+        self, spec: LoadRequest, token: str | None, *, full: bool, server_token: bool = True
+    ) -> Estimate:
+        """What `spec` would take. `full`: what admission at submit needs (a local
+        checkpoint checked, a hub source's metadata; nothing downloaded); else the config
+        alone. `server_token`: without `token`, the server's own hub token may be used.
+        Raises the load's error when it cannot be priced."""
+        ...
+
+    def start(
+        self,
+        model_id: str,
+        load_id: str,
+        spec: LoadRequest,
+        token: str | None,
+        admitted: bool,
+        pin: HubPin | None = None,
+    ) -> L:
+        """Start a load (`admitted`: admission is done; else it asks before it reads or
+        downloads any weight). `pin`: the hub snapshot admission priced, which the load
+        downloads without resolving the revision again."""
+        ...
+
+    def drive(self, loader: L, progress: Progress, admit: Callable[[Estimate], None]) -> Held:
+        """Follow `loader` to its manifest, mirroring its progress. It calls `admit` when
+        the load asks admission late (`admit` raises if it may not go on). Raises the
+        load's own error, `LoadCancelled` once `progress.cancel` is set, or
+        `LoaderCrashed` when the loader died."""
+        ...
+
+    def discard(self, load_id: str, keep_until: datetime | None = None) -> None:
+        """Free what a load holds or left (now, or at `keep_until` when revoked leases may
+        still read its device memory)."""
+        ...
+
+    def close(self) -> None:
+        """At shutdown, after every model was let go."""
+        ...

@@ -1,0 +1,570 @@
+"""The registry: held models, their one transition point, and the bounded load executor.
+
+A load is a sequence the registry drives: an estimate (a helper process; no lock) → admit
+under the lock (one admission path for every source; eviction victims are chosen and
+marked there) → victims' memory released *after* the lock is let go → a loader process,
+followed from an executor thread until it hands over the model's fds and manifest. Hub
+sources are priced from their metadata, before any download; a load that could not be
+priced at submit is admitted when its loader asks, before it reads or downloads any
+weight. Nothing slow ever runs under the lock, so async routes that read the registry
+never wait behind an unload. Loaders are reached through a `LoaderBackend`
+(`service.serving.registry.backend`): loader processes in the service, scripted in-process loads
+in the registry's tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+from pydantic import ValidationError
+
+from service.common.cuda import CudaProbe
+from service.common.errors import (
+    BaseholdError,
+    InvalidSpec,
+    LoaderCrashed,
+    ModelLeased,
+    ModelNotFound,
+    ModelNotReady,
+    NameTaken,
+    NotShareable,
+    RemoteCodeRefused,
+    SourceNotAllowed,
+)
+from service.common.estimates import Estimate
+from service.common.load.normalize import Devices, normalize
+from service.common.load.sources import LocalSource, parse_source
+from service.common.load.spec import LoadRequest
+from service.common.protocol.held import Held
+from service.serving.memory.admission import Measured
+from service.serving.registry.backend import L, LoaderBackend, RunningLoad
+from service.serving.registry.downloads import require_disk
+from service.serving.registry.gate import MemoryGate, refuse
+from service.serving.registry.identity import MODEL_ID, derived_id, spec_key
+from service.serving.registry.persist import Persistence
+from service.serving.registry.record import ErrorInfo, ModelRecord, utcnow
+from service.serving.registry.states import ACTIVE, State, check_transition
+from service.serving.state.database import ModelRow
+from service.serving.state.writer import OrderedWriter, WriterLock
+
+log = logging.getLogger("basehold.registry")
+
+Listener = Callable[[ModelRecord, State, State], None]
+T = TypeVar("T")
+
+
+class LeaseBook(Protocol):
+    """What the registry asks of the leases (they live in `service.serving.leases`)."""
+
+    def count(self, model_id: str) -> int: ...
+
+    def revoke_model(self, model_id: str) -> list[Any]: ...
+
+    def hold_until(self, model_id: str) -> datetime | None:
+        """Until when leases that ended may still read the model's device memory."""
+        ...
+
+
+class Registry:
+    def __init__(
+        self,
+        loaders: LoaderBackend[L],
+        cuda: CudaProbe,
+        gate: MemoryGate,
+        leases: LeaseBook,
+        *,
+        max_concurrent_loads: int,
+        allow_remote_code: bool,
+        writer: OrderedWriter | None = None,
+    ) -> None:
+        self._loaders: LoaderBackend[Any] = loaders
+        self._cuda = cuda
+        self.gate = gate
+        self._leases = leases
+        self._allow_remote_code = allow_remote_code
+        self._records: dict[str, ModelRecord] = {}
+        # Nothing slow under it: probes run before it is taken, and state database writes
+        # decided under it run once it is let go (`WriterLock`).
+        self.writer = writer or OrderedWriter()
+        self._lock = WriterLock(self.writer)
+        self._executor = ThreadPoolExecutor(max_concurrent_loads, thread_name_prefix="load")
+        self._listeners: list[Listener] = []
+        self._persistence: Persistence | None = None
+
+    # -- queries ---------------------------------------------------------------------
+    def get(self, model_id: str) -> ModelRecord:
+        with self._lock:
+            record = self._records.get(model_id)
+        if record is None:
+            raise ModelNotFound(f"No model {model_id!r} is held. GET /v1/models lists them.")
+        return record
+
+    def records(self) -> list[ModelRecord]:
+        with self._lock:
+            return list(self._records.values())
+
+    def restoring(self) -> int:
+        """Restored models that have not settled yet (ready or failed)."""
+        with self._lock:
+            return sum(1 for r in self._records.values() if r.restoring)
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def persist_to(self, persistence: Persistence) -> None:
+        """Write every transition through from now on (set at startup, lock held)."""
+        self._persistence = persistence
+
+    # -- load ------------------------------------------------------------------------
+    def normalize(self, request: LoadRequest) -> LoadRequest:
+        if request.trust_remote_code and not self._allow_remote_code:
+            raise RemoteCodeRefused(
+                "This server does not run checkpoint code. Drop `trust_remote_code`, or start "
+                "the server with BASEHOLD_ALLOW_REMOTE_CODE=true if you trust the source."
+            )
+        source = parse_source(request.source, request.revision, self._loaders.roots)
+        if isinstance(source, LocalSource):
+            request = request.model_copy(update={"source": str(source.path), "revision": None})
+        else:
+            request = request.model_copy(update={"revision": source.revision})
+        devices = Devices(cuda_count=self._cuda.device_count())
+        return normalize(request, devices)
+
+    def submit(self, request: LoadRequest, token: str | None) -> tuple[ModelRecord, bool]:
+        """Find or start a load. Returns the record and whether a new load was queued.
+        Loads are priced and admitted here, so one that cannot fit answers 507 at once
+        (hub sources from their metadata, before any download); one that could not be
+        priced is admitted by its loader before it reads or downloads any weight."""
+        spec = self.normalize(request)
+        key = spec_key(spec)
+        model_id = spec.name or derived_id(spec, key)
+        named = spec.name is not None
+        pin = spec.pinned
+        if (existing := self._existing(model_id, key, named=named, pin=pin)) is not None:
+            return existing, False
+        estimate = self._estimate_first(spec, token)  # outside the lock: a helper process
+        measured = self.gate.measure() if estimate is not None else None  # probes, no lock
+        with self._lock:  # again: another request may have started it meanwhile
+            if (existing := self._existing(model_id, key, named=named, pin=pin)) is not None:
+                return existing, False
+            record = ModelRecord(id=model_id, name=spec.name, spec=spec, key=key)
+            victims: list[ModelRecord] = []
+            if estimate is not None and measured is not None:
+                victims = self._admit(record, estimate, measured)
+            self._add(record)
+        self._evict(victims)
+        self._start(record, token)
+        return record, True
+
+    def restore(self, rows: list[ModelRow]) -> list[ModelRecord]:
+        """Queue the models a previous process held, most recently used first, under their
+        ids. Each recorded spec goes through the same normalization and policy as
+        `POST /v1/models` today (not the day it was recorded): one the server now refuses
+        (remote code no longer allowed, a device that is gone, a source outside the roots)
+        ends `failed` with its usual code, and its leases end with it. The others are
+        admitted and loaded like any hub load; one that cannot come back ends `failed`."""
+        restored: list[ModelRecord] = []
+        now = utcnow()
+        for row in rows:
+            if not MODEL_ID.fullmatch(row.id):
+                log.error("not restoring %r: not a model id basehold gives", row.id[:80])
+                self._forget(row.id)
+                continue
+            try:
+                spec = LoadRequest.model_validate(row.spec)
+            except ValidationError as exc:
+                log.error("not restoring %s: its recorded spec is invalid (%s)", row.id, exc)
+                self._forget(row.id)
+                continue
+            record = ModelRecord(
+                id=row.id,
+                name=row.name if row.name == row.id else None,
+                spec=spec,
+                key=row.spec_key,
+                queued_at=row.queued_at,
+                last_used_at=row.last_used_at,
+                restored_at=now,
+            )
+            with self._lock:
+                record.leases = self._leases.count(record.id)
+                try:
+                    self._add(record)
+                except NameTaken as exc:  # a load of that id is active already: it stays
+                    log.error("not restoring %s: %s", record.id, exc.message)
+                    continue
+            try:
+                record.spec = self.normalize(spec)
+                record.key = spec_key(record.spec)
+            except BaseholdError as exc:
+                log.error("not restoring %s: %s (%s)", record.id, exc.message, exc.code)
+                self._fail(record, ErrorInfo(code=exc.code, message=exc.message))
+                continue
+            restored.append(record)
+        for record in restored:
+            self._start(record, None)  # restored hub loads use the server's HF_TOKEN
+        return restored
+
+    def _forget(self, model_id: str) -> None:
+        with self._lock:  # the write runs as it is let go
+            if self._persistence is not None:
+                self._persistence.forget(model_id)
+
+    def _fail(self, record: ModelRecord, failure: ErrorInfo | None) -> None:
+        """`record` ends failed (lock taken here), or gone if it was cancelled meanwhile;
+        leases restored for it end with it."""
+        with self._lock:
+            if record.state == State.CANCELLED:
+                self._transition(record, State.GONE)
+                return
+            for lease in self._leases.revoke_model(record.id):
+                log.warning("lease %s of %s ended: the model failed to load", lease.id, record.id)
+            record.leases = 0
+            self._transition(record, State.FAILED, error=failure)
+
+    def _existing(
+        self, model_id: str, key: str, *, named: bool, pin: bool = False
+    ) -> ModelRecord | None:
+        """The active record this request names, now counted as used, and pinned if the
+        request says so (None: load it)."""
+        with self._lock:
+            existing = self._find(model_id, key, named=named)
+            if existing is not None:
+                self._touch(existing)
+                if pin and not existing.spec.pinned:
+                    existing.spec = existing.spec.model_copy(update={"pinned": True})
+                    log.info("model %s pinned: never evicted", existing.id)
+                    if self._persistence is not None:
+                        self._persistence.pin(existing)
+                    self._notify(existing, existing.state, existing.state)
+            return existing
+
+    def _add(self, record: ModelRecord) -> None:
+        """Insert a new record (lock held); a failed one of the same id is replaced, an
+        active one never is (two loads of one id, one orphaned): callers check first."""
+        previous = self._records.get(record.id)
+        if previous is not None and previous.state in ACTIVE:
+            raise NameTaken(
+                f"{record.id} is {previous.state.value} already; unload it first "
+                f"(DELETE /v1/models/{record.id})."
+            )
+        if previous is not None and previous.state == State.FAILED:
+            self._transition(previous, State.GONE)
+        record.progress.on_change = lambda _: self._progressed(record)
+        self._records[record.id] = record
+        if self._persistence is not None:
+            self._persistence.on_transition(record, State.GONE, State.QUEUED)
+        self._notify(record, State.GONE, State.QUEUED)  # created: from nothing
+
+    def _start(self, record: ModelRecord, token: str | None) -> None:
+        future = self._executor.submit(self._run, record, token)
+        with self._lock:
+            record.future = future
+
+    def _estimate_first(self, spec: LoadRequest, token: str | None) -> Estimate | None:
+        """Every load is priced at submit, in a helper process: a local checkpoint checked
+        in full, a hub source from its metadata (config, safetensors headers, the cache's
+        free disk: nothing downloaded). A request the server refuses (a file outside the
+        roots, remote code, an impossible spec) is answered at once, and so by admission is
+        one that does not fit in memory or on the cache's disk; anything else (a gated repo,
+        a hub that does not answer, broken files) is left to the load, which fails with the
+        precise code, or admits it late."""
+        try:
+            return self._loaders.estimate(spec, token, full=True)
+        except (SourceNotAllowed, RemoteCodeRefused, InvalidSpec):
+            raise
+        except Exception:
+            return None
+
+    def estimate(
+        self, request: LoadRequest, token: str | None, *, server_token: bool = True
+    ) -> tuple[Estimate, dict[str, int]]:
+        """POST /v1/estimate: nothing is loaded; hub sources fetch config.json only.
+        `server_token`: without `token`, the server's own hub token may be used."""
+        spec = self.normalize(request)
+        result = self._loaders.estimate(spec, token, full=False, server_token=server_token)
+        measured = self.gate.measure()
+        with self._lock:
+            return result, self.gate.free(self._records.values(), measured)
+
+    # -- admission -------------------------------------------------------------------
+    def _admit(
+        self, record: ModelRecord, estimate: Estimate, measured: Measured
+    ) -> list[ModelRecord]:
+        """Admit `record` or raise InsufficientStorage (its download does not fit beside
+        those in flight) or InsufficientMemory (lock held; `measured` was probed before it
+        was taken). Evicts only when that makes the load fit, and never leased
+        or loading models. Victims are marked unloading here; their memory is released by
+        the caller after the lock is let go."""
+        records = list(self._records.values())
+        if estimate.download is not None:
+            require_disk(estimate.download, records, exclude=record.id)
+        short = self.gate.shortfalls(estimate, records, measured, exclude=record.id)
+        victims: list[ModelRecord] = []
+        for candidate in self.gate.candidates(records) if short else []:
+            victims.append(candidate)
+            short = self.gate.shortfalls(
+                estimate, records, measured, exclude=record.id, freed=victims
+            )
+            if not short:
+                break
+        if short:
+            raise refuse(record.id, short)
+        record.estimate = estimate
+        record.admitted = True
+        for victim in victims:
+            log.warning(
+                "evicting %s (idle since %s) to make room for %s",
+                victim.id,
+                victim.last_used_at.isoformat(),
+                record.id,
+            )
+            victim.evicted = True
+            self._transition(victim, State.UNLOADING)
+        return victims
+
+    def _evict(self, victims: list[ModelRecord]) -> None:
+        for victim in victims:
+            self._release(victim, None)
+
+    def _find(self, model_id: str, key: str, *, named: bool) -> ModelRecord | None:
+        current = self._records.get(model_id)
+        if named and current is not None and current.state in ACTIVE and current.key != key:
+            raise NameTaken(
+                f"The name {model_id!r} is held by a different load spec. Pick another name "
+                f"or unload it first (DELETE /v1/models/{model_id})."
+            )
+        if current is not None and current.state in ACTIVE:
+            return current
+        if not named:
+            return next(
+                (r for r in self._records.values() if r.key == key and r.state in ACTIVE), None
+            )
+        return None
+
+    def _run(self, record: ModelRecord, token: str | None) -> None:
+        with self._lock:
+            if record.progress.cancel.is_set():
+                self._transition(record, State.GONE)
+                return
+            self._transition(record, State.LOADING, started_at=utcnow())
+        held: Held | None = None
+        loader: RunningLoad | None = None
+        failure: ErrorInfo | None = None
+        try:
+            pin = record.estimate.pin if record.estimate is not None else None
+            loader = self._loaders.start(
+                record.id, record.load_id, record.spec, token, record.admitted, pin
+            )
+            with self._lock:
+                record.loader = loader
+                cancelled = record.progress.cancel.is_set()
+            if cancelled:
+                loader.kill()
+            held = self._loaders.drive(
+                loader, record.progress, lambda e: self._admit_late(record, e)
+            )
+        except BaseException as exc:
+            failure = self._describe(record, exc)
+        with self._lock:
+            ready = held is not None and not record.progress.cancel.is_set()
+            if held is not None and ready:
+                record.progress.finish()
+                self._transition(record, State.READY, loaded=held, ready_at=utcnow())
+        if ready and loader is not None and held is not None:
+            if held.needs_runner:
+                self._watch(record, loader)
+            else:
+                loader.wait(5)  # it exits once it handed over its fds (an unload waits too)
+                loader.close()
+            return
+        if loader is not None:
+            loader.kill()
+            loader.wait(5)
+            loader.close()
+        self._loaders.discard(record.load_id)
+        self._fail(record, failure)
+
+    def _admit_late(self, record: ModelRecord, estimate: Estimate) -> None:
+        """A hub load's loader fetched the checkpoint and asks before reading weights. A
+        load cancelled meanwhile (even while memory was probed) is admitted nowhere and
+        evicts nothing: `LoadCancelled`."""
+        measured = self.gate.measure()
+        with self._lock:
+            record.progress.check_cancelled()  # set under this lock by an unload
+            victims = self._admit(record, estimate, measured)
+        self._evict(victims)
+
+    def _watch(self, record: ModelRecord, runner: RunningLoad) -> None:
+        """A runner that dies while its model is ready turns the model failed."""
+
+        def watch() -> None:
+            runner.wait()
+            self._runner_ended(record, runner)
+
+        threading.Thread(target=watch, name=f"runner-{record.id}", daemon=True).start()
+
+    def _runner_ended(self, record: ModelRecord, runner: RunningLoad) -> None:
+        with self._lock:
+            if record.state != State.READY or self._records.get(record.id) is not record:
+                return  # unloaded (we ended it) or superseded
+            how = runner.ended()
+            log.error("the runner of %s %s", record.id, how)
+            for lease in self._leases.revoke_model(record.id):
+                log.warning("lease %s of %s ended: its runner died", lease.id, record.id)
+            record.leases = 0
+            error = LoaderCrashed(
+                f"The runner process holding {record.id} {how}; its memory is gone. Nothing "
+                "else was affected. Unload it and load it again; see the server log."
+            )
+            self._transition(record, State.FAILED, error=ErrorInfo(error.code, error.message))
+        self._loaders.discard(record.load_id)
+
+    def _describe(self, record: ModelRecord, exc: BaseException) -> ErrorInfo:
+        error = (
+            exc if isinstance(exc, BaseholdError) else BaseholdError(f"{type(exc).__name__}: {exc}")
+        )
+        message = error.message
+        if error.code == "internal":
+            incident = uuid.uuid4().hex[:12]
+            log.error("load of %s failed [incident %s]", record.id, incident, exc_info=exc)
+            message = f"{message} (incident {incident}; see the server log)"
+        return ErrorInfo(code=error.code, message=message)
+
+    # -- unload ----------------------------------------------------------------------
+    def unload(self, model_id: str, *, force: bool = False) -> ModelRecord | None:
+        """Unload or cancel. Returns the record while it is still being unloaded or
+        cancelled (also to a concurrent second request), None once the model is gone.
+        Blocking: call it from a worker thread."""
+        with self._lock:
+            record = self.get(model_id)
+            if record.state in (State.UNLOADING, State.CANCELLED):
+                return record
+            leased = self._leases.count(model_id)
+            if leased and not force:
+                raise ModelLeased(
+                    f"{model_id} has {leased} active lease(s). Release them, or unload "
+                    "with ?force=true to revoke them."
+                )
+            revoked = self._leases.revoke_model(model_id)
+            for lease in revoked:
+                log.warning(
+                    "lease %s of %s (holder %s) revoked by a forced unload",
+                    lease.id,
+                    model_id,
+                    lease.holder,
+                )
+            record.leases = 0
+            if record.state in (State.QUEUED, State.LOADING):
+                record.progress.cancel.set()
+                if record.loader is not None:
+                    record.loader.kill()  # the kernel takes back all it held
+                self._transition(record, State.CANCELLED)
+                if record.future is not None and record.future.cancel():
+                    self._transition(record, State.GONE)
+                    return None
+                return record
+            if record.state == State.FAILED:
+                self._transition(record, State.GONE)
+                return None
+            self._transition(record, State.UNLOADING)
+            ended = self._leases.hold_until(model_id)
+        holds = [lease.expires_at for lease in revoked] + ([ended] if ended else [])
+        self._release(record, max(holds, default=None))
+        return None
+
+    def _release(self, record: ModelRecord, keep_until: datetime | None) -> None:
+        """Free an unloading model's memory (lock not held), then it is gone."""
+        self._loaders.discard(record.load_id, keep_until)
+        with self._lock:
+            self._transition(record, State.GONE)
+
+    # -- leases ------------------------------------------------------------------------
+    def lend(self, model_id: str, take: Callable[[ModelRecord], T]) -> tuple[T, Any]:
+        """Run `take` (grant a lease) while `model_id` is ready and shareable, atomically
+        with unloads; the model counts as used. Returns `take`'s result and the handle."""
+        with self._lock:
+            result, handle = self.while_lendable(model_id, take)
+            record = self.get(model_id)
+            record.leases = self._leases.count(model_id)
+            self._touch(record)
+            return result, handle
+
+    def while_lendable(self, model_id: str, use: Callable[[ModelRecord], T]) -> tuple[T, Any]:
+        """Run `use` while `model_id` is ready and shareable, atomically with unloads;
+        returns its result and the model's handle."""
+        with self._lock:
+            record = self.get(model_id)
+            if record.state != State.READY or record.loaded is None:
+                raise ModelNotReady(
+                    f"{model_id} is {record.state.value}; wait until it is ready "
+                    f"(GET /v1/models/{model_id})."
+                )
+            placed = record.loaded.placed
+            if not placed.shareable or placed.handle is None:
+                raise NotShareable(f"{model_id} cannot be lent to workers: {placed.reason}.")
+            return use(record), placed.handle
+
+    def recount(self, model_id: str) -> None:
+        """The leases of `model_id` changed: refresh the count its status shows."""
+        with self._lock:
+            record = self._records.get(model_id)
+            if record is not None:
+                record.leases = self._leases.count(model_id)
+
+    def shutdown(self) -> None:
+        """Cancel loads, unload everything, stop the executor (on SIGTERM). What the state
+        database holds is left as it is (the app stops persisting first), so the next
+        start restores these models."""
+        for record in self.records():
+            try:
+                self.unload(record.id, force=True)
+            except ModelNotFound:
+                continue
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._loaders.close()
+
+    # -- the one transition point --------------------------------------------------------
+    def _touch(self, record: ModelRecord) -> None:
+        """A POST of the same spec or a lease: the model was used (eviction order)."""
+        record.last_used_at = utcnow()
+        if self._persistence is not None:
+            self._persistence.touch(record)
+
+    def _transition(self, record: ModelRecord, target: State, **changes: Any) -> None:
+        previous = record.state
+        check_transition(previous, target)
+        for name, value in changes.items():
+            if not hasattr(record, name):
+                raise AttributeError(f"ModelRecord has no field {name!r}")
+            setattr(record, name, value)
+        record.state = target
+        current = self._records.get(record.id) is record
+        if target == State.GONE and current:
+            del self._records[record.id]
+        log.info("model %s: %s -> %s", record.id, previous.value, target.value)
+        # Write through; a superseded record (same id, a newer load) never touches the row.
+        if self._persistence is not None and current:
+            self._persistence.on_transition(record, previous, target)
+        self._notify(record, previous, target)
+
+    def _progressed(self, record: ModelRecord) -> None:
+        """Progress moved: listeners hear it as (state -> same state), at most 10 times a
+        second per model."""
+        now = time.monotonic()
+        if now - record.progress_notified_at >= 0.1:
+            record.progress_notified_at = now
+            self._notify(record, record.state, record.state)
+
+    def _notify(self, record: ModelRecord, previous: State, target: State) -> None:
+        for listener in self._listeners:
+            try:
+                listener(record, previous, target)
+            except Exception:
+                log.exception("state listener failed for %s", record.id)

@@ -1,0 +1,223 @@
+"""Worker side: turn a handle into an nn.Module whose base weights are the arena's pages
+(mapped copy-on-write: an in-place write stays this worker's own).
+
+The skeleton is built from the config on the `meta` device (no memory), 4-bit linears are
+swapped for bitsandbytes modules holding the arena's packed weights and QuantState, every
+other parameter and buffer is bound to a view of the mapping, and nothing may remain on
+`meta`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Sequence
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig
+
+from service.common.handles.arena import map_copy_on_write, segment_view, views
+from service.common.handles.descriptor import Handle, Quant4Module
+from service.common.handles.devices import CUDA, DeviceSegments, SegmentUnavailable
+from service.common.handles.repack import disable_cpu_repack
+from service.common.socket_protocol import ArenaRefused
+from service.worker import hf_meta
+from service.worker.socket import receive_fds
+
+SUPPORTED_VERSION = 5
+
+
+class AttachError(RuntimeError):
+    pass
+
+
+def _skeleton(handle: Handle) -> nn.Module:
+    config_dict = dict(handle.config)
+    config_dict.pop("quantization_config", None)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    model_class = getattr(transformers, handle.architecture, None)
+    if model_class is None:
+        raise AttachError(
+            f"this worker's transformers has no {handle.architecture}; "
+            "install the version the service runs"
+        )
+    with torch.device("meta"):
+        model: nn.Module = model_class._from_config(config, dtype=getattr(torch, handle.dtype))
+    return model
+
+
+def _linear4bit(spec: Quant4Module, arena: dict[str, torch.Tensor]) -> nn.Module:
+    from bitsandbytes.functional import QuantState
+    from bitsandbytes.nn.modules import Linear4bit, Params4bit
+
+    state = spec.state
+    nested = None
+    if state.nested_absmax is not None and state.nested_code is not None:
+        nested = QuantState(
+            absmax=arena[state.nested_absmax],
+            code=arena[state.nested_code],
+            blocksize=state.nested_blocksize,
+            dtype=getattr(torch, state.nested_dtype or "float32"),
+        )
+    quant_state = QuantState(
+        absmax=arena[state.absmax],
+        shape=torch.Size(state.shape),
+        code=arena[state.code],
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=getattr(torch, state.dtype),
+        offset=arena[state.offset] if state.offset is not None else None,
+        state2=nested,
+    )
+    compute = getattr(torch, spec.compute_dtype) if spec.compute_dtype else None
+    storage = getattr(torch, spec.quant_storage)
+    with torch.device("meta"):
+        module = Linear4bit(
+            spec.in_features,
+            spec.out_features,
+            bias=spec.bias,
+            compute_dtype=compute,
+            compress_statistics=spec.compress_statistics,
+            quant_type=state.quant_type,
+            quant_storage=storage,
+        )
+    module.weight = Params4bit(
+        arena[f"{spec.module}.weight"] if f"{spec.module}.weight" in arena else torch.empty(0),
+        requires_grad=False,
+        quant_state=quant_state,
+        blocksize=state.blocksize,
+        compress_statistics=spec.compress_statistics,
+        quant_type=state.quant_type,
+        quant_storage=storage,
+        module=module,
+        bnb_quantized=True,
+    )
+    module.quant_state = quant_state
+    return module
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+
+
+def _arena(
+    handle: Handle, mapping: mmap.mmap, devices: DeviceSegments, segment_fds: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """Every entry as a tensor: views of the mapped file and of the opened device segments."""
+    in_file = [e for e in handle.entries if e.segment is None]
+    arena = views(mapping, in_file, handle.arena.data_start)
+    for segment in handle.segments:
+        if not 1 <= segment.fd_index <= len(segment_fds):
+            raise AttachError(
+                f"the segment {segment.name} is fd {segment.fd_index} of the arena's, but the "
+                f"service sent {len(segment_fds)} segment fd(s)"
+            )
+        try:
+            base = devices.open(segment, segment_fds[segment.fd_index - 1])
+        except SegmentUnavailable as exc:
+            raise AttachError(str(exc)) from exc
+        for entry in handle.entries:
+            if entry.segment == segment.name:
+                arena[entry.name] = segment_view(base, entry)
+    return arena
+
+
+def build(
+    handle: Handle,
+    mapping: mmap.mmap,
+    devices: DeviceSegments = CUDA,
+    segment_fds: Sequence[int] = (),
+) -> nn.Module:
+    arena = _arena(handle, mapping, devices, segment_fds)
+    model = _skeleton(handle)
+    by_entry = {name: entry for name, entry in handle.parameters.items()}
+    for spec in handle.quant4:
+        weight_entry = by_entry[f"{spec.module}.weight"]
+        arena_for = {**arena, f"{spec.module}.weight": arena[weight_entry]}
+        _set_module(model, spec.module, _linear4bit(spec, arena_for))
+    quant_weights = {f"{q.module}.weight" for q in handle.quant4}
+    shared: dict[str, nn.Parameter] = {}
+    modules = dict(model.named_modules())
+    for name, entry in handle.parameters.items():
+        if name in quant_weights:
+            continue
+        if entry not in shared:
+            shared[entry] = nn.Parameter(arena[entry], requires_grad=False)
+        owner, _, leaf = name.rpartition(".")
+        modules[owner]._parameters[leaf] = shared[entry]
+    for name, entry in handle.buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        modules[owner]._buffers[leaf] = arena[entry]
+    left = [
+        n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"
+    ]
+    if left:
+        raise AttachError(f"the handle does not cover {len(left)} tensors, e.g. {left[:3]}")
+    disable_cpu_repack(model)
+    hf_meta.apply(model, handle)
+    model.basehold_provenance = handle.provenance.model_dump()  # type: ignore[assignment]
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _validated(handle: Handle | dict[str, object], devices: DeviceSegments) -> Handle:
+    if not isinstance(handle, Handle):
+        handle = Handle.model_validate(handle)
+    if handle.version != SUPPORTED_VERSION:
+        raise AttachError(
+            f"handle version {handle.version} does not match this client's "
+            f"({SUPPORTED_VERSION}); upgrade basehold in the worker to the service's version"
+        )
+    if handle.segments and handle.ipc_format != devices.ipc_format:
+        raise AttachError(
+            f"the handle's device segments are in the {handle.ipc_format!r} format; this "
+            f"worker opens {devices.ipc_format!r}. Run the worker with the service's basehold "
+            "version, on the same node."
+        )
+    return handle
+
+
+def attach_fd(
+    handle: Handle | dict[str, object],
+    fd: int,
+    devices: DeviceSegments = CUDA,
+    segment_fds: Sequence[int] = (),
+) -> nn.Module:
+    """Map the arena `fd` copy-on-write, open the device segments from `segment_fds` (in
+    `fd_index` order), build the model. The caller keeps the fds (close them once attached:
+    the mappings stay valid)."""
+    handle = _validated(handle, devices)
+    try:
+        mapping = map_copy_on_write(fd)
+    except ValueError as exc:
+        raise AttachError(str(exc)) from exc
+    if len(mapping) != handle.arena.size:
+        raise AttachError(
+            f"the arena has {len(mapping)} bytes, the handle says {handle.arena.size}"
+        )
+    return build(handle, mapping, devices, segment_fds)
+
+
+def attach_handle(
+    handle: Handle | dict[str, object],
+    lease_id: str,
+    secret: str,
+    devices: DeviceSegments = CUDA,
+) -> nn.Module:
+    """Fetch the arena's and segments' fds from the service's socket with the lease's id and
+    secret, map them, and build the model on them."""
+    handle = _validated(handle, devices)
+    try:
+        fds = receive_fds(handle.arena.socket, lease_id, secret, handle.socket_uid)
+    except ArenaRefused as exc:
+        raise AttachError(f"the service refused the arena: {exc.detail}") from exc
+    try:
+        return attach_fd(handle, fds[0], devices, fds[1:])
+    finally:
+        for fd in fds:
+            os.close(fd)

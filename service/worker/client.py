@@ -1,0 +1,394 @@
+"""Python client for basehold, for training workers and scripts.
+
+    from service.worker.client import Client
+    client = Client("http://127.0.0.1:8000", token=None)
+    tokenizer = client.tokenizer("llama-q4")           # over HTTP, no shared filesystem
+    with client.attach("llama-q4") as model:           # waits for ready; holder: host-pid
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, ...,
+                             callbacks=[client.lease_callback(model)])
+        trainer.train()
+
+While attached, a background thread renews the lease at a third of its TTL; leaving the
+block releases it. `model.basehold_lease` tells the lease's state. Importing this module
+and its HTTP-only calls (load, ensure, wait, status, leases) import no torch; `attach`
+and the tokenizer/config helpers bring torch and transformers (and bitsandbytes for 4-bit
+models) when called: a worker never needs the server's dependencies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import httpx
+
+from service.worker.lease_state import (
+    LeaseLost,
+    LeaseState,
+    OnLost,
+    Renewer,
+    guard_forward,
+    lease_of,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedModel
+
+    from service.common.handles.devices import DeviceSegments
+
+log = logging.getLogger("basehold.client")
+__all__ = [
+    "BaseholdError",
+    "Client",
+    "LeaseLost",
+    "LeaseState",
+    "default_holder",
+    "keep_base_out_of_ddp",
+    "lease_of",
+]
+
+
+class BaseholdError(RuntimeError):
+    """A problem+json answer from the service, with its stable `code`."""
+
+    def __init__(self, status: int, code: str, detail: str, reason: str | None = None) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.reason = reason  # lease_not_found: why the lease ended
+
+
+def _secret_header(secret: str | None) -> dict[str, str] | None:
+    return {"X-Lease-Secret": secret} if secret else None
+
+
+def _synchronize_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _lease_is_gone(exc: Exception) -> bool:
+    """Only the service's word about the lease loses it: 403 (its secret no longer
+    counts) or 404 (revoked, expired, released). 408/429/5xx and transport errors pass."""
+    return isinstance(exc, BaseholdError) and exc.status in (403, 404)
+
+
+def keep_base_out_of_ddp(module: nn.Module) -> list[str]:
+    """Name an attached base's tensors (inside any wrapper, e.g. a PeftModel) in
+    DistributedDataParallel's ignore list; call it on the module you wrap in DDP yourself
+    (`lease_callback` does it for the Trainer). Returns the names."""
+    from service.worker.moves import keep_base_out_of_ddp as keep
+
+    return keep(module)
+
+
+def default_holder() -> str:
+    """`hostname-pid`: who holds a lease when the caller does not say."""
+    return f"{socket.gethostname()}-{os.getpid()}"[:128]
+
+
+class Client:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The response, or the problem it answers as a BaseholdError."""
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {}
+            raise BaseholdError(
+                response.status_code,
+                str(body.get("code", "http_error")),
+                str(body.get("detail", response.text)),
+                body.get("reason") if isinstance(body.get("reason"), str) else None,
+            )
+        return response
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._send(method, path, **kwargs)
+        return response.json() if response.content else None
+
+    # -- models -------------------------------------------------------------------------
+    def load(self, source: str, *, hf_token: str | None = None, **spec: Any) -> dict[str, Any]:
+        """POST /v1/models; returns the ModelStatus (use `wait` for ready)."""
+        headers = {"X-HF-Token": hf_token} if hf_token else None
+        result: dict[str, Any] = self._call(
+            "POST", "/v1/models", json={"source": source, **spec}, headers=headers
+        )
+        return result
+
+    def ensure(
+        self, request: dict[str, Any], *, timeout: float = 3600, hf_token: str | None = None
+    ) -> dict[str, Any]:
+        """Load-if-absent: `request` is a LoadRequest (the JSON body of POST /v1/models, as
+        a dict). The service answers the model it already has for the same normalized
+        spec, so jobs that ensure one spec at once cause one load. Waits until the model is
+        ready (through a restart of the service) and returns its ModelStatus; raises
+        BaseholdError with the model's problem if the load failed."""
+        headers = {"X-HF-Token": hf_token} if hf_token else None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status: dict[str, Any] = self._call(
+                    "POST", "/v1/models", json=request, headers=headers
+                )
+                break
+            except (httpx.TransportError, BaseholdError) as exc:
+                passing = isinstance(exc, httpx.TransportError) or exc.status in (502, 503, 504)
+                if not passing or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        return self.wait(status["id"], timeout=max(0.0, deadline - time.monotonic()))
+
+    def wait(
+        self, model_id: str, timeout: float = 3600, poll: float = 0.25, *, absent_ok: bool = False
+    ) -> dict[str, Any]:
+        """Block until the model is ready; raises BaseholdError if the load failed.
+
+        Waits through a restart of the service: while it cannot be reached, or answers
+        404 while it is still restoring what it held, this keeps polling until `timeout`.
+        `absent_ok`: a model that does not exist yet is waited for too (a job started
+        before its base was loaded); a log line says so, once."""
+        deadline = time.monotonic() + timeout
+        said_absent = False
+        while True:
+            try:
+                status = self._status_through_restart(model_id)
+            except BaseholdError as exc:
+                if not (absent_ok and exc.code == "model_not_found"):
+                    raise
+                status = None
+                if not said_absent:
+                    said_absent = True
+                    log.warning(
+                        "basehold: model %r does not exist yet; waiting up to %.0f s for it "
+                        "(Client.ensure with its load request, or POST /v1/models, would "
+                        "load it)",
+                        model_id,
+                        timeout,
+                    )
+            if status is not None and status["state"] == "ready":
+                return status
+            if status is not None and status["state"] == "failed":
+                error = status["error"]
+                raise BaseholdError(422, error["code"], error["message"])
+            if time.monotonic() > deadline:
+                state = (
+                    status["state"]
+                    if status is not None
+                    else ("absent" if said_absent else "unreachable")
+                )
+                raise TimeoutError(f"{model_id} is still {state} after {timeout}s")
+            time.sleep(poll)
+
+    def _status_through_restart(self, model_id: str) -> dict[str, Any] | None:
+        """The model's status, or None while the service restarts or restores."""
+        try:
+            return self.get(model_id)
+        except httpx.TransportError:
+            return None
+        except BaseholdError as exc:
+            if exc.status in (502, 503, 504) or (
+                exc.code == "model_not_found" and self.restoring()
+            ):
+                return None
+            raise
+
+    def restoring(self) -> bool:
+        """Whether the service is starting or restoring the models it held (GET /readyz)."""
+        try:
+            return self._http.get("/readyz").status_code == 503
+        except httpx.TransportError:
+            return True
+
+    def get(self, model_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/v1/models/{model_id}")
+        return result
+
+    def models(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/v1/models")["models"]
+        return result
+
+    def unload(self, model_id: str, *, force: bool = False) -> None:
+        self._call("DELETE", f"/v1/models/{model_id}", params={"force": str(force).lower()})
+
+    def estimate(self, source: str, **spec: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/v1/estimate", json={"source": source, **spec})
+        return result
+
+    def memory(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/v1/memory")
+        return result
+
+    # -- leases -------------------------------------------------------------------------
+    def lease(self, model_id: str, holder: str, ttl_seconds: int = 60) -> dict[str, Any]:
+        """POST a lease: the answer has `lease_id`, `secret` (shown only here) and `handle`."""
+        result: dict[str, Any] = self._call(
+            "POST",
+            f"/v1/models/{model_id}/leases",
+            json={"holder": holder, "ttl_seconds": ttl_seconds},
+        )
+        return result
+
+    def renew(self, lease_id: str, secret: str | None = None) -> dict[str, Any]:
+        """Renew with the lease's secret (an admin token needs none)."""
+        result: dict[str, Any] = self._call(
+            "POST", f"/v1/leases/{lease_id}/renew", headers=_secret_header(secret)
+        )
+        return result
+
+    def release(self, lease_id: str, secret: str | None = None) -> None:
+        self._call("DELETE", f"/v1/leases/{lease_id}", headers=_secret_header(secret))
+
+    @contextmanager
+    def attach(
+        self,
+        model_id: str | None = None,
+        holder: str | None = None,
+        ttl_seconds: int = 60,
+        *,
+        on_lost: OnLost = "warn",
+        wait: float = 600.0,
+        devices: DeviceSegments | None = None,
+        spec: dict[str, Any] | None = None,
+    ) -> Iterator[PreTrainedModel]:
+        """Wait until `model_id` is ready (up to `wait` seconds, also while it does not
+        exist yet), lease it and yield an nn.Module on the service's sealed pages. With
+        `spec` (a LoadRequest dict) instead of a model id, `ensure` it first. `holder`
+        defaults to `hostname-pid`.
+
+        `model.basehold_lease` is the lease's state. If the lease is lost (revoked by a
+        forced unload, expired), `on_lost="warn"` warns and lets training go on (on the
+        CPU the mapped pages stay valid), `on_lost="raise"` makes the next forward raise
+        `LeaseLost`. On a GPU a lost lease always raises."""
+        from service.common.handles.devices import CUDA
+        from service.worker.attach import attach_handle
+        from service.worker.moves import guard_moves
+
+        model_id = self._ready(model_id, spec, wait)
+        grant = self.lease(model_id, holder or default_holder(), ttl_seconds)
+        lease_id, secret = grant["lease_id"], grant["secret"]
+        lease = LeaseState(
+            lease_id=lease_id,
+            model_id=model_id,
+            holder=grant["holder"],
+            ttl_seconds=ttl_seconds,
+            expires_at=datetime.fromisoformat(grant["expires_at"]),
+        )
+
+        def renew() -> datetime:
+            return datetime.fromisoformat(self.renew(lease_id, secret)["expires_at"])
+
+        renewer = Renewer(lease, renew, _lease_is_gone, on_lost)
+        renewer.start()
+        model: nn.Module | None = None
+        try:
+            model = attach_handle(grant["handle"], lease_id, secret, devices or CUDA)
+            model.basehold_lease = lease  # type: ignore[assignment]
+            guard_moves(model, model_id)
+            if grant["handle"].get("segments") or on_lost == "raise":
+                guard_forward(model, lease.forward_refusal)
+            yield cast("PreTrainedModel", model)  # built by transformers from the config
+        finally:
+            renewer.stop()
+            if not lease.lost:
+                lease.state, lease.reason = "released", "released"  # forwards refused now
+                if grant["handle"].get("segments"):
+                    # Our references go, and every kernel that read the segment has
+                    # finished, before the service may free it.
+                    model = None
+                    _synchronize_cuda()
+                self._release_quietly(lease_id, secret, ttl_seconds)
+
+    def _ready(self, model_id: str | None, spec: dict[str, Any] | None, wait: float) -> str:
+        """The id of the ready model `model_id` names, or `spec` ensures."""
+        if spec is None:
+            if model_id is None:
+                raise ValueError("attach needs a model id or a spec (a LoadRequest dict)")
+            self.wait(model_id, timeout=wait, absent_ok=True)
+            return model_id
+        ensured: str = self.ensure(spec, timeout=wait)["id"]
+        if model_id is not None and model_id != ensured:
+            raise ValueError(f"the spec names the model {ensured!r}, not {model_id!r}")
+        return ensured
+
+    def lease_callback(self, model: nn.Module) -> Any:
+        """A `transformers.TrainerCallback` for a model from `attach`: saves a checkpoint
+        and stops training when the lease is lost, and names the base model (hub id and
+        revision) in the PEFT config the adapter is saved with."""
+        from service.worker.callback import LeaseCallback
+
+        lease = lease_of(model)
+        provenance = getattr(model, "basehold_provenance", {}) or {}
+        name = str(getattr(model, "name_or_path", "") or lease.model_id)
+        return LeaseCallback(lease, name, provenance.get("revision"))
+
+    # -- checkpoint files ------------------------------------------------------------------
+    def files(self, model_id: str, *, wait: float = 600.0) -> Path:
+        """The checkpoint's tokenizer, generation and model config files, fetched over HTTP
+        into a private cache (`$BASEHOLD_CACHE`, default ~/.cache/basehold); returns the
+        folder holding them. Waits for the model as `attach` does (up to `wait` s)."""
+        from service.worker.files_cache import fetch_files
+
+        self.wait(model_id, timeout=wait, absent_ok=True)
+        listing = self._call("GET", f"/v1/models/{model_id}/files")
+
+        def download(name: str) -> bytes:
+            return bytes(self._send("GET", f"/v1/models/{model_id}/files/{name}").content)
+
+        return fetch_files(listing, download)
+
+    def tokenizer(self, model_id: str, *, wait: float = 600.0) -> Any:
+        """The checkpoint's tokenizer (`AutoTokenizer` over the fetched files)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.files(model_id, wait=wait)))
+
+    def generation_config(self, model_id: str, *, wait: float = 600.0) -> Any:
+        """The checkpoint's `generation_config.json` (or one derived from its config)."""
+        from transformers import AutoConfig, GenerationConfig
+
+        folder = self.files(model_id, wait=wait)
+        if (folder / "generation_config.json").is_file():
+            return GenerationConfig.from_pretrained(str(folder))
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(folder)))
+
+    def _release_quietly(self, lease_id: str, secret: str, ttl_seconds: int) -> None:
+        """Leaving an attach block never raises for the release: a lease that is already
+        gone is fine, and a service that cannot be reached lets it expire."""
+        try:
+            self.release(lease_id, secret)
+        except BaseholdError as exc:
+            if exc.code != "lease_not_found":
+                log.warning("lease %s: release refused: %s", lease_id, exc)
+        except httpx.TransportError as exc:
+            log.warning(
+                "lease %s: could not release it (%s); the service drops it after its %ss TTL",
+                lease_id,
+                exc,
+                ttl_seconds,
+            )
