@@ -18,6 +18,7 @@ from service.serving.app import create_app
 from service.serving.loaders import template
 from service.serving.settings import Settings
 from tests import checkpoints, zygote
+from tests.handles.spawn import worker_env
 from tests.hub import LocalHub
 
 if TYPE_CHECKING:
@@ -35,10 +36,20 @@ LLAMA_LAYERS_ON_DISK = {
 }
 
 
+# A run of at least this many tests starts the workers' template at once, beside the loader
+# template (`_loader_template`): each imports for ~6 s on a core of its own, instead of
+# one after the other. A smaller run starts it when a test first needs it, if one does.
+WARM_WORKERS_FROM = 100
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _zygote() -> Iterator[None]:
+def _zygote(request: pytest.FixtureRequest) -> Iterator[None]:
     """The pre-imported templates `tests.test_server_e2e.start` forks servers from and
     `tests.handles.spawn` forks workers from."""
+    if len(request.session.items) >= WARM_WORKERS_FROM:
+        workers = zygote.worker_template(worker_env())
+        if workers is not None:
+            workers.warm()  # from this (the main) thread: the template dies with its thread
     yield
     zygote.close_all()
 

@@ -192,7 +192,8 @@ class LocalHub:
         for _ in range(2):
             server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
             server.daemon_threads = True
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            # Shut down within 10 ms, not the default 0.5 s poll (x2 servers, every test).
+            threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
             self._servers.append(server)
         return self
 

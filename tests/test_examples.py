@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def run(example: str, url: str, cwd: Path, *args: str) -> str:
-    env = worker_env(cwd.parent, BASEHOLD_CACHE=str(cwd / "cache"))  # cwd: tmp_path/work
+    env = worker_env(BASEHOLD_CACHE=str(cwd / "cache"))
     proc = run_module(str(ROOT / "examples" / example), ["--url", url, *args], env=env, cwd=cwd)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-4000:]

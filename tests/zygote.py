@@ -293,8 +293,11 @@ class Zygote:
         self._path = ""
         self._env = dict(env)
         self._broken = False
+        self._ready = False
 
-    def _start(self) -> bool:
+    def _launch(self) -> bool:
+        """Start the process (it then imports for a few seconds); False if this process
+        cannot be the subreaper its forks need."""
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             return False
@@ -309,16 +312,33 @@ class Zygote:
             stdout=subprocess.PIPE,
             text=True,
         )
-        assert self._proc.stdout is not None
-        return self._proc.stdout.readline().strip() == "ready"
+        return True
 
-    def _request(self, request: dict[str, Any], fds: list[int]) -> int | None:
+    def warm(self) -> None:
+        """Start the template now, without waiting for its imports (~6 s): the caller
+        overlaps them with other work. Call it from the main thread: the template dies with
+        the thread that started it (PR_SET_PDEATHSIG)."""
+        with self._lock:
+            if self._proc is None and not self._broken and not self._launch():
+                self._broken = True
+
+    def _serving(self) -> bool:
+        """Start the template if it is not, wait until it serves; whether it does."""
         with self._lock:
             if self._broken:
-                return None
-            if self._proc is None and not self._start():
+                return False
+            if self._proc is None and not self._launch():
                 self._broken = True
-                return None
+                return False
+            if not self._ready:
+                assert self._proc is not None and self._proc.stdout is not None
+                self._ready = self._proc.stdout.readline().strip() == "ready"
+                self._broken = not self._ready
+            return self._ready
+
+    def _request(self, request: dict[str, Any], fds: list[int]) -> int | None:
+        if not self._serving():
+            return None
         if not _same_imports(request["env"], self._env):
             return None
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:

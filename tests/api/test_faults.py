@@ -60,15 +60,16 @@ class Bench:
 
     def settle(self, model_id: str, timeout: float = 300) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
-        while True:
-            answer = httpx.get(f"{self.url}/v1/models/{model_id}")
-            if answer.status_code == 404:
-                return {"state": "gone"}
-            status: dict[str, Any] = answer.json()
-            if status["state"] in ("ready", "failed"):
-                return status
-            assert time.monotonic() < deadline, status
-            time.sleep(0.05)
+        with httpx.Client(base_url=self.url) as http:  # not httpx.get: a client per poll
+            while True:
+                answer = http.get(f"/v1/models/{model_id}")
+                if answer.status_code == 404:
+                    return {"state": "gone"}
+                status: dict[str, Any] = answer.json()
+                if status["state"] in ("ready", "failed"):
+                    return status
+                assert time.monotonic() < deadline, status
+                time.sleep(0.05)
 
 
 def failed(bench: Bench, **body: Any) -> str:

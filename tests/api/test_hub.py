@@ -90,7 +90,7 @@ def refusing_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     _Refusing.seen_auth = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()

@@ -4,10 +4,13 @@ or its memory, or a cold `python -m` where the environment needs one."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +19,21 @@ from tests.zygote import Forked, Zygote, worker_template
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+_HF_HOME: list[Path] = []  # the session's workers' HF_HOME, made on first use
+
+
+def _hf_home() -> Path:
+    if not _HF_HOME:
+        _HF_HOME.append(Path(tempfile.mkdtemp(prefix="bh-worker-hf-home-")))
+        atexit.register(shutil.rmtree, _HF_HOME[0], ignore_errors=True)
+    return _HF_HOME[0]
+
+
+def worker_env(**extra: str) -> dict[str, str]:
     """The environment of a worker with nothing of the server's: its own HF_HOME (one for
-    the session's workers, as it is read at import: they share one template) and the
-    given extras (its own BASEHOLD_CACHE, ...)."""
-    env = {
-        **os.environ,
-        "HF_HOME": str(tmp_path.parent / "worker-hf-home"),  # the session's base temp
-        "PYTHONPATH": str(ROOT),
-        **extra,
-    }
+    the session's workers, as it is read at import: every worker forks from one template)
+    and the given extras (its own BASEHOLD_CACHE, ...)."""
+    env = {**os.environ, "HF_HOME": str(_hf_home()), "PYTHONPATH": str(ROOT), **extra}
     env.pop("HF_HUB_CACHE", None)
     return env
 
@@ -44,8 +52,8 @@ def run_module(
 ) -> Process:
     """`python -m MODULE ARGV` (`python MODULE ARGV` for a .py path) with text pipes
     (`quiet`: output discarded), forked from `template` (default: the worker template for
-    `env`)."""
-    env = dict(os.environ) if env is None else env
+    `env`, by default `worker_env()`: one template for every worker of the session)."""
+    env = worker_env() if env is None else env
     template = template or worker_template(env)
     forked = None if template is None else template.run_module(module, argv, env, cwd, quiet)
     if forked is not None:

@@ -74,7 +74,7 @@ def worker(
     and its own working directory and file cache: nothing of the server's."""
     home = tmp_path / "worker-home"
     home.mkdir(exist_ok=True)
-    env = worker_env(tmp_path, BASEHOLD_CACHE=str(home / "basehold-cache"))
+    env = worker_env(BASEHOLD_CACHE=str(home / "basehold-cache"))
     argv = [server.url, model_id, mode, str(tmp_path / "out"), json.dumps(spec or {})]
     return run_module("tests.handles.hf_worker", argv, env=env, cwd=home)
 

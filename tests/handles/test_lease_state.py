@@ -43,14 +43,15 @@ def run(state: LeaseState, renew: Callable[[], datetime], until: Callable[[], bo
     ids=["503", "429", "408", "500", "transport"],
 )
 def test_passing_failures_are_retried(failure: Exception) -> None:
-    state = lease(ttl=3)
+    # TTL 1 s: renewals every 1/3 s, so the four calls take ~1.3 s (TTL 3 s: ~2.8 s).
+    state = lease(ttl=1)
     calls = {"n": 0}
 
     def renew() -> datetime:
         calls["n"] += 1
         if calls["n"] <= 2:
             raise failure
-        return datetime.now(timezone.utc) + timedelta(seconds=3)
+        return datetime.now(timezone.utc) + timedelta(seconds=1)
 
     run(state, renew, lambda: calls["n"] >= 4)
     assert state.state == "active" and not state.lost

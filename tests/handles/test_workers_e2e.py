@@ -7,6 +7,7 @@ import mmap
 import os
 import signal
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,13 @@ def server(live_server: Server) -> Server:
 
 def load(server: Server, **body: Any) -> dict[str, Any]:
     model_id = httpx.post(f"{server.url}/v1/models", json=body).json()["id"]
-    while True:
-        status: dict[str, Any] = httpx.get(f"{server.url}/v1/models/{model_id}").json()
-        if status["state"] in ("ready", "failed"):
-            assert status["state"] == "ready", status
-            return status
-        time.sleep(0.05)
+    with httpx.Client(base_url=server.url) as http:  # not httpx.get: a client per poll
+        while True:
+            status: dict[str, Any] = http.get(f"/v1/models/{model_id}").json()
+            if status["state"] in ("ready", "failed"):
+                assert status["state"] == "ready", status
+                return status
+            time.sleep(0.05)
 
 
 def worker(server: Server, model_id: str, mode: str, spec: dict[str, Any]) -> Process:
@@ -113,15 +115,23 @@ def test_sigkilled_worker_lease_expires(server: Server, models_root: Path) -> No
     status = load(server, source=str(models_root / "llama"), dtype="float32")
     proc = worker(server, status["id"], "hold", {"ttl": 1})
     assert proc.stdout is not None and proc.stdout.readline().strip() == "attached"
-    assert httpx.get(f"{server.url}/v1/models/{status['id']}").json()["leases"] == 1
-    time.sleep(2)  # renewals keep a live worker's lease
-    assert httpx.get(f"{server.url}/v1/models/{status['id']}").json()["leases"] == 1
+    [first] = httpx.get(f"{server.url}/v1/leases").json()["leases"]
+    # Renewals keep a live worker's lease: it is still there well past the expiry it had
+    # (by more than the 0.2 s reaper period), with a later one.
+    past = datetime.fromisoformat(first["expires_at"]) + timedelta(seconds=0.5)
+    until(lambda: datetime.now(timezone.utc) > past, "the clock stopped", 10)
+    [renewed] = httpx.get(f"{server.url}/v1/leases").json()["leases"]
+    assert renewed["lease_id"] == first["lease_id"]
+    expiry = datetime.fromisoformat(renewed["expires_at"])
+    assert expiry > datetime.fromisoformat(first["expires_at"]), (first, renewed)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{server.url}/v1/models/{status['id']}").json()["leases"]:
-        assert time.monotonic() < deadline, "lease of a dead worker never expired"
-        time.sleep(0.1)
+    with httpx.Client(base_url=server.url) as http:  # not httpx.get: a client per poll
+        until(
+            lambda: not http.get(f"/v1/models/{status['id']}").json()["leases"],
+            "lease of a dead worker never expired",
+            10,
+        )
     assert httpx.delete(f"{server.url}/v1/models/{status['id']}").status_code == 204
     assert "expired" in server.output()
 

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.serving.loaders import template
 from tests.conftest import ClientFactory, load, until, wait_for
+from tests.loaders.templates import start_template
 
 DOWN = {"loader_unavailable", "loaders_starting"}
+# Its sitecustomize fails the first start of a template at once (BH_TEST_FAIL_ONCE).
+FAILING_START = Path(__file__).with_name("failing_start")
 
 
 def _ready(client: TestClient) -> bool:
@@ -74,7 +76,7 @@ def test_a_first_start_that_failed_is_retried(
 ) -> None:
     marker = tmp_path / "fail-once"
     marker.touch()
-    monkeypatch.setenv("BASEHOLD_LOADER_PRELOAD", "tests.loaders.fail_once")
+    monkeypatch.syspath_prepend(str(FAILING_START))  # the template's PYTHONPATH
     monkeypatch.setenv("BH_TEST_FAIL_ONCE", str(marker))
     client = make_client(loader_template="")
     until(lambda: _ready(client), "/readyz says starting for ever after a failed start", 120)
@@ -107,11 +109,9 @@ def test_a_shared_template_that_is_gone_answers_loader_unavailable_until_it_is_b
     assert "BASEHOLD_LOADER_TEMPLATE" in error["message"]
     estimated = client.post("/v1/estimate", json={"source": str(models_root / "llama")})
     assert estimated.status_code == 503 and estimated.json()["code"] == "loader_unavailable"
-    process = template.start(gone, owned=True)
+    back = start_template(gone)  # forked from the worker zygote: up in about a second
     try:
         until(lambda: _ready(client), "/readyz did not follow the template coming back", 120)
         assert load(client, source=str(models_root / "llama"))["state"] == "ready"
     finally:
-        assert process.stdin is not None
-        process.stdin.close()
-        process.wait(timeout=30)
+        back.close()

@@ -2,8 +2,9 @@
 sent to, a message the service cannot read ends that load (never the service) and closes
 every fd it brought, and any number of threads may wait on one loader's end.
 
-The loaders here are real processes forked from a real template, which imported
-`tests.loaders.rogue`: jobs named after a behaviour there misbehave on purpose."""
+The loaders here are real processes forked from a real template (forked in turn from the
+worker zygote: tests/loaders/templates.py), which imported `tests.loaders.rogue`: jobs
+named after a behaviour there misbehave on purpose."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import pytest
 from service.common.errors import BaseholdError
 from service.common.load.progress import Progress
 from service.common.load.spec import LoadRequest
-from service.serving.loaders import template
 from service.serving.loaders.loaders import Loaders, LoaderSetup
 from tests.conftest import until
 from tests.loaders import rogue
+from tests.loaders.templates import start_template
 
 
 def _open_fds() -> set[int]:
@@ -34,19 +35,9 @@ def _open_fds() -> set[int]:
 def rogue_template() -> Iterator[str]:
     folder = Path(tempfile.mkdtemp(prefix="bh-rogue-"))
     address = folder / "template.sock"
-    previous = os.environ.get("BASEHOLD_LOADER_PRELOAD")
-    os.environ["BASEHOLD_LOADER_PRELOAD"] = "tests.loaders.rogue"
-    try:
-        process = template.start(address, owned=True)
-    finally:
-        if previous is None:
-            del os.environ["BASEHOLD_LOADER_PRELOAD"]
-        else:
-            os.environ["BASEHOLD_LOADER_PRELOAD"] = previous
+    running = start_template(address, BASEHOLD_LOADER_PRELOAD="tests.loaders.rogue")
     yield str(address)
-    assert process.stdin is not None
-    process.stdin.close()
-    process.wait(timeout=30)
+    running.close()
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -260,7 +260,9 @@ def test_a_restart_mid_download_resumes_where_the_files_stopped(
 ) -> None:
     repo = hub.repos["acme/bigger"]
     size = repo.files[WEIGHTS].size
-    hub.faults.rate = 2_000_000
+    # The first 10 MiB chunk is on disk after ~2.6 s; the kill lands ~2.6 s before the
+    # rest could be (at 2 MB/s, the chunk alone took 5 s to wait for).
+    hub.faults.rate = 4_000_000
     env = env_for(tmp_path, BASEHOLD_HF_ENDPOINT=hub.url)
     server = start(tmp_path, [], env=env)
     try:
@@ -282,11 +284,12 @@ def test_a_restart_mid_download_resumes_where_the_files_stopped(
         hub.faults.rate = None
         port = int(server.url.rsplit(":", 1)[1])
         server = start(tmp_path, [], env=env, port=port, ready=False)
-        until(
-            lambda: httpx.get(f"{server.url}/v1/models/{model_id}").json()["state"] == "ready",
-            "restored",
-            120,
-        )
+        with httpx.Client(base_url=server.url) as http:  # not httpx.get: a client per poll
+            until(
+                lambda: http.get(f"/v1/models/{model_id}").json()["state"] == "ready",
+                "restored",
+                120,
+            )
         second = hub.bytes_served("acme/bigger")
         assert second < 1.1 * left, (second, left, size)
         assert any(r.range == f"bytes={size - left}-" for r in hub.requests), hub.requests
