@@ -21,7 +21,7 @@
 
 Every wait has a deadline and notices a dead server. One table, PASS/FAIL lines, exit 1
 on any failure. `--rehearse-on-cpu` runs the same flow with the host stand-in for device
-segments (tests/handles/host_segments.py) in the server and the workers, float32 standing
+segments (tests/common/handles/host_segments.py) in the server and the workers, float32 standing
 in for bf16: everything but the CUDA calls themselves.
 """
 
@@ -49,7 +49,7 @@ from common import ROOT, Served, launch, llama_checkpoint, reference_model, wait
 TOKENS = [[1, 15, 27, 300, 400, 9, 81, 2, 640, 77, 5, 120]]  # < 1000: fits every vocab here
 MiB = 2**20
 SPECS = ("bf16", "nf4", "nf4-dq", "tied")
-HOST_SERVE = [sys.executable, str(ROOT / "tests" / "handles" / "host_serve.py")]
+HOST_SERVE = [sys.executable, str(ROOT / "tests" / "worker" / "host_serve.py")]
 STAND_IN_FD = "/memfd:basehold-segment"
 GRACE_S = 2.0  # BASEHOLD_SEGMENT_GRACE_SECONDS for the server: segments outlive a release
 
@@ -70,7 +70,7 @@ def devices_for(where: str) -> Any:
     """How a worker opens segments: CUDA VMM fds, or the host stand-in in a rehearsal."""
     if where.startswith("cuda"):
         return None
-    from tests.handles.host_segments import HostSegments
+    from tests.common.handles.host_segments import HostSegments
 
     return HostSegments()
 
@@ -207,7 +207,7 @@ WORKER_PRELOAD = [
     "bitsandbytes",
     "safetensors.torch",
     "service.worker.client",
-    "tests.handles.host_segments",
+    "tests.common.handles.host_segments",
 ]
 
 

@@ -18,7 +18,7 @@ import shutil
 
 from common import server, wait_ready, workspace
 
-from tests.handles.ddp_worker import launch
+from tests.worker.ddp_worker import launch
 
 MiB = 2**20
 

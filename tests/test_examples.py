@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from service.demo import write_demo_checkpoint
-from tests.handles.spawn import run_module, worker_env
-from tests.test_server_e2e import ROOT, start, wait_ready
+from tests.serving.test_server_e2e import ROOT, start, wait_ready
+from tests.spawn import run_module, worker_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

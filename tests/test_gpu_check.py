@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.handles.spawn import run_module
-from tests.test_server_e2e import ROOT
+from tests.serving.test_server_e2e import ROOT
+from tests.spawn import run_module
 
 pytestmark = pytest.mark.e2e
 

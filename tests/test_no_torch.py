@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.test_server_e2e import start, wait_ready
+from tests.serving.test_server_e2e import start, wait_ready
 
 HEAVY = ("libtorch", "transformers", "accelerate", "bitsandbytes", "_C.cpython")
 

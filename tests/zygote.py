@@ -90,7 +90,7 @@ PRELOAD = {
         "safetensors.torch",
         "service.worker.client",
         "tests.reference",
-        "tests.handles.worker",
+        "tests.worker.worker",
     ),
 }
 

@@ -1,6 +1,6 @@
 """Sizes as people write them ('8GiB', '512MB', '300KB', or bytes): the grammar of
 accelerate's `convert_file_size_to_int`, which max_memory follows, without importing
-accelerate (and torch) into the serving process. tests/test_sizes.py checks it against
+accelerate (and torch) into the serving process. tests/common/test_sizes.py checks it against
 accelerate's own."""
 
 from __future__ import annotations

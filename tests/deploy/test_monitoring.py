@@ -16,7 +16,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from tests.conftest import TERMINAL, ClientFactory, load, until
-from tests.test_server_e2e import Server, free_port
+from tests.serving.test_server_e2e import Server, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "deploy" / "monitoring"

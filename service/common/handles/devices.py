@@ -7,7 +7,7 @@ loader allocates it, copies the model's tensors in and exports the fd; the servi
 the fd (the memory lives while any fd or mapping of it does, not with the loader); a
 worker imports it on its own index of the same GPU and wraps it as a tensor, zero-copy,
 in any PID namespace. Tests on machines without a GPU stand in a memfd behind the same
-protocol (tests/handles/host_segments.py): the same fds travel the same way.
+protocol (tests/common/handles/host_segments.py): the same fds travel the same way.
 
 Lifetime: the service closes its fd when the model is unloaded, or, when revoked leases
 may still be reading it, once their TTL (or the grace after a release) has run out; a

@@ -2,7 +2,7 @@
 registry never reaches into how a load runs. The service's backend is
 `service.serving.loaders.loaders.Loaders` (loader processes forked from the template), which
 satisfies it structurally; registry tests drive an in-process fake
-(`tests/registry/fake_backend.py`)."""
+(`tests/serving/registry/fake_backend.py`)."""
 
 from __future__ import annotations
 
