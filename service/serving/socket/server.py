@@ -159,6 +159,8 @@ class ArenaServer:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="arena-socket")
+        self._answering = 0  # requests submitted to the pool and not answered yet
+        self._answering_lock = threading.Lock()
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._conns: dict[int, _Conn] = {}
@@ -284,7 +286,10 @@ class ArenaServer:
         ]
         for under, cap in caps:
             waiting = [c for c in self._conns.values() if under(c.peer)]  # oldest first
-            if len(waiting) < cap:
+            # The total counts requests waiting for, or in, the answering pool too: what
+            # a slow authorization holds up is bounded like what slow clients hold up.
+            answering = self._answering if cap is self._max_connections else 0
+            if len(waiting) + answering < cap:
                 continue
             oldest = waiting[0] if waiting else None
             if oldest is None or now - oldest.accepted < self._grace:
@@ -323,8 +328,15 @@ class ArenaServer:
             return  # more to come
         selector.unregister(conn.sock)
         del self._conns[conn.sock.fileno()]
+        with self._answering_lock:
+            self._answering += 1
         future = self._pool.submit(self._answer, conn)
-        future.add_done_callback(_log_failure)
+        future.add_done_callback(self._answered)
+
+    def _answered(self, future: Future[None]) -> None:
+        with self._answering_lock:
+            self._answering -= 1
+        _log_failure(future)
 
     def _cut_off_late(self, selector: selectors.BaseSelector) -> None:
         now = time.monotonic()

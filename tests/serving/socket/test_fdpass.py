@@ -138,6 +138,45 @@ def test_connections_per_peer_are_bounded(socket_path: Path, arena: Arena) -> No
         server.stop()
 
 
+def test_requests_waiting_for_an_answer_count_against_the_total(
+    socket_path: Path, arena: Arena
+) -> None:
+    """A slow authorization (the state database busy) holds every complete request in the
+    answering pool: the pool's queue is bounded by the total cap, not by memory."""
+    release = threading.Event()
+
+    def slow(lease_id: str, secret: str, peer: Peer) -> list[int]:
+        release.wait(30)
+        return arena.authorize(lease_id, secret, peer)
+
+    server = ArenaServer(socket_path, slow, max_connections=6, grace=60.0)
+    server.start()
+    pending = [connect(socket_path) for _ in range(6)]
+    try:
+        for sock in pending:
+            sock.sendall(json.dumps({"lease_id": "ok", "secret": SECRET}).encode() + b"\n")
+        until(
+            lambda: not server._conns and server._answering == 6,
+            "the requests never reached the pool",
+            10,
+        )
+        extra = connect(socket_path)
+        extra.settimeout(10)
+        assert json.loads(extra.recv(4096))["code"] == "busy"  # was accepted and queued
+        extra.close()
+        release.set()
+        for sock in pending:
+            sock.settimeout(10)
+            assert json.loads(sock.recv(4096))["ok"] is True
+        until(lambda: server._answering == 0, "the pool's count never went back to 0", 10)
+        attach(socket_path)
+    finally:
+        release.set()
+        for sock in pending:
+            sock.close()
+        server.stop()
+
+
 def test_stop_is_immediate(socket_path: Path, arena: Arena) -> None:
     server = serve(socket_path, arena)
     began = time.monotonic()
