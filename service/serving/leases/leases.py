@@ -7,7 +7,8 @@ survive a restart with their ids and secrets: a worker renews into the restarted
 
 A grant may name the API key that asked for it (a fingerprint, never the key) with a cap:
 one key holds at most that many leases on one model, whatever holder names it sends. The
-fingerprint lives in memory only: leases restored after a restart count for no key.
+fingerprint is kept with the lease (and in the state database): leases restored after a
+restart still count for their key.
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ class LeaseTable:
         self._grace = timedelta(seconds=grace_seconds)
         self._holds: dict[str, datetime] = {}
         self._ended: OrderedDict[str, EndReason] = OrderedDict()
-        self._keys: dict[str, str] = {}  # lease id -> the fingerprint of the key that took it
 
     def persist_to(self, db: StateDB) -> None:
         """Write through to `db` from now on (set at startup, state lock held)."""
@@ -107,6 +107,7 @@ class LeaseTable:
             created_at=now,
             expires_at=now + timedelta(seconds=ttl_seconds),
             secret_hash=_hash(secret),
+            key=key,
         )
         with self._lock:
             if key is not None and max_per_key is not None:
@@ -119,7 +120,6 @@ class LeaseTable:
                         "with its secret; Client.attach releases its lease when its block "
                         "ends), or ask the operator to raise the limit."
                     )
-                self._keys[lease.id] = key
             self._leases[lease.id] = lease
             self._put(lease)
         return lease, secret
@@ -131,9 +131,7 @@ class LeaseTable:
 
     def _count_key(self, model_id: str, key: str) -> int:
         return sum(
-            1
-            for lease_id, taker in self._keys.items()
-            if taker == key and self._leases[lease_id].model_id == model_id
+            1 for lease in self._leases.values() if (lease.model_id, lease.key) == (model_id, key)
         )
 
     def check(self, lease_id: str, secret: str | None) -> Lease:
@@ -161,7 +159,6 @@ class LeaseTable:
         with self._lock:
             lease = self._get(lease_id)
             del self._leases[lease_id]
-            self._keys.pop(lease_id, None)
             self._ended_now([lease_id], reason)
             self._delete([lease_id])
             self._hold(lease.model_id, _now() + self._grace)
@@ -240,7 +237,6 @@ class LeaseTable:
             gone = [lease for lease in self._leases.values() if which(lease)]
             for lease in gone:
                 del self._leases[lease.id]
-                self._keys.pop(lease.id, None)
             self._ended_now([lease.id for lease in gone], reason)
             self._delete([lease.id for lease in gone])
         return gone

@@ -55,6 +55,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
         "CREATE INDEX leases_by_model ON leases (model_id)",
     ),
+    # The fingerprint of the API key that took a lease (never the key): the per-key cap
+    # (BASEHOLD_MAX_LEASES_PER_KEY) counts restored leases too.
+    2: ("ALTER TABLE leases ADD COLUMN key_fingerprint TEXT",),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -83,6 +86,7 @@ class LeaseRow:
     created_at: datetime
     expires_at: datetime
     secret_hash: str | None
+    key: str | None = None  # the fingerprint of the API key that took it (None: no key)
 
 
 def _off_loop() -> None:
@@ -192,6 +196,7 @@ def _lease_row(r: tuple[Any, ...]) -> LeaseRow:
         created_at=_aware(r[4]),
         expires_at=_aware(r[5]),
         secret_hash=r[6],
+        key=r[7],
     )
 
 
@@ -306,7 +311,7 @@ class StateDB:
         self._write(
             (
                 "INSERT OR REPLACE INTO leases (id, model_id, holder, ttl_seconds, created_at, "
-                "expires_at, secret_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "expires_at, secret_hash, key_fingerprint) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     row.id,
                     row.model_id,
@@ -315,6 +320,7 @@ class StateDB:
                     row.created_at.isoformat(),
                     row.expires_at.isoformat(),
                     row.secret_hash,
+                    row.key,
                 ),
             )
         )
@@ -326,8 +332,8 @@ class StateDB:
         """A row that cannot be read is moved aside."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT id, model_id, holder, ttl_seconds, created_at, expires_at, secret_hash "
-                "FROM leases ORDER BY created_at"
+                "SELECT id, model_id, holder, ttl_seconds, created_at, expires_at, secret_hash, "
+                "key_fingerprint FROM leases ORDER BY created_at"
             ).fetchall()
         return self._readable("leases", rows, _lease_row)
 

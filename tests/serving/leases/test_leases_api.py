@@ -8,11 +8,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from service.common.errors import TooManyLeases
 from service.serving.leases.leases import MAX_TTL_SECONDS, LeaseTable
-from service.serving.state.database import LeaseRow
+from service.serving.state.database import LeaseRow, StateDB
 from tests.conftest import Answer, ClientFactory, load, until
 from tests.serving.api.test_auth import KEYS, bearer
 
@@ -315,3 +316,21 @@ def test_the_per_key_cap_holds_under_concurrent_grants() -> None:
     table.release(granted[0])
     assert table.count_key("m", "k1") == 3
     table.grant("m", "rank-again", 60, key="k1", max_per_key=4)
+
+
+def test_restored_leases_still_count_for_their_key(tmp_path: Path) -> None:
+    """The per-key cap outlives a restart: the leases a key held come back with it."""
+    db = StateDB.open(tmp_path)
+    table = LeaseTable()
+    table.persist_to(db)
+    for i in range(4):
+        table.grant("m", f"rank-{i}", 60, key="k1", max_per_key=4)
+    db.close()
+    reopened = StateDB.open(tmp_path)
+    restarted = LeaseTable()
+    restarted.persist_to(reopened)
+    assert len(restarted.restore(reopened.leases(), {"m"})) == 4
+    assert restarted.count_key("m", "k1") == 4  # was 0: the keys lived in memory only
+    with pytest.raises(TooManyLeases):
+        restarted.grant("m", "rank-4", 60, key="k1", max_per_key=4)
+    reopened.close()

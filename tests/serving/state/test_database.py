@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import stat
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from service.serving.state.database import (
     FILENAME,
+    MIGRATIONS,
     SCHEMA_VERSION,
     LeaseRow,
     ModelRow,
@@ -151,7 +153,7 @@ def test_an_unreadable_row_is_moved_aside_and_the_rest_is_read(
             (NOW.isoformat(), NOW.isoformat()),
         )
         conn.execute(
-            "INSERT INTO leases VALUES ('l-bad', 'good', 'w', 30, 'yesterday', 'never', NULL)"
+            "INSERT INTO leases VALUES ('l-bad', 'good', 'w', 30, 'yesterday', 'never', NULL, NULL)"
         )
     conn.close()
     db = StateDB.open(tmp_path)
@@ -165,3 +167,26 @@ def test_an_unreadable_row_is_moved_aside_and_the_rest_is_read(
     # Gone from the database: the next start reads it clean, logging nothing.
     caplog.clear()
     assert [r.id for r in db.models()] == ["good"] and "UNREADABLE" not in caplog.text
+
+
+def test_a_schema_1_database_is_migrated_and_keeps_its_leases(tmp_path: Path) -> None:
+    """A state dir written by the basehold before lease keys were kept: its leases come back
+    (with no key), and a key stored from now on reads back."""
+    conn = sqlite3.connect(tmp_path / FILENAME)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for statement in MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+    conn.execute(
+        "INSERT INTO leases VALUES ('old', 'm', 'w', 30, ?, ?, ?)",
+        (NOW.isoformat(), (NOW + timedelta(seconds=30)).isoformat(), "h" * 64),
+    )
+    conn.commit()
+    conn.close()
+    db = StateDB.open(tmp_path)
+    assert [(r.id, r.key) for r in db.leases()] == [("old", None)]
+    db.put_lease(replace(lease_row("new", "m"), key="fingerprint-1"))
+    db.close()
+    reopened = StateDB.open(tmp_path)
+    assert [(r.id, r.key) for r in reopened.leases()] == [("old", None), ("new", "fingerprint-1")]
+    reopened.close()
