@@ -51,6 +51,18 @@ class Metrics:
         self.host_available_bytes = Gauge(
             "basehold_host_memory_available_bytes", "Host RAM available", registry=r
         )
+        self.container_limit_bytes = Gauge(
+            "basehold_container_memory_limit_bytes",
+            "The cgroup memory limit that binds the service (absent: none applies)",
+            ["cgroup"],
+            registry=r,
+        )
+        self.container_usage_bytes = Gauge(
+            "basehold_container_memory_usage_bytes",
+            "That cgroup's working set (usage less inactive file cache)",
+            ["cgroup"],
+            registry=r,
+        )
         self.gpu_total_bytes = Gauge(
             "basehold_gpu_memory_total_bytes", "GPU memory (NVML)", ["device"], registry=r
         )

@@ -121,11 +121,23 @@ class DeviceOut(BaseModel):
 
 
 class HostOut(BaseModel):
-    total_bytes: int
-    available_bytes: int
+    total_bytes: int = Field(description="The node's RAM.")
+    available_bytes: int = Field(
+        description="The node's available memory (psutil). Admission also keeps loads "
+        "under the container's limit: see container_limit_bytes."
+    )
     process_rss_bytes: int
     shared_arena_bytes: int
     held_bytes: int
+    container_limit_bytes: int | None = Field(
+        None,
+        description="The tightest cgroup memory limit over the service's cgroup and its "
+        "ancestors (v2 memory.max, v1 memory.limit_in_bytes); null where none applies.",
+    )
+    container_usage_bytes: int | None = Field(
+        None, description="That cgroup's working set (usage less inactive file cache)."
+    )
+    container_cgroup: str | None = Field(None, description="That cgroup's path.")
 
 
 class ModelBytes(BaseModel):

@@ -26,10 +26,13 @@ class DeviceReport:
 @dataclass(frozen=True)
 class HostReport:
     total_bytes: int
-    available_bytes: int
+    available_bytes: int  # the node's (admission also keeps under the container's limit)
     process_rss_bytes: int
     shared_arena_bytes: int
     held_bytes: int
+    container_limit_bytes: int | None  # the cgroup limit that binds (None: none applies)
+    container_usage_bytes: int | None  # that cgroup's working set
+    container_cgroup: str | None
 
 
 @dataclass(frozen=True)
@@ -94,10 +97,13 @@ def memory_snapshot(
         devices=devices,
         host=HostReport(
             total_bytes=host.total_bytes,
-            available_bytes=host.available_bytes,
+            available_bytes=host.node_available_bytes,
             process_rss_bytes=host.process_rss_bytes,
             shared_arena_bytes=shared_arena_bytes,
             held_bytes=held.get("cpu", 0),
+            container_limit_bytes=host.cgroup.limit_bytes if host.cgroup else None,
+            container_usage_bytes=host.cgroup.usage_bytes if host.cgroup else None,
+            container_cgroup=host.cgroup.path if host.cgroup else None,
         ),
         models=per_model,
     )

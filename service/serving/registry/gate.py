@@ -17,6 +17,7 @@ from service.serving.memory.admission import (
     measure,
     shortfalls,
 )
+from service.serving.memory.cgroup import cgroup_memory
 from service.serving.memory.nvml import GpuProbe
 from service.serving.memory.visible import listed_once
 from service.serving.registry.record import ModelRecord
@@ -96,8 +97,15 @@ class MemoryGate:
 
 def refuse(model_id: str, short: list[Shortfall]) -> InsufficientMemory:
     where = "; ".join(str(s) for s in short)
+    limit = cgroup_memory() if any(s.device == "cpu" for s in short) else None
+    if limit is None:
+        return InsufficientMemory(
+            f"{model_id} will not fit ({where}). Unload a model, load it in 4-bit or a smaller "
+            "dtype, offload with max_memory, raise BASEHOLD_HOST_MEMORY_BUDGET, or set "
+            "BASEHOLD_EVICTION=lru-idle."
+        )
     return InsufficientMemory(
-        f"{model_id} will not fit ({where}). Unload a model, load it in 4-bit or a smaller "
-        "dtype, offload with max_memory, raise BASEHOLD_HOST_MEMORY_BUDGET, or set "
-        "BASEHOLD_EVICTION=lru-idle."
+        f"{model_id} will not fit ({where}); {limit.describe()}. Raise the container's memory "
+        "limit, unload a model, load it in 4-bit or a smaller dtype, offload with max_memory, "
+        "or set BASEHOLD_EVICTION=lru-idle."
     )

@@ -42,6 +42,14 @@ async def metrics(request: Request) -> Response:
     metrics.arena_bytes.set(snapshot.host.shared_arena_bytes)
     metrics.host_total_bytes.set(snapshot.host.total_bytes)
     metrics.host_available_bytes.set(snapshot.host.available_bytes)
+    host = snapshot.host
+    for gauge, value in (
+        (metrics.container_limit_bytes, host.container_limit_bytes),
+        (metrics.container_usage_bytes, host.container_usage_bytes),
+    ):
+        gauge.clear()  # the binding cgroup may change (or stop binding)
+        if value is not None:
+            gauge.labels(host.container_cgroup or "").set(value)
     for device in snapshot.devices:
         metrics.gpu_total_bytes.labels(device.id).set(device.total_bytes)
         metrics.gpu_used_bytes.labels(device.id).set(device.used_bytes)
