@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.common import sizes
 from service.serving.memory.admission import Budget
 
-Scope = Literal["admin", "worker", "read"]
+Scope = Literal["admin", "ensure", "worker", "read"]
 
 
 def parse_size(value: str | int) -> int:

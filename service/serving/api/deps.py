@@ -15,9 +15,11 @@ from service.serving.registry.registry import Registry
 from service.serving.settings import Scope, Settings
 
 _bearer = HTTPBearer(auto_error=False, description="API key from BASEHOLD_API_KEYS")
-# admin and worker keys may also read.
+# admin, ensure and worker keys may also read. `ensure` is a training job's: load a model
+# if it is not held, find it if it is; never unload, revoke, pin or run remote code.
 IMPLIED: dict[str, set[str]] = {
     "admin": {"admin", "read"},
+    "ensure": {"ensure", "read"},
     "worker": {"worker", "read"},
     "read": {"read"},
 }

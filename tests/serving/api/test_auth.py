@@ -75,3 +75,28 @@ def test_openapi_documents_bearer_and_contract(secured: TestClient) -> None:
     )
     load_schema = spec["components"]["schemas"]["LoadRequest"]
     assert load_schema["examples"]
+
+
+def test_an_ensure_key_loads_if_absent_finds_if_held_and_leases(
+    make_client: ClientFactory, models_root: Path
+) -> None:
+    """A training job's key: `ensure` and `worker`. It may load a model that is not held and
+    find one that is, then lease it; never unload, pin, or run a checkpoint's code."""
+    job = bearer("job-key-12345")
+    client = make_client(api_keys={**KEYS, "job-key-12345": ["ensure", "worker"]})
+    source = str(models_root / "gpt2")
+    status = load(client, headers=job, source=source)  # was 403: loads needed admin
+    assert status["state"] == "ready"
+    again = client.post("/v1/models", json={"source": source}, headers=job)
+    assert again.status_code == 200 and again.json()["id"] == status["id"]  # found, not loaded
+    leased = client.post(f"/v1/models/{status['id']}/leases", json={"holder": "job"}, headers=job)
+    assert leased.status_code == 201, leased.text
+    for body in ({"source": source, "pinned": True}, {"source": source, "trust_remote_code": True}):
+        refused = client.post("/v1/models", json=body, headers=job)
+        assert refused.status_code == 403 and refused.json()["code"] == "forbidden", refused.text
+        assert "admin key" in refused.json()["detail"]
+    assert client.get(f"/v1/models/{status['id']}", headers=job).json()["pinned"] is False
+    assert client.delete(f"/v1/models/{status['id']}", headers=job).status_code == 403
+    assert client.delete(f"/v1/models/{status['id']}?force=true", headers=job).status_code == 403
+    revoke = client.delete(f"/v1/leases/{leased.json()['lease_id']}", headers=job)
+    assert revoke.status_code == 403  # not without the lease's secret (admins may)

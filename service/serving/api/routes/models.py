@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
+from service.common.errors import Forbidden
 from service.common.load.spec import LoadRequest
-from service.serving.api.deps import HubToken, RegistryDep, require
+from service.serving.api.deps import HubToken, RegistryDep, ScopesDep, require
 from service.serving.api.schemas import ModelList, ModelStatus, problem_responses
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -18,7 +19,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
     "",
     status_code=202,
     response_model=ModelStatus,
-    dependencies=[require("admin")],
+    dependencies=[require("admin", "ensure")],
     responses={
         200: {"model": ModelStatus, "description": "Identical spec already held"},
         **problem_responses(400, 401, 403, 404, 409, 422, 507),
@@ -28,9 +29,28 @@ def load_model(
     request: LoadRequest,
     registry: RegistryDep,
     response: Response,
+    scopes: ScopesDep,
     x_hf_token: HubToken = None,
 ) -> ModelStatus:
-    """Load a model in the background (202), or return the identical held one (200)."""
+    """Load a model in the background (202), or return the identical held one (200).
+
+    An `ensure` key (a training job's) may do this too, but not pin a model (pinning
+    changes what the operator's eviction may free) nor load with `trust_remote_code` (it
+    runs the checkpoint's code in a loader); loads it starts may evict idle, unpinned,
+    unleased models like any load."""
+    if "admin" not in scopes:
+        for asked, what in (
+            (request.pinned, "Pinning a model"),
+            (
+                request.trust_remote_code,
+                "Loading with trust_remote_code (it runs the checkpoint's code)",
+            ),
+        ):
+            if asked:
+                raise Forbidden(
+                    f"{what} needs an admin key; this key has the 'ensure' scope. Drop the "
+                    "option, or ask the operator to load the model."
+                )
     record, created = registry.submit(request, x_hf_token)
     response.status_code = 202 if created else 200
     response.headers["Location"] = f"/v1/models/{record.id}"
