@@ -61,6 +61,12 @@ class ModelStatus(BaseModel):
     shareable: bool
     shareable_reason: str | None = None
     pinned: bool = Field(default=False, description="never evicted (the spec's `pinned`)")
+    aliases: list[str] = Field(
+        default_factory=list,
+        description="Other names this model answers to: a POST of its load spec under another "
+        "name finds it and adds the name here (one copy per spec). DELETE of an alias drops "
+        "only the alias.",
+    )
     leases: int
     timings: Timings
 
@@ -74,6 +80,7 @@ class ModelStatus(BaseModel):
         return cls(
             id=record.id,
             name=record.name,
+            aliases=list(record.aliases),
             source=spec.source,
             resolved_revision=loaded.resolved_revision if loaded else None,
             spec=spec,
@@ -253,3 +260,4 @@ class FileList(BaseModel):
     model_id: str
     revision: str | None = Field(default=None, description="hub commit, null for local")
     files: list[FileOut]
+

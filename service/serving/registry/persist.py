@@ -40,8 +40,9 @@ class Persistence:
             model_id = record.id
             self._writer.submit(lambda: db.delete_model(model_id))
 
-    def pin(self, record: ModelRecord) -> None:
-        """The record's spec changed (it was pinned): rewrite its row."""
+    def rewrite(self, record: ModelRecord) -> None:
+        """The record's spec or names changed (pinned, an alias added or dropped): rewrite
+        its row."""
         self._put(record, record.state)
 
     def _put(self, record: ModelRecord, state: State) -> None:
@@ -54,6 +55,7 @@ class Persistence:
             state=state.value,
             queued_at=record.queued_at,
             last_used_at=record.last_used_at,
+            aliases=tuple(record.aliases),
         )
         self._writer.submit(lambda: db.put_model(row))
 

@@ -55,6 +55,8 @@ class ModelRecord:
     progress_notified_at: float = 0.0
     evicted: bool = False
     future: Future[None] | None = field(default=None, repr=False)
+    # Other names it answers to: the names of POSTs of its spec after it was held.
+    aliases: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.load_id:

@@ -90,6 +90,8 @@ class Registry:
         self._leases = leases
         self._allow_remote_code = allow_remote_code
         self._records: dict[str, ModelRecord] = {}
+        # Alias -> model id: one copy per spec, under every name it was asked for.
+        self._aliases: dict[str, str] = {}
         # Nothing slow under it: probes run before it is taken, and state database writes
         # decided under it run once it is let go (`WriterLock`).
         self.writer = writer or OrderedWriter()
@@ -100,8 +102,9 @@ class Registry:
 
     # -- queries ---------------------------------------------------------------------
     def get(self, model_id: str) -> ModelRecord:
+        """The model of that id, or of which it is an alias."""
         with self._lock:
-            record = self._records.get(model_id)
+            record = self._records.get(self._resolve(model_id))
         if record is None:
             raise ModelNotFound(f"No model {model_id!r} is held. GET /v1/models lists them.")
         return record
@@ -191,6 +194,7 @@ class Registry:
                 queued_at=row.queued_at,
                 last_used_at=row.last_used_at,
                 restored_at=now,
+                aliases=[a for a in row.aliases if MODEL_ID.fullmatch(a)],
             )
             with self._lock:
                 record.leases = self._leases.count(record.id)
@@ -199,6 +203,8 @@ class Registry:
                 except NameTaken as exc:  # a load of that id is active already: it stays
                     log.error("not restoring %s: %s", record.id, exc.message)
                     continue
+                for alias in record.aliases:
+                    self._aliases.setdefault(alias, record.id)
             try:
                 record.spec = self.normalize(spec)
                 record.key = spec_key(record.spec)
@@ -228,6 +234,28 @@ class Registry:
             record.leases = 0
             self._transition(record, State.FAILED, error=failure)
 
+    def _resolve(self, name: str) -> str:
+        """The model id `name` stands for (lock held): itself, unless it is an alias."""
+        return name if name in self._records else self._aliases.get(name, name)
+
+    def _alias(self, name: str, record: ModelRecord) -> None:
+        """`name` now answers with `record` (lock held): a POST of its spec named so."""
+        self._aliases[name] = record.id
+        record.aliases.append(name)
+        log.info("model %s: %s is now an alias of it (the same load spec)", record.id, name)
+        if self._persistence is not None:
+            self._persistence.rewrite(record)
+        self._notify(record, record.state, record.state)
+
+    def _drop_alias(self, name: str) -> None:
+        """Forget an alias (lock held); the model stays under its id and other names."""
+        record = self._records.get(self._aliases.pop(name))
+        if record is not None and name in record.aliases:
+            record.aliases.remove(name)
+            if self._persistence is not None:
+                self._persistence.rewrite(record)
+            self._notify(record, record.state, record.state)
+
     def _existing(
         self, model_id: str, key: str, *, named: bool, pin: bool = False
     ) -> ModelRecord | None:
@@ -241,7 +269,7 @@ class Registry:
                     existing.spec = existing.spec.model_copy(update={"pinned": True})
                     log.info("model %s pinned: never evicted", existing.id)
                     if self._persistence is not None:
-                        self._persistence.pin(existing)
+                        self._persistence.rewrite(existing)
                     self._notify(existing, existing.state, existing.state)
             return existing
 
@@ -334,7 +362,9 @@ class Registry:
             self._release(victim, None)
 
     def _find(self, model_id: str, key: str, *, named: bool) -> ModelRecord | None:
-        current = self._records.get(model_id)
+        """The active record of this name (or alias) and spec; else one of the same spec,
+        under another name: one copy per spec, the new name becomes its alias."""
+        current = self._records.get(self._resolve(model_id))
         if named and current is not None and current.state in ACTIVE and current.key != key:
             raise NameTaken(
                 f"The name {model_id!r} is held by a different load spec. Pick another name "
@@ -342,11 +372,10 @@ class Registry:
             )
         if current is not None and current.state in ACTIVE:
             return current
-        if not named:
-            return next(
-                (r for r in self._records.values() if r.key == key and r.state in ACTIVE), None
-            )
-        return None
+        same = next((r for r in self._records.values() if r.key == key and r.state in ACTIVE), None)
+        if same is not None and named:
+            self._alias(model_id, same)
+        return same
 
     def _run(self, record: ModelRecord, token: str | None) -> None:
         with self._lock:
@@ -443,6 +472,9 @@ class Registry:
         cancelled (also to a concurrent second request), None once the model is gone.
         Blocking: call it from a worker thread."""
         with self._lock:
+            if model_id not in self._records and model_id in self._aliases:
+                self._drop_alias(model_id)  # the name goes; the model stays for the others
+                return None
             record = self.get(model_id)
             if record.state in (State.UNLOADING, State.CANCELLED):
                 return record
@@ -490,6 +522,7 @@ class Registry:
         """Run `take` (grant a lease) while `model_id` is ready and shareable, atomically
         with unloads; the model counts as used. Returns `take`'s result and the handle."""
         with self._lock:
+            model_id = self._resolve(model_id)
             result, handle = self.while_lendable(model_id, take)
             record = self.get(model_id)
             record.leases = self._leases.count(model_id)
@@ -548,6 +581,8 @@ class Registry:
         current = self._records.get(record.id) is record
         if target == State.GONE and current:
             del self._records[record.id]
+            for alias in record.aliases:
+                self._aliases.pop(alias, None)
         log.info("model %s: %s -> %s", record.id, previous.value, target.value)
         # Write through; a superseded record (same id, a newer load) never touches the row.
         if self._persistence is not None and current:

@@ -58,6 +58,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # The fingerprint of the API key that took a lease (never the key): the per-key cap
     # (BASEHOLD_MAX_LEASES_PER_KEY) counts restored leases too.
     2: ("ALTER TABLE leases ADD COLUMN key_fingerprint TEXT",),
+    # Other names a model answers to: a POST of a held spec under a new name (JSON list).
+    3: ("ALTER TABLE models ADD COLUMN aliases TEXT NOT NULL DEFAULT '[]'",),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -75,6 +77,7 @@ class ModelRow:
     state: str
     queued_at: datetime
     last_used_at: datetime
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,9 @@ def _model_row(r: tuple[Any, ...]) -> ModelRow:
     spec = json.loads(r[2])
     if not isinstance(spec, dict):
         raise ValueError("the spec is not a JSON object")
+    aliases = json.loads(r[7])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        raise ValueError("the aliases are not a JSON list of names")
     return ModelRow(
         id=str(r[0]),
         name=r[1],
@@ -184,6 +190,7 @@ def _model_row(r: tuple[Any, ...]) -> ModelRow:
         state=str(r[4]),
         queued_at=_aware(r[5]),
         last_used_at=_aware(r[6]),
+        aliases=tuple(aliases),
     )
 
 
@@ -269,11 +276,11 @@ class StateDB:
     def put_model(self, row: ModelRow) -> None:
         self._write(
             (
-                "INSERT INTO models (id, name, spec, spec_key, state, queued_at, last_used_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET name=excluded.name, "
-                "spec=excluded.spec, spec_key=excluded.spec_key, state=excluded.state, "
-                "queued_at=excluded.queued_at, "
-                "last_used_at=excluded.last_used_at",
+                "INSERT INTO models (id, name, spec, spec_key, state, queued_at, last_used_at, "
+                "aliases) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "name=excluded.name, spec=excluded.spec, spec_key=excluded.spec_key, "
+                "state=excluded.state, queued_at=excluded.queued_at, "
+                "last_used_at=excluded.last_used_at, aliases=excluded.aliases",
                 (
                     row.id,
                     row.name,
@@ -282,6 +289,7 @@ class StateDB:
                     row.state,
                     row.queued_at.isoformat(),
                     row.last_used_at.isoformat(),
+                    json.dumps(list(row.aliases)),
                 ),
             )
         )
@@ -301,8 +309,8 @@ class StateDB:
         """Most recently used first. A row that cannot be read is moved aside."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT id, name, spec, spec_key, state, queued_at, last_used_at FROM models "
-                "ORDER BY last_used_at DESC"
+                "SELECT id, name, spec, spec_key, state, queued_at, last_used_at, aliases "
+                "FROM models ORDER BY last_used_at DESC"
             ).fetchall()
         return self._readable("models", rows, _model_row)
 

@@ -145,11 +145,11 @@ def test_an_unreadable_row_is_moved_aside_and_the_rest_is_read(
     conn = sqlite3.connect(tmp_path / FILENAME)
     with conn:
         conn.execute(
-            "INSERT INTO models VALUES ('bad', 'bad', '{not json', 'k', 'ready', ?, ?)",
+            "INSERT INTO models VALUES ('bad', 'bad', '{not json', 'k', 'ready', ?, ?, '[]')",
             (NOW.isoformat(), NOW.isoformat()),
         )
         conn.execute(
-            "INSERT INTO models VALUES ('list', 'list', '[1]', 'k', 'ready', ?, ?)",
+            "INSERT INTO models VALUES ('list', 'list', '[1]', 'k', 'ready', ?, ?, '[]')",
             (NOW.isoformat(), NOW.isoformat()),
         )
         conn.execute(
