@@ -1,5 +1,9 @@
-"""Worker side: turn a handle into an nn.Module whose base weights are the arena's pages
-(mapped copy-on-write: an in-place write stays this worker's own).
+"""Worker side: turn a handle into an nn.Module whose base weights are the service's memory,
+shared, and whose writes stay this worker's own: host tensors are pages of the arena
+mapped MAP_PRIVATE (the kernel copies a page on its first write); device segments are
+mapped read-only where the driver allows and their tensors are bound as copy-on-write
+parameters (`service.worker.copy_on_write`: a write copies that tensor first).
+`model.basehold_segments` says, per segment, whether its mapping is read-only.
 
 The skeleton is built from the config on the `meta` device (no memory), 4-bit linears are
 swapped for bitsandbytes modules holding the arena's packed weights and QuantState, every
@@ -12,6 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import transformers
@@ -20,10 +25,16 @@ from transformers import AutoConfig
 
 from service.common.handles.arena import map_copy_on_write, segment_view, views
 from service.common.handles.descriptor import Handle, Quant4Module
-from service.common.handles.devices import CUDA, DeviceSegments, SegmentUnavailable
+from service.common.handles.devices import (
+    CUDA,
+    DeviceSegments,
+    SegmentUnavailable,
+    mapped_read_only,
+)
 from service.common.handles.repack import disable_cpu_repack
 from service.common.socket_protocol import ArenaRefused
 from service.worker import hf_meta
+from service.worker.copy_on_write import protect_buffer, protect_parameter
 from service.worker.socket import receive_fds
 
 SUPPORTED_VERSION = 5
@@ -106,10 +117,12 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def _arena(
     handle: Handle, mapping: mmap.mmap, devices: DeviceSegments, segment_fds: Sequence[int]
-) -> dict[str, torch.Tensor]:
-    """Every entry as a tensor: views of the mapped file and of the opened device segments."""
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Every entry as a tensor (views of the mapped file and of the opened device
+    segments), and how each segment was mapped."""
     in_file = [e for e in handle.entries if e.segment is None]
     arena = views(mapping, in_file, handle.arena.data_start)
+    opened: list[dict[str, Any]] = []
     for segment in handle.segments:
         if not 1 <= segment.fd_index <= len(segment_fds):
             raise AttachError(
@@ -120,10 +133,17 @@ def _arena(
             base = devices.open(segment, segment_fds[segment.fd_index - 1])
         except SegmentUnavailable as exc:
             raise AttachError(str(exc)) from exc
+        opened.append(
+            {
+                "name": segment.name,
+                "device_uuid": segment.device_uuid,
+                "read_only": mapped_read_only(base),
+            }
+        )
         for entry in handle.entries:
             if entry.segment == segment.name:
                 arena[entry.name] = segment_view(base, entry)
-    return arena
+    return arena, opened
 
 
 def build(
@@ -132,7 +152,8 @@ def build(
     devices: DeviceSegments = CUDA,
     segment_fds: Sequence[int] = (),
 ) -> nn.Module:
-    arena = _arena(handle, mapping, devices, segment_fds)
+    arena, opened = _arena(handle, mapping, devices, segment_fds)
+    on_segment = {e.name for e in handle.entries if e.segment is not None}
     model = _skeleton(handle)
     by_entry = {name: entry for name, entry in handle.parameters.items()}
     for spec in handle.quant4:
@@ -146,12 +167,20 @@ def build(
         if name in quant_weights:
             continue
         if entry not in shared:
-            shared[entry] = nn.Parameter(arena[entry], requires_grad=False)
+            # Segment tensors are copy-on-write per tensor (the mapping may be read-only);
+            # file tensors need nothing: their pages are private on write.
+            shared[entry] = (
+                protect_parameter(arena[entry])
+                if entry in on_segment
+                else nn.Parameter(arena[entry], requires_grad=False)
+            )
         owner, _, leaf = name.rpartition(".")
         modules[owner]._parameters[leaf] = shared[entry]
     for name, entry in handle.buffers.items():
         owner, _, leaf = name.rpartition(".")
-        modules[owner]._buffers[leaf] = arena[entry]
+        modules[owner]._buffers[leaf] = (
+            protect_buffer(arena[entry]) if entry in on_segment else arena[entry]
+        )
     left = [
         n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"
     ]
@@ -160,6 +189,7 @@ def build(
     disable_cpu_repack(model)
     hf_meta.apply(model, handle)
     model.basehold_provenance = handle.provenance.model_dump()  # type: ignore[assignment]
+    model.basehold_segments = opened  # type: ignore[assignment]
     model.eval()
     model.requires_grad_(False)
     return model
@@ -189,8 +219,8 @@ def attach_fd(
     segment_fds: Sequence[int] = (),
 ) -> nn.Module:
     """Map the arena `fd` copy-on-write, open the device segments from `segment_fds` (in
-    `fd_index` order), build the model. The caller keeps the fds (close them once attached:
-    the mappings stay valid)."""
+    `fd_index` order, read-only where possible), build the model. The caller keeps the
+    fds (close them once attached: the mappings stay valid)."""
     handle = _validated(handle, devices)
     try:
         mapping = map_copy_on_write(fd)

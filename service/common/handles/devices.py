@@ -12,10 +12,15 @@ protocol (tests/common/handles/host_segments.py): the same fds travel the same w
 Lifetime: the service closes its fd when the model is unloaded, or, when revoked leases
 may still be reading it, once their TTL (or the grace after a release) has run out; a
 worker's mapping keeps the memory valid until it unmaps.
+
+Workers map segments read-only where the driver allows (`open(..., read_only=True)`), and
+attach binds the base's tensors as copy-on-write parameters
+(`service.worker.copy_on_write`), so a merge writes into the worker's own copy.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Protocol
@@ -28,6 +33,8 @@ from service.common.torch_cuda import TorchCuda
 # Segment entries start on this boundary: what the CUDA caching allocator gives a fresh
 # tensor, so vectorised kernels see the alignment they expect.
 DEVICE_ALIGN = 512
+
+log = logging.getLogger("basehold.segments")
 
 
 class SegmentUnavailable(RuntimeError):
@@ -55,12 +62,23 @@ class DeviceSegments(Protocol):
         caller owns the fd)."""
         ...
 
-    def open(self, segment: DeviceSegment, fd: int) -> torch.Tensor:
+    def open(self, segment: DeviceSegment, fd: int, read_only: bool = True) -> torch.Tensor:
         """Worker side: the segment behind `fd` as a flat uint8 tensor on this process's
-        device (the caller keeps `fd`; the tensor keeps the memory)."""
+        device (the caller keeps `fd`; the tensor keeps the memory), mapped read-only where
+        possible; `mapped_read_only(tensor)` says whether it is."""
         ...
 
     def empty_cache(self) -> None: ...
+
+
+READ_ONLY = "basehold_read_only"  # set by `open` on the tensor it returns
+
+
+def mapped_read_only(opened: torch.Tensor) -> bool:
+    """Whether a segment tensor from `DeviceSegments.open` is a read-only mapping (a
+    write through it faults) rather than a read-write one (a write would change the
+    service's base for every worker)."""
+    return bool(getattr(opened, READ_ONLY, False))
 
 
 def _torch_uuids() -> list[str]:
@@ -129,14 +147,24 @@ class CudaSegments:
             f"{len(uuids)} GPU(s) visible). Run the worker on the same node with that GPU visible."
         )
 
-    def open(self, segment: DeviceSegment, fd: int) -> torch.Tensor:
+    def open(self, segment: DeviceSegment, fd: int, read_only: bool = True) -> torch.Tensor:
         from service.common.handles import vmm
 
         index = self.local_index(segment)
         try:
-            return vmm.import_fd(fd, index, segment.size).tensor()
+            mapping = vmm.import_fd(fd, index, segment.size, read_only=read_only)
         except vmm.VmmUnavailable as exc:
             raise SegmentUnavailable(f"the segment {segment.name} cannot be mapped: {exc}") from exc
+        if read_only and not mapping.read_only:
+            log.warning(
+                "the driver refused a read-only mapping of %s (%s): mapped read-write; "
+                "the worker's copy-on-write parameters still keep merges off it",
+                segment.name,
+                mapping.read_only_refused,
+            )
+        opened = mapping.tensor()
+        setattr(opened, READ_ONLY, mapping.read_only)
+        return opened
 
     def empty_cache(self) -> None:
         TorchCuda().empty_cache()

@@ -5,10 +5,12 @@ CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR), maps it into its address space, copie
 model's tensors in, and exports an fd with `cuMemExportToShareableHandle`. The fd travels
 over Unix sockets like the arena's memfd: to the service, which keeps it, and from there to
 leased workers, which import it (`cuMemImportFromShareableHandle`), map it on their own
-index of the same GPU (found by UUID) and wrap it as a tensor through
-`__cuda_array_interface__`, zero-copy. CUDA frees the memory once every mapping is unmapped
-and every handle and fd is released ("cuMemRelease"), so a segment outlives the loader
-that made it while the service holds its fd; unlike legacy CUDA IPC it needs no shared
+index of the same GPU (found by UUID) read-only where the driver allows
+(CU_MEM_ACCESS_FLAGS_PROT_READ, as NVIDIA's GPU memory service maps its read-only clients)
+and wrap it as a tensor through `__cuda_array_interface__`, zero-copy. CUDA frees the
+memory once every mapping is unmapped and every handle and fd is released
+("cuMemRelease"), so a segment outlives the loader that made it while the service holds
+its fd; unlike legacy CUDA IPC it needs no shared
 /dev/shm, no exporting process alive, no common torch build, and opens in another PID
 namespace. The driver calls go through NVIDIA's cuda-bindings (`pip install
 cuda-bindings`), imported only when a GPU segment is made or opened.
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 _FD_HANDLE = "CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR"
 _init_lock = threading.Lock()
+_primary: dict[int, Any] = {}  # device index -> its retained primary context
 
 
 class VmmUnavailable(RuntimeError):
@@ -54,18 +58,37 @@ def _check(result: Any, call: str) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _use_device(index: int) -> None:
-    """Make the device's primary context (the one torch uses) current in this thread."""
+def _primary_context(index: int) -> Any:
+    """The device's primary context (the one torch uses), retained once per process: a
+    retain per call would only raise its reference count."""
     driver = _driver()
     with _init_lock:
+        if index in _primary:
+            return _primary[index]
         try:
             result = driver.cuInit(0)
         except Exception as exc:  # no driver library at all (cuda-pathfinder raises)
             raise VmmUnavailable(f"the NVIDIA driver cannot be loaded: {exc}") from exc
         _check(result, "cuInit")
-    device = _check(driver.cuDeviceGet(index), "cuDeviceGet")
-    context = _check(driver.cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")
+        device = _check(driver.cuDeviceGet(index), "cuDeviceGet")
+        context = _check(driver.cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")
+        _primary[index] = context
+        return context
+
+
+@contextlib.contextmanager
+def _use_device(index: int) -> Iterator[None]:
+    """Make the device's primary context current in this thread for the block, then
+    restore whatever context the caller had current (a worker's torch may be on another
+    device: changing it under its feet would send its next kernels there)."""
+    context = _primary_context(index)
+    driver = _driver()
+    previous = _check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
     _check(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
+    try:
+        yield
+    finally:
+        driver.cuCtxSetCurrent(previous)
 
 
 def _prop(index: int) -> Any:
@@ -85,28 +108,40 @@ def granularity(index: int) -> int:
 
 
 class Mapping:
-    """One VMM allocation mapped read-write on one device in this process. Dropping the
-    last tensor over it unmaps it and releases this process's handle."""
+    """One VMM allocation mapped on one device in this process: read-write for the loader
+    that fills it, read-only (CU_MEM_ACCESS_FLAGS_PROT_READ) for a worker where the driver
+    accepts it, so a stray write faults in that worker instead of changing the base under
+    every other one. `read_only` says what was granted; `read_only_refused` why a
+    read-only request fell back to read-write. Dropping the last tensor over it unmaps it
+    and releases this process's handle."""
 
-    def __init__(self, handle: int, index: int, size: int) -> None:
+    def __init__(self, handle: int, index: int, size: int, read_only: bool = False) -> None:
         driver = _driver()
         self.handle, self.index, self.size = handle, index, size
         self.address = 0
+        self.read_only = False
+        self.read_only_refused: str | None = None
         try:
             address = _check(
                 driver.cuMemAddressReserve(size, granularity(index), 0, 0), "cuMemAddressReserve"
             )
             self.address = int(address)
             _check(driver.cuMemMap(self.address, size, 0, handle, 0), "cuMemMap")
-            access = driver.CUmemAccessDesc()
-            access.location.type = driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-            access.location.id = index
-            access.flags = driver.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-            _check(driver.cuMemSetAccess(self.address, size, [access], 1), "cuMemSetAccess")
+            flags = driver.CUmemAccess_flags
+            if read_only:
+                try:
+                    self._set_access(flags.CU_MEM_ACCESS_FLAGS_PROT_READ)
+                    self.read_only = True
+                except VmmUnavailable as exc:
+                    self.read_only_refused = str(exc)
+            if not self.read_only:
+                self._set_access(flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE)
         except BaseException:
             self.close()
             raise
-        # What torch.as_tensor reads (a 1-D uint8 array of the whole mapping).
+        # What torch.as_tensor reads (a 1-D uint8 array of the whole mapping). Its read-only
+        # flag stays False even for a PROT_READ mapping: torch refuses read-only arrays; the
+        # worker's copy-on-write parameters keep writes away from it instead.
         self.__cuda_array_interface__ = {
             "shape": (size,),
             "typestr": "|u1",
@@ -116,6 +151,14 @@ class Mapping:
             "stream": None,
         }
 
+    def _set_access(self, flags: Any) -> None:
+        driver = _driver()
+        access = driver.CUmemAccessDesc()
+        access.location.type = driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = self.index
+        access.flags = flags
+        _check(driver.cuMemSetAccess(self.address, self.size, [access], 1), "cuMemSetAccess")
+
     def export(self) -> int:
         """A new POSIX fd of the allocation (the caller owns it)."""
         driver = _driver()
@@ -123,10 +166,14 @@ class Mapping:
         return int(_check(driver.cuMemExportToShareableHandle(self.handle, kind, 0), "export"))
 
     def close(self) -> None:
+        """Unmap and release. Kernels still queued on the device may read the mapping:
+        the context is synchronized first (unmapping under them is an illegal address)."""
         driver = _driver()
         if self.address:
-            driver.cuMemUnmap(self.address, self.size)
-            driver.cuMemAddressFree(self.address, self.size)
+            with _use_device(self.index):
+                driver.cuCtxSynchronize()
+                driver.cuMemUnmap(self.address, self.size)
+                driver.cuMemAddressFree(self.address, self.size)
             self.address = 0
         if self.handle:
             driver.cuMemRelease(self.handle)
@@ -143,19 +190,21 @@ class Mapping:
 
 
 def create(index: int, nbytes: int) -> Mapping:
-    """A new exportable allocation of at least `nbytes` on CUDA device `index`."""
-    _use_device(index)
-    driver = _driver()
-    step = granularity(index)
-    size = max(step, -(-nbytes // step) * step)
-    handle = _check(driver.cuMemCreate(size, _prop(index), 0), "cuMemCreate")
-    return Mapping(int(handle), index, size)
+    """A new exportable allocation of at least `nbytes` on CUDA device `index`, mapped
+    read-write (the loader copies the model in)."""
+    with _use_device(index):
+        driver = _driver()
+        step = granularity(index)
+        size = max(step, -(-nbytes // step) * step)
+        handle = _check(driver.cuMemCreate(size, _prop(index), 0), "cuMemCreate")
+        return Mapping(int(handle), index, size)
 
 
-def import_fd(fd: int, index: int, size: int) -> Mapping:
-    """Map the allocation behind `fd` on device `index` (the caller keeps `fd`)."""
-    _use_device(index)
-    driver = _driver()
-    kind = getattr(driver.CUmemAllocationHandleType, _FD_HANDLE)
-    handle = _check(driver.cuMemImportFromShareableHandle(fd, kind), "import")
-    return Mapping(int(handle), index, size)
+def import_fd(fd: int, index: int, size: int, read_only: bool = True) -> Mapping:
+    """Map the allocation behind `fd` on device `index` (the caller keeps `fd`); with
+    `read_only`, PROT_READ where the driver grants it (`Mapping.read_only` says)."""
+    with _use_device(index):
+        driver = _driver()
+        kind = getattr(driver.CUmemAllocationHandleType, _FD_HANDLE)
+        handle = _check(driver.cuMemImportFromShareableHandle(fd, kind), "import")
+        return Mapping(int(handle), index, size, read_only=read_only)

@@ -5,8 +5,11 @@ It claims CPU tensors, so a whole model goes through the device-segment path (la
 copy, rebind, descriptor, the fds the loader hands the service and the service hands
 workers, worker build, lifetime, the forward guard). A segment is a memfd in shared host
 memory, lent as its fd exactly as a CUDA VMM allocation is lent as its exported POSIX fd;
-like a VMM mapping it is writable and lives while any fd or mapping of it does. Only the
-CUDA calls themselves are left to a real GPU (bench/gpu_check.py on a device).
+like a VMM allocation it lives while any fd or mapping of it does, the loader maps it
+read-write and a worker read-only (PROT_READ, as the worker's CU_MEM_ACCESS_FLAGS_PROT_READ
+mapping on a GPU): a write that reaches it kills the worker with SIGSEGV, as it would
+fault a GPU worker's CUDA context. Only the CUDA calls themselves are left to a real GPU
+(bench/gpu_check.py on a device).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import weakref
 import torch
 
 from service.common.handles.descriptor import DeviceSegment
-from service.common.handles.devices import SegmentUnavailable
+from service.common.handles.devices import READ_ONLY, SegmentUnavailable
 
 STAND_IN_UUID = "GPU-host-stand-in"
 
@@ -68,14 +71,17 @@ class HostSegments:
         )
         return described, os.dup(fd)
 
-    def open(self, segment: DeviceSegment, fd: int) -> torch.Tensor:
+    def open(self, segment: DeviceSegment, fd: int, read_only: bool = True) -> torch.Tensor:
+        protection = mmap.PROT_READ if read_only else mmap.PROT_READ | mmap.PROT_WRITE
         try:
-            mapping = mmap.mmap(fd, segment.size, mmap.MAP_SHARED)
+            mapping = mmap.mmap(fd, segment.size, mmap.MAP_SHARED, protection)
         except (OSError, ValueError) as exc:
             raise SegmentUnavailable(
                 f"the stand-in segment {segment.name} cannot be mapped: {exc}"
             ) from exc
-        return _tensor_over(mapping)
+        opened = _tensor_over(mapping)
+        setattr(opened, READ_ONLY, read_only)
+        return opened
 
     def empty_cache(self) -> None:
         self.emptied += 1

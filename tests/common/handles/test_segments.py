@@ -74,6 +74,7 @@ def test_model_moves_into_one_segment_and_attaches(models_root: Path, kind: str)
     assert segments.emptied == 1
 
     worker: Any = attach_fd(handle, shared.fd, segments, shared.segment_fds)
+    assert [s["read_only"] for s in worker.basehold_segments] == [True]  # stand-in: PROT_READ
     with torch.no_grad():
         assert torch.equal(worker(TOKENS).logits, before)
     # The worker opened the segment itself (its own mapping of the same memory): every
