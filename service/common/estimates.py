@@ -28,11 +28,13 @@ class Download:
 class Estimate:
     """What a load will take (from `service.loader.estimate`, run in a loader process)."""
 
-    total_bytes: int
-    by_device: dict[str, int]
+    total_bytes: int  # the model's own bytes
+    by_device: dict[str, int]  # what the load peaks at on each device (admission uses it)
     largest_layer_bytes: int
     download: Download | None = None  # hub sources with files to fetch
     pin: HubPin | None = None  # hub sources: the snapshot priced, which the load downloads
+    # Included in by_device: what placing the model in device segments adds on its GPU.
+    placing_bytes: int = 0
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -41,6 +43,7 @@ class Estimate:
             "largest_layer_bytes": self.largest_layer_bytes,
             "download": None if self.download is None else vars(self.download),
             "pin": None if self.pin is None else self.pin.model_dump(mode="json"),
+            "placing_bytes": self.placing_bytes,
         }
 
     @classmethod
@@ -52,4 +55,5 @@ class Estimate:
             largest_layer_bytes=int(data["largest_layer_bytes"]),
             download=None if download is None else Download.from_json(download),
             pin=None if pin is None else HubPin.model_validate(pin),
+            placing_bytes=int(data.get("placing_bytes", 0)),
         )

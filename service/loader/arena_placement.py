@@ -23,10 +23,12 @@ log = logging.getLogger("basehold.handles")
 
 
 class ArenaPlacement:
-    """In the loader: one sealed memfd arena per model plus one device segment per GPU the
-    model lives on; models that cannot be shared stay in private memory with the reason
-    recorded. The loader passes the fds up to the service (`Shared.fds`), which keeps
-    them and lends copies to workers over `socket` (see `handles.fdpass`)."""
+    """In the loader: one sealed memfd arena per model plus the device segments of the GPU
+    the model lives on (several, filled one after another: `service.loader.segment_fill`);
+    models that cannot be shared (a segment that cannot be made or exported included) stay
+    in private memory with the reason recorded. The loader passes the fds up to the
+    service (`Shared.fds`), which keeps them and lends copies to workers over `socket` (see
+    `handles.fdpass`)."""
 
     def __init__(self, socket: Path, devices: DeviceSegments = CUDA) -> None:
         self.socket = socket

@@ -1,4 +1,6 @@
 """How much memory a load will take, from the config alone (meta device, no weights read).
+A model lent from a GPU is priced at its peak there: the model plus the one device segment
+being filled while it is placed (`service.loader.segment_chunks`).
 
 The model is built on the `meta` device with accelerate's `init_empty_weights`; each tensor
 is priced at the dtype it will have, bitsandbytes-quantized linears at their packed size
@@ -23,8 +25,10 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from service.common.cuda import CudaProbe
 from service.common.estimates import Estimate
+from service.common.handles.devices import DEVICE_ALIGN
 from service.common.load.device_map import accelerate_max_memory
 from service.common.load.spec import DType, LoadRequest, QuantMethod, Task
+from service.loader import segment_chunks
 from service.loader.tasks import auto_class
 
 _BLOCK = 64  # bitsandbytes 4-bit blocksize
@@ -166,7 +170,28 @@ def estimate_model(model: nn.Module, spec: LoadRequest, cuda: CudaProbe) -> Esti
         ),
         default=max(prices.values(), default=0),
     )
-    return Estimate(sum(prices.values()), by_device, largest)
+    placing = _placing_bytes(model, spec, prices, by_device)
+    if placing:
+        [device] = by_device
+        by_device[device] += placing
+    return Estimate(sum(prices.values()), by_device, largest, placing_bytes=placing)
+
+
+def _placing_bytes(
+    model: nn.Module, spec: LoadRequest, prices: dict[str, int], by_device: dict[str, int]
+) -> int:
+    """What moving the loaded model into device segments adds to its GPU's peak (one
+    segment being filled: `service.loader.segment_chunks`). Only a model that will be lent
+    is moved: all on one GPU, no 8-bit weights, no remote code (`service.loader.share`)."""
+    [*devices] = by_device
+    if len(devices) != 1 or not devices[0].startswith("cuda"):
+        return 0
+    quant = spec.quantization
+    if (quant is not None and quant.method == QuantMethod.BNB_8BIT) or getattr(
+        getattr(model, "config", None), "auto_map", None
+    ):
+        return 0
+    return segment_chunks.placing_bytes(list(prices.items()), DEVICE_ALIGN)
 
 
 def estimate(spec: LoadRequest, config: PretrainedConfig, task: Task, cuda: CudaProbe) -> Estimate:

@@ -12,32 +12,23 @@ from typing import Any
 
 import torch
 
-from service.common.handles.arena import (
-    DTYPE_CODES,
-    Arena,
-    map_shared,
-    plan_entries,
-    segment_view,
-    views,
-    write_arena,
-)
+from service.common.handles import bindings
+from service.common.handles.arena import DTYPE_CODES, Arena, map_shared, views, write_arena
 from service.common.handles.descriptor import (
-    ArenaEntry,
     ArenaInfo,
-    DeviceSegment,
     Handle,
     Provenance,
     Quant4Module,
     Quant4State,
 )
-from service.common.handles.devices import CUDA, DEVICE_ALIGN, DeviceSegments
+from service.common.handles.devices import CUDA, DeviceSegments
 from service.common.handles.repack import disable_cpu_repack
+from service.loader import rebind, segment_fill
+from service.loader.shareable import NotShareableModel
+
+__all__ = ["NotShareableModel", "Shared", "share"]
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-class NotShareableModel(Exception):
-    """Why a model stays private (the reason shows in ModelStatus.shareable_reason)."""
 
 
 @dataclass
@@ -81,6 +72,12 @@ def _check(model: Any, devices: DeviceSegments) -> None:
             'device_map "cuda:N" or "cpu" to lend it to workers'
         )
     if any(devices.claims(d) for d in seen) and (reason := devices.unavailable()) is not None:
+        raise NotShareableModel(reason)
+    # cuda-bindings of a newer CUDA major than the driver's fail inside the VMM calls: say
+    # which package to install before any segment is made.
+    if any(d.type == "cuda" and devices.claims(d) for d in seen) and (
+        reason := bindings.mismatch()
+    ):
         raise NotShareableModel(reason)
     for name, module in model.named_modules():
         if type(module).__name__ == "Linear8bitLt":
@@ -147,59 +144,11 @@ class Shared:
             os.close(fd)
 
 
-def _fill_segments(
-    tensors: dict[str, torch.Tensor], devices: DeviceSegments, fds: list[int]
-) -> tuple[list[ArenaEntry], list[DeviceSegment], list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Copy every claimed tensor into one allocation per device and publish it (its fd is
-    appended to `fds`, which the caller owns, also when this raises)."""
-    by_device: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        by_device.setdefault(str(tensor.device), {})[name] = tensor
-    entries: list[ArenaEntry] = []
-    described: list[DeviceSegment] = []
-    segments: list[torch.Tensor] = []
-    bound: dict[str, torch.Tensor] = {}
-    for device, group in by_device.items():
-        planned = plan_entries(group.items(), align=DEVICE_ALIGN, segment=device)
-        size = max((e.offset + e.nbytes for e in planned), default=0)
-        try:
-            segment = devices.allocate(torch.device(device), size)
-        except torch.OutOfMemoryError as exc:
-            raise NotShareableModel(
-                f"{device} had no room for the shareable copy ({size / 2**30:.2f} GiB more for "
-                "a moment while placing); free memory on it and load again to lend the model"
-            ) from exc
-        for entry in planned:
-            target = segment_view(segment, entry)
-            target.copy_(group[entry.name])
-            bound[entry.name] = target
-        segment_info, fd = devices.publish(device, segment, fd_index=len(fds) + 1)
-        fds.append(fd)
-        described.append(segment_info)
-        entries.extend(planned)
-        segments.append(segment)
-    return entries, described, segments, bound
-
-
-def _rebind(model: Any, handle: Handle, arena: dict[str, torch.Tensor]) -> None:
-    """Point the loader's model at the arena; the private copies are then freed."""
-    modules = dict(model.named_modules())
-    for name, entry in handle.parameters.items():
-        owner, _, leaf = name.rpartition(".")
-        param = modules[owner]._parameters[leaf]
-        assert param is not None
-        param.data = arena[entry]
-    for name, entry in handle.buffers.items():
-        owner, _, leaf = name.rpartition(".")
-        modules[owner]._buffers[leaf] = arena[entry]
-    for quant in handle.quant4:
-        state = modules[quant.module].weight.quant_state
-        state.absmax = arena[quant.state.absmax]
-        state.code = arena[quant.state.code]
-        if quant.state.offset is not None:
-            state.offset = arena[quant.state.offset]
-            state.state2.absmax = arena[quant.state.nested_absmax or ""]
-            state.state2.code = arena[quant.state.nested_code or ""]
+def _rebind(sites: dict[str, list[rebind.Setter]], arena: dict[str, torch.Tensor]) -> None:
+    """Point the loader's model at the arena file; the private copies are then freed (device
+    tensors were re-pointed as they moved into their segments)."""
+    for entry, view in arena.items():
+        rebind.bind(sites, entry, view)
 
 
 def _public_config(model: Any) -> dict[str, Any]:
@@ -235,14 +184,20 @@ def share(
     quant4 = [
         _quant4(plan, n, m) for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"
     ]
-    claimed = {n: t for n, t in plan.tensors.items() if devices.claims(t.device)}
-    host = {n: t for n, t in plan.tensors.items() if n not in claimed}
+    sites = rebind.sites(model, parameters, buffers, quant4)
+    # The plan must not keep the device tensors alive: each is freed as it is moved.
+    claimed = {
+        n: plan.tensors.pop(n) for n in list(plan.tensors) if devices.claims(plan.tensors[n].device)
+    }
+    host = plan.tensors
     arena = write_arena(name or model_id, host)
     # From here the arena's and segments' fds are ours until `Shared` hands them to the
     # caller: every error path closes them (a leaked memfd holds a whole model of memory).
     segment_fds: list[int] = []
     try:
-        device_entries, described, segments, bound = _fill_segments(claimed, devices, segment_fds)
+        filled = segment_fill.fill(
+            claimed, devices, segment_fds, lambda entry, view: rebind.bind(sites, entry, view)
+        )
         mapping = map_shared(arena.fd)
         handle = Handle(
             model_id=model_id,
@@ -250,8 +205,8 @@ def share(
                 socket=socket, name=arena.name, size=arena.size, data_start=arena.data_start
             ),
             socket_uid=os.getuid(),
-            segments=described,
-            entries=[*arena.entries, *device_entries],
+            segments=filled.described,
+            entries=[*arena.entries, *filled.entries],
             parameters=parameters,
             buffers=buffers,
             quant4=quant4,
@@ -260,15 +215,15 @@ def share(
             dtype=DTYPE_NAMES.get(model.dtype, "float32"),
             provenance=provenance or Provenance(source=model_id),
             torch_version=torch.__version__,
-            ipc_format=devices.ipc_format if described else None,
+            ipc_format=devices.ipc_format if filled.described else None,
             generation_config=_generation_config(model),
         )
-        del plan, claimed, host
-        _rebind(model, handle, {**views(mapping, arena.entries, arena.data_start), **bound})
+        del plan, host
+        _rebind(sites, views(mapping, arena.entries, arena.data_start))
         disable_cpu_repack(model)
-        if segments:
-            devices.empty_cache()  # the private copies the segments replaced
-        return Shared(handle, arena, mapping, segments, segment_fds)
+        if filled.segments:
+            devices.empty_cache()  # the last sources the segments replaced
+        return Shared(handle, arena, mapping, filled.segments, segment_fds)
     except BaseException:
         for fd in [arena.fd, *segment_fds]:
             os.close(fd)
