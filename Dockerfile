@@ -7,6 +7,9 @@
 #     -e BASEHOLD_API_KEYS='{"<admin key>": ["admin"], "<worker key>": ["worker"]}' \
 #     -v hf-cache:/var/cache/huggingface -v basehold-state:/var/lib/basehold basehold
 #
+# NVIDIA_VISIBLE_DEVICES=void: CUDA base images say `all`, which hands every GPU of the node
+# to any container of this image, outside the scheduler. A container sees the GPUs it asks
+# for (docker --gpus, compose's device reservation, nvidia.com/gpu or a DRA claim), no more.
 # BASE_IMAGE must provide python3 with venv. The default brings CUDA and a CUDA build of
 # torch; CI passes a local Debian base and a CPU torch wheel through docker/wheels/.
 # Few layers on purpose: each one is a full copy with the vfs storage driver CI uses.
@@ -23,6 +26,9 @@ RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; else PIP_CERT="/src$PIP_CERT"; e
 
 FROM ${BASE_IMAGE}
 ARG TORCH_SPEC="torch>=2.4,<2.15"
+# The CUDA major of BASE_IMAGE: cuda-bindings of that major (the gpu-cuN extra), never a
+# newer one, which a node's driver of this CUDA would refuse. Change both together.
+ARG CUDA_MAJOR=12
 ARG PIP_CERT=""
 ENV VIRTUAL_ENV=/opt/basehold \
     PATH=/opt/basehold/bin:$PATH \
@@ -31,7 +37,8 @@ ENV VIRTUAL_ENV=/opt/basehold \
     BASEHOLD_STATE_DIR=/var/lib/basehold/state \
     BASEHOLD_MODEL_ROOTS='["/models", "/var/lib/basehold/models"]' \
     BASEHOLD_SOCKET=/run/basehold/basehold.sock \
-    BASEHOLD_PORT=8000
+    BASEHOLD_PORT=8000 \
+    NVIDIA_VISIBLE_DEVICES=void
 # Metadata first: with the legacy builder + vfs, every later step copies the whole image.
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
@@ -49,7 +56,7 @@ RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; else PIP_CERT="/tmp/inputs$PIP_C
     && python3 -m venv --system-site-packages /opt/basehold \
     && pip install --no-cache-dir --quiet --find-links /tmp/inputs/docker/wheels "${TORCH_SPEC}" \
     && for wheel in /tmp/inputs/dist/*.whl; do \
-        pip install --no-cache-dir --quiet --find-links /tmp/inputs/docker/wheels "${wheel}[train,gpu]"; \
+        pip install --no-cache-dir --quiet --find-links /tmp/inputs/docker/wheels "${wheel}[train,gpu-cu${CUDA_MAJOR}]"; \
     done \
     && install -m 0755 /tmp/inputs/docker/entrypoint.sh /usr/local/bin/basehold-entrypoint \
     && install -D -m 0644 /tmp/inputs/docker/healthcheck.py /usr/local/lib/basehold/healthcheck.py \

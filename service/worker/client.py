@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
+from service.worker.gpu import GpuNotFound, VisibleGpus, check_segments, resolve, torch_gpus
 from service.worker.lease_state import (
     LeaseLost,
     LeaseState,
@@ -48,6 +49,7 @@ log = logging.getLogger("basehold.client")
 __all__ = [
     "BaseholdError",
     "Client",
+    "GpuNotFound",
     "LeaseLost",
     "LeaseState",
     "default_holder",
@@ -99,9 +101,20 @@ def default_holder() -> str:
 
 
 class Client:
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        *,
+        gpus: Callable[[], VisibleGpus] = torch_gpus,
+    ) -> None:
+        """`gpus`: the GPUs this process sees (default: torch's view); "this-gpu" in a
+        load request names the current one, and `attach` checks a model's segments are on
+        one of them."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self._gpus = gpus
 
     def close(self) -> None:
         self._http.close()
@@ -134,11 +147,11 @@ class Client:
 
     # -- models -------------------------------------------------------------------------
     def load(self, source: str, *, hf_token: str | None = None, **spec: Any) -> dict[str, Any]:
-        """POST /v1/models; returns the ModelStatus (use `wait` for ready)."""
+        """POST /v1/models; returns the ModelStatus (use `wait` for ready).
+        `device_map="this-gpu"` names the GPU this process sees (see `ensure`)."""
         headers = {"X-HF-Token": hf_token} if hf_token else None
-        result: dict[str, Any] = self._call(
-            "POST", "/v1/models", json={"source": source, **spec}, headers=headers
-        )
+        body = resolve({"source": source, **spec}, self._gpus)
+        result: dict[str, Any] = self._call("POST", "/v1/models", json=body, headers=headers)
         return result
 
     def ensure(
@@ -148,8 +161,13 @@ class Client:
         a dict). The service answers the model it already has for the same normalized
         spec, so jobs that ensure one spec at once cause one load. Waits until the model is
         ready (through a restart of the service) and returns its ModelStatus; raises
-        BaseholdError with the model's problem if the load failed."""
+        BaseholdError with the model's problem if the load failed.
+
+        `"device_map": "this-gpu"` (or as a device_map value, or a max_memory key) asks
+        for the GPU this process sees, by its UUID: a job the scheduler put on some GPU
+        gets its base held on that same GPU. Raises GpuNotFound if it sees none."""
         headers = {"X-HF-Token": hf_token} if hf_token else None
+        request = resolve(request, self._gpus)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -284,7 +302,8 @@ class Client:
         `model.basehold_lease` is the lease's state. If the lease is lost (revoked by a
         forced unload, expired), `on_lost="warn"` warns and lets training go on (on the
         CPU the mapped pages stay valid), `on_lost="raise"` makes the next forward raise
-        `LeaseLost`. On a GPU a lost lease always raises."""
+        `LeaseLost`. On a GPU a lost lease always raises; a model on a GPU this process
+        does not see raises GpuNotFound, naming both GPUs."""
         from service.common.handles.devices import CUDA
         from service.worker.attach import attach_handle
         from service.worker.moves import guard_moves
@@ -307,6 +326,9 @@ class Client:
         renewer.start()
         model: nn.Module | None = None
         try:
+            if devices is None and grant["handle"].get("segments"):
+                # Before mapping anything: name both GPUs, not a driver error.
+                check_segments(grant["handle"], self._gpus())
             model = attach_handle(grant["handle"], lease_id, secret, devices or CUDA)
             model.basehold_lease = lease  # type: ignore[assignment]
             guard_moves(model, model_id)

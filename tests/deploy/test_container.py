@@ -155,14 +155,17 @@ def test_probes_are_real_open_routes(routes: TestClient) -> None:
 
 
 def test_gpu_limit_and_socket_folder() -> None:
-    """The service's pod: a GPU and the socket folder mounted where the handles name it;
-    nothing else is shared with workers (no /dev/shm, no PID namespace): arenas and GPU
-    segments are fds passed over the socket."""
+    """The service's pod: a GPU (one device plugin GPU, or a DRA claim) and the socket folder
+    mounted where the handles name it; nothing else is shared with workers (no /dev/shm, no
+    PID namespace): arenas and GPU segments are fds passed over the socket."""
     for where, spec in pod_specs():
         service = next((c for c in containers(spec) if c["name"] == "basehold"), None)
         if service is None:
             continue  # a training job: test_training_job_finds_its_node_and_the_socket
-        assert service["resources"]["limits"]["nvidia.com/gpu"] == 1, where
+        resources = service["resources"]
+        assert resources.get("limits", {}).get("nvidia.com/gpu") == 1 or resources.get("claims"), (
+            where
+        )
         env = {e["name"]: e.get("value") for e in service["env"]}
         socket = Path(env["BASEHOLD_SOCKET"])
         for container in containers(spec):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from service.common.errors import InvalidSpec
 from service.common.load.spec import (
     CUDA_DEVICE,
     CUDA_INDEX,
+    CUDA_UUID,
     DEVICE_MAP_STRATEGIES,
+    GPU_UUID,
+    THIS_GPU,
     DeviceMap,
     MemorySize,
 )
@@ -17,15 +21,48 @@ from service.common.sizes import parse_size
 _PLACEMENT_STRATEGIES = {"auto", "balanced", "balanced_low_0", "sequential"}
 
 
-def _cuda_index(value: str | int, cuda_count: int, where: str) -> int:
+def _uuid_key(uuid: str) -> str:
+    """NVML writes "GPU-<uuid>", torch's device properties the bare UUID."""
+    return uuid.lower().removeprefix("gpu-")
+
+
+def _uuid_index(uuid: str, uuids: Sequence[str], cuda_count: int, where: str) -> int:
+    """The serving process's index of the GPU named `uuid` (`uuids`: its GPUs by index)."""
+    keys = [_uuid_key(known) for known in uuids]
+    if _uuid_key(uuid) in keys:
+        return keys.index(_uuid_key(uuid))
+    if uuids:
+        seen = ", ".join(f"cuda:{i} = {known}" for i, known in enumerate(uuids))
+        have = f"it sees {seen}"
+    elif cuda_count:
+        have = f"it sees {cuda_count} GPU(s) but not their UUIDs"
+    else:
+        have = "it sees no GPU"
+    raise InvalidSpec(
+        f"{where}: there is no GPU {uuid} on this node ({have}). Name a GPU that "
+        "`nvidia-smi -L` lists on the service's node, or load where that GPU is."
+    )
+
+
+def _cuda_index(value: str | int, cuda_count: int, where: str, uuids: Sequence[str] = ()) -> int:
     if isinstance(value, int):
         index = value
     elif CUDA_INDEX.match(value):
         index = int(value)
+    elif (by_uuid := CUDA_UUID.match(value) or GPU_UUID.match(value)) is not None:
+        return _uuid_index(by_uuid.group(by_uuid.lastindex or 0), uuids, cuda_count, where)
+    elif value == THIS_GPU:
+        raise InvalidSpec(
+            f"{where}: {THIS_GPU!r} is resolved by the basehold Client in the worker (to the "
+            "GPU its process sees); over HTTP name the GPU: 'cuda:GPU-<uuid>' or 'cuda:N'."
+        )
     else:
         match = CUDA_DEVICE.match(value)
         if match is None:
-            raise InvalidSpec(f"{where}: {value!r} is not a device. Use 'cpu', 'disk' or 'cuda:N'.")
+            raise InvalidSpec(
+                f"{where}: {value!r} is not a device. Use 'cpu', 'disk', 'cuda:N' or "
+                "'cuda:GPU-<uuid>'."
+            )
         index = int(match.group(1))
     if index >= cuda_count:
         have = f"{cuda_count} CUDA device(s)" if cuda_count else "no CUDA device"
@@ -33,11 +70,15 @@ def _cuda_index(value: str | int, cuda_count: int, where: str) -> int:
     return index
 
 
-def normalize_device_map(value: DeviceMap, offload: bool, cuda_count: int) -> DeviceMap:
+def normalize_device_map(
+    value: DeviceMap, offload: bool, cuda_count: int, uuids: Sequence[str] = ()
+) -> DeviceMap:
+    """`uuids`: the node's GPUs by this process's index, to resolve GPUs named by UUID
+    (one held model for `cuda:GPU-…` and the `cuda:N` it is)."""
     if isinstance(value, str):
         if value in DEVICE_MAP_STRATEGIES:
             return value
-        return f"cuda:{_cuda_index(value, cuda_count, 'device_map')}"
+        return f"cuda:{_cuda_index(value, cuda_count, 'device_map', uuids)}"
     if not value:
         raise InvalidSpec("device_map is an empty object; give module paths or a strategy.")
     normalized: dict[str, str | int] = {}
@@ -45,7 +86,7 @@ def normalize_device_map(value: DeviceMap, offload: bool, cuda_count: int) -> De
         if device in ("cpu", "disk"):
             normalized[module] = str(device)
         else:
-            index = _cuda_index(device, cuda_count, f"device_map[{module!r}]")
+            index = _cuda_index(device, cuda_count, f"device_map[{module!r}]", uuids)
             normalized[module] = f"cuda:{index}"
     if "disk" in normalized.values() and not offload:
         raise InvalidSpec("device_map puts modules on 'disk': set `offload: true` to allow it.")
@@ -53,7 +94,10 @@ def normalize_device_map(value: DeviceMap, offload: bool, cuda_count: int) -> De
 
 
 def normalize_max_memory(
-    value: dict[str, MemorySize] | None, device_map: DeviceMap, cuda_count: int
+    value: dict[str, MemorySize] | None,
+    device_map: DeviceMap,
+    cuda_count: int,
+    uuids: Sequence[str] = (),
 ) -> dict[str, MemorySize] | None:
     if value is None:
         return None
@@ -63,7 +107,10 @@ def normalize_max_memory(
         )
     normalized: dict[str, MemorySize] = {}
     for key, size in value.items():
-        name = key if key in ("cpu", "disk") else str(_cuda_index(key, cuda_count, "max_memory"))
+        if key in ("cpu", "disk"):
+            name = key
+        else:
+            name = str(_cuda_index(key, cuda_count, "max_memory", uuids))
         try:
             nbytes = parse_size(size)
         except (ValueError, TypeError, OverflowError) as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from service.common.cuda import CudaProbe
 from service.common.errors import InvalidSpec
 from service.common.load.device_map import normalize_device_map, normalize_max_memory
 from service.common.load.spec import (
@@ -27,6 +28,15 @@ class Devices:
     """What the placement can target on this node."""
 
     cuda_count: int
+    # Each GPU's UUID by index ("GPU-…"), to resolve devices named by UUID; empty when
+    # the probe does not say (a GPU named by UUID is then not found).
+    uuids: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, cuda: CudaProbe) -> Devices:
+        """What `cuda` (the serving process's view: NVML, CUDA_VISIBLE_DEVICES) sees."""
+        count = cuda.device_count()
+        return cls(cuda_count=count, uuids=tuple(cuda.uuids()) if count else ())
 
 
 def compute_dtype_default(spec: LoadRequest, devices: Devices) -> str:
@@ -90,8 +100,12 @@ def normalize(request: LoadRequest, devices: Devices) -> LoadRequest:
         )
     if request.attn_implementation == "flash_attention_2" and not devices.cuda_count:
         raise InvalidSpec("flash_attention_2 needs a CUDA device; use sdpa or eager.")
-    device_map = normalize_device_map(request.device_map, request.offload, devices.cuda_count)
-    max_memory = normalize_max_memory(request.max_memory, device_map, devices.cuda_count)
+    device_map = normalize_device_map(
+        request.device_map, request.offload, devices.cuda_count, devices.uuids
+    )
+    max_memory = normalize_max_memory(
+        request.max_memory, device_map, devices.cuda_count, devices.uuids
+    )
     quant = request.quantization
     quantization = QUANTIZATION[quant.method](request, quant, devices) if quant else None
     return request.model_copy(

@@ -50,20 +50,29 @@ DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential", "cp
 # ASCII digits only: str.isdigit() and \d also accept other scripts' digits.
 CUDA_DEVICE = re.compile(r"^cuda:([0-9]{1,4})$")
 CUDA_INDEX = re.compile(r"^[0-9]{1,4}$")
+# A GPU by its UUID, as NVML and `nvidia-smi -L` print it: GPU-<uuid>, MIG-<uuid>, or the
+# older MIG-GPU-<uuid>/<gi>/<ci>. Its index differs between processes (CUDA_VISIBLE_DEVICES);
+# its UUID does not, so a worker can name the GPU the scheduler gave it.
+_UUID = r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
+GPU_UUID = re.compile(rf"^(?:GPU-{_UUID}|MIG-{_UUID}|MIG-GPU-{_UUID}/[0-9]{{1,3}}/[0-9]{{1,3}})$")
+CUDA_UUID = re.compile(rf"^cuda:({GPU_UUID.pattern[1:-1]})$")
+# What the basehold Client (worker side) replaces with `cuda:<UUID>` of the GPU its process
+# sees; the service cannot know which GPU that is, so it refuses the word itself.
+THIS_GPU = "this-gpu"
 ModelName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 # Every list and dict in a request is bounded, and so is every string in them: a request
 # costs at most a few hundred KB of parsing however it is built.
 ModulePath = Annotated[str, StringConstraints(min_length=0, max_length=512)]
-DeviceName = Annotated[str, StringConstraints(max_length=16)]
+DeviceName = Annotated[str, StringConstraints(max_length=64)]  # cuda:MIG-GPU-<uuid>/7/0
 DeviceIndex = Annotated[int, Field(ge=0, le=1023)]
 MAX_DEVICE_MAP_ENTRIES = 4096
 DeviceMap = (
-    Annotated[str, StringConstraints(max_length=32)]
+    Annotated[str, StringConstraints(max_length=64)]
     | Annotated[
         dict[ModulePath, DeviceName | DeviceIndex], Field(max_length=MAX_DEVICE_MAP_ENTRIES)
     ]
 )
-MemoryKey = Annotated[str, StringConstraints(max_length=16)]
+MemoryKey = Annotated[str, StringConstraints(max_length=64)]
 MemorySize = Annotated[str, StringConstraints(max_length=32)] | Annotated[int, Field(ge=0)]
 
 
@@ -147,12 +156,14 @@ class LoadRequest(BaseModel):
     device_map: DeviceMap = Field(
         default="auto",
         description="auto | balanced | balanced_low_0 | sequential | cpu | cuda:N | "
-        '{"module.path": "cuda:0" | "cpu" | "disk"}',
+        "cuda:GPU-<uuid> (as `nvidia-smi -L` prints it) | "
+        '{"module.path": "cuda:0" | "cuda:GPU-<uuid>" | "cpu" | "disk"}',
     )
     max_memory: dict[MemoryKey, MemorySize] | None = Field(
         default=None,
         max_length=64,
-        description='accelerate syntax, e.g. {"0": "20GiB", "cpu": "64GiB"}',
+        description='accelerate syntax, e.g. {"0": "20GiB", "cpu": "64GiB"}; a GPU '
+        "may be named by its UUID (cuda:GPU-<uuid>)",
     )
     offload: bool = Field(default=False, description="Allow disk offload (server-managed)")
     num_labels: int | None = Field(default=None, ge=1, le=100_000)

@@ -137,7 +137,7 @@ class Registry:
             request = request.model_copy(update={"source": str(source.path), "revision": None})
         else:
             request = request.model_copy(update={"revision": source.revision})
-        devices = Devices(cuda_count=self._cuda.device_count())
+        devices = Devices.of(self._cuda)
         return normalize(request, devices)
 
     def submit(self, request: LoadRequest, token: str | None) -> tuple[ModelRecord, bool]:
