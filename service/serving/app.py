@@ -30,6 +30,7 @@ from service.serving.leases.leases import LeaseTable
 from service.serving.leases.lending import Lending
 from service.serving.loaders.arenas import HeldArenas
 from service.serving.loaders.loaders import Loaders, LoaderSetup
+from service.serving.memory.history import MemoryHistory
 from service.serving.memory.nvml import GpuProbe, Nvml
 from service.serving.memory.visible import NvmlCuda
 from service.serving.metrics import Metrics
@@ -121,12 +122,14 @@ def create_app(
     gpus: GpuProbe | None = None,
     segments: object | None = None,
     lock: StateLock | None = None,
+    history: MemoryHistory | None = None,
 ) -> FastAPI:
     """`cuda`, `gpus` and `segments` are the seams to GPU hardware (tests without one
     pass fakes; `segments` travels to loader processes); the defaults ask torch (in the
     loaders), NVML and CUDA IPC. `lock`: the state directory's
     lock if the caller took it already (the CLI does, to refuse with a clear line);
-    otherwise startup takes it."""
+    otherwise startup takes it. `history`: the memory samples' ring buffer (default: one
+    every 5 s for an hour; tests sample faster)."""
     settings = settings or Settings()
     settings.ensure_dirs()
     lock = lock or StateLock(settings.state_dir)
@@ -178,6 +181,7 @@ def create_app(
     events = EventBus()
     metrics = Metrics()
     probes = Probes()  # NVML and psutil, off the event loop
+    history = history or MemoryHistory()
 
     def publish(record: ModelRecord, previous: State, target: State) -> None:
         kind = "progress" if previous == target else "state"
@@ -220,6 +224,10 @@ def create_app(
             events.publish("restore", {"restoring": restoring, "leases": len(table.active())})
         every = settings.lease_reap_seconds
         reaper = asyncio.create_task(_reap_leases(lending, placement, every, metrics))
+        # /v1/memory/history: sampled in the probe threads, kept on the loop.
+        sampler = asyncio.create_task(
+            history.run(lambda: probes.run(lambda: memory.sample_now(app.state)))
+        )
         if features is not None:
             await run_in_threadpool(features.start)
         if preload is not None:  # once started and restored: a restored model is found
@@ -231,9 +239,10 @@ def create_app(
             yield
         finally:
             app.state.ready = False
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
+            for task in (reaper, sampler):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             log.info("shutting down: cancelling loads and unloading models")
             labels = [("remove the node features file", features.stop)] if features else []
             await run_in_threadpool(
@@ -271,6 +280,7 @@ def create_app(
     app.state.cuda = probe
     app.state.gpus = gate.gpus
     app.state.probes = probes
+    app.state.history = history
     app.state.events = events
     app.state.metrics = metrics
     app.state.ready = False

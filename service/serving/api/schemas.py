@@ -261,3 +261,32 @@ class FileList(BaseModel):
     revision: str | None = Field(default=None, description="hub commit, null for local")
     files: list[FileOut]
 
+
+class HostSampleOut(BaseModel):
+    used_bytes: int = Field(description="The node's memory in use (total less available).")
+    total_bytes: int
+    held_bytes: int = Field(description="Held by models in host memory.")
+    arena_bytes: int = Field(description="In shared arenas: lendable to workers.")
+    leased_bytes: int = Field(description="Held by models with an active lease.")
+    container_limit_bytes: int | None = None
+    container_usage_bytes: int | None = None
+
+
+class DeviceSampleOut(BaseModel):
+    id: str = Field(examples=["cuda:0"])
+    used_bytes: int = Field(description="NVML: every process on the GPU.")
+    held_bytes: int
+    leased_bytes: int
+    total_bytes: int
+
+
+class MemorySampleOut(BaseModel):
+    at: datetime
+    host: HostSampleOut
+    devices: list[DeviceSampleOut]
+
+
+class MemoryHistoryOut(BaseModel):
+    interval_seconds: float = Field(description="How often a sample is taken.")
+    span_seconds: float = Field(description="How far back samples are kept.")
+    samples: list[MemorySampleOut] = Field(description="Oldest first.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,12 @@ def test_dashboard_shows_model_and_unloads(
         expect(row.locator(".footprint")).to_have_text(f"{mib:.0f} KiB")
         expect(row).to_contain_text("4-bit nf4 + dq")
         expect(page.locator('.device[data-device="host"]')).to_be_visible()
+        # Nothing leased: the arena bar is empty, not full; a lease fills its share.
+        arena = page.locator('.device[data-device="shared arena"]')
+        expect(arena).to_contain_text(
+            re.compile(r"(?<![\d.])0 B leased of [1-9][\d.]* \w+ lendable")
+        )
+        assert arena.locator("span.leased").get_attribute("style") == "width:0%"
         lease = httpx.post(
             f"{secured.url}/v1/models/dash/leases",
             headers={"Authorization": f"Bearer {WORKER}"},
@@ -94,12 +101,15 @@ def test_dashboard_shows_model_and_unloads(
         )
         expect(leased).to_contain_text("dash")
         expect(leased.locator(".expiry")).to_contain_text(" s")
-        # The memory chart keeps a point per poll: after a few seconds the host line has
-        # several.
-        chart = page.locator('.chart[data-chart="host"] polyline.line-used')
+        expect(arena).not_to_contain_text("0 B leased")
+        width = arena.locator("span.leased").get_attribute("style") or ""
+        assert float(width.removeprefix("width:").removesuffix("%")) > 0, width
+        # The memory chart keeps a point per sampling interval: after a few the host line
+        # has several.
+        chart = page.locator('.chart[data-chart="host"] polyline.line-held')
         page.wait_for_function(
             """() => {
-              const line = document.querySelector('.chart[data-chart="host"] .line-used');
+              const line = document.querySelector('.chart[data-chart="host"] .line-held');
               return line && line.getAttribute("points").split(" ").length >= 3;
             }""",
             timeout=30_000,
@@ -177,5 +187,47 @@ def test_dashboard_shows_a_hub_download_in_percent(hub_server: Server, hub: Loca
         row = page.locator('tr[data-model="dl"]')
         progress = row.locator("td").nth(2)
         expect(progress).to_contain_text(re.compile(r"downloading [1-9]\d*%"), timeout=60_000)
+        # Nothing is placed while it loads: not "(private)" (only a ready model can be).
+        expect(row.locator(".state")).to_have_text("loading")
+        expect(row).not_to_contain_text("(private)")
         expect(row.locator(".state")).to_have_text("ready", timeout=120_000)
+        browser.close()
+
+
+def test_a_fresh_page_draws_the_last_minutes_on_axes(
+    live_server: Server, models_root: Path
+) -> None:
+    """A tab opened now starts from the service's history (samples older than the page),
+    on a time axis and a byte axis scaled to what is held (KiB for this tiny model, while
+    the node uses GiB), both labelled."""
+    from playwright.sync_api import expect, sync_playwright
+
+    body = {"source": str(models_root / "llama"), "name": "axes", "dtype": "float32"}
+    assert httpx.post(f"{live_server.url}/v1/models", json=body).status_code == 202
+    deadline = time.monotonic() + 120
+    with httpx.Client(base_url=live_server.url) as http:
+        # Two samples with the model held: one sampling interval (5 s) apart.
+        while True:
+            samples = http.get("/v1/memory/history").json()["samples"]
+            if sum(1 for s in samples if s["host"]["held_bytes"] > 0) >= 2:
+                break
+            assert time.monotonic() < deadline, samples[-1:]
+            time.sleep(0.2)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        opened = time.time() * 1000
+        page.goto(live_server.url + "/")
+        chart = page.locator('.chart[data-chart="host"]')
+        expect(chart.locator("polyline.line-held")).to_have_count(1, timeout=30_000)
+        older = page.evaluate(f"series.host.points.filter((p) => p.t < {opened}).length")
+        assert older >= 2, older
+        x_ticks = chart.locator(".x-axis text.tick")
+        y_ticks = chart.locator(".y-axis text.tick")
+        assert x_ticks.count() >= 2 and y_ticks.count() >= 2
+        assert all(re.fullmatch(r"\d\d:\d\d(:\d\d)?", t) for t in x_ticks.all_text_contents())
+        labels = y_ticks.all_text_contents()
+        assert labels[0] == "0 KiB" and all(t.endswith(" KiB") for t in labels), labels
+        expect(chart.locator(".y-axis .title")).to_have_text("bytes")
+        expect(chart.locator(".x-axis .title")).to_have_text("time (local)")
         browser.close()

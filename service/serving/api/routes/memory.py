@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
+from pydantic import TypeAdapter
 from starlette.datastructures import State
 
 from service.common.errors import Forbidden
 from service.common.load.spec import LoadRequest
 from service.serving.api.deps import HubToken, RegistryDep, ScopesDep, require
-from service.serving.api.schemas import EstimateOut, MemoryReport, problem_responses
+from service.serving.api.schemas import (
+    EstimateOut,
+    MemoryHistoryOut,
+    MemoryReport,
+    problem_responses,
+)
+from service.serving.memory.history import HistoryView, MemorySample, leased_bytes, sample_of
 from service.serving.memory.report import MemorySnapshot, memory_snapshot
 
 router = APIRouter(prefix="/v1", tags=["memory"])
+_HISTORY_JSON = TypeAdapter(HistoryView)
 
 
 def snapshot_of(state: State) -> MemorySnapshot:
@@ -29,6 +37,28 @@ async def memory(request: Request) -> MemoryReport:
     state = request.app.state
     snapshot = await state.probes.run(lambda: snapshot_of(state))  # off the event loop
     return MemoryReport.model_validate(asdict(snapshot))
+
+
+def sample_now(state: State) -> MemorySample:
+    """One memory-history sample (blocking: the sampler runs it in a probe thread)."""
+    leased = {lease.model_id for lease in state.lending.table.active()}
+    held = (r.by_device for r in state.registry.records() if r.id in leased)
+    return sample_of(snapshot_of(state), leased_bytes(held))
+
+
+@router.get(
+    "/memory/history",
+    response_model=MemoryHistoryOut,
+    dependencies=[require("read")],
+    responses=problem_responses(401, 403),
+)
+async def memory_history(request: Request) -> Response:
+    """The last hour of memory samples (host, container, GPUs; held, lendable and
+    leased bytes), oldest first: a dashboard opened now draws the minutes before it."""
+    view = request.app.state.history.view()
+    # Straight from the dataclasses to JSON: an hour of samples over 8 GPUs is ~3 ms
+    # this way, ~150 ms through asdict and the response model, on the event loop.
+    return Response(_HISTORY_JSON.dump_json(view), media_type="application/json")
 
 
 @router.post(
