@@ -1,10 +1,10 @@
 """A pre-imported template that forks `basehold serve` processes for the tests.
 
 A cold `python -m service serve` spends about a second importing its web stack before it
-serves, and a worker 3-4 s importing torch, transformers, peft and bitsandbytes; the e2e
-suite starts dozens. The zygote imports them once; each server is then a fork of it
-running the real CLI entry point
-(`service.cli.main(["serve", ...])`) with its own environment, working directory and log.
+serves, and a worker 3-4 s importing torch and transformers; the e2e suite starts dozens.
+The zygote imports them once; each server is then a fork of it running the real CLI entry
+point (`service.cli.main(["serve", ...])`) with its own environment, working directory
+and log.
 
 Each server is double-forked, so it is reparented to the test process, which makes itself
 a child subreaper (PR_SET_CHILD_SUBREAPER): it can wait for, signal and reap the server
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import importlib
 import json
 import os
 import runpy
@@ -36,8 +35,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from service.loader.imports import CudaInitialized, import_before_fork
+
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
+REFUSED = 3  # a template's exit code when its imports initialized CUDA (as the loader's)
 # Variables the imported libraries (or the interpreter) read once, at import or start: a
 # server whose environment differs from the zygote's in any of them starts cold. The rest
 # (BASEHOLD_*, paths, XDG_*, ...) are read when the server runs, from its own environment.
@@ -59,22 +61,32 @@ IMPORT_TIME = (
     "PYTHON",
     "LD_",
 )
+# Read when called, not at import (by torch.cuda.is_available): templates set it, the
+# processes forked from them need not.
+CALL_TIME = {"PYTORCH_NVML_BASED_CUDA_CHECK"}
+TEMPLATE_ENV = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+
+
+def _import_time(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME) and k not in CALL_TIME}
 
 
 def _same_imports(env: dict[str, str], base: dict[str, str]) -> bool:
-    keys = {k for k in set(env) | set(base) if k.startswith(IMPORT_TIME)}
-    return all(env.get(k) == base.get(k) for k in keys)
+    return _import_time(env) == _import_time(base)
 
 
 # -- the zygote process -------------------------------------------------------------------
 # What each kind of template imports before it forks. Workers import the rest (trl,
 # datasets) themselves: datasets starts a native thread at import, which a fork would lose.
+# Nothing here may initialize CUDA (a worker forked after it could not use CUDA): no
+# bitsandbytes, nor peft or transformers.integrations.bitsandbytes, which import it (it
+# asks the GPUs' capability at import); workers import them after the fork, which
+# torch._inductor.compile_fx, most of bitsandbytes' import, makes ~0.1 s.
 MODEL_CODE = (  # what a worker's first attach imports: the test checkpoints' classes
     "transformers.models.llama.modeling_llama",
     "transformers.models.gpt2.modeling_gpt2",
     "transformers.models.t5.modeling_t5",
     "transformers.models.bert.modeling_bert",
-    "transformers.integrations.bitsandbytes",
     "transformers.quantizers.quantizer_bnb_4bit",
     "transformers.quantizers.quantizer_bnb_8bit",
 )
@@ -85,8 +97,7 @@ PRELOAD = {
         *MODEL_CODE,
         "torch",
         "transformers",
-        "peft",
-        "bitsandbytes",
+        "torch._inductor.compile_fx",
         "safetensors.torch",
         "service.worker.client",
         "tests.reference",
@@ -181,18 +192,23 @@ def _spawn(request: dict[str, Any], fds: list[int], inherited: list[socket.socke
     return pid
 
 
-def serve_forever(path: str, kind: str) -> None:
+def serve_forever(path: str, kind: str) -> int:
     # Die with the test process, however it ends (forked servers do not inherit this).
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    for module in PRELOAD[kind]:
-        importlib.import_module(module)
+    try:
+        missing = import_before_fork(list(PRELOAD[kind]))
+    except CudaInitialized as exc:  # what it forked could not use CUDA
+        print(f"zygote: importing {exc.module} initialized CUDA; not forking", flush=True)
+        return REFUSED
+    if missing:
+        raise ImportError(f"zygote: cannot import {', '.join(missing)}")
     if kind == "serve":
         from service.cli import build_parser
 
         build_parser()
     if threading.active_count() != 1:
         print(f"zygote: {threading.active_count()} threads after imports; not forking", flush=True)
-        return
+        return 1
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen(16)
@@ -308,7 +324,7 @@ class Zygote:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "tests.zygote", self._path, self.kind],
             cwd=ROOT,
-            env=self._env,
+            env={**self._env, **TEMPLATE_ENV},
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -409,7 +425,7 @@ _TEMPLATES_LOCK = threading.Lock()
 def worker_template(env: dict[str, str]) -> Zygote | None:
     """The worker template that imports under `env`'s import-time variables (at most
     three different ones a session; None past that: start cold)."""
-    key = tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME)))
+    key = tuple(sorted(_import_time(env).items()))
     with _TEMPLATES_LOCK:
         if key not in _WORKER_TEMPLATES:
             if len(_WORKER_TEMPLATES) >= 3:
@@ -425,4 +441,4 @@ def close_all() -> None:
 
 
 if __name__ == "__main__":
-    serve_forever(sys.argv[1], sys.argv[2])
+    sys.exit(serve_forever(sys.argv[1], sys.argv[2]))

@@ -1,10 +1,11 @@
 """The loader template process: `python -m service.loader.forker --listen PATH`.
 
-It imports torch, transformers, accelerate, bitsandbytes and common model code once, then
-forks one loader per request on its Unix socket (the same uid only). A request is one
-connection, in the typed protocol of `service.common.protocol.messages`: `Hello` both ways (a
-requester of another protocol version is told this one's and dropped), then `Spawn` with
-the job and two fds (the loader's channel, and the requester's stderr); the answer is
+It imports torch, transformers, accelerate and common model code once (nothing that
+initializes CUDA: `service.loader.imports`), then forks one loader per request on its Unix
+socket (the same uid only). A request is one connection, in the typed protocol of
+`service.common.protocol.messages`: `Hello` both ways (a requester of another protocol
+version is told this one's and dropped), then `Spawn` with the job and two fds (the
+loader's channel, and the requester's stderr); the answer is
 `Spawned` with the loader's pid, then `Exited` when it ends. If the requester hangs up
 first, the loader is killed: a loader never outlives the service that asked for it. A
 `Hello` with `watch` is kept open and never answered again: its end tells the requester
@@ -14,6 +15,10 @@ The template stays single-threaded, so forking it is safe. It never blocks on on
 requester: every connection is read without blocking, a frame at a time, and one that
 has not sent a whole request within REPLY_SECONDS is dropped. It exits when its owner
 closes its stdin, or on SIGTERM.
+
+A template whose imports initialized CUDA refuses to serve (every loader it forked would
+fail its first CUDA call): it says `refused: WHY` instead of `ready`, logs it, and exits
+with REFUSED.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import importlib
 import logging
 import os
 import selectors
@@ -51,21 +55,28 @@ from service.common.protocol.wire import (
     parse,
 )
 from service.common.socket_protocol import peer_credentials
-from service.loader.imports import preload
+from service.loader.imports import PRELOAD, SKIP, CudaInitialized, import_before_fork, preload
 
 log = logging.getLogger("basehold.template")
 
 _PR_SET_PDEATHSIG = 1
+REFUSED = 3  # the exit code of a template that refused to serve (its imports initialized CUDA)
 
 
-def _preload(modules: list[str]) -> list[str]:
-    missing = []
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    return missing
+def _cuda_refusal(module: str) -> str:
+    """What the serving side shows (its log, /readyz) when importing `module` initialized
+    CUDA in the template."""
+    fix = (
+        "it was imported before the preload (sitecustomize, PYTHONSTARTUP?): remove that"
+        if module.startswith("(")
+        else "remove it from BASEHOLD_LOADER_PRELOAD (a loader imports what its load needs "
+        "after the fork)"
+    )
+    return (
+        f"the loader template refuses to serve: importing {module} initialized CUDA, and a "
+        "loader forked from it could not use CUDA (Cannot re-initialize CUDA in forked "
+        f"subprocess); {fix}"
+    )
 
 
 def _reply(conn: socket.socket, message: Message) -> bool:
@@ -340,7 +351,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    missing = _preload(preload())
+    try:
+        missing = import_before_fork(preload())
+    except CudaInitialized as exc:
+        if exc.module in PRELOAD and not os.environ.get(SKIP):
+            # basehold's own list met a machine where that import initializes CUDA: start
+            # again (once) without it and what follows it in the list, which may import it
+            # (the loaders import them after the fork), rather than refuse to serve.
+            skipped = ",".join(PRELOAD[PRELOAD.index(exc.module) :])
+            log.warning(
+                "template: importing %s initialized CUDA here; starting again without "
+                "preloading it or the modules after it (%s=%s)",
+                exc.module,
+                SKIP,
+                skipped,
+            )
+            os.environ[SKIP] = skipped
+            sys.stdout.flush()
+            sys.stderr.flush()
+            rest = sys.argv[1:] if argv is None else argv
+            os.execv(sys.executable, [sys.executable, "-m", "service.loader.forker", *rest])
+        reason = _cuda_refusal(exc.module)
+        log.error("%s", reason)
+        print(f"refused: {reason}", flush=True)  # instead of `ready`: the owner shows it
+        return REFUSED
     if missing:
         log.info("template: not importable here (skipped): %s", ", ".join(missing))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -1,22 +1,34 @@
-"""What the loader template imports before it forks anything (`service.loader.forker`)."""
+"""What the loader template imports before it forks anything (`service.loader.forker`), and
+the check that none of it initialized CUDA."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 
 # What the template imports before it forks anything: the loader side of every load, what
 # every from_pretrained imports on first use (~1 s that each loader would pay again), the
-# bitsandbytes integration, and the model code of common architectures. A module that is
-# not there (an older transformers) is skipped. BASEHOLD_LOADER_PRELOAD adds more
-# (comma-separated module names, e.g. your architectures' modeling modules).
+# bnb quantizers, and the model code of common architectures. A module that is not there
+# (an older transformers) is skipped. BASEHOLD_LOADER_PRELOAD adds more (comma-separated
+# module names, e.g. your architectures' modeling modules).
+#
+# Nothing here may initialize CUDA: a loader forked from a template that did fails its
+# first CUDA call ("Cannot re-initialize CUDA in forked subprocess"). bitsandbytes does at
+# import on a GPU machine (it asks each device's capability), and so do
+# `transformers.integrations.bitsandbytes` and peft, which import it: a loader imports them
+# after the fork, when a load asks for quantization (service.loader.strategies.bnb).
+# torch._inductor.compile_fx is most of what `import bitsandbytes` costs (its kernels
+# are decorated with torch.compile): preloaded, a loader's import of bitsandbytes takes
+# ~0.1 s instead of ~1 s.
 PRELOAD = [
     "service.loader.entry",
     "service.loader.child",
     "transformers.modeling_utils",
     "transformers.masking_utils",
-    "transformers.integrations.bitsandbytes",
     "transformers.quantizers.quantizer_bnb_4bit",
     "transformers.quantizers.quantizer_bnb_8bit",
+    "torch._inductor.compile_fx",
     *(
         f"transformers.models.{name}.modeling_{name}"
         for name in (
@@ -36,6 +48,47 @@ PRELOAD = [
 ]
 
 
+# Set by a template for the copy of itself it starts again (`service.loader.forker`) when
+# one of PRELOAD's modules initialized CUDA on this machine: those are left to the loaders.
+SKIP = "BASEHOLD_LOADER_PRELOAD_SKIP"
+
+
+def _names(setting: str) -> list[str]:
+    return [name.strip() for name in os.environ.get(setting, "").split(",") if name.strip()]
+
+
 def preload() -> list[str]:
-    extra = os.environ.get("BASEHOLD_LOADER_PRELOAD", "")
-    return [*PRELOAD, *(name.strip() for name in extra.split(",") if name.strip())]
+    skipped = set(_names(SKIP))
+    return [name for name in [*PRELOAD, *_names("BASEHOLD_LOADER_PRELOAD")] if name not in skipped]
+
+
+class CudaInitialized(RuntimeError):
+    """Importing `module` initialized CUDA in a process that forks: what it forks cannot
+    use CUDA."""
+
+    def __init__(self, module: str) -> None:
+        super().__init__(module)
+        self.module = module
+
+
+def cuda_initialized() -> bool:
+    """Whether this process initialized CUDA (never initializes it to find out; False
+    where torch is not imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.cuda.is_initialized())
+
+
+def import_before_fork(modules: list[str]) -> list[str]:
+    """Import `modules` in order; returns those not importable here. Raises CudaInitialized
+    naming the first whose import initialized CUDA (checked after each)."""
+    if cuda_initialized():
+        raise CudaInitialized("(something imported at interpreter start, before the preload)")
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+        if cuda_initialized():
+            raise CudaInitialized(name)
+    return missing

@@ -1,11 +1,12 @@
 """The pre-imported template loaders fork from (`service.loader.forker`), seen from the
 serving process: start one, check one, and ask one for a loader.
 
-A template imported torch, transformers, accelerate and bitsandbytes once: forking a
-loader from it costs milliseconds; the serving process itself never imports them. Each
-service starts its own (a private socket in a 0700 folder; it exits with the service), or
-uses a running one named by BASEHOLD_LOADER_TEMPLATE (one template for several instances
-of the same user on a node; the test suite shares one).
+A template imported torch, transformers and accelerate once: forking a loader from it
+costs milliseconds; the serving process itself never imports them. Each service starts
+its own (a private socket in a 0700 folder; it exits with the service), or uses a running
+one named by BASEHOLD_LOADER_TEMPLATE (one template for several instances of the same user
+on a node; the test suite shares one). A template whose imports initialized CUDA refuses
+to serve (`refused: WHY` instead of `ready`): `start` raises TemplateUnavailable with why.
 
 A template gets every load's job, with its hub token, and hands back what workers map: it
 is trusted only once checked. Its socket's folder must be this user's alone, the process
@@ -50,6 +51,7 @@ from service.common.socket_protocol import peer_credentials
 log = logging.getLogger("basehold.loaders")
 
 SETTING = "BASEHOLD_LOADER_TEMPLATE"
+REFUSED = "refused:"  # what a template says instead of `ready` when it will not serve
 START_SECONDS = 300.0  # imports on a cold disk; a template that takes longer is stuck
 
 
@@ -77,6 +79,9 @@ def start(
     # (a long-lived process reused its allocator's cache). Transparent huge pages for
     # torch's large CPU allocations make that 512x fewer faults (where THP is "madvise").
     env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # torch.cuda.is_available() in the template asks NVML, not the CUDA driver: a driver
+    # initialized before the fork is unusable in every loader forked after it.
+    env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     command = [sys.executable, "-m", "service.loader.forker", "--listen", str(address)]
     process = subprocess.Popen(
         [*command, *(["--owned"] if owned else [])],
@@ -101,6 +106,9 @@ def start(
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)  # it exits: say how
         _end(process)
+        said = line.decode(errors="replace").strip()
+        if said.startswith(REFUSED):  # its imports initialized CUDA: it says which
+            raise TemplateUnavailable(said.removeprefix(REFUSED).strip())
         raise TemplateUnavailable(
             f"the loader template exited while starting ({_exit_words(process.returncode)}); "
             "see the server log"

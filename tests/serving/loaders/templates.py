@@ -42,7 +42,7 @@ def start_template(address: Path, timeout: float = 120, **env: str) -> ForkedTem
     """A template listening on `address` once this returns (its `ready` line read), with
     `env` added to this process's environment (e.g. BASEHOLD_LOADER_PRELOAD)."""
     # The workers' environment (their template) with what template.start adds.
-    full_env = worker_env(THP_MEM_ALLOC_ENABLE="1", **env)
+    full_env = worker_env(THP_MEM_ALLOC_ENABLE="1", PYTORCH_NVML_BASED_CUDA_CHECK="1", **env)
     argv = ["--listen", str(address), "--owned"]
     process = run_module(forker.__name__, argv, env=full_env)
     template = ForkedTemplate(process)

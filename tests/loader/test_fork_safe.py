@@ -1,0 +1,212 @@
+"""Templates never initialize CUDA before they fork (issue 26): on a GPU machine a loader or
+worker forked from a process that did fails its first CUDA call ("Cannot re-initialize
+CUDA in forked subprocess").
+
+Rehearsed on the CPU with a torch that believes it has a GPU (tests/loader/cuda_believer:
+CUDA available, one device, and any CUDA initialization marks this process initialized
+and raises). Each process runs the real preload lists: the loader template
+(`service.loader.forker`), the tests' worker template (`tests.zygote`) and gpu_check's
+(`WORKER_PRELOAD`). BH_TEST_CUDA_LOG collects every CUDA initialization, with its pid."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.loader.forker import REFUSED
+from service.serving.loaders import template
+from tests.conftest import ClientFactory, load, until
+from tests.zygote import ROOT, Zygote
+
+BELIEVER = Path(__file__).with_name("cuda_believer")
+NF4 = {"method": "bnb-4bit", "quant_type": "nf4", "compute_dtype": "float32"}
+
+
+def _initializations(log: Path) -> list[dict[str, Any]]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+
+
+def _believing_env(log: Path, **extra: str) -> dict[str, str]:
+    """A process environment where torch believes in a GPU (and records CUDA's
+    initializations in `log`)."""
+    path = os.pathsep.join([str(BELIEVER), str(ROOT)])
+    return {**os.environ, "PYTHONPATH": path, "BH_TEST_CUDA_LOG": str(log), **extra}
+
+
+@pytest.fixture
+def believing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Processes this test starts with its sys.path as PYTHONPATH (a loader template)
+    believe in a GPU; returns the log of their CUDA initializations."""
+    log = tmp_path / "cuda-initializations.jsonl"
+    monkeypatch.syspath_prepend(str(BELIEVER))
+    monkeypatch.setenv("BH_TEST_CUDA_LOG", str(log))
+    return log
+
+
+def test_the_loader_template_stays_cuda_free_and_its_loader_imports_bitsandbytes(
+    believing: Path, make_client: ClientFactory, models_root: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "template"
+    folder.mkdir(mode=0o700)
+    with (tmp_path / "template.log").open("wb") as stderr:
+        process = template.start(folder / "t.sock", owned=True, log=stderr)
+    try:
+        assert _environ(process.pid)["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+        client = make_client(loader_template=str(folder / "t.sock"))
+        body = load(client, source=str(models_root / "llama"), device_map="cpu", quantization=NF4)
+        assert body["state"] == "ready", body
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()
+        process.wait(timeout=30)
+    seen = _initializations(believing)
+    assert not [s for s in seen if s["pid"] == process.pid], f"the template initialized: {seen}"
+    # The loader (a child of the template) imported bitsandbytes, which asked for the GPU's
+    # capability: CUDA would have initialized there, after the fork, where it works.
+    in_loaders = [s for s in seen if s["ppid"] == process.pid and not s["forked_from"]]
+    assert any("bitsandbytes/cuda_specs.py" in frame for s in in_loaders for frame in s["stack"])
+
+
+def test_a_preload_that_initializes_cuda_is_refused_by_name(tmp_path: Path) -> None:
+    log = tmp_path / "cuda-initializations.jsonl"
+    address = tmp_path / "t.sock"
+    refusing = subprocess.run(
+        [sys.executable, "-m", "service.loader.forker", "--listen", str(address)],
+        env=_believing_env(log, BASEHOLD_LOADER_PRELOAD="bitsandbytes"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # It says why instead of `ready` (what the serving side shows), logs it, and exits
+    # before it listens.
+    assert refusing.returncode == REFUSED, refusing.stderr[-3000:]
+    said = refusing.stdout.strip()
+    assert said.startswith(
+        "refused: the loader template refuses to serve: importing bitsandbytes initialized CUDA"
+    ), said
+    assert "remove it from BASEHOLD_LOADER_PRELOAD" in said, said
+    assert said.removeprefix("refused: ") in refusing.stderr
+    assert not address.exists()
+    assert _initializations(log)  # the fake saw it
+
+
+def test_a_module_of_basehold_s_own_list_that_initializes_cuda_is_left_to_the_loaders(
+    tmp_path: Path,
+) -> None:
+    """Should one of basehold's own preloads initialize CUDA on some machine (a library
+    version, a GPU), the template starts again without it and serves: a first GPU run
+    never fails on the preload list."""
+    log = tmp_path / "cuda-initializations.jsonl"
+    folder = tmp_path / "template"
+    folder.mkdir(mode=0o700)
+    address = folder / "t.sock"
+    env = _believing_env(log, BH_TEST_CUDA_ON_IMPORT="transformers.masking_utils")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.loader.forker", "--listen", str(address), "--owned"],
+        env=env,
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready"  # not `refused: ...`
+        assert address.exists()
+        again = _environ(process.pid)  # the same process, started again (exec)
+        skipped = again["BASEHOLD_LOADER_PRELOAD_SKIP"].split(",")
+        # It and what follows it (model code that imports it), once: one start again.
+        assert skipped[0] == "transformers.masking_utils", skipped
+        assert "transformers.modeling_utils" not in skipped, skipped
+    finally:
+        _, err = process.communicate(timeout=60)  # closes its stdin: an owned one exits
+    assert "starting again without preloading it" in err, err[-3000:]
+    assert [s["pid"] for s in _initializations(log)] == [process.pid]  # the first start only
+
+
+def test_the_service_shows_why_its_template_refused(
+    believing: Path, monkeypatch: pytest.MonkeyPatch, make_client: ClientFactory
+) -> None:
+    monkeypatch.setenv("BASEHOLD_LOADER_PRELOAD", "bitsandbytes")
+    client = make_client(loader_template="")  # the service starts its own (template.start)
+
+    def refused() -> bool:
+        answer = client.get("/readyz")
+        return answer.status_code == 503 and "importing bitsandbytes" in answer.json()["detail"]
+
+    until(refused, "/readyz never said why the template refused", 300)
+    assert client.get("/readyz").json()["code"] == "loader_unavailable"
+
+
+def test_the_tests_worker_template_stays_cuda_free_and_its_worker_imports_bitsandbytes(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "cuda-initializations.jsonl"
+    env = _believing_env(log)
+    workers = Zygote("worker", env)
+    try:
+        worker = workers.run_module(str(BELIEVER / "forked_worker.py"), [], env, ROOT)
+        assert worker is not None, f"the worker template refused to fork: {_initializations(log)}"
+        out, err = worker.communicate(timeout=120)
+        assert worker.returncode == 0, err[-3000:]
+        assert workers._proc is not None
+        template_pid = workers._proc.pid
+        assert _environ(template_pid)["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+    finally:
+        workers.close()
+    # The worker (forked from the template) initialized CUDA as its own: not refused as a
+    # re-initialization in a fork, and the template never did.
+    assert json.loads(out.splitlines()[-1]) == {"initialized": True}
+    seen = _initializations(log)
+    assert seen and all(s["pid"] == worker.pid and not s["forked_from"] for s in seen), seen
+
+
+# In a GPU-believing process: load gpu_check (with bench/ on sys.path, as it runs), import
+# its WORKER_PRELOAD as its forkserver does, then bitsandbytes (the fake sees that one).
+_GPU_CHECK_PRELOAD = """
+import importlib.util, json, sys
+import torch
+from service.loader.imports import CudaInitialized, cuda_initialized, import_before_fork
+assert torch.cuda.is_available() and torch.cuda.device_count() == 1  # the believer works
+sys.path.insert(0, sys.argv[1])
+spec = importlib.util.spec_from_file_location("gpu_check", sys.argv[1] + "/gpu_check.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+try:
+    result = {"missing": import_before_fork(list(module.WORKER_PRELOAD))}
+except CudaInitialized as exc:
+    result = {"initialized_by": exc.module}
+import bitsandbytes
+result["bitsandbytes_initializes"] = cuda_initialized()
+print(json.dumps(result))
+"""
+
+
+def test_gpu_checks_worker_template_stays_cuda_free(tmp_path: Path) -> None:
+    log = tmp_path / "cuda-initializations.jsonl"
+    ran = subprocess.run(
+        [sys.executable, "-c", _GPU_CHECK_PRELOAD, str(ROOT / "bench")],
+        cwd=ROOT,
+        env=_believing_env(log),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result = json.loads(ran.stdout.splitlines()[-1])
+    assert result == {"missing": [], "bitsandbytes_initializes": True}, result
