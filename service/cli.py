@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
+import socket
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -15,6 +17,9 @@ from service.commands import add_commands, run
 from service.common.logsafe import configure
 from service.serving.settings import Settings
 
+if TYPE_CHECKING:
+    from service.demo import DemoWriter
+
 
 def _serve(args: argparse.Namespace) -> int:
     # What can refuse to start is checked before torch and the app are imported: a bad
@@ -22,6 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.common.private_dir import FolderUnsafe
     from service.serving.api.guards import is_loopback
     from service.serving.loaders.template import check_template
+    from service.serving.server import PortUnavailable, bind
     from service.serving.socket.server import check_folder, resolve_group
     from service.serving.state.lock import StateDirLocked, StateLock
 
@@ -46,27 +52,136 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     settings.ensure_dirs()
+    # A second instance on this machine stops here, on one line, before anything starts
+    # (the loader template, the demo writer): its port, state directory or worker socket
+    # is in use.
+    try:
+        listener = bind(args.host, args.port)
+    except PortUnavailable as exc:
+        print(f"basehold: {exc}", file=sys.stderr)
+        return 2
     lock = StateLock(settings.state_dir)
     try:
         lock.acquire()
         check_folder(settings.socket.parent, resolve_group(settings.socket_group))
+        check_socket_free(settings.socket)
         check_template(settings.loader_template)
-    except (StateDirLocked, FolderUnsafe) as exc:
-        print(f"basehold: refusing to start: {exc}", file=sys.stderr)
-        return 2
-    if args.demo:
-        _write_demo(settings, args.host, args.port)
-    from service.serving.app import create_app
-    from service.serving.server import serve
+        from service.serving.app import create_app
 
-    try:  # the node-features folder, a shared loader template: checked as the app is built
+        # the node-features folder, a shared loader template: checked as the app is built
         app = create_app(settings, lock=lock)
-    except FolderUnsafe as exc:
+    except (StateDirLocked, FolderUnsafe) as exc:
+        listener.close()
         lock.release()
         print(f"basehold: refusing to start: {exc}", file=sys.stderr)
         return 2
-    serve(app, args.host, args.port, args.log_level)
+    return _run(app, settings, args, listener)
+
+
+def _run(app: Any, settings: Settings, args: argparse.Namespace, listener: socket.socket) -> int:
+    """Serve until stopped; the start block prints once the server answers, the demo's
+    lines once its checkpoint (written in the background meanwhile) is there."""
+    from service.demo import DEMO_NAME, DemoWriter
+    from service.serving.server import serve
+
+    base = display_url(args.host, args.port)
+    demo = None
+    if args.demo:
+        path = settings.model_roots[0] / DEMO_NAME
+        demo = DemoWriter(path, lambda: print(demo_lines(path, base, settings), flush=True))
+    app.state.demo = demo  # /readyz: `demo_preparing` until it is written
+
+    def started() -> None:
+        print(start_lines(base, settings, demo), flush=True)
+        if demo is not None:
+            demo.start()
+
+    try:
+        serve(
+            app,
+            args.host,
+            args.port,
+            args.log_level,
+            listener=listener,
+            on_started=started,
+            on_stopping=demo.stop if demo is not None else lambda: None,
+        )
+    finally:
+        # Every way out, also a failed start: nothing this process started outlives it.
+        if demo is not None:
+            demo.stop()
+        app.state.loaders.close()  # a no-op after a normal shutdown (it closed them)
     return 0
+
+
+def check_socket_free(path: Path) -> None:
+    """SocketUnsafe when a live process serves the worker socket (a stale file from a
+    process that died is fine: the socket server replaces it)."""
+    from service.serving.socket.server import SocketUnsafe
+
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not (_listed_listening(path) or _answers(path)):
+        return
+    raise SocketUnsafe(
+        f"the worker socket {path} is in use (another basehold?): set BASEHOLD_SOCKET to "
+        "another path"
+    )
+
+
+def _listed_listening(path: Path) -> bool:
+    """Whether /proc/net/unix lists a listening socket bound to `path` (this network
+    namespace): found without connecting, so the serving one logs nothing about it."""
+    try:
+        table = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for row in table:
+        fields = row.split(maxsplit=7)  # Num RefCount Protocol Flags Type St Inode Path
+        if len(fields) == 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
+            return True
+    return False
+
+
+def _answers(path: Path) -> bool:
+    """Whether something accepts a connection on `path` (a server in another network
+    namespace, sharing the folder, is not in our /proc/net/unix)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+def display_url(host: str, port: int) -> str:
+    """The base URL to print: a wildcard bind is shown with this machine's name."""
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def start_lines(base: str, settings: Settings, demo: DemoWriter | None) -> str:
+    lines = [
+        f"basehold: serving on {base}",
+        f"  dashboard: {base}/",
+        f"  API docs:  {base}/docs",
+        f"  API base:  {base}/v1",
+    ]
+    if settings.auth_enabled:
+        lines.append(
+            '  API keys:  send "Authorization: Bearer <key>" with a key of BASEHOLD_API_KEYS '
+            "(the dashboard asks for one)"
+        )
+    if demo is not None and demo.preparing:
+        lines.append(
+            f"  demo:      writing its checkpoint to {demo.target} (GET /readyz answers "
+            "demo_preparing until it is there)"
+        )
+    return "\n".join(lines)
 
 
 def describe_settings_error(exc: ValidationError) -> str:
@@ -78,23 +193,15 @@ def describe_settings_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _write_demo(settings: Settings, host: str, port: int) -> None:
-    """Written by a child process (torch and transformers stay out of the serving one)."""
-    from service.demo import DEMO_NAME, written
-
-    settings.ensure_dirs()
-    path = settings.model_roots[0] / DEMO_NAME
-    if not written(path):
-        subprocess.run([sys.executable, "-m", "service.demo", str(path.parent)], check=True)
+def demo_lines(path: Path, base: str, settings: Settings) -> str:
     body = json.dumps({"source": str(path), "name": "demo", "dtype": "float32"})
     auth = ' -H "Authorization: Bearer $KEY"' if settings.auth_enabled else ""
-    print(
+    return (
         f"basehold: demo checkpoint at {path}\n"
-        f"  load it:   curl -s -X POST http://{host}:{port}/v1/models{auth} "
+        f"  load it:   curl -s -X POST {base}/v1/models{auth} "
         f"-H 'Content-Type: application/json' -d '{body}'\n"
-        f"  status:    curl -s http://{host}:{port}/v1/models/demo{auth}\n"
-        f"  unload:    curl -s -X DELETE http://{host}:{port}/v1/models/demo{auth}",
-        flush=True,
+        f"  status:    curl -s {base}/v1/models/demo{auth}\n"
+        f"  unload:    curl -s -X DELETE {base}/v1/models/demo{auth}"
     )
 
 

@@ -178,3 +178,23 @@ def test_load_wait_in_a_terminal_draws_a_bar_with_the_download_bytes(
     assert re.search(r"loading: downloading.*\d+\.\d/\d+\.\d MB", text), text
     assert not _download_steps(text)  # the bar, not the log lines
     assert "tty ready in" in text
+
+
+def test_the_start_block_names_the_urls_and_the_key_to_send(tmp_path: Path) -> None:
+    """What `serve` prints once it listens (no server needed: the text itself)."""
+    import socket
+
+    from service.cli import display_url, start_lines
+    from service.serving.settings import Settings
+
+    assert display_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    assert display_url("::1", 8000) == "http://[::1]:8000"
+    assert display_url("0.0.0.0", 8000) == f"http://{socket.gethostname()}:8000"
+    keyed = Settings(state_dir=tmp_path, api_keys={KEY: ["admin"]})
+    block = start_lines("http://node:8000", keyed, None)
+    assert "dashboard: http://node:8000/" in block and "http://node:8000/docs" in block
+    assert "API base:  http://node:8000/v1" in block
+    assert "Authorization: Bearer <key>" in block and "BASEHOLD_API_KEYS" in block
+    assert KEY not in block  # never a key itself
+    open_block = start_lines("http://node:8000", Settings(state_dir=tmp_path), None)
+    assert "Authorization" not in open_block

@@ -1,17 +1,93 @@
-"""uvicorn, with SIGTERM as the normal way to stop."""
+"""uvicorn on a port bound before anything else starts, with SIGTERM as the normal way to
+stop and the dashboard's polls kept out of the access log."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import logging
 import signal
+import socket
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
+# What the dashboard (every second, per open tab) and probes ask over and over: a 2xx answer
+# to one of these GETs is not worth an access-log line. Errors and every other request are.
+POLLED = frozenset(
+    {"/healthz", "/readyz", "/v1/memory", "/v1/memory/history", "/v1/models", "/v1/leases"}
+)
+
+
+class PortUnavailable(RuntimeError):
+    """The HTTP port cannot be bound; the message says which flag to change."""
+
+
+class QuietPolls(logging.Filter):
+    """Drops uvicorn's access line for a polled GET that answered 2xx."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple) or len(args) != 5:  # not an access line
+            return True
+        _, method, path, _, status = args
+        if method != "GET" or str(path).split("?", 1)[0] not in POLLED:
+            return True
+        return not (isinstance(status, int) and 200 <= status < 300)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the app (and its loader template) starts: a port
+    in use stops a second instance before it starts anything (PortUnavailable). It listens
+    at once, so a client that connects while the app starts waits instead of being refused."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise PortUnavailable(_bind_failure(host, port, exc)) from None
+    return sock
+
+
+def _bind_failure(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is in use (another basehold?): pass another --port"
+    if exc.errno == errno.EACCES:
+        return f"port {port} needs privileges to bind: pass --port 1024 or above"
+    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(exc, socket.gaierror):
+        return f"cannot listen on {host} (not an address of this machine): pass another --host"
+    return f"cannot listen on {host}:{port} ({exc.strerror or exc}): pass another --host or --port"
+
 
 class DrainingServer(uvicorn.Server):
     """On SIGTERM (the orchestrator's stop) drain, unload every model, and exit 0 instead of
-    re-raising the signal after shutdown as plain uvicorn does."""
+    re-raising the signal after shutdown as plain uvicorn does. `on_started` runs once the
+    app has started and the socket serves requests; `on_stopping` (in a thread) as the
+    shutdown begins, before the app's."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_started: Callable[[], None],
+        on_stopping: Callable[[], None],
+    ) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+        self._on_stopping = on_stopping
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            self._on_started()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await asyncio.to_thread(self._on_stopping)
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
@@ -19,8 +95,23 @@ class DrainingServer(uvicorn.Server):
             self._captured_signals.remove(sig)
 
 
-def serve(app: FastAPI, host: str, port: int, log_level: str) -> None:
+def serve(
+    app: FastAPI,
+    host: str,
+    port: int,
+    log_level: str,
+    *,
+    listener: socket.socket | None = None,
+    on_started: Callable[[], None] = lambda: None,
+    on_stopping: Callable[[], None] = lambda: None,
+) -> None:
+    """Serve on `listener` (from `bind`; bound here when None) until stopped."""
+    listener = listener or bind(host, port)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30
     )
-    DrainingServer(config).run()
+    # uvicorn configured its loggers just now (Config's __init__): filter after that.
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, QuietPolls) for f in access.filters):
+        access.addFilter(QuietPolls())
+    DrainingServer(config, on_started, on_stopping).run(sockets=[listener])

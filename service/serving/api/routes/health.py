@@ -55,6 +55,9 @@ async def readyz(request: Request, registry: RegistryDep) -> JSONResponse | dict
             "restart the service.",
             **more,
         )
+    demo = getattr(request.app.state, "demo", None)  # `serve --demo` writing its checkpoint
+    if demo is not None and demo.preparing:
+        return problem(503, "demo_preparing", "Demo checkpoint being written", demo.detail, **more)
     loaders = getattr(request.app.state, "loaders", None)
     liveness = getattr(loaders, "liveness", None)  # a stand-in backend may have none
     template = liveness() if liveness is not None else None
