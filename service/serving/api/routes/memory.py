@@ -31,7 +31,12 @@ def snapshot_of(state: State) -> MemorySnapshot:
     return memory_snapshot(state.cuda, state.gpus, models, shared_arena_bytes=arena)
 
 
-@router.get("/memory", response_model=MemoryReport, dependencies=[require("read")])
+@router.get(
+    "/memory",
+    response_model=MemoryReport,
+    dependencies=[require("read")],
+    responses=problem_responses(401, 403),
+)
 async def memory(request: Request) -> MemoryReport:
     """Per GPU (NVML), host (psutil) and per-model bytes counted from the tensors."""
     state = request.app.state
@@ -65,7 +70,7 @@ async def memory_history(request: Request) -> Response:
     "/estimate",
     response_model=EstimateOut,
     dependencies=[require("read")],
-    responses=problem_responses(400, 401, 403, 404, 413, 422, 429),
+    responses=problem_responses(400, 401, 403, 404, 413, 422, 429, 502, 503, 504),
 )
 def estimate(
     request: LoadRequest,

@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
     dependencies=[require("admin", "ensure")],
     responses={
         200: {"model": ModelStatus, "description": "Identical spec already held"},
-        **problem_responses(400, 401, 403, 404, 409, 422, 507),
+        **problem_responses(400, 401, 403, 404, 409, 422, 502, 503, 504, 507),
     },
 )
 def load_model(
