@@ -4,6 +4,7 @@ in worker processes against a real server, on tiny checkpoints with a real token
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -202,7 +203,12 @@ def test_adapter_names_the_hub_id_and_revision(server: Server, tmp_path: Path) -
 def test_a_forced_unload_stops_the_trainer_with_a_checkpoint(
     server: Server, tok_root: Path, tmp_path: Path
 ) -> None:
-    load(server, source=str(tok_root / "llama-tok"), name="lost", dtype="float32")
+    # A checkpoint of its own: the same spec under another name would be an alias of a
+    # model other tests hold, and DELETE of an alias drops only that name.
+    own = tok_root / "llama-tok-lost"
+    if not own.exists():
+        shutil.copytree(tok_root / "llama-tok", own)
+    load(server, source=str(own), name="lost", dtype="float32")
     proc = worker(server, "lost", "lost", tmp_path)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "training"
     forced = httpx.delete(f"{server.url}/v1/models/lost", params={"force": "true"})
