@@ -1,4 +1,5 @@
-"""`basehold` command line: `serve` starts the HTTP service."""
+"""`basehold` command line: `serve` starts the HTTP service; the other commands talk to one
+(global options --url, --token, --json, -v before or after the command)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from service.commands import add_commands, run
+from service.commands import add_commands, add_global_options, run
 from service.common.logsafe import configure
 from service.serving.settings import Settings
 
@@ -208,17 +209,25 @@ def demo_lines(path: Path, base: str, settings: Settings) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="basehold", description=__doc__)
     parser.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="client commands: show library log lines (each HTTP request, ...) too",
+        "--version", action="version", version=f"basehold {_version()}", help="print the version"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    add_global_options(parser, defaults=True)
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        help="`basehold COMMAND -h` tells its options",
+    )
     serve = sub.add_parser("serve", help="run the HTTP service (uvicorn)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
     serve.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="the service's log level (default info)",
     )
     serve.add_argument(
         "--demo",
@@ -228,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     add_commands(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("basehold")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

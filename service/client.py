@@ -5,8 +5,10 @@ re-exports it, so scripts written against earlier releases keep working."""
 from service.worker.client import (
     BaseholdError,
     Client,
+    GpuNotFound,
     LeaseLost,
     LeaseState,
+    ServiceUnreachable,
     default_holder,
     keep_base_out_of_ddp,
     lease_of,
@@ -15,8 +17,10 @@ from service.worker.client import (
 __all__ = [
     "BaseholdError",
     "Client",
+    "GpuNotFound",
     "LeaseLost",
     "LeaseState",
+    "ServiceUnreachable",
     "default_holder",
     "keep_base_out_of_ddp",
     "lease_of",

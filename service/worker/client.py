@@ -1,7 +1,7 @@
 """Python client for basehold, for training workers and scripts.
 
     from service.worker.client import Client
-    client = Client("http://127.0.0.1:8000", token=None)
+    client = Client()          # $BASEHOLD_URL (default http://127.0.0.1:8000), $BASEHOLD_TOKEN
     tokenizer = client.tokenizer("llama-q4")           # over HTTP, no shared filesystem
     with client.attach("llama-q4") as model:           # waits for ready; holder: host-pid
         trainer = SFTTrainer(model=model, processing_class=tokenizer, ...,
@@ -46,12 +46,16 @@ if TYPE_CHECKING:
     from service.common.handles.devices import DeviceSegments
 
 log = logging.getLogger("basehold.client")
+DEFAULT_URL = "http://127.0.0.1:8000"
+# A wrong address fails within this, not the read timeout: waiting is for models.
+CONNECT_TIMEOUT_S = 5.0
 __all__ = [
     "BaseholdError",
     "Client",
     "GpuNotFound",
     "LeaseLost",
     "LeaseState",
+    "ServiceUnreachable",
     "default_holder",
     "keep_base_out_of_ddp",
     "lease_of",
@@ -67,6 +71,23 @@ class BaseholdError(RuntimeError):
         self.code = code
         self.detail = detail
         self.reason = reason  # lease_not_found: why the lease ended
+
+
+class ServiceUnreachable(ConnectionError):
+    """The service was never reached at this Client's URL (refused, no such host, connect
+    timeout): a wrong address, not a restart, so nothing waits for it."""
+
+    def __init__(self, url: str, cause: Exception) -> None:
+        super().__init__(
+            f"cannot reach basehold at {url} ({type(cause).__name__}: {cause or 'no answer'}). "
+            "Check the URL (the CLI's --url, BASEHOLD_URL, Client(base_url=...)) and that the "
+            "service runs."
+        )
+        self.url = url
+
+
+# What httpx raises when no connection to the address could be made at all.
+_NEVER_CONNECTED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)
 
 
 def _secret_header(secret: str | None) -> dict[str, str] | None:
@@ -103,18 +124,48 @@ def default_holder() -> str:
 class Client:
     def __init__(
         self,
-        base_url: str,
+        base_url: str | None = None,
         token: str | None = None,
         timeout: float = 30.0,
         *,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        socket_path: str | None = None,
         gpus: Callable[[], VisibleGpus] = torch_gpus,
     ) -> None:
-        """`gpus`: the GPUs this process sees (default: torch's view); "this-gpu" in a
-        load request names the current one, and `attach` checks a model's segments are on
-        one of them."""
+        """`base_url` defaults to `$BASEHOLD_URL` (else http://127.0.0.1:8000) and `token`
+        to `$BASEHOLD_TOKEN` (pass "" for none), as the `basehold` CLI reads them.
+        `socket_path` (default `$BASEHOLD_SOCKET`): where this worker sees the service's
+        socket, when its mount differs from the service's path (which handles name).
+
+        A URL this Client never reached fails within `connect_timeout` with
+        ServiceUnreachable naming it; once the service answered, `wait`, `ensure` and
+        `attach` ride out its restarts. `gpus`: the GPUs this process sees (default:
+        torch's view); "this-gpu" in a load request names the current one, and `attach`
+        checks a model's segments are on one of them."""
+        self.url = (base_url or os.environ.get("BASEHOLD_URL") or DEFAULT_URL).rstrip("/")
+        if token is None:
+            token = os.environ.get("BASEHOLD_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        limits = httpx.Timeout(timeout, connect=min(timeout, connect_timeout))
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=limits)
         self._gpus = gpus
+        self.socket_path = socket_path or os.environ.get("BASEHOLD_SOCKET") or None
+        self._connected = False  # whether any connection to the service was ever made
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One HTTP request. A transport error before this Client ever connected is a
+        wrong address (ServiceUnreachable); after, a restart the callers may ride out."""
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except _NEVER_CONNECTED as exc:
+            if not self._connected:
+                raise ServiceUnreachable(self.url, exc) from exc
+            raise
+        except httpx.TransportError:
+            self._connected = True  # it connected, then the peer hung up or went silent
+            raise
+        self._connected = True
+        return response
 
     def close(self) -> None:
         self._http.close()
@@ -127,7 +178,7 @@ class Client:
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """The response, or the problem it answers as a BaseholdError."""
-        response = self._http.request(method, path, **kwargs)
+        response = self._request(method, path, **kwargs)
         if response.status_code >= 400:
             try:
                 body = response.json()
@@ -160,7 +211,7 @@ class Client:
         """Load-if-absent: `request` is a LoadRequest (the JSON body of POST /v1/models, as
         a dict). The service answers the model it already has for the same normalized
         spec, so jobs that ensure one spec at once cause one load. Waits until the model is
-        ready (through a restart of the service) and returns its ModelStatus; raises
+        ready (through a restart of a service it reached) and returns its ModelStatus; raises
         BaseholdError with the model's problem if the load failed.
 
         `"device_map": "this-gpu"` (or as a device_map value, or a max_memory key) asks
@@ -189,6 +240,7 @@ class Client:
 
         Waits through a restart of the service: while it cannot be reached, or answers
         404 while it is still restoring what it held, this keeps polling until `timeout`.
+        A URL this Client never reached raises ServiceUnreachable at once instead.
         `absent_ok`: a model that does not exist yet is waited for too (a job started
         before its base was loaded); a log line says so, once."""
         deadline = time.monotonic() + timeout
@@ -239,7 +291,7 @@ class Client:
     def restoring(self) -> bool:
         """Whether the service is starting or restoring the models it held (GET /readyz)."""
         try:
-            return self._http.get("/readyz").status_code == 503
+            return self._request("GET", "/readyz").status_code == 503
         except httpx.TransportError:
             return True
 
@@ -280,7 +332,14 @@ class Client:
         return result
 
     def release(self, lease_id: str, secret: str | None = None) -> None:
+        """Release with the lease's secret; without one (an admin key) it is a revoke:
+        the holder's next renew hears `reason: revoked`."""
         self._call("DELETE", f"/v1/leases/{lease_id}", headers=_secret_header(secret))
+
+    def leases(self) -> list[dict[str, Any]]:
+        """GET /v1/leases: the active leases (never a secret)."""
+        result: list[dict[str, Any]] = self._call("GET", "/v1/leases")["leases"]
+        return result
 
     @contextmanager
     def attach(
@@ -329,7 +388,10 @@ class Client:
             if devices is None and grant["handle"].get("segments"):
                 # Before mapping anything: name both GPUs, not a driver error.
                 check_segments(grant["handle"], self._gpus())
-            model = attach_handle(grant["handle"], lease_id, secret, devices or CUDA)
+            handle = grant["handle"]
+            if self.socket_path:  # the worker's own view of the socket (its mount)
+                handle = {**handle, "arena": {**handle["arena"], "socket": self.socket_path}}
+            model = attach_handle(handle, lease_id, secret, devices or CUDA)
             model.basehold_lease = lease  # type: ignore[assignment]
             guard_moves(model, model_id)
             if grant["handle"].get("segments") or on_lost == "raise":

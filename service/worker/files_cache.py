@@ -8,6 +8,7 @@ against the SHA-256 the service lists and published by rename.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -18,21 +19,55 @@ from typing import Any
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+class CacheUnwritable(PermissionError):
+    """The files cache cannot be created or written: the message names BASEHOLD_CACHE."""
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("BASEHOLD_CACHE") or Path.home() / ".cache" / "basehold")
+    configured = os.environ.get("BASEHOLD_CACHE")
+    if configured:
+        return Path(configured)
+    try:
+        return Path.home() / ".cache" / "basehold"
+    except RuntimeError as exc:  # no HOME and no passwd entry (an arbitrary container uid)
+        raise CacheUnwritable(
+            f"no home folder for the basehold files cache ({exc}); set BASEHOLD_CACHE to a "
+            "writable folder"
+        ) from exc
 
 
 def fetch_files(
     listing: dict[str, Any], download: Callable[[str], bytes], root: Path | None = None
 ) -> Path:
-    """Make sure every listed file is in the cache; returns the model's cache folder."""
+    """Make sure every listed file is in the cache; returns the model's cache folder.
+    CacheUnwritable (naming BASEHOLD_CACHE) when the cache cannot be written."""
+    base = root or cache_root()
+    try:
+        return _fetch(listing, download, base)
+    except PermissionError as exc:
+        if isinstance(exc, CacheUnwritable):
+            raise
+        raise CacheUnwritable(
+            f"cannot write the basehold files cache in {base} ({exc.strerror}: "
+            f"{exc.filename}); set BASEHOLD_CACHE to a writable folder"
+        ) from exc
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+        raise CacheUnwritable(
+            f"the basehold files cache {base} is on a read-only filesystem; set "
+            "BASEHOLD_CACHE to a writable folder"
+        ) from exc
+
+
+def _fetch(listing: dict[str, Any], download: Callable[[str], bytes], base: Path) -> Path:
     files = listing["files"]
     digest = hashlib.sha256(
         "".join(f"{f['name']}:{f['sha256']};" for f in files).encode()
     ).hexdigest()[:16]
     revision = listing.get("revision")
     key = f"{_component(str(revision))}-{digest}" if revision else digest
-    folder = (root or cache_root()) / "files" / _component(str(listing["model_id"])) / key
+    folder = base / "files" / _component(str(listing["model_id"])) / key
     folder.mkdir(parents=True, exist_ok=True)
     for entry in files:
         name = str(entry["name"])

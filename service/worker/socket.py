@@ -4,10 +4,12 @@ model's file descriptors (the arena's, then one per device segment)."""
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
 import random
 import socket
+import stat
 import time
 
 from service.common.socket_protocol import MAX_FDS, MAX_LINE, ArenaRefused, peer_credentials
@@ -49,6 +51,30 @@ def receive_fds(
         pause = min(pause * 2, BUSY_MAX_S)
 
 
+def not_in_group(path: str, exc: OSError) -> str:
+    """Worker side, EACCES on the socket: the worker sees the path but is not in the group
+    the service lets connect (BASEHOLD_SOCKET_GROUP). Names the group to join."""
+    where = f"cannot open the service's socket {path} ({exc.strerror}) as uid {os.getuid()}"
+    try:
+        folder = os.stat(os.path.dirname(path) or ".")
+    except OSError:
+        return f"{where}: run the worker in the group the service's BASEHOLD_SOCKET_GROUP names."
+    if not folder.st_mode & stat.S_IXGRP:
+        return (
+            f"{where}: its folder is the service user's alone. Set BASEHOLD_SOCKET_GROUP on the "
+            "service and run the worker as a member of that group."
+        )
+    gid = folder.st_gid
+    try:
+        name = f"{grp.getgrgid(gid).gr_name!r} (gid {gid})"
+    except KeyError:  # a gid this container's /etc/group does not list
+        name = f"gid {gid}"
+    return (
+        f"{where}: join the socket's group {name} (Kubernetes: securityContext."
+        f"supplementalGroups: [{gid}]; docker run --group-add {gid})."
+    )
+
+
 def _ask(
     path: str, lease_id: str, secret: str, socket_uid: int | None, timeout: float
 ) -> list[int]:
@@ -61,6 +87,8 @@ def _ask(
             raise ArenaRefused(
                 "busy", f"the service's socket {path} accepts no more connections for now"
             ) from None
+        except PermissionError as exc:
+            raise ArenaRefused("socket_unreachable", not_in_group(path, exc)) from exc
         except OSError as exc:
             raise ArenaRefused(
                 "socket_unreachable",
