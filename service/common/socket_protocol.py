@@ -8,7 +8,7 @@ import socket
 import struct
 
 MAX_LINE = 4096
-MAX_FDS = 64  # the arena and one segment per GPU
+MAX_FDS = 64  # the arena and the segments (at most 48: service.loader.segment_chunks)
 
 
 class ArenaRefused(RuntimeError):

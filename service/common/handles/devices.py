@@ -1,5 +1,6 @@
-"""Device segments: one allocation per GPU holding a held model's tensors on that GPU,
-lent to workers as a file descriptor.
+"""Device segments: allocations on a GPU holding a held model's tensors there (several per
+GPU, filled one after another: `service.loader.segment_fill`), each lent to workers as a
+file descriptor.
 
 This is the narrow seam to CUDA for handles. `CudaSegments` makes each segment a CUDA VMM
 allocation exported as a POSIX fd (`service.common.handles.vmm`, through cuda-bindings): the

@@ -82,6 +82,10 @@ def start(
     # torch.cuda.is_available() in the template asks NVML, not the CUDA driver: a driver
     # initialized before the fork is unusable in every loader forked after it.
     env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    # Placing a GPU model frees each source tensor as it is copied into its segment
+    # (service.loader.segment_fill): expandable segments hand freed pages back at once,
+    # where torch's default caching allocator may keep a whole block until all of it is free.
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     command = [sys.executable, "-m", "service.loader.forker", "--listen", str(address)]
     process = subprocess.Popen(
         [*command, *(["--owned"] if owned else [])],
