@@ -9,6 +9,10 @@ The skeleton is built from the config on the `meta` device (no memory), 4-bit li
 swapped for bitsandbytes modules holding the arena's packed weights and QuantState, every
 other parameter and buffer is bound to a view of the mapping, and nothing may remain on
 `meta`.
+
+Under data parallelism the base stays shared (`service.worker.ddp`): its tensors are
+tagged so that any DDP built around the model skips them, FSDP refuses it, and a copy
+made anyway warns once with its bytes.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from service.common.handles.devices import (
 )
 from service.common.handles.repack import disable_cpu_repack
 from service.common.socket_protocol import ArenaRefused
-from service.worker import hf_meta
+from service.worker import ddp, hf_meta
 from service.worker.copy_on_write import protect_buffer, protect_parameter
 from service.worker.socket import receive_fds
 
@@ -192,6 +196,11 @@ def build(
     model.basehold_segments = opened  # type: ignore[assignment]
     model.eval()
     model.requires_grad_(False)
+    ddp.mark_base(model)
+    ddp.install()
+    start = torch.frombuffer(mapping, dtype=torch.uint8).data_ptr() if len(mapping) else 0
+    model.basehold_arena = (start, len(mapping))  # type: ignore[assignment]
+    ddp.watch_copies(model, handle.model_id, start, len(mapping))
     return model
 
 
@@ -242,6 +251,10 @@ def attach_handle(
     """Fetch the arena's and segments' fds from the service's socket with the lease's id and
     secret, map them, and build the model on them."""
     handle = _validated(handle, devices)
+    try:
+        ddp.refuse_sharding_launchers()  # before anything is mapped, let alone copied
+    except ddp.ShardedBaseError as exc:
+        raise AttachError(str(exc)) from exc
     try:
         fds = receive_fds(handle.arena.socket, lease_id, secret, handle.socket_uid)
     except ArenaRefused as exc:

@@ -4,10 +4,6 @@
   checkpoint and stop at the end of the current step, so no work is lost silently. With
   `on_lost="raise"` the step in flight finishes first: the raise comes only if training
   goes on after that.
-- When the Trainer is built (`on_init_end`, before it wraps the model in
-  DistributedDataParallel), the base's frozen tensors go on DDP's ignore list: DDP's
-  start-up broadcast would otherwise write them on every rank but 0, turning the shared
-  pages into private copies.
 - At the start of training it records the base model's provenance (the hub id and commit
   for hub loads) in the PEFT configs that do not name it yet, so the saved adapter's
   `adapter_config.json` names its base, never a server path.
@@ -21,7 +17,6 @@ from typing import Any
 from transformers import TrainerCallback
 
 from service.worker.lease_state import LeaseState
-from service.worker.moves import keep_base_out_of_ddp
 
 log = logging.getLogger("basehold.client")
 
@@ -32,11 +27,6 @@ class LeaseCallback(TrainerCallback):
         lease.deferred = True  # a loss now stops training at a step boundary, here
         self.base_name = base_name
         self.revision = revision
-
-    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        model = kwargs.get("model")
-        if model is not None:
-            keep_base_out_of_ddp(model)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for config in (getattr(kwargs.get("model"), "peft_config", None) or {}).values():

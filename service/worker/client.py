@@ -109,8 +109,9 @@ def _lease_is_gone(exc: Exception) -> bool:
 
 def keep_base_out_of_ddp(module: nn.Module) -> list[str]:
     """Name an attached base's tensors (inside any wrapper, e.g. a PeftModel) in
-    DistributedDataParallel's ignore list; call it on the module you wrap in DDP yourself
-    (`lease_callback` does it for the Trainer). Returns the names."""
+    DistributedDataParallel's ignore list; not needed: every
+    DistributedDataParallel built after an attach does it (`service.worker.ddp`); kept for
+    jobs that call it. Returns the names."""
     from service.worker.moves import keep_base_out_of_ddp as keep
 
     return keep(module)
@@ -134,8 +135,10 @@ class Client:
     ) -> None:
         """`base_url` defaults to `$BASEHOLD_URL` (else http://127.0.0.1:8000) and `token`
         to `$BASEHOLD_TOKEN` (pass "" for none), as the `basehold` CLI reads them.
-        `socket_path` (default `$BASEHOLD_SOCKET`): where this worker sees the service's
-        socket, when its mount differs from the service's path (which handles name).
+        `socket_path`: where this worker sees the service's socket, when its mount differs
+        from the service's path (which handles name); without it, `$BASEHOLD_SOCKET` where
+        that socket exists (an image's default for its service, say, may not be this
+        worker's mount), else the handle's path.
 
         A URL this Client never reached fails within `connect_timeout` with
         ServiceUnreachable naming it; once the service answered, `wait`, `ensure` and
@@ -149,8 +152,16 @@ class Client:
         limits = httpx.Timeout(timeout, connect=min(timeout, connect_timeout))
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=limits)
         self._gpus = gpus
-        self.socket_path = socket_path or os.environ.get("BASEHOLD_SOCKET") or None
+        self.socket_path = socket_path
         self._connected = False  # whether any connection to the service was ever made
+
+    def _socket_seen(self) -> str | None:
+        """The socket path to use instead of the handle's: `socket_path`, else
+        $BASEHOLD_SOCKET if a socket is there (None: the handle's)."""
+        if self.socket_path:
+            return self.socket_path
+        setting = os.environ.get("BASEHOLD_SOCKET")
+        return setting if setting and os.path.exists(setting) else None
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One HTTP request. A transport error before this Client ever connected is a
@@ -389,8 +400,9 @@ class Client:
                 # Before mapping anything: name both GPUs, not a driver error.
                 check_segments(grant["handle"], self._gpus())
             handle = grant["handle"]
-            if self.socket_path:  # the worker's own view of the socket (its mount)
-                handle = {**handle, "arena": {**handle["arena"], "socket": self.socket_path}}
+            seen = self._socket_seen()  # the worker's own view of the socket (its mount)
+            if seen:
+                handle = {**handle, "arena": {**handle["arena"], "socket": seen}}
             model = attach_handle(handle, lease_id, secret, devices or CUDA)
             model.basehold_lease = lease  # type: ignore[assignment]
             guard_moves(model, model_id)

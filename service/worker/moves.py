@@ -5,12 +5,9 @@
   `cpu:0`, `cuda:1` vs the same GPU) with its own dtype is a no-op here, where torch would
   copy it (`cpu:0` is not `cpu` to `Tensor.to`). A move that does copy the base (another
   device, another dtype) warns once, naming the bytes: the copy is this process's own.
-- `keep_base_out_of_ddp(module)`: DistributedDataParallel broadcasts every parameter and
-  buffer from rank 0 at start-up, writing into them on the other ranks; a write to a
-  copy-on-write page makes it private (a full copy of the base per rank). Frozen base
-  tensors need no sync: they are named in DDP's documented ignore list
-  (`_set_params_and_buffers_to_ignore_for_model`). `Client.lease_callback` does it when
-  the Trainer is built; call it yourself before wrapping a model in DDP by hand.
+- `keep_base_out_of_ddp(module)`: names the base's tensors on DDP's ignore list. Every
+  DistributedDataParallel built after an attach does this itself
+  (`service.worker.ddp`); kept for jobs that call it.
 """
 
 from __future__ import annotations
@@ -82,14 +79,8 @@ def guard_moves(model: nn.Module, model_id: str) -> None:
 
 def keep_base_out_of_ddp(module: nn.Module) -> list[str]:
     """Name `module`'s base tensors (any wrapper around an attached model: a PeftModel,
-    ...) in DDP's ignore list; returns the names. Call it on the module DDP will wrap."""
-    storages: frozenset[int] = getattr(module, "basehold_storages", frozenset())
-    names = sorted({n for n, t in _tensors(module) if _storage(t) in storages})
-    if names:
-        from torch.nn.parallel import DistributedDataParallel
+    ...) in DDP's ignore list; returns the names. DDP built after an attach already does
+    it (`service.worker.ddp`)."""
+    from service.worker.ddp import ignore_base
 
-        ignored = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            module, sorted({*ignored, *names})
-        )
-    return names
+    return ignore_base(module)

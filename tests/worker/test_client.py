@@ -323,7 +323,9 @@ def test_the_worker_socket_path_comes_from_basehold_socket(
     server: Server, models_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker whose mount of the socket folder differs from the service's path sets
-    BASEHOLD_SOCKET: attach connects there, not to the path the handle names."""
+    BASEHOLD_SOCKET: attach connects there, not to the path the handle names; a
+    BASEHOLD_SOCKET where no socket is (an image's default for its service) is passed
+    over; `socket_path=` is used as given."""
     mount = tmp_path / "mounted"
     mount.symlink_to(server.socket.parent)  # the same folder, seen under another path
     Client(server.url).ensure(spec(models_root, name="mounted"))
@@ -332,5 +334,8 @@ def test_the_worker_socket_path_comes_from_basehold_socket(
         assert lease_of(model).state == "active"
     wrong = str(tmp_path / "elsewhere" / "basehold.sock")
     monkeypatch.setenv("BASEHOLD_SOCKET", wrong)
-    with pytest.raises(AttachError, match=re.escape(wrong)), Client(server.url).attach("mounted"):
+    with Client(server.url).attach("mounted") as model:  # the handle's path
+        assert lease_of(model).state == "active"
+    given = Client(server.url, socket_path=wrong)
+    with pytest.raises(AttachError, match=re.escape(wrong)), given.attach("mounted"):
         pass
