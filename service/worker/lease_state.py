@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Literal
 
+from service.worker.exit_codes import LEASE_LOST
+
 if TYPE_CHECKING:  # torch is imported by what attaches, not by this module
     from torch import nn
     from torch.utils.hooks import RemovableHandle
@@ -39,7 +41,10 @@ _SERVICE_REASONS: dict[object, Reason] = {
 
 class LeaseLost(RuntimeError):
     """A forward pass on an attached model whose lease is gone (revoked, expired, or its
-    attach block ended). Attach again."""
+    attach block ended). Attach again. A job that catches it saves a checkpoint and exits
+    with `exit_code` (`exit_codes.LEASE_LOST`), so its scheduler retries it on a new lease."""
+
+    exit_code: int = LEASE_LOST
 
 
 @dataclass

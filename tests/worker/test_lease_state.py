@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from service.worker.client import BaseholdError, _lease_is_gone
-from service.worker.lease_state import LeaseState, Renewer
+from service.worker.lease_state import LeaseLost, LeaseState, Renewer
 
 
 def lease(ttl: int = 1) -> LeaseState:
@@ -118,3 +118,15 @@ def test_a_callback_gets_the_loss_before_forward_passes_raise() -> None:
     assert control.should_save and control.should_training_stop
     assert state.forward_refusal() is not None  # training goes on: now it raises
     assert "revoked by a forced unload" in str(state.forward_refusal())
+
+
+def test_a_lost_lease_has_an_exit_code_of_its_own() -> None:
+    """What a job exits with after saving its checkpoint (docs/jobs.md): EX_TEMPFAIL, which
+    a Job's podFailurePolicy tells from a crash (1) and from a setting to fix (EX_CONFIG)."""
+    from service.client import LeaseLost as Exported
+    from service.worker import exit_codes
+
+    assert Exported is LeaseLost
+    assert LeaseLost("gone").exit_code == exit_codes.LEASE_LOST == 75
+    assert exit_codes.CONFIG == 78
+    assert len({1, exit_codes.LEASE_LOST, exit_codes.CONFIG}) == 3
