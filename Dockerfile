@@ -63,8 +63,8 @@ RUN if [ -z "$PIP_CERT" ]; then unset PIP_CERT; else PIP_CERT="/tmp/inputs$PIP_C
     && cp -r /tmp/inputs/examples /opt/basehold-examples \
     && rm -rf /tmp/inputs \
     && (getent passwd basehold || useradd --system --uid 10001 --create-home basehold) \
-    && mkdir -p /var/lib/basehold/state /var/lib/basehold/models /var/cache/huggingface /models \
+    && mkdir -p /var/lib/basehold/state /var/lib/basehold/models /var/cache/huggingface /models /adapters \
     && install -d -m 0700 -o 10001 /run/basehold \
-    && chown -R 10001 /var/lib/basehold /var/cache/huggingface
+    && chown -R 10001 /var/lib/basehold /var/cache/huggingface /adapters
 VOLUME ["/var/cache/huggingface", "/var/lib/basehold"]
 USER 10001

@@ -13,6 +13,10 @@ from service.common import sizes
 from service.serving.memory.admission import Budget
 
 Scope = Literal["admin", "ensure", "worker", "read"]
+# What the placeholder keys of docker/basehold.env.example and of
+# deploy/examples/secret.example.yaml contain (in any case); refused in a key.
+PLACEHOLDER_KEY_MARKS = ("change-me", "replace-")
+GENERATE_KEY = 'python3 -c "import secrets; print(secrets.token_urlsafe(24))"'
 
 
 def parse_size(value: str | int) -> int:
@@ -32,7 +36,7 @@ def _default_state_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    """Every knob of the service. See the README's settings table."""
+    """Every knob of the service. See docs/configuration.md."""
 
     # hide_input_in_errors: a validation error never prints a value (API keys are secrets).
     model_config = SettingsConfigDict(
@@ -194,6 +198,14 @@ class Settings(BaseSettings):
         for number, (key, scopes) in enumerate(value.items(), start=1):
             if len(key) < 8:
                 raise ValueError(f"API key number {number} is shorter than 8 characters")
+            # The examples' keys are public: a copy left as is must not serve (the
+            # container's entrypoint refuses them too, before starting this).
+            mark = next((m for m in PLACEHOLDER_KEY_MARKS if m in key.lower()), None)
+            if mark is not None:
+                raise ValueError(
+                    f'API key number {number} is a placeholder (it contains "{mark}"): '
+                    f"generate each key with {GENERATE_KEY}"
+                )
             if not scopes:
                 raise ValueError(f"API key number {number} has no scopes")
         return value
