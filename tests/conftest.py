@@ -90,6 +90,7 @@ def live_server(tmp_path: Path, models_root: Path) -> Iterator[Server]:
     env = {
         "BASEHOLD_MODEL_ROOTS": json.dumps([str(models_root)]),
         "BASEHOLD_LEASE_REAP_SECONDS": "0.2",
+        "BASEHOLD_MEMORY_HISTORY_SECONDS": "1",  # the dashboard's history fills in seconds
     }
     running = start(tmp_path, [], env=env)
     yield running

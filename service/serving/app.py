@@ -181,7 +181,7 @@ def create_app(
     events = EventBus()
     metrics = Metrics()
     probes = Probes()  # NVML and psutil, off the event loop
-    history = history or MemoryHistory()
+    history = history or MemoryHistory(every=settings.memory_history_seconds)
 
     def publish(record: ModelRecord, previous: State, target: State) -> None:
         kind = "progress" if previous == target else "state"

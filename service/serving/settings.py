@@ -138,6 +138,13 @@ class Settings(BaseSettings):
         "its own process instead of waking the node's OOM killer. Default: no limit.",
     )
     lease_reap_seconds: float = Field(default=1.0, gt=0, le=60)
+    memory_history_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="How often a memory sample is kept for GET /v1/memory/history (an hour "
+        "of them, at most 3600 samples).",
+    )
     segment_grace_seconds: float = Field(
         default=30.0,
         ge=0,

@@ -206,7 +206,7 @@ def test_a_fresh_page_draws_the_last_minutes_on_axes(
     assert httpx.post(f"{live_server.url}/v1/models", json=body).status_code == 202
     deadline = time.monotonic() + 120
     with httpx.Client(base_url=live_server.url) as http:
-        # Two samples with the model held: one sampling interval (5 s) apart.
+        # Two samples with the model held: one sampling interval (1 s here) apart.
         while True:
             samples = http.get("/v1/memory/history").json()["samples"]
             if sum(1 for s in samples if s["host"]["held_bytes"] > 0) >= 2:

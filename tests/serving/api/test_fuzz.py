@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 KEY = "fuzz-every-scope-key"
 CHECKS = "not_a_server_error,response_schema_conformance,content_type_conformance"
 # Bounded for CI: a few minutes for both servers together.
-MAX_EXAMPLES = os.environ.get("BASEHOLD_FUZZ_EXAMPLES", "15")
+MAX_EXAMPLES = os.environ.get("BASEHOLD_FUZZ_EXAMPLES", "10")
 
 
 def run_schemathesis(url: str, tmp_path: Path, headers: dict[str, str]) -> str:

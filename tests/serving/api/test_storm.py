@@ -15,10 +15,10 @@ from tests.serving.test_server_e2e import start
 from tests.storm import Storm, footprint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-# 12 s after the warm-up: ~500 requests on every route and a handful of workers attached
-# and SIGKILLed (20 s added little but time); bench/storm.py, or BASEHOLD_STORM_SECONDS,
-# storms longer.
-SECONDS = float(os.environ.get("BASEHOLD_STORM_SECONDS", "12"))
+# 8 s after the warm-up: a few hundred requests on every route and a handful of workers
+# attached and SIGKILLed (longer added little but time); bench/storm.py, or
+# BASEHOLD_STORM_SECONDS, storms longer.
+SECONDS = float(os.environ.get("BASEHOLD_STORM_SECONDS", "8"))
 WARM_UP_SECONDS = 6.0
 
 

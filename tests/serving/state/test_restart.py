@@ -354,10 +354,10 @@ def churn(
 
 
 # Each cycle kills the server at a random moment of a random load/unload churn (~1.8 s a
-# cycle). Twelve sample the churn's phases (queued, loading, ready, unloading, several at
-# once) several times each; the moments a kill can land are also covered one by one by
+# cycle). Eight sample the churn's phases (queued, loading, ready, unloading, several at
+# once) twice each on average; the moments a kill can land are also covered one by one by
 # the tests above (mid-load, after a SIGTERM, a source gone, a corrupt database).
-CYCLES = 12
+CYCLES = 8
 
 
 @pytest.mark.slow
