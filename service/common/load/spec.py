@@ -6,7 +6,7 @@ import re
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 
 class Task(str, Enum):
@@ -95,6 +95,22 @@ class Quantization(BaseModel):
     int8_threshold: float | None = Field(
         default=None, ge=0, description="8-bit only (LLM.int8 outlier threshold); default 6.0"
     )
+
+    @field_validator("skip_modules")
+    @classmethod
+    def _skip_modules_are_patterns(cls, value: list[str] | None) -> list[str] | None:
+        """transformers matches each entry as a regular expression (should_convert_module):
+        one that does not compile would fail the load inside the loader."""
+        for entry in value or []:
+            try:
+                re.compile(entry)
+            except re.error as exc:
+                raise ValueError(
+                    f"skip_modules entry {entry!r} is not a valid pattern ({exc}): each is "
+                    "matched as a regular expression against module names; escape special "
+                    "characters (e.g. 'lm_head', 'model\\.layers\\.0\\.mlp')"
+                ) from None
+        return value
 
 
 class BaseModelRef(BaseModel):

@@ -182,3 +182,17 @@ def test_service_keeps_serving_after_failures(
     failed = [m for m in client.get("/v1/models").json()["models"] if m["state"] == "failed"]
     assert len(failed) == 1
     assert client.delete(f"/v1/models/{failed[0]['id']}").status_code == 204
+
+
+def test_a_skip_modules_entry_that_is_not_a_pattern_is_refused_at_post(
+    client: TestClient, models_root: Path
+) -> None:
+    """Found by the fuzzer: transformers matches skip_modules as regular expressions, and a
+    "*" failed the load inside the loader with a traceback (internal)."""
+    body = {
+        "source": str(models_root / "llama"),
+        "quantization": {"method": "bnb-4bit", "skip_modules": ["*"]},
+    }
+    answer = client.post("/v1/models", json=body)
+    assert answer.status_code == 422 and answer.json()["code"] == "invalid_spec", answer.text
+    assert "not a valid pattern" in answer.json()["detail"]
