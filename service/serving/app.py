@@ -66,6 +66,10 @@ async def _reap_leases(
         for step in (expire, placement.collect):
             try:
                 await asyncio.to_thread(step)
+            except RuntimeError as exc:
+                if "after shutdown" in str(exc):  # the interpreter exits under a live app
+                    return
+                log.exception("lease reaper: %s failed; retrying next pass", step.__name__)
             except Exception:
                 log.exception("lease reaper: %s failed; retrying next pass", step.__name__)
 
