@@ -185,39 +185,19 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.as_subclass(torch.Tensor)
 
 
-class SharedParameter(nn.Parameter):
-    """A base parameter on a device segment: copy-on-write (see the module's docstring).
-    Saved and deep-copied as a plain `nn.Parameter` (`torch.load(weights_only=True)`
-    knows no other class; a copy is private anyway)."""
+class _CopyOnWrite:
+    """What both kinds of base tensor share: every torch call goes through
+    `_torch_function`; saved and deep-copied as the plain class `_plain_copy` makes
+    (`torch.load(weights_only=True)` knows no other class; a copy is private anyway)."""
+
+    def _plain_copy(self, data: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        return nn.Parameter(_plain(self), self.requires_grad).__reduce_ex__(protocol)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> nn.Parameter:
-        copied = nn.Parameter(_plain(self).clone(), self.requires_grad)
-        memo[id(self)] = copied
-        return copied
-
-    @classmethod
-    def __torch_function__(
-        cls,
-        func: Callable[..., Any],
-        types: Sequence[type],
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        return _torch_function(func, args, kwargs)
-
-
-class SharedTensor(torch.Tensor):
-    """A base buffer on a device segment, or an alias of a base tensor still on it. Saved
-    and deep-copied as a plain tensor."""
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        return _plain(self).__reduce_ex__(protocol)
+        return self._plain_copy(_plain(self)).__reduce_ex__(protocol)  # type: ignore[arg-type]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> torch.Tensor:
-        copied = _plain(self).clone()
+        copied = self._plain_copy(_plain(self).clone())  # type: ignore[arg-type]
         memo[id(self)] = copied
         return copied
 
@@ -230,6 +210,22 @@ class SharedTensor(torch.Tensor):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         return _torch_function(func, args, kwargs)
+
+
+class SharedParameter(_CopyOnWrite, nn.Parameter):
+    """A base parameter on a device segment: copy-on-write (see the module's docstring),
+    saved and deep-copied as a plain `nn.Parameter`."""
+
+    def _plain_copy(self, data: torch.Tensor) -> torch.Tensor:
+        return nn.Parameter(data, self.requires_grad)
+
+
+class SharedTensor(_CopyOnWrite, torch.Tensor):
+    """A base buffer on a device segment, or an alias of a base tensor still on it; saved
+    and deep-copied as a plain tensor."""
+
+    def _plain_copy(self, data: torch.Tensor) -> torch.Tensor:
+        return data
 
 
 _SHARED = (SharedParameter, SharedTensor)
