@@ -178,14 +178,7 @@ def load(setup: Setup, kind: str) -> Any:
             )
             return Outcome(figures, checks)
         checks["shareable"] = bool(status["shareable"])
-        worker = Worker(attach_model, setup.url(), kind, setup.where, 0, False)
-        try:
-            worker.expect("context", deadline)
-            worker.tell("attach")
-            found = worker.expect("attached", deadline)
-            worker.answer(deadline)
-        finally:
-            worker.kill()
+        found = attach_once(setup, kind, 0, deadline)
         tolerance = 2e-2 if kind != "fp32" else 1e-4
         got = torch.from_numpy(found["logits"])
         figures["logits_max_diff"] = float((got - expected).abs().max())
@@ -209,6 +202,19 @@ def load(setup: Setup, kind: str) -> Any:
         return Outcome(figures, checks, product=product)
 
     return stage
+
+
+def attach_once(setup: Setup, model_id: str, steps: int, deadline: Deadline) -> dict[str, Any]:
+    """A fresh worker attaches `model_id` (and trains `steps` LoRA steps): what it saw."""
+    worker = Worker(attach_model, setup.url(), model_id, setup.where, steps, False)
+    try:
+        worker.expect("context", deadline)
+        worker.tell("attach")
+        found: dict[str, Any] = worker.expect("attached", deadline)
+        worker.answer(deadline)
+    finally:
+        worker.kill()
+    return found
 
 
 def in_segments(found: dict[str, Any]) -> bool:
@@ -299,14 +305,7 @@ def attach_time(setup: Setup) -> Any:
 
     def stage(inputs: dict[str, Any], deadline: Deadline) -> Outcome:
         bf16 = inputs["load-bf16"]
-        worker = Worker(attach_model, setup.url(), bf16["id"], setup.where, setup.steps, False)
-        try:
-            worker.expect("context", deadline)
-            worker.tell("attach")
-            found = worker.expect("attached", deadline)
-            worker.answer(deadline)
-        finally:
-            worker.kill()
+        found = attach_once(setup, bf16["id"], setup.steps, deadline)
         checks = {
             "every base tensor is a view of the served segments": in_segments(found),
             "the base's bytes are the served model's": found["sha"] == bf16["sha"],
