@@ -6,6 +6,11 @@ touching every tensor in this process, as a ratio, and the time of a repeat POST
 spec. Both sides read the same (page-cached) files in the same run, and both first load a
 tiny checkpoint with the same spec, so neither pays one-time imports in the measurement.
 
+Also printed: the floor of an fp32 load (copying the checkpoint's bytes into a memfd once,
+with `sendfile`, in this process) and the loader's peak memory of its own (anonymous +
+shared-memory pages beyond the template it was forked from, sampled every 5 ms) against
+the held model's bytes.
+
     .venv/bin/python bench/load.py [--params-m 250]
 """
 
@@ -13,6 +18,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
+import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +50,86 @@ def baseline(path: Path, spec: dict[str, Any]) -> float:
     return elapsed
 
 
+def memfd_floor(path: Path, runs: int = 3) -> float:
+    """Seconds to copy `path` (page-cached) into a fresh memfd once: the least any load
+    that holds the bytes in shared memory can take. Median of `runs`."""
+    times = []
+    size = path.stat().st_size
+    with path.open("rb") as source:
+        for _ in range(runs):
+            start = time.perf_counter()
+            target = os.memfd_create("bench-floor", os.MFD_CLOEXEC)
+            done = 0
+            while done < size:
+                done += os.sendfile(target, source.fileno(), done, size - done)
+            times.append(time.perf_counter() - start)
+            os.close(target)
+    return statistics.median(times)
+
+
+def _status(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().endswith("kB"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+class LoaderMemory:
+    """Samples, every 5 ms, the loaders of the server's template: the most anonymous +
+    shared-memory bytes one of them held beyond what the template holds (fork shares the
+    template's pages, counted in both)."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> LoaderMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _template(self) -> int | None:
+        for pid in _children(self.server_pid):
+            try:
+                if b"service.loader.forker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+            except OSError:
+                continue
+        return None
+
+    def _sample(self) -> None:
+        template = self._template()
+        while template is not None and not self._stop.wait(0.005):
+            try:
+                own = _status(template)
+                base = own["RssAnon"] + own["RssShmem"]
+                for pid in _children(template):
+                    fields = _status(pid)
+                    self.peak = max(self.peak, fields["RssAnon"] + fields["RssShmem"] - base)
+            except (OSError, KeyError):
+                continue
+
+
 def http_load(http: httpx.Client, path: Path, spec: dict[str, Any]) -> tuple[float, float, str]:
     """POST, then poll every 50 ms as a client would; returns (load s, repeat POST s, id)."""
     body = {"source": str(path), **spec}
@@ -63,7 +151,7 @@ def main() -> None:
         "--torch-threads",
         type=int,
         default=None,
-        help="BASEHOLD_TORCH_THREADS for the server (default: cores - 1)",
+        help="BASEHOLD_TORCH_THREADS for the server (default: the service's own)",
     )
     args = parser.parse_args()
     work, path = workspace(args.params_m)
@@ -78,24 +166,31 @@ def main() -> None:
             baseline(tiny, spec)
             http.delete(f"/v1/models/{http_load(http, tiny, spec)[2]}")
             base_s = baseline(path, spec)
-            http_s, repeat_s, model_id = http_load(http, path, spec)
-            params = http.get(f"/v1/models/{model_id}").json()["parameters"]
+            with LoaderMemory(served.pid) as memory:
+                http_s, repeat_s, model_id = http_load(http, path, spec)
+            status = http.get(f"/v1/models/{model_id}").json()
+            params, held = status["parameters"], status["memory"]["footprint_bytes"]
             http.delete(f"/v1/models/{model_id}")
-            rows.append((name, http_s, base_s, repeat_s))
+            rows.append((name, http_s, base_s, repeat_s, memory.peak / held))
+        floor = memfd_floor(path / "model.safetensors")
     print(
         f"\nbasehold load bench: Llama {params / 1e6:.0f}M params, CPU, torch "
-        f"{torch.__version__}, server torch threads: {args.torch_threads or 'cores - 1'}\n"
+        f"{torch.__version__}, server torch threads: {args.torch_threads or 'default'}\n"
     )
     print(
         "| spec | HTTP POST->ready (s) | from_pretrained+touch (s) | ratio | "
-        "repeat POST of held spec (ms) |"
+        "repeat POST of held spec (ms) | loader peak memory / model bytes |"
     )
-    print("|---|---|---|---|---|")
-    for name, http_s, base_s, repeat_s in rows:
+    print("|---|---|---|---|---|---|")
+    for name, http_s, base_s, repeat_s, peak in rows:
         print(
             f"| {name} | {http_s:.2f} | {base_s:.2f} | {http_s / base_s:.2f} | "
-            f"{repeat_s * 1000:.1f} |"
+            f"{repeat_s * 1000:.1f} | {peak:.2f} |"
         )
+    print(
+        f"\nfloor: the checkpoint copied into a memfd once (sendfile) {floor:.2f} s; "
+        f"fp32 POST->ready / floor = {rows[0][1] / floor:.2f}"
+    )
 
 
 if __name__ == "__main__":

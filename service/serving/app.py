@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi_offline import FastAPIOffline
 
 from service import __version__
+from service.common.cores import LoadParallelism, usable_cores
 from service.common.cuda import CudaProbe
 from service.common.load.sources import HubOptions
 from service.serving.api import openapi, problems
@@ -139,6 +139,9 @@ def create_app(
     lock = lock or StateLock(settings.state_dir)
     gpus = gpus or Nvml()
     probe = cuda or NvmlCuda(gpus)  # the serving process never initialises CUDA
+    parallelism = LoadParallelism.of(
+        usable_cores(), settings.max_concurrent_loads, settings.torch_threads
+    )
     loaders = Loaders(
         LoaderSetup(
             roots=settings.model_roots,
@@ -152,7 +155,7 @@ def create_app(
                 workers=settings.download_workers,
             ),
             segments=segments,
-            threads=settings.torch_threads or max(1, (os.cpu_count() or 2) - 1),
+            threads=parallelism.threads,
             template=settings.loader_template,
             memory_limit=settings.loader_memory_limit,
             stall_seconds=settings.loader_stall_seconds,
@@ -167,7 +170,7 @@ def create_app(
         probe,
         gate,
         table,
-        max_concurrent_loads=settings.max_concurrent_loads,
+        max_concurrent_loads=parallelism.loads,
         allow_remote_code=settings.allow_remote_code,
         writer=writer,
     )

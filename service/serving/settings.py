@@ -58,7 +58,13 @@ class Settings(BaseSettings):
         description="Directories that local sources must live under. "
         "Default: a `models/` folder beside the state dir.",
     )
-    max_concurrent_loads: int = Field(default=1, ge=1, le=64)
+    max_concurrent_loads: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Loads running at once; more wait in order (restored pinned and leased "
+        "models first). Default: one per 8 usable cores, 1 to 4.",
+    )
     max_concurrent_estimates: int = Field(
         default=2,
         ge=1,
@@ -110,8 +116,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         default=None,
         ge=1,
-        description="CPU threads torch may use for loading/quantizing. Default: all cores "
-        "but one, which stays free for the API.",
+        description="CPU threads torch may use in each loader (loading, casting, "
+        "quantizing). Default: the usable cores (affinity, cgroup CPU quota) shared among "
+        "the loads that may run at once.",
     )
     loader_template: str | None = Field(
         default=None,

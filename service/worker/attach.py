@@ -17,6 +17,8 @@ made anyway warns once with its bytes.
 
 from __future__ import annotations
 
+import copy
+import json
 import mmap
 import os
 from collections.abc import Sequence
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from service.common.handles.arena import map_copy_on_write, segment_view, views
 from service.common.handles.descriptor import Handle, Quant4Module
@@ -39,7 +41,9 @@ from service.common.handles.repack import disable_cpu_repack
 from service.common.socket_protocol import ArenaRefused
 from service.worker import ddp, hf_meta
 from service.worker.copy_on_write import protect_buffer, protect_parameter
+from service.worker.meta_init import skip_meta_init
 from service.worker.socket import receive_fds
+from service.worker.timing import phase
 
 SUPPORTED_VERSION = 5
 
@@ -48,23 +52,51 @@ class AttachError(RuntimeError):
     pass
 
 
+# Configs built from handles' config dicts, by the dict's canonical JSON: built once per
+# process, each model gets its own deep copy (a job may change its model's config).
+_CONFIGS: dict[str, PretrainedConfig] = {}
+CONFIGS_KEPT = 16
+
+
+def _config(handle: Handle) -> PretrainedConfig:
+    # Keyed by content, not model id: a model reloaded under the same id with another
+    # config gets its own entry. Nothing of an arena is cached.
+    try:
+        key: str | None = json.dumps(handle.config, sort_keys=True, default=str)
+    except TypeError:  # keys of mixed types (an in-process handle): not cached
+        key = None
+    config = _CONFIGS.get(key) if key is not None else None
+    if config is None:
+        config_dict = dict(handle.config)
+        config_dict.pop("quantization_config", None)
+        model_type = config_dict.pop("model_type")
+        config = AutoConfig.for_model(model_type, **config_dict)
+        if key is None:
+            return config
+        if len(_CONFIGS) >= CONFIGS_KEPT:
+            _CONFIGS.pop(next(iter(_CONFIGS)))
+        _CONFIGS[key] = config
+    return copy.deepcopy(config)
+
+
 def _skeleton(handle: Handle) -> nn.Module:
-    config_dict = dict(handle.config)
-    config_dict.pop("quantization_config", None)
-    model_type = config_dict.pop("model_type")
-    config = AutoConfig.for_model(model_type, **config_dict)
+    config = _config(handle)
     model_class = getattr(transformers, handle.architecture, None)
     if model_class is None:
         raise AttachError(
             f"this worker's transformers has no {handle.architecture}; "
             "install the version the service runs"
         )
-    with torch.device("meta"):
+    with torch.device("meta"), skip_meta_init():
         model: nn.Module = model_class._from_config(config, dtype=getattr(torch, handle.dtype))
     return model
 
 
-def _linear4bit(spec: Quant4Module, arena: dict[str, torch.Tensor]) -> nn.Module:
+def _linear4bit(
+    spec: Quant4Module, arena: dict[str, torch.Tensor], weight: torch.Tensor
+) -> nn.Module:
+    """A bitsandbytes 4-bit linear on the arena's packed `weight` and QuantState tensors
+    (its bias, if any, stays on `meta` until `build` binds it)."""
     from bitsandbytes.functional import QuantState
     from bitsandbytes.nn.modules import Linear4bit, Params4bit
 
@@ -89,18 +121,20 @@ def _linear4bit(spec: Quant4Module, arena: dict[str, torch.Tensor]) -> nn.Module
     )
     compute = getattr(torch, spec.compute_dtype) if spec.compute_dtype else None
     storage = getattr(torch, spec.quant_storage)
-    with torch.device("meta"):
-        module = Linear4bit(
-            spec.in_features,
-            spec.out_features,
-            bias=spec.bias,
-            compute_dtype=compute,
-            compress_statistics=spec.compress_statistics,
-            quant_type=state.quant_type,
-            quant_storage=storage,
-        )
-    module.weight = Params4bit(
-        arena[f"{spec.module}.weight"] if f"{spec.module}.weight" in arena else torch.empty(0),
+    # device="meta", not the meta device mode: the same tensors without routing every
+    # torch call of the constructor through the mode's Python hook.
+    module = Linear4bit(
+        spec.in_features,
+        spec.out_features,
+        bias=spec.bias,
+        compute_dtype=compute,
+        compress_statistics=spec.compress_statistics,
+        quant_type=state.quant_type,
+        quant_storage=storage,
+        device="meta",
+    )
+    module._parameters["weight"] = Params4bit(
+        weight,
         requires_grad=False,
         quant_state=quant_state,
         blocksize=state.blocksize,
@@ -112,11 +146,6 @@ def _linear4bit(spec: Quant4Module, arena: dict[str, torch.Tensor]) -> nn.Module
     )
     module.quant_state = quant_state
     return module
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_name, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
 
 def _arena(
@@ -156,51 +185,60 @@ def build(
     devices: DeviceSegments = CUDA,
     segment_fds: Sequence[int] = (),
 ) -> nn.Module:
-    arena, opened = _arena(handle, mapping, devices, segment_fds)
+    with phase("views"):
+        arena, opened = _arena(handle, mapping, devices, segment_fds)
     on_segment = {e.name for e in handle.entries if e.segment is not None}
-    model = _skeleton(handle)
-    by_entry = {name: entry for name, entry in handle.parameters.items()}
-    for spec in handle.quant4:
-        weight_entry = by_entry[f"{spec.module}.weight"]
-        arena_for = {**arena, f"{spec.module}.weight": arena[weight_entry]}
-        _set_module(model, spec.module, _linear4bit(spec, arena_for))
-    quant_weights = {f"{q.module}.weight" for q in handle.quant4}
-    shared: dict[str, nn.Parameter] = {}
-    modules = dict(model.named_modules())
-    for name, entry in handle.parameters.items():
-        if name in quant_weights:
-            continue
-        if entry not in shared:
-            # Segment tensors are copy-on-write per tensor (the mapping may be read-only);
-            # file tensors need nothing: their pages are private on write.
-            shared[entry] = (
-                protect_parameter(arena[entry])
-                if entry in on_segment
-                else nn.Parameter(arena[entry], requires_grad=False)
+    with phase("skeleton"):
+        model = _skeleton(handle)
+    modules = dict(model.named_modules())  # one walk: kept current as linears are swapped
+    with phase("quant4"), skip_meta_init():
+        for spec in handle.quant4:
+            weight = arena[handle.parameters[f"{spec.module}.weight"]]
+            parent, _, leaf = spec.module.rpartition(".")
+            module = _linear4bit(spec, arena, weight)
+            modules[parent]._modules[leaf] = module
+            modules[spec.module] = module
+    with phase("bind"):
+        quant_weights = {f"{q.module}.weight" for q in handle.quant4}
+        shared: dict[str, nn.Parameter] = {}
+        for name, entry in handle.parameters.items():
+            if name in quant_weights:
+                continue
+            if entry not in shared:
+                # Segment tensors are copy-on-write per tensor (the mapping may be read-only);
+                # file tensors need nothing: their pages are private on write.
+                shared[entry] = (
+                    protect_parameter(arena[entry])
+                    if entry in on_segment
+                    else nn.Parameter(arena[entry], requires_grad=False)
+                )
+            owner, _, leaf = name.rpartition(".")
+            modules[owner]._parameters[leaf] = shared[entry]
+        for name, entry in handle.buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            modules[owner]._buffers[leaf] = (
+                protect_buffer(arena[entry]) if entry in on_segment else arena[entry]
             )
-        owner, _, leaf = name.rpartition(".")
-        modules[owner]._parameters[leaf] = shared[entry]
-    for name, entry in handle.buffers.items():
-        owner, _, leaf = name.rpartition(".")
-        modules[owner]._buffers[leaf] = (
-            protect_buffer(arena[entry]) if entry in on_segment else arena[entry]
-        )
-    left = [
-        n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"
-    ]
+    with phase("check"):
+        tensors = list(ddp.tensors(model))  # one walk for the check, the tags, the freeze
+        left = [n for n, t in tensors if t.device.type == "meta"]
     if left:
         raise AttachError(f"the handle does not cover {len(left)} tensors, e.g. {left[:3]}")
-    disable_cpu_repack(model)
-    hf_meta.apply(model, handle)
-    model.basehold_provenance = handle.provenance.model_dump()  # type: ignore[assignment]
-    model.basehold_segments = opened  # type: ignore[assignment]
-    model.eval()
-    model.requires_grad_(False)
-    ddp.mark_base(model)
-    ddp.install()
-    start = torch.frombuffer(mapping, dtype=torch.uint8).data_ptr() if len(mapping) else 0
-    model.basehold_arena = (start, len(mapping))  # type: ignore[assignment]
-    ddp.watch_copies(model, handle.model_id, start, len(mapping))
+    with phase("hf_meta"):
+        disable_cpu_repack(model)
+        hf_meta.apply(model, handle)
+        model.basehold_provenance = handle.provenance.model_dump()  # type: ignore[assignment]
+        model.basehold_segments = opened  # type: ignore[assignment]
+        model.eval()
+        for _, tensor in tensors:  # model.requires_grad_(False), without another walk
+            if isinstance(tensor, nn.Parameter):
+                tensor.requires_grad_(False)
+    with phase("ddp"):
+        ddp.mark_base(model, (t for _, t in tensors))
+        ddp.install()
+        start = torch.frombuffer(mapping, dtype=torch.uint8).data_ptr() if len(mapping) else 0
+        model.basehold_arena = (start, len(mapping))  # type: ignore[assignment]
+        ddp.watch_copies(model, handle.model_id, start, len(mapping))
     return model
 
 
@@ -232,7 +270,8 @@ def attach_fd(
     fds (close them once attached: the mappings stay valid)."""
     handle = _validated(handle, devices)
     try:
-        mapping = map_copy_on_write(fd)
+        with phase("map"):
+            mapping = map_copy_on_write(fd)
     except ValueError as exc:
         raise AttachError(str(exc)) from exc
     if len(mapping) != handle.arena.size:
@@ -250,13 +289,15 @@ def attach_handle(
 ) -> nn.Module:
     """Fetch the arena's and segments' fds from the service's socket with the lease's id and
     secret, map them, and build the model on them."""
-    handle = _validated(handle, devices)
+    with phase("validate"):
+        handle = _validated(handle, devices)
     try:
         ddp.refuse_sharding_launchers()  # before anything is mapped, let alone copied
     except ddp.ShardedBaseError as exc:
         raise AttachError(str(exc)) from exc
     try:
-        fds = receive_fds(handle.arena.socket, lease_id, secret, handle.socket_uid)
+        with phase("fds"):
+            fds = receive_fds(handle.arena.socket, lease_id, secret, handle.socket_uid)
     except ArenaRefused as exc:
         raise AttachError(f"the service refused the arena: {exc.detail}") from exc
     try:

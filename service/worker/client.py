@@ -38,6 +38,7 @@ from service.worker.lease_state import (
     guard_forward,
     lease_of,
 )
+from service.worker.timing import phase
 
 if TYPE_CHECKING:
     from torch import nn
@@ -85,6 +86,10 @@ class ServiceUnreachable(ConnectionError):
         )
         self.url = url
 
+
+# A lease refused for these reasons may be granted after `Client.wait`: loading, failed
+# (the wait raises its problem), absent (waited for) or restoring after a restart.
+_NOT_LENDABLE_YET = frozenset({"model_not_ready", "model_not_found"})
 
 # What httpx raises when no connection to the address could be made at all.
 _NEVER_CONNECTED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)
@@ -378,8 +383,9 @@ class Client:
         from service.worker.attach import attach_handle
         from service.worker.moves import guard_moves
 
-        model_id = self._ready(model_id, spec, wait)
-        grant = self.lease(model_id, holder or default_holder(), ttl_seconds)
+        model_id, grant = self._lease_when_ready(
+            model_id, spec, wait, holder or default_holder(), ttl_seconds
+        )
         lease_id, secret = grant["lease_id"], grant["secret"]
         lease = LeaseState(
             lease_id=lease_id,
@@ -392,8 +398,9 @@ class Client:
         def renew() -> datetime:
             return datetime.fromisoformat(self.renew(lease_id, secret)["expires_at"])
 
-        renewer = Renewer(lease, renew, _lease_is_gone, on_lost)
-        renewer.start()
+        with phase("renewer"):
+            renewer = Renewer(lease, renew, _lease_is_gone, on_lost)
+            renewer.start()
         model: nn.Module | None = None
         try:
             if devices is None and grant["handle"].get("segments"):
@@ -405,9 +412,10 @@ class Client:
                 handle = {**handle, "arena": {**handle["arena"], "socket": seen}}
             model = attach_handle(handle, lease_id, secret, devices or CUDA)
             model.basehold_lease = lease  # type: ignore[assignment]
-            guard_moves(model, model_id)
-            if grant["handle"].get("segments") or on_lost == "raise":
-                guard_forward(model, lease.forward_refusal)
+            with phase("guards"):
+                guard_moves(model, model_id)
+                if grant["handle"].get("segments") or on_lost == "raise":
+                    guard_forward(model, lease.forward_refusal)
             yield cast("PreTrainedModel", model)  # built by transformers from the config
         finally:
             renewer.stop()
@@ -419,6 +427,33 @@ class Client:
                     model = None
                     _synchronize_cuda()
                 self._release_quietly(lease_id, secret, ttl_seconds)
+
+    def _lease_when_ready(
+        self,
+        model_id: str | None,
+        spec: dict[str, Any] | None,
+        wait: float,
+        holder: str,
+        ttl_seconds: int,
+    ) -> tuple[str, dict[str, Any]]:
+        """The model's id and a lease on it, once it is ready. A model named by id is
+        leased at once: the usual case, a ready model, costs one round trip, not a status
+        GET first. An answer that it is not ready yet, absent or restoring (or a restart
+        under way) falls back to waiting as `_ready` does, then leasing (a grant whose answer
+        a dropped connection lost expires after its TTL, as any unrenewed lease does)."""
+        if spec is None and model_id is not None:
+            try:
+                with phase("lease_http"):
+                    return model_id, self.lease(model_id, holder, ttl_seconds)
+            except httpx.TransportError:
+                pass
+            except BaseholdError as exc:
+                if exc.code not in _NOT_LENDABLE_YET and exc.status not in (502, 503, 504):
+                    raise
+        with phase("ready_http"):
+            model_id = self._ready(model_id, spec, wait)
+        with phase("lease_http"):
+            return model_id, self.lease(model_id, holder, ttl_seconds)
 
     def _ready(self, model_id: str | None, spec: dict[str, Any] | None, wait: float) -> str:
         """The id of the ready model `model_id` names, or `spec` ensures."""

@@ -31,7 +31,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,20 +54,22 @@ class ShardedBaseError(RuntimeError):
     """A wrapper that shards or broadcasts parameters was asked to take an attached base."""
 
 
-def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of `module`, named as seen from it."""
     yield from module.named_parameters()
     yield from module.named_buffers()
 
 
-def mark_base(model: nn.Module) -> None:
-    """Tag every tensor of the freshly attached `model` as the base's."""
-    for _, tensor in _tensors(model):
+def mark_base(model: nn.Module, walked: Iterable[torch.Tensor] | None = None) -> None:
+    """Tag every tensor of the freshly attached `model` as the base's (`walked`: those
+    tensors, when the caller has already walked the model for them)."""
+    for tensor in (t for _, t in tensors(model)) if walked is None else walked:
         setattr(tensor, TAG, True)
 
 
 def base_names(module: nn.Module) -> list[str]:
     """The names, as seen from `module` (any wrapper), of the attached bases' tensors."""
-    return sorted({name for name, tensor in _tensors(module) if getattr(tensor, TAG, False)})
+    return sorted({name for name, tensor in tensors(module) if getattr(tensor, TAG, False)})
 
 
 def frozen_base_names(module: nn.Module) -> list[str]:

@@ -40,8 +40,9 @@ def base_storages(model: nn.Module) -> frozenset[int]:
 def guard_moves(model: nn.Module, model_id: str) -> None:
     """Moves of the attached `model` never copy the base to where it already is; a move
     that copies it warns once."""
-    storages = base_storages(model)
-    nbytes = sum(t.numel() * t.element_size() for _, t in _tensors(model))
+    tensors = [t for _, t in _tensors(model)]  # one walk for both
+    storages = frozenset(s for t in tensors if (s := _storage(t)))
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
     model.basehold_storages = storages  # type: ignore[assignment]
     original = model._apply
     warned = False

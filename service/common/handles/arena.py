@@ -18,7 +18,8 @@ import json
 import mmap
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -148,20 +149,33 @@ def map_copy_on_write(fd: int) -> mmap.mmap:
     return mmap.mmap(fd, 0, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
-def view(mapping: mmap.mmap, entry: ArenaEntry, data_start: int) -> torch.Tensor:
-    dtype = TORCH_DTYPES[entry.dtype]
-    if entry.nbytes == 0:
-        return torch.empty(entry.shape, dtype=dtype)
+@contextmanager
+def _read_only_ok() -> Iterator[None]:
     with warnings.catch_warnings():
         # The service's mapping is read-only on purpose: a write through it faults.
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        raw = torch.frombuffer(
-            mapping, dtype=torch.uint8, count=entry.nbytes, offset=data_start + entry.offset
-        )
+        yield
+
+
+def _view(mapping: mmap.mmap, entry: ArenaEntry, data_start: int) -> torch.Tensor:
+    """One tensor, its own `frombuffer` (one storage per tensor: tensors sharing a storage
+    would look tied to `save_pretrained`)."""
+    dtype = TORCH_DTYPES[entry.dtype]
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=dtype)
+    raw = torch.frombuffer(
+        mapping, dtype=torch.uint8, count=entry.nbytes, offset=data_start + entry.offset
+    )
     return raw.view(dtype).view(entry.shape)
+
+
+def view(mapping: mmap.mmap, entry: ArenaEntry, data_start: int) -> torch.Tensor:
+    with _read_only_ok():
+        return _view(mapping, entry, data_start)
 
 
 def views(
     mapping: mmap.mmap, entries: list[ArenaEntry], data_start: int
 ) -> dict[str, torch.Tensor]:
-    return {e.name: view(mapping, e, data_start) for e in entries}
+    with _read_only_ok():  # once per model, not per tensor (~2 µs each)
+        return {e.name: _view(mapping, e, data_start) for e in entries}

@@ -137,6 +137,40 @@ class Loaders:
             return self._valued(helper, message, what)
         raise self._unreadable(helper, what, f"{message.type} instead of an estimate")
 
+    def prepare(
+        self, model_id: str, load_id: str, spec: LoadRequest, token: str | None
+    ) -> tuple[LoaderProcess, Estimate]:
+        """Fork a load that is not admitted yet and read up to its estimate: it resolved
+        and checked the checkpoint (a hub source: its metadata, nothing downloaded) and
+        waits for `go` (or the channel's end) before it reads a weight."""
+        loader = LoaderProcess(
+            self.template, "load", self._job(model_id, load_id, spec, token, False)
+        )
+        what = f"The loader process of {model_id}"
+        try:
+            while True:
+                message, fds = self._next(loader, what)
+                close_fds(fds)
+                if isinstance(message, Prepared):
+                    return loader, self._valued(loader, message, what)
+                if isinstance(message, Failed):
+                    raise relayed(message.code, message.message, message.status)
+                if not isinstance(message, Progressed):  # resolving: nothing to show yet
+                    raise self._unreadable(loader, what, f"{message.type} before its estimate")
+        except BaseException:
+            loader.kill()
+            loader.wait(5)
+            loader.close()
+            raise
+
+    @staticmethod
+    def go(loader: LoaderProcess) -> bool:
+        try:
+            loader.send(Go())
+        except (ChannelClosed, OSError):
+            return False
+        return True
+
     def start(
         self,
         model_id: str,

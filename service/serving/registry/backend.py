@@ -62,6 +62,19 @@ class LoaderBackend(Protocol[L]):
         Raises the load's error when it cannot be priced."""
         ...
 
+    def prepare(
+        self, model_id: str, load_id: str, spec: LoadRequest, token: str | None
+    ) -> tuple[L, Estimate]:
+        """Start a load that prices itself first (as `estimate(full=True)` does) and then
+        waits: once admitted, `go` lets the same process load, so the checkpoint is
+        resolved and checked once. Raises as `estimate` does (the load is ended)."""
+        ...
+
+    def go(self, loader: L) -> bool:
+        """Let a prepared load read its weights. False when it ended meanwhile (it waits
+        for this only so long): the caller starts another."""
+        ...
+
     def start(
         self,
         model_id: str,

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
@@ -49,7 +49,8 @@ from service.serving.registry.downloads import require_disk
 from service.serving.registry.gate import MemoryGate, refuse
 from service.serving.registry.identity import MODEL_ID, derived_id, spec_key
 from service.serving.registry.persist import Persistence
-from service.serving.registry.record import ErrorInfo, ModelRecord, utcnow
+from service.serving.registry.prices import Prices
+from service.serving.registry.record import ErrorInfo, ModelRecord, new_load_id, utcnow
 from service.serving.registry.states import ACTIVE, State, check_transition
 from service.serving.state.database import ModelRow
 from service.serving.state.writer import OrderedWriter, WriterLock
@@ -97,6 +98,9 @@ class Registry:
         self.writer = writer or OrderedWriter()
         self._lock = WriterLock(self.writer)
         self._executor = ThreadPoolExecutor(max_concurrent_loads, thread_name_prefix="load")
+        self._max_loads = max_concurrent_loads
+        self._loads_pending = 0  # submitted to the executor and not done
+        self._prices = Prices()
         self._listeners: list[Listener] = []
         self._persistence: Persistence | None = None
 
@@ -152,26 +156,37 @@ class Registry:
         pin = spec.pinned
         if (existing := self._existing(model_id, key, named=named, pin=pin)) is not None:
             return existing, False
-        estimate = self._estimate_first(spec, token)  # outside the lock: a helper process
-        measured = self.gate.measure() if estimate is not None else None  # probes, no lock
-        with self._lock:  # again: another request may have started it meanwhile
-            if (existing := self._existing(model_id, key, named=named, pin=pin)) is not None:
-                return existing, False
-            record = ModelRecord(id=model_id, name=spec.name, spec=spec, key=key)
-            victims: list[ModelRecord] = []
-            if estimate is not None and measured is not None:
-                victims = self._admit(record, estimate, measured)
-            self._add(record)
+        load_id = new_load_id(model_id)
+        prepared, estimate = self._price_first(model_id, load_id, spec, key, token)  # no lock
+        try:
+            measured = self.gate.measure() if estimate is not None else None  # probes
+            with self._lock:  # again: another request may have started it meanwhile
+                existing = self._existing(model_id, key, named=named, pin=pin)
+                if existing is not None:
+                    self._end(prepared)
+                    return existing, False
+                record = ModelRecord(
+                    id=model_id, name=spec.name, spec=spec, key=key, load_id=load_id
+                )
+                victims: list[ModelRecord] = []
+                if estimate is not None and measured is not None:
+                    victims = self._admit(record, estimate, measured)
+                record.loader = prepared  # an unload kills it, even while queued
+                self._add(record)
+        except BaseException:
+            self._end(prepared)  # refused: it never reads a weight
+            raise
         self._evict(victims)
         self._start(record, token)
         return record, True
 
     def restore(self, rows: list[ModelRow]) -> list[ModelRecord]:
-        """Queue the models a previous process held, most recently used first, under their
-        ids. Each recorded spec goes through the same normalization and policy as
-        `POST /v1/models` today (not the day it was recorded): one the server now refuses
-        (remote code no longer allowed, a device that is gone, a source outside the roots)
-        ends `failed` with its usual code, and its leases end with it. The others are
+        """Queue the models a previous process held under their ids: pinned and leased
+        ones first, then the others, most recently used first. Each recorded spec goes
+        through the same normalization and policy as `POST /v1/models` today (not the day
+        it was recorded): one the server now refuses (remote code no longer allowed, a
+        device that is gone, a source outside the roots) ends `failed` with its usual code,
+        and its leases end with it. The others are
         admitted and loaded like any hub load; one that cannot come back ends `failed`."""
         restored: list[ModelRecord] = []
         now = utcnow()
@@ -213,7 +228,9 @@ class Registry:
                 self._fail(record, ErrorInfo(code=exc.code, message=exc.message))
                 continue
             restored.append(record)
-        for record in restored:
+        # Pinned and leased models first (jobs wait on them), then most recently used:
+        # the executor runs them in this order, as many at once as it runs loads.
+        for record in sorted(restored, key=lambda r: not (r.spec.pinned or r.leases > 0)):
             self._start(record, None)  # restored hub loads use the server's HF_TOKEN
         return restored
 
@@ -291,24 +308,54 @@ class Registry:
         self._notify(record, State.GONE, State.QUEUED)  # created: from nothing
 
     def _start(self, record: ModelRecord, token: str | None) -> None:
+        with self._lock:
+            self._loads_pending += 1
         future = self._executor.submit(self._run, record, token)
         with self._lock:
             record.future = future
+        future.add_done_callback(self._load_ended)  # also when cancelled before it ran
 
-    def _estimate_first(self, spec: LoadRequest, token: str | None) -> Estimate | None:
-        """Every load is priced at submit, in a helper process: a local checkpoint checked
-        in full, a hub source from its metadata (config, safetensors headers, the cache's
-        free disk: nothing downloaded). A request the server refuses (a file outside the
-        roots, remote code, an impossible spec) is answered at once, and so by admission is
-        one that does not fit in memory or on the cache's disk; anything else (a gated repo,
-        a hub that does not answer, broken files) is left to the load, which fails with the
-        precise code, or admits it late."""
+    def _load_ended(self, _: Future[None]) -> None:
+        with self._lock:
+            self._loads_pending -= 1
+
+    def _price_first(
+        self, model_id: str, load_id: str, spec: LoadRequest, key: str, token: str | None
+    ) -> tuple[Any, Estimate | None]:
+        """Every load is priced at submit: a local checkpoint checked in full, a hub source
+        from its metadata (config, safetensors headers, the cache's free disk: nothing
+        downloaded). Where a load could start at once, by the load itself (returned,
+        waiting for `go`: the checkpoint is resolved and checked once); else by a helper
+        process, and the load starts when its turn comes. A request the server refuses (a
+        file outside the roots, remote code, an impossible spec) is answered at once, and
+        so by admission is one that does not fit in memory or on the cache's disk; anything
+        else (a gated repo, a hub that does not answer, broken files) is left to the load,
+        which fails with the precise code, or admits it late. A local load priced before,
+        with the same files, takes that price (`Prices`) and starts no process here."""
+        remembered = self._prices.key(spec, key)
+        if (known := self._prices.get(remembered)) is not None:
+            return None, known
+        with self._lock:
+            now = self._loads_pending < self._max_loads
         try:
-            return self._loaders.estimate(spec, token, full=True)
+            if now:
+                prepared, estimate = self._loaders.prepare(model_id, load_id, spec, token)
+            else:
+                prepared, estimate = None, self._loaders.estimate(spec, token, full=True)
         except (SourceNotAllowed, RemoteCodeRefused, InvalidSpec):
             raise
         except Exception:
-            return None
+            return None, None
+        self._prices.put(remembered, estimate)
+        return prepared, estimate
+
+    @staticmethod
+    def _end(loader: RunningLoad | None) -> None:
+        """Kill a load that will not go on, wait for it and let it go."""
+        if loader is not None:
+            loader.kill()
+            loader.wait(5)
+            loader.close()
 
     def estimate(
         self, request: LoadRequest, token: str | None, *, server_token: bool = True
@@ -379,7 +426,9 @@ class Registry:
 
     def _run(self, record: ModelRecord, token: str | None) -> None:
         with self._lock:
+            prepared, record.loader = record.loader, None  # priced itself at submit
             if record.progress.cancel.is_set():
+                self._end(prepared)
                 self._transition(record, State.GONE)
                 return
             self._transition(record, State.LOADING, started_at=utcnow())
@@ -388,9 +437,13 @@ class Registry:
         failure: ErrorInfo | None = None
         try:
             pin = record.estimate.pin if record.estimate is not None else None
-            loader = self._loaders.start(
-                record.id, record.load_id, record.spec, token, record.admitted, pin
-            )
+            if prepared is not None and self._loaders.go(prepared):
+                loader = prepared
+            else:  # it waited too long and ended: another, admitted already
+                self._end(prepared)
+                loader = self._loaders.start(
+                    record.id, record.load_id, record.spec, token, record.admitted, pin
+                )
             with self._lock:
                 record.loader = loader
                 cancelled = record.progress.cancel.is_set()
@@ -413,10 +466,7 @@ class Registry:
                 loader.wait(5)  # it exits once it handed over its fds (an unload waits too)
                 loader.close()
             return
-        if loader is not None:
-            loader.kill()
-            loader.wait(5)
-            loader.close()
+        self._end(loader)
         self._loaders.discard(record.load_id)
         self._fail(record, failure)
 
@@ -499,6 +549,8 @@ class Registry:
                     record.loader.kill()  # the kernel takes back all it held
                 self._transition(record, State.CANCELLED)
                 if record.future is not None and record.future.cancel():
+                    if record.loader is not None:  # it priced itself and never ran
+                        record.loader.close()
                     self._transition(record, State.GONE)
                     return None
                 return record

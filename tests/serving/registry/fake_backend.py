@@ -143,6 +143,7 @@ class FakeLoad:
         self.killed = False
         self.stopped = False  # told to stop (its late admission was refused)
         self.closed = False
+        self.went: bool | None = None  # a prepared load: whether `go` reached it
 
     def exit(self, exitcode: int) -> None:
         """It ends by itself (a handed-over loader exits 0; a dying runner)."""
@@ -179,6 +180,9 @@ class FakeBackend:
         self.scripts: dict[str, list[Step]] = {}
         self.prices: dict[str, Estimate] = {}
         self.loads: list[FakeLoad] = []
+        self.prepared: list[FakeLoad] = []  # loads that priced themselves at submit
+        self.pricing: dict[str, Gate] = {}
+        self.priced: list[str] = []  # the source of each estimate asked for, in order
         self.held: dict[str, FakeLoad] = {}  # load id -> its loader, while its model is held
         self.discarded: list[str] = []
         self.closed = False
@@ -199,10 +203,28 @@ class FakeBackend:
     def estimate(
         self, spec: LoadRequest, token: str | None, *, full: bool, server_token: bool = True
     ) -> Estimate:
+        self.priced.append(spec.source)
         price = self.prices.get(spec.source)
         if price is None:
             raise LoaderCrashed(f"{spec.source} cannot be priced before its load")
         return price
+
+    def prepare(
+        self, model_id: str, load_id: str, spec: LoadRequest, token: str | None
+    ) -> tuple[FakeLoad, Estimate]:
+        """As the loader does: priced as `estimate` is, then waiting for `go`; stops at
+        `pricing[model_id]` (a gate) before it answers, where a test set one."""
+        price = self.estimate(spec, token, full=True)
+        load = self.start(model_id, load_id, spec, token, admitted=False)
+        self.prepared.append(load)
+        if (gate := self.pricing.get(model_id)) is not None:
+            gate.wait()
+        return load, price
+
+    def go(self, loader: FakeLoad) -> bool:
+        with self._changed:
+            loader.went = loader.exitcode is None
+            return loader.went
 
     def start(
         self,
@@ -304,11 +326,14 @@ class Setup:
 
 
 def make_registry(
-    budget: int = 64 * MiB, eviction: str = "none", max_concurrent_loads: int = 2
+    budget: int = 64 * MiB,
+    eviction: str = "none",
+    max_concurrent_loads: int = 2,
+    roots: Sequence[Path] = (),
 ) -> Setup:
     """A registry over a `FakeBackend`, with a host memory budget of `budget` bytes and no
-    GPU. Call `registry.shutdown()` at the end."""
-    backend, gpus, cuda = FakeBackend(), FakeGpus(), FakeCuda(0)
+    GPU (`roots`: where local sources may be). Call `registry.shutdown()` at the end."""
+    backend, gpus, cuda = FakeBackend(roots), FakeGpus(), FakeCuda(0)
     gate = MemoryGate(MemoryPolicy(Budget(0, budget), eviction), cuda, gpus)
     leases = LeaseTable()
     registry = Registry(

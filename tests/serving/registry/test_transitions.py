@@ -129,7 +129,9 @@ def test_a_load_priced_at_submit_that_does_not_fit_is_refused_at_once(
     setup.backend.prices["acme/m"] = cpu(8 * MiB)
     with pytest.raises(InsufficientMemory):
         setup.registry.submit(_request("m"), None)
-    assert setup.state("m") == "gone" and setup.backend.started("m") == []
+    assert setup.state("m") == "gone"
+    (load,) = setup.backend.started("m")  # it priced itself, and never read a weight
+    assert load.killed and load.closed and load.went is None
 
 
 def test_a_late_admission_evicts_an_idle_model_to_fit(registries: Registries) -> None:

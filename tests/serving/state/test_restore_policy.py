@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 from service.serving.app import create_app
 from service.serving.registry.record import utcnow
 from service.serving.settings import Settings
-from service.serving.state.database import ModelRow, StateDB
+from service.serving.state.database import LeaseRow, ModelRow, StateDB
 from tests.conftest import MINILM, wait_for
 
 
@@ -69,3 +70,36 @@ def test_restore_refuses_what_the_policy_now_refuses(
     db = StateDB.open(state)
     assert {row.id for row in db.models()} == {"plain"}
     db.close()
+
+
+def test_pinned_and_leased_models_are_restored_first(
+    tmp_path: Path, models_root: Path, socket_path: Path
+) -> None:
+    """One load at a time: the pinned and the leased model (least recently used) start
+    before the most recently used plain one."""
+    state = tmp_path / "state"
+    gpt2 = str(models_root / "gpt2")
+    state.mkdir(mode=0o700)
+    db = StateDB.open(state)
+    now = utcnow()
+    rows: dict[str, tuple[dict[str, object], datetime]] = {  # last used: plain most recently
+        "plain": ({"source": gpt2, "name": "plain", "dtype": "float32"}, now),
+        "leased": (
+            {"source": gpt2, "name": "leased", "dtype": "float16"},
+            now - timedelta(minutes=1),
+        ),
+        "pinned": (
+            {"source": gpt2, "name": "pinned", "dtype": "bfloat16", "pinned": True},
+            now - timedelta(minutes=2),
+        ),
+    }
+    for model_id, (spec, used) in rows.items():
+        db.put_model(ModelRow(model_id, model_id, spec, "k" * 64, "ready", used, used))
+    lease = LeaseRow("lease-1", "leased", "w", 600, now, now + timedelta(minutes=10), None)
+    db.put_lease(lease)
+    db.close()
+    with running(state, socket_path, [models_root], max_concurrent_loads=1) as client:
+        started = {m: wait_for(client, m)["timings"]["started_at"] for m in rows}
+        ready = {m: wait_for(client, m)["state"] for m in rows}
+    assert ready == {m: "ready" for m in rows}
+    assert max(started["pinned"], started["leased"]) < started["plain"], started

@@ -1,0 +1,76 @@
+"""What a local load was priced at, remembered while nothing it depends on changed.
+
+A model loaded, unloaded (or evicted) and asked for again is priced again at submit, which
+costs a process: a fork, the checkpoint's config and headers read, a skeleton built on
+`meta`. The price depends on the normalized spec and the checkpoint's files alone when the
+placement does not depend on free memory (a `device_map` of "cpu", "cuda:N" or a dict), so
+it is kept, keyed by the spec and each file's size, mtime, inode and name; a file written,
+replaced, added or removed makes a new key. The load itself still checks the checkpoint in
+full before it reads a weight, so a price taken from here never skips a check.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from service.common.estimates import Estimate
+from service.common.load.spec import LoadRequest
+
+Files = tuple[tuple[str, int, int, int], ...]
+PriceKey = tuple[str, Files]
+
+
+def _fixed_placement(spec: LoadRequest) -> bool:
+    device_map = spec.device_map
+    return isinstance(device_map, dict) or device_map == "cpu" or device_map.startswith("cuda:")
+
+
+def files_of(folder: Path) -> Files | None:
+    """Name, size, mtime and inode of each file in `folder` (links followed); None where
+    the folder cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            found = []
+            for entry in entries:
+                stat = entry.stat()
+                found.append((entry.name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    except OSError:
+        return None
+    return tuple(sorted(found))
+
+
+class Prices:
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._known: OrderedDict[PriceKey, Estimate] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(spec: LoadRequest, spec_key: str) -> PriceKey | None:
+        """What the price of `spec` depends on, read before it is priced (a file changed
+        while it was priced makes the next key differ); None: not kept."""
+        if not spec.source.startswith("/") or not _fixed_placement(spec):
+            return None  # hub sources move with their revision; "auto" follows free memory
+        files = files_of(Path(spec.source))
+        return None if files is None else (spec_key, files)
+
+    def get(self, key: PriceKey | None) -> Estimate | None:
+        if key is None:
+            return None
+        with self._lock:
+            found = self._known.get(key)
+            if found is not None:
+                self._known.move_to_end(key)
+            return found
+
+    def put(self, key: PriceKey | None, estimate: Estimate) -> None:
+        if key is None:
+            return
+        with self._lock:
+            self._known[key] = estimate
+            self._known.move_to_end(key)
+            while len(self._known) > self._size:
+                self._known.popitem(last=False)
