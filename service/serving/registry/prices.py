@@ -1,12 +1,13 @@
 """What a local load was priced at, remembered while nothing it depends on changed.
 
-A model loaded, unloaded (or evicted) and asked for again is priced again at submit, which
-costs a process: a fork, the checkpoint's config and headers read, a skeleton built on
-`meta`. The price depends on the normalized spec and the checkpoint's files alone when the
-placement does not depend on free memory (a `device_map` of "cpu", "cuda:N" or a dict), so
-it is kept, keyed by the spec and each file's size, mtime, inode and name; a file written,
-replaced, added or removed makes a new key. The load itself still checks the checkpoint in
-full before it reads a weight, so a price taken from here never skips a check.
+A model loaded, unloaded (or evicted) and asked for again would be priced again at
+submit, which costs a process: a fork, the checkpoint's config and headers read, a
+skeleton built on `meta`. The price depends on the normalized spec and the checkpoint's
+files alone when the placement does not depend on free memory (a `device_map` of "cpu",
+"cuda:N" or a dict, `max_memory` given, or no GPU on the node), so it is kept, keyed by the
+spec and each file's name, size, mtime and inode; a file written, replaced, added or
+removed makes a new key. The load itself still checks the checkpoint in full before it
+reads a weight, so a price taken from here never skips a check.
 """
 
 from __future__ import annotations
@@ -23,9 +24,14 @@ Files = tuple[tuple[str, int, int, int], ...]
 PriceKey = tuple[str, Files]
 
 
-def _fixed_placement(spec: LoadRequest) -> bool:
+def _fixed_placement(spec: LoadRequest, gpus: int) -> bool:
+    """Whether where accelerate puts each module depends on the spec alone: a named device
+    or a map, `max_memory` given, or a strategy on a node without GPUs (all on the host).
+    Else it follows each GPU's free memory at the time."""
     device_map = spec.device_map
-    return isinstance(device_map, dict) or device_map == "cpu" or device_map.startswith("cuda:")
+    if isinstance(device_map, dict) or device_map == "cpu" or device_map.startswith("cuda:"):
+        return True
+    return spec.max_memory is not None or gpus == 0
 
 
 def files_of(folder: Path) -> Files | None:
@@ -49,10 +55,11 @@ class Prices:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(spec: LoadRequest, spec_key: str) -> PriceKey | None:
+    def key(spec: LoadRequest, spec_key: str, gpus: int) -> PriceKey | None:
         """What the price of `spec` depends on, read before it is priced (a file changed
-        while it was priced makes the next key differ); None: not kept."""
-        if not spec.source.startswith("/") or not _fixed_placement(spec):
+        while it was priced makes the next key differ); None: not kept. `gpus`: how many
+        the node has."""
+        if not spec.source.startswith("/") or not _fixed_placement(spec, gpus):
             return None  # hub sources move with their revision; "auto" follows free memory
         files = files_of(Path(spec.source))
         return None if files is None else (spec_key, files)

@@ -332,7 +332,7 @@ class Registry:
         else (a gated repo, a hub that does not answer, broken files) is left to the load,
         which fails with the precise code, or admits it late. A local load priced before,
         with the same files, takes that price (`Prices`) and starts no process here."""
-        remembered = self._prices.key(spec, key)
+        remembered = self._prices.key(spec, key, self._cuda.device_count())
         if (known := self._prices.get(remembered)) is not None:
             return None, known
         with self._lock:

@@ -330,10 +330,12 @@ def make_registry(
     eviction: str = "none",
     max_concurrent_loads: int = 2,
     roots: Sequence[Path] = (),
+    gpus_seen: int = 0,
 ) -> Setup:
     """A registry over a `FakeBackend`, with a host memory budget of `budget` bytes and no
-    GPU (`roots`: where local sources may be). Call `registry.shutdown()` at the end."""
-    backend, gpus, cuda = FakeBackend(roots), FakeGpus(), FakeCuda(0)
+    GPU memory (`gpus_seen`: how many GPUs the CUDA seam says there are; `roots`: where
+    local sources may be). Call `registry.shutdown()` at the end."""
+    backend, gpus, cuda = FakeBackend(roots), FakeGpus(), FakeCuda(gpus_seen)
     gate = MemoryGate(MemoryPolicy(Budget(0, budget), eviction), cuda, gpus)
     leases = LeaseTable()
     registry = Registry(

@@ -52,9 +52,20 @@ def test_a_model_loaded_again_takes_its_price(registries: Registries, tmp_path: 
 def test_a_placement_that_follows_free_memory_is_priced_each_time(
     registries: Registries, tmp_path: Path
 ) -> None:
+    """`auto` on a node with a GPU follows the GPUs' free memory; without one, or with
+    `max_memory`, it does not."""
     folder = _checkpoint(tmp_path)
-    setup = registries(roots=[tmp_path])
+    setup = registries(roots=[tmp_path], gpus_seen=1)
     setup.backend.prices[str(folder)] = cpu(MiB)
     _load_and_unload(setup, folder, device_map="auto")
     _load_and_unload(setup, folder, device_map="auto")
     assert setup.backend.priced == [str(folder)] * 2
+    for _ in range(2):
+        _load_and_unload(setup, folder, device_map="auto", max_memory={"cpu": "1GiB"})
+    assert setup.backend.priced == [str(folder)] * 3
+
+    without = registries(roots=[tmp_path], gpus_seen=0)
+    without.backend.prices[str(folder)] = cpu(MiB)
+    _load_and_unload(without, folder, device_map="auto")
+    _load_and_unload(without, folder, device_map="auto")
+    assert without.backend.priced == [str(folder)]
