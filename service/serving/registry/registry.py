@@ -361,9 +361,15 @@ class Registry:
         self, request: LoadRequest, token: str | None, *, server_token: bool = True
     ) -> tuple[Estimate, dict[str, int]]:
         """POST /v1/estimate: nothing is loaded; hub sources fetch config.json only.
-        `server_token`: without `token`, the server's own hub token may be used."""
+        `server_token`: without `token`, the server's own hub token may be used. A local
+        checkpoint priced before with the same files is answered from `Prices` (its price
+        comes from the config either way)."""
         spec = self.normalize(request)
-        result = self._loaders.estimate(spec, token, full=False, server_token=server_token)
+        remembered = self._prices.key(spec, spec_key(spec), self._cuda.device_count())
+        result = self._prices.get(remembered)
+        if result is None:
+            result = self._loaders.estimate(spec, token, full=False, server_token=server_token)
+            self._prices.put(remembered, result)
         measured = self.gate.measure()
         with self._lock:
             return result, self.gate.free(self._records.values(), measured)

@@ -69,3 +69,15 @@ def test_a_placement_that_follows_free_memory_is_priced_each_time(
     _load_and_unload(without, folder, device_map="auto")
     _load_and_unload(without, folder, device_map="auto")
     assert without.backend.priced == [str(folder)]
+
+
+def test_an_estimate_and_a_load_share_the_price(registries: Registries, tmp_path: Path) -> None:
+    folder = _checkpoint(tmp_path)
+    setup = registries(roots=[tmp_path])
+    setup.backend.prices[str(folder)] = cpu(MiB)
+    request = LoadRequest.model_validate({"source": str(folder), "device_map": "cpu"})
+    for _ in range(2):
+        estimate, _free = setup.registry.estimate(request, None)
+        assert estimate.total_bytes == MiB
+    _load_and_unload(setup, folder, device_map="cpu")
+    assert setup.backend.priced == [str(folder)]
