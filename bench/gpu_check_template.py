@@ -20,7 +20,8 @@ def observe() -> dict[str, object]:
     from service.loader.imports import preload
 
     first, missing = None, []
-    for name in preload():
+    before, after = preload()  # the template's two lists: before it serves, once it idles
+    for name in [*before, *after]:
         try:
             importlib.import_module(name)
         except ImportError:

@@ -1,7 +1,8 @@
 """The serving process itself: start → /healthz and → /readyz, its RSS idle and holding
 three models (fp32, nf4, 8-bit in a runner), and `basehold ls`, next to a process that only
 imports what the service used to import (torch, transformers, accelerate, bitsandbytes)
-in the same run, as ratios.
+in the same run, as ratios. And a small model's first load right after /readyz (the
+template may still import the rest of its preload) next to the same load once more.
 
     .venv/bin/python bench/serving.py [--params-m 60] [--repeat 3]
 """
@@ -45,6 +46,20 @@ def _until(
         time.sleep(0.01)
 
 
+def _load_seconds(http: httpx.Client, source: str) -> float:
+    """POST → ready of an fp32 load of `source`, then unloaded (gone before this returns)."""
+    started = time.perf_counter()
+    model_id = http.post("/v1/models", json={"source": source, "dtype": "float32"}).json()["id"]
+    wait_ready(http, model_id, poll=0.01)
+    seconds = time.perf_counter() - started
+    http.delete(f"/v1/models/{model_id}")
+    deadline = time.monotonic() + 120
+    while http.get(f"/v1/models/{model_id}").status_code != 404:
+        assert time.monotonic() < deadline, f"{model_id} was not unloaded"
+        time.sleep(0.01)
+    return seconds
+
+
 def _rss(pid: int) -> int:
     return smaps(pid)["Rss"]
 
@@ -57,7 +72,7 @@ def main() -> None:
     work, path = workspace(args.params_m)
     small = llama(work / "models" / "llama-small")
     heavy = [_seconds([sys.executable, "-c", HEAVY]) for _ in range(args.repeat)]
-    health, ready, idle = [], [], []
+    health, ready, idle, first, following = [], [], [], [], []
     held_rss = 0
     ls_s: list[float] = []
     for attempt in range(args.repeat):
@@ -88,6 +103,8 @@ def main() -> None:
             health.append(_until(http, "/healthz", started, process))
             ready.append(_until(http, "/readyz", started, process))
             idle.append(_rss(process.pid))
+            first.append(_load_seconds(http, str(small)))
+            following.append(_load_seconds(http, str(small)))
             if attempt == 0:
                 bodies: list[dict[str, Any]] = [
                     {"source": str(path), "dtype": "float32"},
@@ -115,6 +132,9 @@ def main() -> None:
     ]:
         value = statistics.median(values)
         print(f"| {name} | {value:.2f} s | {value / base:.2f} |")
+    one, two = statistics.median(first), statistics.median(following)
+    print(f"| first load of a small model after /readyz (fp32) | {one:.2f} s | |")
+    print(f"| the next load of it | {two:.2f} s | first / next: {one / two:.2f} |")
     value = statistics.median(ls_s)
     print(f"| `basehold ls` | {value:.2f} s | {value / base:.2f} |")
     print(f"| serving process RSS, idle | {statistics.median(idle) / mib:.0f} MiB | |")

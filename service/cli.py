@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -23,8 +24,30 @@ if TYPE_CHECKING:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # What can refuse to start is checked before torch and the app are imported: a bad
-    # setting answers in a fraction of a second.
+    # Our loader template imports torch and friends (seconds) in its own process: started
+    # first, before this process imports the app, both import side by side (two cores). A
+    # refusal to start ends it at once.
+    from service.serving.loaders.keeper import start_early
+    from service.serving.loaders.template import SETTING
+
+    early = None if os.environ.get(SETTING) else start_early()
+    try:
+        started = _start(args)
+    except BaseException:
+        if early is not None:
+            early.abandon()
+        raise
+    if isinstance(started, int):
+        if early is not None:
+            early.abandon()
+        return started
+    return _run(*started, args)
+
+
+def _start(args: argparse.Namespace) -> tuple[Any, Settings, socket.socket] | int:
+    """The app, its settings and its bound port; or the exit code of a refusal to start.
+    What can refuse is checked before the app is imported: a bad setting answers in a
+    fraction of a second."""
     from service.common.private_dir import FolderUnsafe
     from service.serving.api.guards import is_loopback
     from service.serving.loaders.template import check_template
@@ -53,9 +76,9 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     settings.ensure_dirs()
-    # A second instance on this machine stops here, on one line, before anything starts
-    # (the loader template, the demo writer): its port, state directory or worker socket
-    # is in use.
+    # A second instance on this machine stops here, on one line, before anything else
+    # starts (the demo writer; the early template is ended): its port, state directory or
+    # worker socket is in use.
     try:
         listener = bind(args.host, args.port)
     except PortUnavailable as exc:
@@ -76,10 +99,10 @@ def _serve(args: argparse.Namespace) -> int:
         lock.release()
         print(f"basehold: refusing to start: {exc}", file=sys.stderr)
         return 2
-    return _run(app, settings, args, listener)
+    return app, settings, listener
 
 
-def _run(app: Any, settings: Settings, args: argparse.Namespace, listener: socket.socket) -> int:
+def _run(app: Any, settings: Settings, listener: socket.socket, args: argparse.Namespace) -> int:
     """Serve until stopped; the start block prints once the server answers, the demo's
     lines once its checkpoint (written in the background meanwhile) is there."""
     from service.demo import DEMO_NAME, DemoWriter

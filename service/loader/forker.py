@@ -16,9 +16,18 @@ requester: every connection is read without blocking, a frame at a time, and one
 has not sent a whole request within REPLY_SECONDS is dropped. It exits when its owner
 closes its stdin, or on SIGTERM.
 
-A template whose imports initialized CUDA refuses to serve (every loader it forked would
-fail its first CUDA call): it says `refused: WHY` instead of `ready`, logs it, and exits
-with REFUSED.
+It says `ready` once it imported what every load needs (`imports.FIRST`), and imports the
+rest (`imports.LATER`) one module at a time while idle (no request for QUIET seconds);
+it logs `preloaded in the background` when done. A loader forked before then imports what
+its load needs itself.
+
+A template whose imports initialized CUDA cannot fork (every loader it forked would
+fail its first CUDA call). One of basehold's own modules: it starts again (exec) without
+it and the modules after it; after a background import, the new image keeps the socket
+(with the requests waiting on it) and the loaders. Any other (BASEHOLD_LOADER_PRELOAD):
+it refuses, saying `refused: WHY` (instead of `ready`, or after it when a background
+import did it) and logging it; after a background import it answers every Spawn with
+that, and exits with REFUSED once its loaders (which hold models) ended.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib
 import logging
 import os
 import selectors
@@ -55,11 +65,19 @@ from service.common.protocol.wire import (
     parse,
 )
 from service.common.socket_protocol import peer_credentials
-from service.loader.imports import PRELOAD, SKIP, CudaInitialized, import_before_fork, preload
+from service.loader.imports import (
+    PRELOAD,
+    SKIP,
+    CudaInitialized,
+    cuda_initialized,
+    import_before_fork,
+    preload,
+)
 
 log = logging.getLogger("basehold.template")
 
 _PR_SET_PDEATHSIG = 1
+QUIET = 1.0  # seconds without a request before the next background import
 REFUSED = 3  # the exit code of a template that refused to serve (its imports initialized CUDA)
 
 
@@ -140,9 +158,19 @@ class _Watch:
 
 
 class Forker:
-    def __init__(self, listener: socket.socket, owner: int | None) -> None:
+    def __init__(
+        self, listener: socket.socket, owner: int | None, later: list[str] | None = None
+    ) -> None:
         self.listener = listener
         self.owner = owner  # the owner's stdin: EOF means the owner is gone
+        self.later = list(later or [])  # imported while idle, one per pass of the loop
+        self.later_seconds = 0.0
+        # When the last connection was accepted (monotonic); from the start, so that the
+        # first request after `ready` never waits for an import.
+        self.last_request = time.monotonic()
+        self.cuda: CudaInitialized | None = None  # a background import initialized CUDA
+        self.restart = False  # ... one of basehold's own: start again (exec), now
+        self.refusal = ""  # ... any other: what a Spawn is answered until the loop ends
         self.children: dict[int, socket.socket] = {}  # pid -> its requester's connection
         self.pending: dict[socket.socket, _Pending] = {}
         self.watches: set[socket.socket] = set()
@@ -162,7 +190,10 @@ class Forker:
         if self.owner is not None:
             self.selector.register(self.owner, selectors.EVENT_READ, "owner")
         while not self.stopping:
-            for key, _ in self.selector.select(self._timeout()):
+            if self.cuda is not None and (self.restart or not self.children):
+                break  # it cannot fork any more: main() starts again or refuses
+            events = self.selector.select(self._timeout())
+            for key, _ in events:
                 data = key.data
                 if data == "accept":
                     self._accept()
@@ -178,13 +209,81 @@ class Forker:
                 elif isinstance(data, _Watch):
                     self._watch_read(key.fileobj)  # type: ignore[arg-type]
             self._expire()
-        for pid in list(self.children):
-            self._kill(pid)
+            if not events and self._idle():
+                self._import_next()
+        if not self.restart or self.stopping:  # an exec keeps them (handover)
+            for pid in list(self.children):
+                self._kill(pid)
+
+    def _idle(self) -> bool:
+        """Whether to import the next background module: no request is being read, and
+        none came for QUIET seconds (a load's estimate and load, or a burst of loads, is
+        not slowed down by imports; one that comes waits for one import at most). Loaders
+        may run: one holds its model as long as it is loaded."""
+        return self._quiet_in() == 0.0
+
+    def _quiet_in(self) -> float | None:
+        """Seconds until the next background import (None: none to do, or a request is
+        being read)."""
+        if not self.later or self.pending:
+            return None
+        return max(0.0, self.last_request + QUIET - time.monotonic())
 
     def _timeout(self) -> float | None:
+        quiet = self._quiet_in()  # 0: import the next one unless a request is there
         if not self.pending:
-            return None
+            return quiet
         return max(0.0, min(p.deadline for p in self.pending.values()) - time.monotonic())
+
+    def _import_next(self) -> None:
+        """Import the next background module; never in a thread: forking with a second
+        thread alive is unsafe."""
+        name = self.later.pop(0)
+        began = time.monotonic()
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            log.info("template: not importable here (skipped): %s", name)
+        except Exception:  # a loader that needs it imports it, and says why it fails
+            log.warning("template: importing %s failed (skipped)", name, exc_info=True)
+        self.later_seconds += time.monotonic() - began
+        if cuda_initialized():
+            self._cuda_initialized(CudaInitialized(name))
+        elif not self.later:
+            log.info("template: preloaded in the background (%.1f s)", self.later_seconds)
+
+    def _cuda_initialized(self, exc: CudaInitialized) -> None:
+        """A background import initialized CUDA: no more forks. One of basehold's own: it
+        starts again (main(), exec) keeping its loaders and the requests waiting on its
+        socket. Any other: it says `refused: WHY`, answers every Spawn with it, and exits
+        once its loaders (which hold models) ended."""
+        log.error("template: importing %s initialized CUDA: it forks no more", exc.module)
+        self.cuda = exc
+        self.later.clear()
+        self.restart = _own(exc.module)
+        if not self.restart:
+            self.refusal = _refuse(exc.module)
+
+    def handover(self) -> list[str]:
+        """Before it starts again (exec): the arguments that hand its loaders (pid and the
+        requester's connection) to the new image; requests being read are dropped."""
+        for conn in [*self.pending, *self.watches]:
+            self._drop(conn)
+        adopt = []
+        for pid, conn in self.children.items():
+            os.set_inheritable(conn.fileno(), True)
+            adopt += ["--adopt", f"{pid}:{conn.fileno()}"]
+        return adopt
+
+    def adopt(self, loaders: list[str]) -> None:
+        """Take over the loaders of the image it started again from (`handover`)."""
+        for entry in loaders:
+            pid, fd = (int(part) for part in entry.split(":"))
+            conn = socket.socket(fileno=fd)
+            conn.setblocking(False)
+            self.children[pid] = conn
+            self.selector.register(conn, selectors.EVENT_READ, _Loader(pid))
+        self._reap()  # those that ended meanwhile
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -210,6 +309,7 @@ class Forker:
             conn.close()
             return
         conn.setblocking(False)
+        self.last_request = time.monotonic()
         pending = _Pending(conn, time.monotonic() + REPLY_SECONDS)
         self.pending[conn] = pending
         self.selector.register(conn, selectors.EVENT_READ, pending)
@@ -256,6 +356,11 @@ class Forker:
         if not isinstance(message, Spawn) or len(fds) != 2:
             close_fds(fds)
             _reply(pending.conn, Refused(reason="a spawn comes with the channel and stderr fds"))
+            self._drop(pending.conn)
+            return
+        if self.cuda is not None:  # it must not fork any more
+            close_fds(fds)
+            _reply(pending.conn, Refused(reason=self.refusal))
             self._drop(pending.conn)
             return
         self.pending.pop(pending.conn)
@@ -343,40 +448,45 @@ class Forker:
             os.kill(pid, signal.SIGKILL)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.loader.forker")
-    parser.add_argument("--listen", required=True, help="Unix socket path to create")
-    parser.add_argument("--owned", action="store_true", help="exit when stdin closes")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+def _again_without(module: str, argv: list[str], listener: int | None, adopt: list[str]) -> None:
+    """Start again (exec) without preloading `module` of basehold's own list and what
+    follows it there, which may import it (the loaders import them after the fork);
+    `listener`: the socket to serve, kept with the requests waiting on it; `adopt`: the
+    loaders it takes over (`Forker.handover`)."""
+    skipped = ",".join(PRELOAD[PRELOAD.index(module) :])
+    log.warning(
+        "template: importing %s initialized CUDA here; starting again without "
+        "preloading it or the modules after it (%s=%s)",
+        module,
+        SKIP,
+        skipped,
     )
-    try:
-        missing = import_before_fork(preload())
-    except CudaInitialized as exc:
-        if exc.module in PRELOAD and not os.environ.get(SKIP):
-            # basehold's own list met a machine where that import initializes CUDA: start
-            # again (once) without it and what follows it in the list, which may import it
-            # (the loaders import them after the fork), rather than refuse to serve.
-            skipped = ",".join(PRELOAD[PRELOAD.index(exc.module) :])
-            log.warning(
-                "template: importing %s initialized CUDA here; starting again without "
-                "preloading it or the modules after it (%s=%s)",
-                exc.module,
-                SKIP,
-                skipped,
-            )
-            os.environ[SKIP] = skipped
-            sys.stdout.flush()
-            sys.stderr.flush()
-            rest = sys.argv[1:] if argv is None else argv
-            os.execv(sys.executable, [sys.executable, "-m", "service.loader.forker", *rest])
-        reason = _cuda_refusal(exc.module)
-        log.error("%s", reason)
-        print(f"refused: {reason}", flush=True)  # instead of `ready`: the owner shows it
-        return REFUSED
-    if missing:
-        log.info("template: not importable here (skipped): %s", ", ".join(missing))
+    os.environ[SKIP] = skipped
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if listener is not None:
+        os.set_inheritable(listener, True)
+        argv = [*argv, "--listen-fd", str(listener), *adopt]
+    os.execv(sys.executable, [sys.executable, "-m", "service.loader.forker", *argv])
+
+
+def _refuse(module: str) -> str:
+    """Say why it refuses to serve (instead of `ready`, or after it): the owner shows it."""
+    reason = _cuda_refusal(module)
+    log.error("%s", reason)
+    print(f"refused: {reason}", flush=True)
+    return reason
+
+
+def _own(module: str) -> bool:
+    """Whether `module` is on basehold's own list, and this is the first start (at most one
+    start again)."""
+    return module in PRELOAD and not os.environ.get(SKIP)
+
+
+def _listen(args: argparse.Namespace) -> socket.socket:
+    if args.listen_fd is not None:  # a template started again: its socket, still bound
+        return socket.socket(fileno=args.listen_fd)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
@@ -384,10 +494,49 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         os.umask(old)
     listener.listen(64)
-    forker = Forker(listener, sys.stdin.fileno() if args.owned else None)
+    return listener
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.loader.forker")
+    parser.add_argument("--listen", required=True, help="Unix socket path to create")
+    parser.add_argument("--owned", action="store_true", help="exit when stdin closes")
+    parser.add_argument(
+        "--all-first", action="store_true", help="import everything before saying ready"
+    )
+    # A template started again after a background import initialized CUDA (exec): its
+    # socket, and its loaders (pid:fd of the requester's connection).
+    parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--adopt", action="append", default=[], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    rest = list(sys.argv[1:] if argv is None else argv)
+    if args.listen_fd is not None:  # `--listen-fd N` and the loaders end the arguments
+        rest = rest[: rest.index("--listen-fd")]
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    first, later = preload()
+    if args.all_first:
+        first, later = [*first, *later], []
+    try:
+        missing = import_before_fork(first)
+    except CudaInitialized as exc:
+        if _own(exc.module):
+            _again_without(exc.module, rest, None, [])
+        _refuse(exc.module)
+        return REFUSED
+    if missing:
+        log.info("template: not importable here (skipped): %s", ", ".join(missing))
+    listener = _listen(args)
+    forker = Forker(listener, sys.stdin.fileno() if args.owned else None, later)
+    forker.adopt(args.adopt)
     print("ready", flush=True)  # the owner waits for this line
     try:
         forker.serve()
+        if forker.cuda is not None and not forker.stopping:
+            if forker.restart:
+                _again_without(forker.cuda.module, rest, listener.fileno(), forker.handover())
+            return REFUSED
     finally:
         listener.close()
         with contextlib.suppress(FileNotFoundError):

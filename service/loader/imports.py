@@ -7,28 +7,34 @@ import importlib
 import os
 import sys
 
-# What the template imports before it forks anything: the loader side of every load, what
-# every from_pretrained imports on first use (~1 s that each loader would pay again), the
-# bnb quantizers, and the model code of common architectures. A module that is not there
-# (an older transformers) is skipped. BASEHOLD_LOADER_PRELOAD adds more (comma-separated
-# module names, e.g. your architectures' modeling modules).
+# What the template imports before it says `ready`: the loader side of every load and
+# what every from_pretrained imports on first use (~1 s that each loader would pay again),
+# with the bnb quantizers. A module that is not there (an older transformers) is skipped.
 #
-# Nothing here may initialize CUDA: a loader forked from a template that did fails its
-# first CUDA call ("Cannot re-initialize CUDA in forked subprocess"). bitsandbytes does at
-# import on a GPU machine (it asks each device's capability), and so do
-# `transformers.integrations.bitsandbytes` and peft, which import it: a loader imports them
-# after the fork, when a load asks for quantization (service.loader.strategies.bnb).
-# torch._inductor.compile_fx is most of what `import bitsandbytes` costs (its kernels
-# are decorated with torch.compile): preloaded, a loader's import of bitsandbytes takes
-# ~0.1 s instead of ~1 s.
-PRELOAD = [
+# Nothing here or in LATER may initialize CUDA: a loader forked from a template that did
+# fails its first CUDA call ("Cannot re-initialize CUDA in forked subprocess").
+# bitsandbytes does at import on a GPU machine (it asks each device's capability), and so
+# do `transformers.integrations.bitsandbytes` and peft, which import it: a loader imports
+# them after the fork, when a load asks for quantization (service.loader.strategies.bnb).
+FIRST = [
     "service.loader.entry",
     "service.loader.child",
     "transformers.modeling_utils",
     "transformers.masking_utils",
     "transformers.quantizers.quantizer_bnb_4bit",
     "transformers.quantizers.quantizer_bnb_8bit",
-    "torch._inductor.compile_fx",
+    "service.loader.warm",  # transformers' conversion table, built once for every loader
+]
+
+# What the template imports once it serves, one module at a time while it has no request
+# to answer (a loader forked before then imports what its load needs itself): the model
+# code of common architectures, then torch._inductor.compile_fx, most of what `import
+# bitsandbytes` costs (its kernels are decorated with torch.compile; preloaded, a
+# loader's import of bitsandbytes takes ~0.1 s instead of ~1 s). compile_fx is imported in
+# steps of at most ~0.3 s (its heaviest parts first): a request waits for one step at most.
+# BASEHOLD_LOADER_PRELOAD adds more (comma-separated module names, e.g. your
+# architectures' modeling modules), after these.
+LATER = [
     *(
         f"transformers.models.{name}.modeling_{name}"
         for name in (
@@ -45,7 +51,15 @@ PRELOAD = [
             "t5",
         )
     ),
+    "torch._inductor.async_compile",
+    "functorch.compile",
+    "torch._inductor.debug",
+    "torch._inductor.decomposition",
+    "torch._inductor.lowering",
+    "torch._inductor.compile_fx",
 ]
+
+PRELOAD = [*FIRST, *LATER]  # basehold's own, in the order imported
 
 
 # Set by a template for the copy of itself it starts again (`service.loader.forker`) when
@@ -57,9 +71,14 @@ def _names(setting: str) -> list[str]:
     return [name.strip() for name in os.environ.get(setting, "").split(",") if name.strip()]
 
 
-def preload() -> list[str]:
+def preload() -> tuple[list[str], list[str]]:
+    """What the template imports before it serves, and what it imports once it idles."""
     skipped = set(_names(SKIP))
-    return [name for name in [*PRELOAD, *_names("BASEHOLD_LOADER_PRELOAD")] if name not in skipped]
+    later = [*LATER, *_names("BASEHOLD_LOADER_PRELOAD")]
+    return (
+        [name for name in FIRST if name not in skipped],
+        [name for name in later if name not in skipped],
+    )
 
 
 class CudaInitialized(RuntimeError):

@@ -7,6 +7,10 @@ when that connection ends, the template is gone until a retry finds it again. /r
 answers from `liveness()`; while the template is down a load fails at once with
 `loader_unavailable`, while it is starting a load waits for it.
 
+`basehold serve` starts our template before it imports the app (`start_early`): the
+template's imports (seconds) and the serving process's run side by side, and the first
+Template made without an address adopts it instead of starting one.
+
 One thread (the keeper's) starts, waits on and checks the template; the lock is only ever
 held to read or change the state, never across a start, a connection or a wait.
 """
@@ -20,7 +24,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +38,39 @@ log = logging.getLogger("basehold.loaders")
 
 BACKOFF = (1.0, 30.0)  # seconds before the first retry, and the most between two
 LIVED = 60.0  # a template that served this long starts the backoff over when it ends
+
+
+@dataclass(frozen=True)
+class Early:
+    """A template started before the app was built, not waited on yet."""
+
+    folder: str
+    process: subprocess.Popen[bytes]
+    started: float = field(default_factory=time.monotonic)
+
+    def abandon(self) -> None:
+        """The service does not start after all: the template goes with its folder."""
+        global _early
+        if _early is self:
+            _early = None
+        template.end(self.process)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_early: Early | None = None  # taken by the first Template that starts its own
+
+
+def start_early() -> Early:
+    """Start our template now (`basehold serve`, before it imports the app); the first
+    Template without an address adopts it."""
+    global _early
+    folder = tempfile.mkdtemp(prefix="basehold-template-")
+    process = template.launch(Path(folder) / SOCKET, owned=True)
+    _early = Early(folder, process)
+    return _early
+
+
+SOCKET = "template.sock"  # in our template's private folder
 
 
 @dataclass(frozen=True)
@@ -58,12 +95,17 @@ class Template:
         self.start_seconds = start_seconds
         self._backoff = backoff
         template.check_template(self.shared, reply_seconds)
+        global _early
+        self._early: Early | None = None
+        if self.shared is None:
+            self._early, _early = _early, None
+        self._refused = False  # the last one refused: the next imports everything first
         self._cond = threading.Condition()
         self._liveness = Liveness("starting", self._starting())
         self._address: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._watch: Channel | None = None
-        self._folder: str | None = None
+        self._folder = self._early.folder if self._early else None
         self._thread: threading.Thread | None = None
         self._closing = False
 
@@ -119,6 +161,9 @@ class Template:
             watch.close()  # wakes the keeper
         if process is not None:
             _stop(process)
+        early = self._early
+        if early is not None and early.process.poll() is None and process is not early.process:
+            template.end(early.process)  # never waited on: the keeper never started
         if thread is not None:
             thread.join(15)
         if self._folder is not None:
@@ -155,21 +200,49 @@ class Template:
     def _serve_own(self) -> str:
         """Start our template and wait for it to exit; returns how it ended."""
         self._folder = self._folder or tempfile.mkdtemp(prefix="basehold-template-")
-        address = Path(self._folder) / "template.sock"
-        address.unlink(missing_ok=True)
+        address = Path(self._folder) / SOCKET
         started = time.monotonic()
-        process = template.start(address, owned=True, timeout=self.start_seconds)
+        early, self._early = self._early, None
+        if early is not None:  # started by `basehold serve` before the app: adopt it
+            process, started = early.process, early.started
+            template.await_ready(process, self.start_seconds)
+        else:
+            address.unlink(missing_ok=True)
+            all_first = self._refused
+            process = template.start(
+                address, owned=True, timeout=self.start_seconds, all_first=all_first
+            )
         if not self._up(str(address), process=process):
             _stop(process)
             return "closing"
         log.info("loader template ready in %.1f s", time.monotonic() - started)
+        refused = self._follow(process)
         code = process.wait()
         with self._cond:
             self._process = None
         if process.stdout is not None:
             process.stdout.close()
+        self._refused = refused is not None
+        if refused is not None:
+            return refused
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         return f"it (pid {process.pid}) {how}"
+
+    def _follow(self, process: subprocess.Popen[bytes]) -> str | None:
+        """Read what our template says until it exits. `refused: WHY` (an import it did once
+        it served initialized CUDA): it forks no more, so it is down at once, saying why;
+        it exits once its loaders (which hold models) ended. Returns WHY, if said."""
+        refused = None
+        for line in template.said(process):
+            why = template.refusal(line)
+            if why is not None and refused is None:
+                refused = why
+                with self._cond:
+                    self._liveness = Liveness("down", self._unavailable(why))
+                    self._address = None
+                    self._cond.notify_all()
+                log.error("%s", self._liveness.detail)
+        return refused
 
     def _serve_shared(self) -> str:
         """Check the shared template and watch it until it goes; returns why it is down."""

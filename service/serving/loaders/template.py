@@ -6,7 +6,8 @@ costs milliseconds; the serving process itself never imports them. Each service 
 its own (a private socket in a 0700 folder; it exits with the service), or uses a running
 one named by BASEHOLD_LOADER_TEMPLATE (one template for several instances of the same user
 on a node; the test suite shares one). A template whose imports initialized CUDA refuses
-to serve (`refused: WHY` instead of `ready`): `start` raises TemplateUnavailable with why.
+to serve (`refused: WHY` instead of `ready`: `start` raises TemplateUnavailable with why;
+or after it, when an import it does once it serves did: `said` and `refusal` read it).
 
 A template gets every load's job, with its hub token, and hands back what workers map: it
 is trusted only once checked. Its socket's folder must be this user's alone, the process
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -70,10 +72,21 @@ def start(
     owned: bool,
     log: IO[bytes] | None = None,
     timeout: float = START_SECONDS,
+    all_first: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start a template listening on `address`; returns once it has imported everything
-    (TemplateUnavailable if it exits first or takes over `timeout` seconds). `owned`: it
-    exits when this process closes its stdin (or dies)."""
+    """Start a template listening on `address`; returns once it has imported what every
+    load needs (TemplateUnavailable if it exits first or takes over `timeout` seconds).
+    `owned`: it exits when this process closes its stdin (or dies). `all_first`: it imports
+    its whole preload before it serves (not the rest while idle)."""
+    process = launch(address, owned=owned, log=log, all_first=all_first)
+    await_ready(process, timeout)
+    return process
+
+
+def launch(
+    address: Path, *, owned: bool, log: IO[bytes] | None = None, all_first: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start a template listening on `address`, without waiting for it (`await_ready`)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     # A loader is a fresh process: every buffer a load allocates is new memory to fault in
     # (a long-lived process reused its allocator's cache). Transparent huge pages for
@@ -87,20 +100,26 @@ def start(
     # where torch's default caching allocator may keep a whole block until all of it is free.
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     command = [sys.executable, "-m", "service.loader.forker", "--listen", str(address)]
-    process = subprocess.Popen(
-        [*command, *(["--owned"] if owned else [])],
+    flags = [*(["--owned"] if owned else []), *(["--all-first"] if all_first else [])]
+    return subprocess.Popen(
+        [*command, *flags],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=log,
         env=env,
     )
+
+
+def await_ready(process: subprocess.Popen[bytes], timeout: float = START_SECONDS) -> None:
+    """Wait for a launched template's `ready` line (TemplateUnavailable, and it is ended,
+    if it exits first, refuses, or takes over `timeout` seconds)."""
     assert process.stdout is not None
     deadline = time.monotonic() + timeout
     line = b""
     while not line.endswith(b"\n"):
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([process.stdout], [], [], left)[0]:
-            _end(process)
+            end(process)
             raise TemplateUnavailable(f"the loader template did not start in {timeout:g} s")
         chunk = os.read(process.stdout.fileno(), 64)
         if not chunk:
@@ -109,7 +128,7 @@ def start(
     if line.strip() != b"ready":
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)  # it exits: say how
-        _end(process)
+        end(process)
         said = line.decode(errors="replace").strip()
         if said.startswith(REFUSED):  # its imports initialized CUDA: it says which
             raise TemplateUnavailable(said.removeprefix(REFUSED).strip())
@@ -117,10 +136,24 @@ def start(
             f"the loader template exited while starting ({_exit_words(process.returncode)}); "
             "see the server log"
         )
-    return process
 
 
-def _end(process: subprocess.Popen[bytes]) -> None:
+def said(process: subprocess.Popen[bytes]) -> Iterator[str]:
+    """What a template that serves says on its stdout (a line at a time, until it exits):
+    `refused: WHY` when an import it did once it served initialized CUDA (`refusal`)."""
+    if process.stdout is None:
+        return
+    for line in process.stdout:
+        yield line.decode(errors="replace").strip()
+
+
+def refusal(line: str) -> str | None:
+    """Why, when `line` is a template's refusal to serve."""
+    return line.removeprefix(REFUSED).strip() if line.startswith(REFUSED) else None
+
+
+def end(process: subprocess.Popen[bytes]) -> None:
+    """Kill a template (one that is not ready yet does not read its stdin)."""
     process.kill()
     process.wait()
     for stream in (process.stdin, process.stdout):

@@ -25,6 +25,14 @@ class ForkedTemplate:
         self.process = process
         self.output: list[str] = []  # what it wrote (its log), read as it comes
 
+    def wait_preloaded(self, timeout: float = 120) -> None:
+        """Until it logged the end of its background preload (BASEHOLD_LOADER_PRELOAD is
+        imported once it serves: a module that changes what loaders do must be in first)."""
+        deadline = time.monotonic() + timeout
+        while not any("preloaded in the background" in line for line in self.output):
+            assert time.monotonic() < deadline, "".join(self.output)[-3000:]
+            time.sleep(0.05)
+
     def close(self) -> None:
         """Close its stdin (it exits, as an owned template does) and wait for it."""
         if self.process.stdin is not None:

@@ -36,6 +36,7 @@ def rogue_template() -> Iterator[str]:
     folder = Path(tempfile.mkdtemp(prefix="bh-rogue-"))
     address = folder / "template.sock"
     running = start_template(address, BASEHOLD_LOADER_PRELOAD="tests.serving.loaders.rogue")
+    running.wait_preloaded()  # the rogue loaders are in
     yield str(address)
     running.close()
     shutil.rmtree(folder, ignore_errors=True)
