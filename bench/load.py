@@ -7,9 +7,10 @@ spec. Both sides read the same (page-cached) files in the same run, and both fir
 tiny checkpoint with the same spec, so neither pays one-time imports in the measurement.
 
 Also printed: the floor of an fp32 load (copying the checkpoint's bytes into a memfd once,
-with `sendfile`, in this process) and the loader's peak memory of its own (anonymous +
-shared-memory pages beyond the template it was forked from, sampled every 5 ms) against
-the held model's bytes.
+with `sendfile`, in this process) and the load's peak memory against the held model's
+bytes, sampled every 5 ms: the loader's anonymous pages beyond the template it was forked
+from, plus the machine's shared memory (`Shmem` in /proc/meminfo: the arena's memfd) beyond
+what it was before the load (a quiet machine is assumed).
 
     .venv/bin/python bench/load.py [--params-m 250]
 """
@@ -89,14 +90,23 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _shmem() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Shmem:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 class LoaderMemory:
-    """Samples, every 5 ms, the loaders of the server's template: the most anonymous +
-    shared-memory bytes one of them held beyond what the template holds (fork shares the
-    template's pages, counted in both)."""
+    """Samples, every 5 ms, the loaders of the server's template: the most anonymous bytes
+    one of them held beyond what the template holds (fork shares the template's pages,
+    counted in both) plus the shared memory the machine gained since the start (the
+    arena's memfd, which a loader writes without mapping it)."""
 
     def __init__(self, server_pid: int) -> None:
         self.server_pid = server_pid
         self.peak = 0
+        self._shmem = _shmem()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -121,11 +131,11 @@ class LoaderMemory:
         template = self._template()
         while template is not None and not self._stop.wait(0.005):
             try:
-                own = _status(template)
-                base = own["RssAnon"] + own["RssShmem"]
-                for pid in _children(template):
-                    fields = _status(pid)
-                    self.peak = max(self.peak, fields["RssAnon"] + fields["RssShmem"] - base)
+                base = _status(template)["RssAnon"]
+                anon = max(
+                    (_status(pid)["RssAnon"] - base for pid in _children(template)), default=0
+                )
+                self.peak = max(self.peak, max(anon, 0) + _shmem() - self._shmem)
             except (OSError, KeyError):
                 continue
 
@@ -179,7 +189,7 @@ def main() -> None:
     )
     print(
         "| spec | HTTP POST->ready (s) | from_pretrained+touch (s) | ratio | "
-        "repeat POST of held spec (ms) | loader peak memory / model bytes |"
+        "repeat POST of held spec (ms) | load peak memory / model bytes |"
     )
     print("|---|---|---|---|---|---|")
     for name, http_s, base_s, repeat_s, peak in rows:

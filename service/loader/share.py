@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from service.common.handles import bindings
-from service.common.handles.arena import DTYPE_CODES, Arena, map_shared, views, write_arena
+from service.common.handles.arena import DTYPE_CODES, Arena, stream_arena
 from service.common.handles.descriptor import (
     ArenaInfo,
     Handle,
@@ -144,13 +144,6 @@ class Shared:
             os.close(fd)
 
 
-def _rebind(sites: dict[str, list[rebind.Setter]], arena: dict[str, torch.Tensor]) -> None:
-    """Point the loader's model at the arena file; the private copies are then freed (device
-    tensors were re-pointed as they moved into their segments)."""
-    for entry, view in arena.items():
-        rebind.bind(sites, entry, view)
-
-
 def _public_config(model: Any) -> dict[str, Any]:
     """The config for workers, without the server-local path it was loaded from."""
     config: dict[str, Any] = model.config.to_dict()
@@ -189,8 +182,11 @@ def share(
     claimed = {
         n: plan.tensors.pop(n) for n in list(plan.tensors) if devices.claims(plan.tensors[n].device)
     }
-    host = plan.tensors
-    arena = write_arena(name or model_id, host)
+    # Host tensors leave the plan as they are written; each is re-pointed to the arena at
+    # once, so its private copy goes then (the load's peak: the arena plus one tensor).
+    arena, mapping = stream_arena(
+        name or model_id, plan.tensors, lambda entry, view: rebind.bind(sites, entry, view)
+    )
     # From here the arena's and segments' fds are ours until `Shared` hands them to the
     # caller: every error path closes them (a leaked memfd holds a whole model of memory).
     segment_fds: list[int] = []
@@ -198,7 +194,6 @@ def share(
         filled = segment_fill.fill(
             claimed, devices, segment_fds, lambda entry, view: rebind.bind(sites, entry, view)
         )
-        mapping = map_shared(arena.fd)
         handle = Handle(
             model_id=model_id,
             arena=ArenaInfo(
@@ -218,8 +213,7 @@ def share(
             ipc_format=devices.ipc_format if filled.described else None,
             generation_config=_generation_config(model),
         )
-        del plan, host
-        _rebind(sites, views(mapping, arena.entries, arena.data_start))
+        del plan
         disable_cpu_repack(model)
         if filled.segments:
             devices.empty_cache()  # the last sources the segments replaced

@@ -18,7 +18,7 @@ import json
 import mmap
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -103,33 +103,55 @@ def segment_view(base: torch.Tensor, entry: ArenaEntry) -> torch.Tensor:
     return raw.view(TORCH_DTYPES[entry.dtype]).view(entry.shape)
 
 
-def _write_all(fd: int, data: memoryview | bytes) -> None:
+def _write_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:
-        written = os.write(fd, view)
-        view = view[written:]
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def write_arena(name: str, tensors: dict[str, torch.Tensor]) -> Arena:
     """Write the tensors into a new memfd and seal it. The caller owns the returned fd."""
+    return stream_arena(name, dict(tensors), lambda entry, view: None)[0]
+
+
+def stream_arena(
+    name: str, tensors: dict[str, torch.Tensor], placed: Callable[[str, torch.Tensor], None]
+) -> tuple[Arena, mmap.mmap]:
+    """Write the tensors into a new memfd, seal it, and return it with the service's
+    mapping of it (read-only). Each tensor is taken out of `tensors` as it is written and
+    `placed(name, view)` is called with its view of the arena: a caller that re-points its
+    model there (and holds no other reference) frees the source at once, so writing takes
+    the arena plus one tensor, not two copies of the model. The caller owns the fd."""
     entries = plan_entries(tensors.items())
     header = _header(entries)
+    data_start = 8 + len(header)
+    size = data_start + max((e.offset + e.nbytes for e in entries), default=0)
     fd = os.memfd_create(f"basehold:{name}", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
     try:
-        _write_all(fd, len(header).to_bytes(8, "little"))
-        _write_all(fd, header)
-        for entry in entries:
-            flat = tensors[entry.name].detach().contiguous().reshape(-1)
-            if flat.numel():
-                _write_all(fd, flat.view(torch.uint8).numpy().data)
+        os.ftruncate(fd, size)
+        _write_all(fd, len(header).to_bytes(8, "little") + header, 0)
+        # Mapped through a read-only fd: a shared mapping of the writable memfd (even
+        # PROT_READ) could be made writable, and the kernel refuses F_SEAL_WRITE while one
+        # exists.
+        read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            mapping = map_shared(read_only)
+        finally:
+            os.close(read_only)
+        with _read_only_ok():
+            for entry in entries:
+                flat = tensors.pop(entry.name).detach().contiguous().reshape(-1)
+                if flat.numel():
+                    _write_all(fd, flat.view(torch.uint8).numpy().data, data_start + entry.offset)
+                del flat
+                placed(entry.name, _view(mapping, entry, data_start))
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-        size = os.fstat(fd).st_size
     except BaseException:
         os.close(fd)
         raise
-    return Arena(
-        fd=fd, name=f"basehold:{name}", size=size, data_start=8 + len(header), entries=entries
-    )
+    arena = Arena(fd=fd, name=f"basehold:{name}", size=size, data_start=data_start, entries=entries)
+    return arena, mapping
 
 
 def is_sealed(fd: int) -> bool:

@@ -6,6 +6,7 @@ import gc
 import mmap
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -151,10 +152,11 @@ def memfds() -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("failing", ["_rebind", "disable_cpu_repack", "map_shared"])
+@pytest.mark.parametrize("failing", ["bind", "Handle", "disable_cpu_repack"])
 def test_a_failure_after_the_arena_is_written_closes_it(
     models_root: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
+    """While it is written (re-pointing a tensor to it: `bind`) or after."""
     import service.loader.share as share_module
 
     model = from_pretrained(AutoModelForCausalLM, models_root / "gpt2", dtype=torch.float32)
@@ -162,7 +164,12 @@ def test_a_failure_after_the_arena_is_written_closes_it(
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError(f"{failing} failed")
 
-    monkeypatch.setattr(share_module, failing, boom)
+    if failing == "bind":
+        from service.loader import rebind
+
+        monkeypatch.setattr(share_module, "rebind", SimpleNamespace(sites=rebind.sites, bind=boom))
+    else:
+        monkeypatch.setattr(share_module, failing, boom)
     before = memfds()
     try:
         share(model, "leak", "/nonexistent.sock")
