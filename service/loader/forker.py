@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import importlib
 import logging
 import os
 import selectors
@@ -69,8 +68,8 @@ from service.loader.imports import (
     PRELOAD,
     SKIP,
     CudaInitialized,
-    cuda_initialized,
     import_before_fork,
+    import_checked,
     preload,
 )
 
@@ -241,15 +240,14 @@ class Forker:
         name = self.later.pop(0)
         began = time.monotonic()
         try:
-            importlib.import_module(name)
-        except ImportError:
-            log.info("template: not importable here (skipped): %s", name)
+            if not import_checked(name):
+                log.info("template: not importable here (skipped): %s", name)
+        except CudaInitialized as exc:
+            self._cuda_initialized(exc)
         except Exception:  # a loader that needs it imports it, and says why it fails
             log.warning("template: importing %s failed (skipped)", name, exc_info=True)
         self.later_seconds += time.monotonic() - began
-        if cuda_initialized():
-            self._cuda_initialized(CudaInitialized(name))
-        elif not self.later:
+        if self.cuda is None and not self.later:
             log.info("template: preloaded in the background (%.1f s)", self.later_seconds)
 
     def _cuda_initialized(self, exc: CudaInitialized) -> None:

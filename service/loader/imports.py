@@ -97,17 +97,22 @@ def cuda_initialized() -> bool:
     return torch is not None and bool(torch.cuda.is_initialized())
 
 
+def import_checked(name: str) -> bool:
+    """Import `name`; False where it is not importable here. Raises CudaInitialized when
+    the import initialized CUDA, whatever else it raised."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    finally:
+        if cuda_initialized():
+            raise CudaInitialized(name)  # it outranks what the import raised, if anything
+    return True
+
+
 def import_before_fork(modules: list[str]) -> list[str]:
     """Import `modules` in order; returns those not importable here. Raises CudaInitialized
     naming the first whose import initialized CUDA (checked after each)."""
     if cuda_initialized():
         raise CudaInitialized("(something imported at interpreter start, before the preload)")
-    missing = []
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-        if cuda_initialized():
-            raise CudaInitialized(name)
-    return missing
+    return [name for name in modules if not import_checked(name)]

@@ -9,10 +9,6 @@ compiled): ~0.1 s of every load in a fresh process, 60% of a small model's
 
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger("basehold.template")
-
 
 def warm() -> bool:
     """Build what this transformers caches lazily; False where it has no such cache."""

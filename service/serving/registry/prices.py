@@ -17,6 +17,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from service.common.cuda import CudaProbe
 from service.common.estimates import Estimate
 from service.common.load.spec import LoadRequest
 
@@ -49,18 +50,21 @@ def files_of(folder: Path) -> Files | None:
 
 
 class Prices:
-    def __init__(self, size: int = 256) -> None:
+    def __init__(self, cuda: CudaProbe, size: int = 256) -> None:
+        """`cuda`: the serving process's view of the node's GPUs (whether placements follow
+        free memory)."""
+        self._cuda = cuda
         self._size = size
         self._known: OrderedDict[PriceKey, Estimate] = OrderedDict()
         self._lock = threading.Lock()
 
-    @staticmethod
-    def key(spec: LoadRequest, spec_key: str, gpus: int) -> PriceKey | None:
+    def key(self, spec: LoadRequest, spec_key: str) -> PriceKey | None:
         """What the price of `spec` depends on, read before it is priced (a file changed
-        while it was priced makes the next key differ); None: not kept. `gpus`: how many
-        the node has."""
-        if not spec.source.startswith("/") or not _fixed_placement(spec, gpus):
-            return None  # hub sources move with their revision; "auto" follows free memory
+        while it was priced makes the next key differ); None: not kept."""
+        if not spec.source.startswith("/"):
+            return None  # hub sources move with their revision
+        if not _fixed_placement(spec, self._cuda.device_count()):
+            return None  # "auto" on GPUs follows their free memory
         files = files_of(Path(spec.source))
         return None if files is None else (spec_key, files)
 

@@ -100,7 +100,7 @@ class Registry:
         self._executor = ThreadPoolExecutor(max_concurrent_loads, thread_name_prefix="load")
         self._max_loads = max_concurrent_loads
         self._loads_pending = 0  # submitted to the executor and not done
-        self._prices = Prices()
+        self._prices = Prices(cuda)
         self._listeners: list[Listener] = []
         self._persistence: Persistence | None = None
 
@@ -162,17 +162,18 @@ class Registry:
             measured = self.gate.measure() if estimate is not None else None  # probes
             with self._lock:  # again: another request may have started it meanwhile
                 existing = self._existing(model_id, key, named=named, pin=pin)
-                if existing is not None:
-                    self._end(prepared)
-                    return existing, False
-                record = ModelRecord(
-                    id=model_id, name=spec.name, spec=spec, key=key, load_id=load_id
-                )
-                victims: list[ModelRecord] = []
-                if estimate is not None and measured is not None:
-                    victims = self._admit(record, estimate, measured)
-                record.loader = prepared  # an unload kills it, even while queued
-                self._add(record)
+                if existing is None:
+                    record = ModelRecord(
+                        id=model_id, name=spec.name, spec=spec, key=key, load_id=load_id
+                    )
+                    victims: list[ModelRecord] = []
+                    if estimate is not None and measured is not None:
+                        victims = self._admit(record, estimate, measured)
+                    record.loader = prepared  # an unload kills it, even while queued
+                    self._add(record)
+            if existing is not None:
+                self._end(prepared)  # waits for it: not under the lock
+                return existing, False
         except BaseException:
             self._end(prepared)  # refused: it never reads a weight
             raise
@@ -186,8 +187,8 @@ class Registry:
         through the same normalization and policy as `POST /v1/models` today (not the day
         it was recorded): one the server now refuses (remote code no longer allowed, a
         device that is gone, a source outside the roots) ends `failed` with its usual code,
-        and its leases end with it. The others are
-        admitted and loaded like any hub load; one that cannot come back ends `failed`."""
+        and its leases end with it. The others are admitted and loaded like any hub load;
+        one that cannot come back ends `failed`."""
         restored: list[ModelRecord] = []
         now = utcnow()
         for row in rows:
@@ -332,7 +333,7 @@ class Registry:
         else (a gated repo, a hub that does not answer, broken files) is left to the load,
         which fails with the precise code, or admits it late. A local load priced before,
         with the same files, takes that price (`Prices`) and starts no process here."""
-        remembered = self._prices.key(spec, key, self._cuda.device_count())
+        remembered = self._prices.key(spec, key)
         if (known := self._prices.get(remembered)) is not None:
             return None, known
         with self._lock:
@@ -365,7 +366,7 @@ class Registry:
         checkpoint priced before with the same files is answered from `Prices` (its price
         comes from the config either way)."""
         spec = self.normalize(request)
-        remembered = self._prices.key(spec, spec_key(spec), self._cuda.device_count())
+        remembered = self._prices.key(spec, spec_key(spec))
         result = self._prices.get(remembered)
         if result is None:
             result = self._loaders.estimate(spec, token, full=False, server_token=server_token)
@@ -433,11 +434,14 @@ class Registry:
     def _run(self, record: ModelRecord, token: str | None) -> None:
         with self._lock:
             prepared, record.loader = record.loader, None  # priced itself at submit
-            if record.progress.cancel.is_set():
-                self._end(prepared)
+            cancelled = record.progress.cancel.is_set()
+            if cancelled:
                 self._transition(record, State.GONE)
-                return
-            self._transition(record, State.LOADING, started_at=utcnow())
+            else:
+                self._transition(record, State.LOADING, started_at=utcnow())
+        if cancelled:
+            self._end(prepared)  # waits for it: not under the lock
+            return
         held: Held | None = None
         loader: RunningLoad | None = None
         failure: ErrorInfo | None = None
