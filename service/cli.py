@@ -76,6 +76,8 @@ def _start(args: argparse.Namespace) -> tuple[Any, Settings, socket.socket] | in
         )
         return 2
     settings.ensure_dirs()
+    if args.take_over or settings.take_over:
+        return _take_over(args, settings)
     # A second instance on this machine stops here, on one line, before anything else
     # starts (the demo writer; the early template is ended): its port, state directory or
     # worker socket is in use.
@@ -99,6 +101,63 @@ def _start(args: argparse.Namespace) -> tuple[Any, Settings, socket.socket] | in
         lock.release()
         print(f"basehold: refusing to start: {exc}", file=sys.stderr)
         return 2
+    app.state.http_listener = listener
+    return app, settings, listener
+
+
+def _take_over(
+    args: argparse.Namespace, settings: Settings
+) -> tuple[Any, Settings, socket.socket] | int:
+    """Build the app first (its imports take the time), then take what the basehold
+    running on this state directory holds: its sockets, models and leases. With none
+    running, start as usual."""
+    from service.common.private_dir import FolderUnsafe
+    from service.serving.handover.messages import SOCKET_NAME
+    from service.serving.handover.taker import HandoverRefused, take_over
+    from service.serving.loaders.template import check_template
+    from service.serving.server import PortUnavailable, bind
+    from service.serving.socket.server import check_folder, resolve_group
+    from service.serving.state.lock import StateDirLocked, StateLock
+
+    lock = StateLock(settings.state_dir)  # taken once the predecessor lets go
+    try:
+        check_folder(settings.socket.parent, resolve_group(settings.socket_group))
+        check_template(settings.loader_template)
+        from service.serving.app import create_app
+
+        app = create_app(settings, lock=lock)
+        gpus = [gpu.uuid for gpu in app.state.gpus.gpus()]  # NVML: no CUDA here
+        handed = take_over(
+            settings.state_dir / SOCKET_NAME, settings.handover_load_wait_seconds + 60, gpus
+        )
+    except (FolderUnsafe, HandoverRefused) as exc:
+        print(f"basehold: refusing to take over: {exc}", file=sys.stderr)
+        return 2
+    listener = handed.http if handed is not None else None
+    if handed is None:
+        logging.getLogger("basehold").info(
+            "--take-over: no basehold serves this state directory; starting as usual"
+        )
+    try:
+        if listener is None:  # nothing running; or one in another network namespace (a pod)
+            listener = bind(args.host, args.port)
+        if handed is None:
+            lock.acquire()
+            check_socket_free(settings.socket)
+    except (PortUnavailable, StateDirLocked, FolderUnsafe) as exc:
+        if handed is not None:
+            handed.close()
+        if listener is not None:
+            listener.close()
+        lock.release()
+        print(f"basehold: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    if handed is not None:
+        logging.getLogger("basehold").info(
+            "taking over from pid %d: %d model(s) handed over", handed.pid, len(handed.models)
+        )
+    app.state.handed = handed
+    app.state.http_listener = listener
     return app, settings, listener
 
 
@@ -106,6 +165,7 @@ def _run(app: Any, settings: Settings, listener: socket.socket, args: argparse.N
     """Serve until stopped; the start block prints once the server answers, the demo's
     lines once its checkpoint (written in the background meanwhile) is there."""
     from service.demo import DEMO_NAME, DemoWriter
+    from service.serving.reload import Reloader, notify_systemd
     from service.serving.server import serve
 
     base = display_url(args.host, args.port)
@@ -117,8 +177,12 @@ def _run(app: Any, settings: Settings, listener: socket.socket, args: argparse.N
 
     def started() -> None:
         print(start_lines(base, settings, demo), flush=True)
+        notify_systemd(READY=1, MAINPID=os.getpid())  # a successor is the main process now
         if demo is not None:
             demo.start()
+
+    reloader = Reloader(sys.argv[1:])  # SIGHUP: hand over to a fresh copy of basehold
+    reloader.install()
 
     try:
         serve(
@@ -135,7 +199,8 @@ def _run(app: Any, settings: Settings, listener: socket.socket, args: argparse.N
         if demo is not None:
             demo.stop()
         app.state.loaders.close()  # a no-op after a normal shutdown (it closed them)
-    return 0
+    code = reloader.stay_as_parent()  # PID 1 that handed over on SIGHUP: the container stays
+    return 0 if code is None else code
 
 
 def check_socket_free(path: Path) -> None:
@@ -251,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
         help="the service's log level (default info)",
+    )
+    serve.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the models, leases and sockets of the basehold running on this state "
+        "directory (an upgrade without reloading); with none running, start as usual",
     )
     serve.add_argument(
         "--demo",

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import signal
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,6 +20,7 @@ from service import __version__
 from service.common.cores import LoadParallelism, usable_cores
 from service.common.cuda import CudaProbe
 from service.common.load.sources import HubOptions
+from service.common.protocol.wire import close_fds
 from service.serving.api import openapi, problems
 from service.serving.api.guards import RequestGuards
 from service.serving.api.probes import Probes
@@ -25,7 +28,11 @@ from service.serving.api.routes import dashboard, files, health, leases, memory,
 from service.serving.api.security_headers import SecurityHeaders
 from service.serving.api.slots import Slots
 from service.serving.api.timing import RequestMetrics
+from service.serving.api.write_gate import GateMiddleware, WriteGate
 from service.serving.events import EventBus
+from service.serving.handover.giver import Giver, Parts
+from service.serving.handover.messages import SOCKET_NAME
+from service.serving.handover.taker import Handed
 from service.serving.leases.leases import LeaseTable
 from service.serving.leases.lending import Lending
 from service.serving.loaders.arenas import HeldArenas
@@ -38,7 +45,7 @@ from service.serving.node_features import NodeFeatures
 from service.serving.preload import Preload
 from service.serving.registry.gate import MemoryGate, MemoryPolicy
 from service.serving.registry.persist import Persistence
-from service.serving.registry.record import ModelRecord, summary
+from service.serving.registry.record import Adopted, ModelRecord, summary
 from service.serving.registry.registry import Registry
 from service.serving.registry.states import State
 from service.serving.settings import Settings
@@ -52,14 +59,16 @@ log = logging.getLogger("basehold")
 
 
 async def _reap_leases(
-    lending: Lending, placement: HeldArenas, every: float, metrics: Metrics
+    lending: Lending, placement: HeldArenas, every: float, metrics: Metrics, gate: WriteGate
 ) -> None:
     """Drop unrenewed leases; free device segments that revoked leases no longer need.
     A pass that fails (a locked database, a GPU error) is logged and the next one runs:
-    the reaper is what keeps dead workers from pinning memory, so it never stops."""
+    the reaper is what keeps dead workers from pinning memory, so it never stops. While
+    the service hands over (renewals wait), no lease expires."""
 
     def expire() -> None:  # a DB write
-        metrics.leases_expired.inc(len(lending.expire()))
+        if not gate.closed:
+            metrics.leases_expired.inc(len(lending.expire()))
 
     while True:
         await asyncio.sleep(every)
@@ -84,10 +93,41 @@ def _shutdown_steps(*steps: tuple[str, Callable[[], object]]) -> None:
 
 
 def _start_state(
-    settings: Settings, lock: StateLock, registry: Registry, table: LeaseTable
+    settings: Settings,
+    lock: StateLock,
+    registry: Registry,
+    table: LeaseTable,
+    handed: Handed | None = None,
 ) -> StateDB:
     """With the state lock held: clean what a crashed instance left, open the database,
-    write through from now on, and restore (or forget) what it holds. Runs in a thread."""
+    write through from now on, and restore (or forget) what it holds; models a
+    predecessor `handed` over are kept as they are. Runs in a thread."""
+    adopted = {
+        model_id: Adopted(
+            taken.offered.load_id,
+            taken.offered.facts,
+            taken.fds,
+            taken.offered.started_at,
+            taken.offered.ready_at,
+        )
+        for model_id, taken in (handed.models.items() if handed is not None else ())
+    }
+    if handed is not None:
+        handed.models.clear()  # the registry's from now on
+    try:
+        return _open_state(settings, lock, registry, table, adopted)
+    finally:
+        for left in adopted.values():  # not restored: nothing keeps them
+            close_fds(left.fds)
+
+
+def _open_state(
+    settings: Settings,
+    lock: StateLock,
+    registry: Registry,
+    table: LeaseTable,
+    adopted: dict[str, Adopted],
+) -> StateDB:
     lock.verify()  # the folder checked and locked is still the one its path names
     offload = clean_offload(settings.offload_dir)
     if offload:
@@ -107,7 +147,8 @@ def _start_state(
         return db
     rows = db.models()
     leases = table.restore(db.leases(), {row.id for row in rows})
-    restored = registry.restore(rows)
+    restored = registry.restore(rows, dict(adopted))
+    adopted.clear()  # the registry kept or closed them
     if restored or leases:
         log.info(
             "restoring %d model(s) (most recently used first: %s) and %d lease(s) from %s",
@@ -117,6 +158,15 @@ def _start_state(
             db.path,
         )
     return db
+
+
+def _after_handover(settings: Settings, http_passed: bool) -> None:
+    """Stop serving (SIGTERM: uvicorn drains and exits, the state untouched), unless the
+    successor serves another listener and this one should wait to be stopped."""
+    if http_passed or settings.after_handover == "exit":
+        os.kill(os.getpid(), signal.SIGTERM)
+    else:
+        log.info("handed over: answering 503 handed_over until stopped (BASEHOLD_AFTER_HANDOVER)")
 
 
 def create_app(
@@ -186,6 +236,7 @@ def create_app(
     )
 
     events = EventBus()
+    writes = WriteGate()
     metrics = Metrics()
     probes = Probes()  # NVML and psutil, off the event loop
     history = history or MemoryHistory(every=settings.memory_history_seconds)
@@ -222,15 +273,34 @@ def create_app(
         # cyclic GC's full passes.
         gc.collect()
         gc.freeze()
-        lock.acquire()
+        handed: Handed | None = getattr(app.state, "handed", None)
+        # A successor waits for its predecessor to let go (it ends its loads first).
+        await run_in_threadpool(lock.acquire, 60.0 if handed is not None else 0.0)
         events.bind(asyncio.get_running_loop())
-        db = await run_in_threadpool(_start_state, settings, lock, registry, table)
-        arenas.start()
+        db = await run_in_threadpool(_start_state, settings, lock, registry, table, handed)
+        arenas.start(handed.worker if handed is not None else None)
+        giver = Giver(
+            settings.state_dir / SOCKET_NAME,
+            Parts(
+                gate=writes,
+                registry=registry,
+                placement=placement,
+                flush=writer.flush,
+                worker_socket=arenas,
+                lock=lock,
+                http=getattr(app.state, "http_listener", None),
+                load_wait=settings.handover_load_wait_seconds,
+                after=lambda passed: _after_handover(settings, passed),
+            ),
+        )
+        giver.db = db
+        giver.start()
+        app.state.giver = giver
         restoring = registry.restoring()
         if restoring:
             events.publish("restore", {"restoring": restoring, "leases": len(table.active())})
         every = settings.lease_reap_seconds
-        reaper = asyncio.create_task(_reap_leases(lending, placement, every, metrics))
+        reaper = asyncio.create_task(_reap_leases(lending, placement, every, metrics, writes))
         # /v1/memory/history: sampled in the probe threads, kept on the loop.
         sampler = asyncio.create_task(
             history.run(lambda: probes.run(lambda: memory.sample_now(app.state)))
@@ -250,18 +320,21 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            log.info("shutting down: cancelling loads and unloading models")
-            labels = [("remove the node features file", features.stop)] if features else []
-            await run_in_threadpool(
-                _shutdown_steps,
-                *labels,
-                ("write what is queued", writer.flush),
-                ("freeze the state database", db.freeze),  # what the next start restores
-                ("stop the worker socket", arenas.stop),
-                ("unload models", registry.shutdown),
-                ("close the state database", db.close),
-                ("release the state lock", lock.release),
-            )
+            giver.stop()
+            await run_in_threadpool(giver.let_go)  # handed over: the last request answered
+            if giver.handed_to is None:  # else the successor holds it all: nothing to undo
+                log.info("shutting down: cancelling loads and unloading models")
+                labels = [("remove the node features file", features.stop)] if features else []
+                await run_in_threadpool(
+                    _shutdown_steps,
+                    *labels,
+                    ("write what is queued", writer.flush),
+                    ("freeze the state database", db.freeze),  # what the next start restores
+                    ("stop the worker socket", arenas.stop),
+                    ("unload models", registry.shutdown),
+                    ("close the state database", db.close),
+                    ("release the state lock", lock.release),
+                )
             probes.close()
 
     # Swagger UI and ReDoc from fastapi-offline's bundled assets: an air-gapped GPU node
@@ -291,6 +364,7 @@ def create_app(
     app.state.events = events
     app.state.metrics = metrics
     app.state.ready = False
+    app.state.writes = writes
     problems.install(app)
     openapi.install(app)
     app.include_router(health.router)
@@ -302,6 +376,7 @@ def create_app(
     app.include_router(dashboard.router)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(GateMiddleware, gate=writes)
     # Outermost: before routing, auth and body parsing.
     app.add_middleware(
         RequestGuards,

@@ -53,6 +53,25 @@ class Settings(BaseSettings):
         description="Restore the models and leases recorded in the state database at start. "
         "false: start empty (and forget what was recorded).",
     )
+    take_over: bool = Field(
+        default=False,
+        description="Start by taking the held models, leases and sockets of the basehold "
+        "running on this state directory (`serve --take-over`); with none running, start "
+        "as usual.",
+    )
+    after_handover: Literal["exit", "idle"] = Field(
+        default="exit",
+        description="What a basehold does once it handed over: `exit` (0), or `idle`: answer "
+        "503 `handed_over` until stopped (a Kubernetes pod, whose container must not exit "
+        "before the pod is deleted).",
+    )
+    handover_load_wait_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="How long a handover lets loads in progress finish first; the successor "
+        "starts the ones still loading after it again.",
+    )
     model_roots: list[Path] = Field(
         default_factory=list,
         description="Directories that local sources must live under. "

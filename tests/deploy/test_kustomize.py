@@ -178,9 +178,48 @@ def test_the_state_is_on_the_node_and_the_services_alone() -> None:
     uid = service["securityContext"]["runAsUser"]
     assert f"chown {uid} {mount['mountPath']}" in script
     assert f"chmod 0700 {mount['mountPath']}" in script
+
+
+def test_a_rollout_hands_over_beside_the_old_pod() -> None:
+    """The new pod starts beside the old one on the node (surge) and takes over from it
+    through the state hostPath: the old one stays until the new one is Ready (its /readyz
+    answers 503 until it holds the models), then idles (not exits: kubelet would restart
+    it, and it would take over back) and stays live meanwhile (/healthz answers it). No
+    hostPort, which would keep the new pod off the node the old one holds it on; the GPU
+    through the scheduler, which time-slicing lets both pods have (the docs say so)."""
+    daemonset = one(render("."), "DaemonSet")
     strategy = daemonset["spec"]["updateStrategy"]
-    assert strategy["type"] == "RollingUpdate"
-    assert strategy["rollingUpdate"]["maxUnavailable"] == 1
+    assert strategy == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    spec = pod_spec(daemonset)
+    service = next(c for c in spec["containers"] if c["name"] == "basehold")
+    env = env_of(service)
+    assert env["BASEHOLD_TAKE_OVER"] == {"name": "BASEHOLD_TAKE_OVER", "value": "true"}
+    assert env["BASEHOLD_AFTER_HANDOVER"] == {"name": "BASEHOLD_AFTER_HANDOVER", "value": "idle"}
+    read = Settings(
+        take_over=env["BASEHOLD_TAKE_OVER"]["value"],
+        after_handover=env["BASEHOLD_AFTER_HANDOVER"]["value"],
+    )  # as the service reads them
+    assert read.take_over is True and read.after_handover == "idle"
+    assert service["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert service["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # HTTP serves only after the takeover, which may wait for the old pod's loads in
+    # progress, its offer (a minute more) and its state lock (a minute): liveness does not
+    # count before then.
+    startup = service["startupProbe"]
+    assert startup["httpGet"]["path"] == "/healthz"
+    load_wait = Settings.model_fields["handover_load_wait_seconds"].default
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= load_wait + 60 + 60 + 60
+    for container in containers(spec):
+        for port in container.get("ports", []):
+            assert "hostPort" not in port, (container["name"], port)
+    assert 30 <= spec["terminationGracePeriodSeconds"] <= 300
+    assert service["resources"]["limits"]["nvidia.com/gpu"] == 1
+    text = (ROOT / "docs" / "kubernetes.md").read_text()
+    section = re.split(r"\n##+ ", text.split("\n### Rollouts without reloading\n", 1)[1])[0]
+    assert "maxSurge: 1" in section and "gpu-time-slicing.yaml" in section
 
 
 def preloaded(objects: list[dict[str, Any]], tmp_path: Path) -> list[LoadRequest]:

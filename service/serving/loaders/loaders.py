@@ -26,7 +26,7 @@ from service.common.load.pin import HubPin
 from service.common.load.progress import Progress
 from service.common.load.sources import HubOptions, hub_cache_dir, within
 from service.common.load.spec import LoadRequest
-from service.common.protocol.held import Held
+from service.common.protocol.held import Held, Manifest
 from service.common.protocol.job import Job, StandIn, hub_env
 from service.common.protocol.messages import (
     REPLY_SECONDS,
@@ -245,22 +245,44 @@ class Loaders:
         return message, fds
 
     def _held(self, loader: LoaderProcess, ready: Ready, fds: list[int], what: str) -> Held:
-        held = Held.from_manifest(ready.facts)
+        try:
+            held = self._placed(ready.facts, fds, loader.job.spec)
+        except ValueError as exc:
+            raise self._unreadable(loader, what, str(exc)) from None
+        self.arenas.add(loader.job.load_id, held, fds, loader)
+        return held
+
+    def adopt(self, load_id: str, spec: LoadRequest, facts: Manifest, fds: list[int]) -> Held:
+        """Keep a model a predecessor held and handed over, as if its load had just handed
+        it over. ValueError (its fds closed) when the fds do not match the manifest."""
+        held = self._placed(facts, fds, spec)
+        handle = held.placed.handle
+        if held.needs_runner or handle is None:
+            close_fds(fds)
+            raise ValueError("a model held by a runner process cannot be handed over")
+        size = os.fstat(fds[0]).st_size
+        if size < handle.arena.size:
+            close_fds(fds)
+            raise ValueError(f"its arena fd holds {size} bytes, {handle.arena.size} due")
+        self.arenas.add(load_id, held, fds, None)
+        return held
+
+    def _placed(self, facts: Manifest, fds: list[int], spec: LoadRequest) -> Held:
+        """A manifest and its fds as this process serves them; ValueError (fds closed)
+        when they do not go together."""
+        held = Held.from_manifest(facts)
         expected = 1 + held.segments if held.placed.shareable else 0
         if len(fds) != expected:
             close_fds(fds)
-            raise self._unreadable(loader, what, f"a manifest with {len(fds)} fds, {expected} due")
+            raise ValueError(f"a manifest with {len(fds)} fds, {expected} due")
         # Workers are sent to this process's socket, checked against this process's uid,
         # and a checkpoint's small files are served from where this process allows.
-        allowed = self._allowed(loader.job.spec)
+        allowed = self._allowed(spec)
         if not within(held.checkpoint.resolve(), allowed):
             close_fds(fds)
             shown = ", ".join(str(a) for a in allowed)
-            why = f"a checkpoint folder {str(held.checkpoint)[:200]!r} outside {shown}"
-            raise self._unreadable(loader, what, why)
-        held = replace(held.served_by(str(self.setup.socket), os.getuid()), allowed=allowed)
-        self.arenas.add(loader.job.load_id, held, fds, loader)
-        return held
+            raise ValueError(f"a checkpoint folder {str(held.checkpoint)[:200]!r} outside {shown}")
+        return replace(held.served_by(str(self.setup.socket), os.getuid()), allowed=allowed)
 
     def _allowed(self, spec: LoadRequest) -> tuple[Path, ...]:
         """Where a load of `spec` may serve files from: the model roots (a local source) or

@@ -15,7 +15,7 @@ from service.common.estimates import Estimate
 from service.common.load.pin import HubPin
 from service.common.load.progress import Progress
 from service.common.load.spec import LoadRequest
-from service.common.protocol.held import Held
+from service.common.protocol.held import Held, Manifest
 
 
 class RunningLoad(Protocol):
@@ -94,6 +94,11 @@ class LoaderBackend(Protocol[L]):
         the load asks admission late (`admit` raises if it may not go on). Raises the
         load's own error, `LoadCancelled` once `progress.cancel` is set, or
         `LoaderCrashed` when the loader died."""
+        ...
+
+    def adopt(self, load_id: str, spec: LoadRequest, facts: Manifest, fds: list[int]) -> Held:
+        """Keep a model a predecessor handed over (its fds are now this process's).
+        ValueError, its fds closed, when they do not match the manifest."""
         ...
 
     def discard(self, load_id: str, keep_until: datetime | None = None) -> None:

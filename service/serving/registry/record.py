@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from service.common.estimates import Estimate
 from service.common.load.progress import Progress
 from service.common.load.spec import LoadRequest
-from service.common.protocol.held import Held
+from service.common.protocol.held import Held, Manifest
 from service.serving.registry.backend import RunningLoad
 from service.serving.registry.states import State
 
@@ -23,6 +23,18 @@ def utcnow() -> datetime:
 class ErrorInfo:
     code: str
     message: str
+
+
+@dataclass
+class Adopted:
+    """A model a predecessor handed over: its load's id, manifest and fds (the arena's,
+    then its device segments')."""
+
+    load_id: str
+    facts: Manifest
+    fds: list[int]
+    started_at: datetime | None
+    ready_at: datetime | None
 
 
 def new_load_id(model_id: str) -> str:

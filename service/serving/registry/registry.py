@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -43,6 +43,7 @@ from service.common.load.normalize import Devices, normalize
 from service.common.load.sources import LocalSource, parse_source
 from service.common.load.spec import LoadRequest
 from service.common.protocol.held import Held
+from service.common.protocol.wire import close_fds
 from service.serving.memory.admission import Measured
 from service.serving.registry.backend import L, LoaderBackend, RunningLoad
 from service.serving.registry.downloads import require_disk
@@ -50,7 +51,13 @@ from service.serving.registry.gate import MemoryGate, refuse
 from service.serving.registry.identity import MODEL_ID, derived_id, spec_key
 from service.serving.registry.persist import Persistence
 from service.serving.registry.prices import Prices
-from service.serving.registry.record import ErrorInfo, ModelRecord, new_load_id, utcnow
+from service.serving.registry.record import (
+    Adopted,
+    ErrorInfo,
+    ModelRecord,
+    new_load_id,
+    utcnow,
+)
 from service.serving.registry.states import ACTIVE, State, check_transition
 from service.serving.state.database import ModelRow
 from service.serving.state.writer import OrderedWriter, WriterLock
@@ -125,6 +132,13 @@ class Registry:
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def silence(self) -> None:
+        """Tell listeners nothing from now on (a handover: the models live on in the
+        successor, so the node's feature labels, events and metrics must not hear them
+        unloaded here)."""
+        with self._lock:
+            self._listeners = []
+
     def persist_to(self, persistence: Persistence) -> None:
         """Write every transition through from now on (set at startup, lock held)."""
         self._persistence = persistence
@@ -181,9 +195,13 @@ class Registry:
         self._start(record, token)
         return record, True
 
-    def restore(self, rows: list[ModelRow]) -> list[ModelRecord]:
+    def restore(
+        self, rows: list[ModelRow], adopted: Mapping[str, Adopted] | None = None
+    ) -> list[ModelRecord]:
         """Queue the models a previous process held under their ids: pinned and leased
-        ones first, then the others, most recently used first. Each recorded spec goes
+        ones first, then the others, most recently used first. A model in `adopted` (a
+        predecessor handed over its memory) is ready at once, without a load; its fds are
+        this registry's from now on (closed if it cannot be kept). Each recorded spec goes
         through the same normalization and policy as `POST /v1/models` today (not the day
         it was recorded): one the server now refuses (remote code no longer allowed, a
         device that is gone, a source outside the roots) ends `failed` with its usual code,
@@ -229,11 +247,44 @@ class Registry:
                 self._fail(record, ErrorInfo(code=exc.code, message=exc.message))
                 continue
             restored.append(record)
+        adopted = dict(adopted or {})
+        loads = [r for r in restored if not self._adopt(r, adopted.pop(r.id, None))]
+        for model_id, left in adopted.items():  # the state does not list it: not kept
+            log.error("not keeping the handed-over memory of %s: it is not restored", model_id)
+            close_fds(left.fds)
         # Pinned and leased models first (jobs wait on them), then most recently used:
         # the executor runs them in this order, as many at once as it runs loads.
-        for record in sorted(restored, key=lambda r: not (r.spec.pinned or r.leases > 0)):
+        for record in sorted(loads, key=lambda r: not (r.spec.pinned or r.leases > 0)):
             self._start(record, None)  # restored hub loads use the server's HF_TOKEN
         return restored
+
+    def _adopt(self, record: ModelRecord, adopted: Adopted | None) -> bool:
+        """Keep what a predecessor handed over for `record`: ready at once (True), or
+        False when there is nothing (or nothing usable) to keep: it is loaded again."""
+        if adopted is None:
+            return False
+        try:
+            held = self._loaders.adopt(adopted.load_id, record.spec, adopted.facts, adopted.fds)
+        except ValueError as exc:
+            log.error("not keeping the handed-over memory of %s (%s): loading it", record.id, exc)
+            return False
+        with self._lock:
+            record.load_id = adopted.load_id
+            record.admitted = True
+            self._transition(record, State.LOADING, started_at=adopted.started_at)
+            record.progress.finish()
+            self._transition(record, State.READY, loaded=held, ready_at=adopted.ready_at)
+        return True
+
+    def rewrite_all(self) -> None:
+        """Write every active record's row as it is now (a handover that did not happen:
+        what changed while the state database was frozen)."""
+        with self._lock:
+            if self._persistence is None:
+                return
+            for record in self._records.values():
+                if record.state in ACTIVE:
+                    self._persistence.rewrite(record)
 
     def _forget(self, model_id: str) -> None:
         with self._lock:  # the write runs as it is let go
@@ -617,13 +668,19 @@ class Registry:
         """Cancel loads, unload everything, stop the executor (on SIGTERM). What the state
         database holds is left as it is (the app stops persisting first), so the next
         start restores these models."""
+        self.let_go()
+        self._loaders.close()
+
+    def let_go(self) -> None:
+        """Cancel loads and unload everything (what the database holds stays as it is);
+        the loader template stays until `shutdown` (a handover lets go of the memory
+        first, releases the state lock, then ends the template)."""
         for record in self.records():
             try:
                 self.unload(record.id, force=True)
             except ModelNotFound:
                 continue
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self._loaders.close()
 
     # -- the one transition point --------------------------------------------------------
     def _touch(self, record: ModelRecord) -> None:

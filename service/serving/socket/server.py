@@ -174,7 +174,26 @@ class ArenaServer:
     def serving(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> None:
+    def start(self, listener: socket.socket | None = None) -> None:
+        """Bind `path` and serve; or serve `listener`, bound there by a predecessor that
+        handed it over (the path and its mode stay as they are)."""
+        if listener is None:
+            listener = self._bind()
+        listener.setblocking(False)
+        self._listener = listener
+        # Made here, not in the thread: the loop itself never needs a new fd.
+        self._selector = selectors.DefaultSelector()
+        self._thread = threading.Thread(target=self._serve, name="arena-socket", daemon=True)
+        self._thread.start()
+        log.info("handing arenas to workers on %s", self.path)
+
+    def dup_listener(self) -> int:
+        """A new fd of the listening socket, for a successor (the caller closes it)."""
+        if self._listener is None:
+            raise RuntimeError("the worker socket is not serving")
+        return os.dup(self._listener.fileno())
+
+    def _bind(self) -> socket.socket:
         check_folder(self.path.parent, self._group)
         if self.path.exists() or self.path.is_symlink():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -196,16 +215,11 @@ class ArenaServer:
         else:
             _give_to_group(self.path, self._group, 0o660)
         listener.listen(128)
-        listener.setblocking(False)
-        self._listener = listener
-        # Made here, not in the thread: the loop itself never needs a new fd.
-        self._selector = selectors.DefaultSelector()
-        self._thread = threading.Thread(target=self._serve, name="arena-socket", daemon=True)
-        self._thread.start()
-        log.info("handing arenas to workers on %s", self.path)
+        return listener
 
-    def stop(self) -> None:
-        """Stop at once: the loop is woken, not polled."""
+    def stop(self, *, unlink: bool = True) -> None:
+        """Stop at once: the loop is woken, not polled. `unlink=False`: the path stays (a
+        successor serves the same socket now)."""
         self._stopping.set()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
@@ -213,7 +227,8 @@ class ArenaServer:
             self._thread.join(timeout=5)
         if self._listener is not None:
             self._listener.close()
-            self.path.unlink(missing_ok=True)
+            if unlink:
+                self.path.unlink(missing_ok=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._wake_r.close()
         self._wake_w.close()

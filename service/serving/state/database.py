@@ -251,6 +251,12 @@ class StateDB:
         with self._lock:
             self._frozen = True
 
+    def thaw(self) -> None:
+        """A handover that did not happen: write through again (the caller rewrites what
+        changed meanwhile)."""
+        with self._lock:
+            self._frozen = False
+
     def close(self) -> None:
         with self._lock:
             self._frozen = True

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from service.common.private_dir import FolderUnsafe, check_parent, open_folder, open_private
@@ -47,9 +48,22 @@ class StateLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> None:
+    def acquire(self, wait: float = 0.0) -> None:
         """Take the lock (no-op if this object holds it) or raise StateDirLocked (or
-        FolderUnsafe / FileUnsafe: the message says what to change)."""
+        FolderUnsafe / FileUnsafe: the message says what to change). `wait`: seconds to
+        keep trying while another process holds it (a successor waits for its predecessor
+        to let go)."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._acquire()
+                return
+            except StateDirLocked:
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
+
+    def _acquire(self) -> None:
         if self._fd is not None:
             return
         directory = self.path.parent

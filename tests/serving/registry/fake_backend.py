@@ -18,7 +18,8 @@ from service.common.estimates import Estimate
 from service.common.load.pin import HubPin
 from service.common.load.progress import Progress
 from service.common.load.spec import LoadRequest, Task
-from service.common.protocol.held import Held, Placed
+from service.common.protocol.held import Held, Manifest, Placed
+from service.common.protocol.wire import close_fds
 from service.serving.leases.leases import LeaseTable
 from service.serving.memory.admission import Budget
 from service.serving.memory.nvml import GpuMemory
@@ -268,6 +269,13 @@ class FakeBackend:
                     loader.exit(0)  # it handed its fds over
                 return held
         raise AssertionError(f"the script of {loader.model_id} ends without Ready")
+
+    def adopt(self, load_id: str, spec: LoadRequest, facts: Manifest, fds: list[int]) -> Held:
+        """As `Loaders.adopt` keeps what a predecessor handed over: held from now on."""
+        held = Held.from_manifest(facts)
+        self.held[load_id] = FakeLoad(self._changed, spec.name or load_id, load_id, spec, True, [])
+        close_fds(fds)  # nothing in this fake reads them
+        return held
 
     def discard(self, load_id: str, keep_until: datetime | None = None) -> None:
         self.discarded.append(load_id)

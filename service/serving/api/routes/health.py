@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -16,9 +17,15 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    """200 while the process serves."""
-    return {"status": "ok"}
+async def healthz(request: Request) -> dict[str, object]:
+    """200 while the process serves: its pid, and the pid it took over from (`serve
+    --take-over`, a SIGHUP or a rollout; null when it started on its own)."""
+    handed = getattr(request.app.state, "handed", None)
+    return {
+        "status": "ok",
+        "serving_pid": os.getpid(),
+        "taken_over_from": handed.pid if handed is not None else None,
+    }
 
 
 async def _bindings(request: Request) -> str | None:

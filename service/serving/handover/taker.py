@@ -1,0 +1,132 @@
+"""The successor's side of a handover: ask the running basehold for what it holds.
+
+`take_over` connects to the state directory's handover socket, checks that the process
+there runs as this uid, says which versions this build reads, and returns what it was
+handed (sockets and each model's fds, owned by this process from then on), or None when
+nobody answers there (nothing to take over: start as usual). A refusal raises
+`HandoverRefused` with the running instance's reason; it keeps serving."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.common.protocol.wire import (
+    BadMessage,
+    Channel,
+    ChannelClosed,
+    ChannelTimeout,
+    close_fds,
+)
+from service.common.socket_protocol import peer_credentials
+from service.serving.handover.messages import (
+    Hello,
+    Offer,
+    OfferedModel,
+    Refused,
+    Taken,
+    ToSuccessor,
+)
+
+log = logging.getLogger("basehold.handover")
+
+
+class HandoverRefused(RuntimeError):
+    """The running basehold would not hand over; the message says why and what to do."""
+
+
+@dataclass
+class TakenModel:
+    offered: OfferedModel
+    fds: list[int]
+
+
+@dataclass
+class Handed:
+    """What a successor was handed; it owns every fd (`close` gives them up)."""
+
+    pid: int  # the predecessor's
+    http: socket.socket | None
+    worker: socket.socket
+    models: dict[str, TakenModel] = field(default_factory=dict)
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
+        self.worker.close()
+        for model in self.models.values():
+            close_fds(model.fds)
+        self.models.clear()
+
+
+def take_over(path: Path, timeout: float, gpus: list[str] | None = None) -> Handed | None:
+    """Take what the basehold serving on `path` holds (None: no basehold answers there,
+    or it went away before it answered: start as usual, once its lock is free). `timeout`:
+    how long it may take to hand over (it first lets its loads in progress finish).
+    `gpus`: the UUIDs of the GPUs this process sees; a model on another GPU is not handed
+    over (it is loaded again here)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        return None
+    channel = Channel(sock)
+    try:
+        _, uid, _ = peer_credentials(sock)
+        if uid != os.getuid():
+            raise HandoverRefused(
+                f"{path} is served by uid {uid}, not this user ({os.getuid()}): refusing to "
+                "take anything from it. Check who owns the state directory."
+            )
+        try:
+            channel.send(Hello.ours(gpus))
+            answer, fds = channel.receive(ToSuccessor, timeout)
+        except ChannelClosed:
+            log.warning("the running basehold went away before it answered: starting as usual")
+            return None
+        except ChannelTimeout:
+            raise HandoverRefused(
+                f"the running basehold did not hand over within {timeout:.0f} s (it lets its "
+                "loads in progress finish first: BASEHOLD_HANDOVER_LOAD_WAIT_SECONDS). It "
+                "keeps serving; try again once its loads are done."
+            ) from None
+        except BadMessage as exc:
+            raise HandoverRefused(
+                f"the running basehold answered something this one cannot read ({exc}); it "
+                "keeps serving. Run the same basehold version as it."
+            ) from None
+        if isinstance(answer, Refused):
+            close_fds(fds)
+            raise HandoverRefused(f"the running basehold refused the handover: {answer.reason}")
+        handed = _unpack(answer, fds)
+        try:
+            channel.send(Taken())
+        except (ChannelClosed, OSError):
+            # It died after sending: what it sent is ours, and its lock is gone with it.
+            log.warning("the predecessor (pid %d) went away before it heard back", answer.pid)
+        return handed
+    finally:
+        with contextlib.suppress(OSError):
+            channel.close()
+
+
+def _unpack(offer: Offer, fds: list[int]) -> Handed:
+    if len(fds) != offer.fd_count:
+        close_fds(fds)
+        raise HandoverRefused(
+            f"the running basehold sent {len(fds)} fds for an offer of {offer.fd_count}; "
+            "nothing was taken. Start this one again; see both logs."
+        )
+    rest = list(fds)
+    http = socket.socket(fileno=rest.pop(0)) if offer.http else None
+    worker = socket.socket(fileno=rest.pop(0))
+    handed = Handed(pid=offer.pid, http=http, worker=worker)
+    for model in offer.models:
+        handed.models[model.id] = TakenModel(model, rest[: model.fds])
+        del rest[: model.fds]
+    return handed

@@ -1,0 +1,204 @@
+"""Handover, for real: `basehold serve --take-over` and SIGHUP pass the held models, leases
+and sockets to a successor process without loading anything again; a refused or cut
+handover loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from service.common.protocol.wire import Channel, close_fds
+from service.serving.handover.messages import (
+    SOCKET_NAME,
+    Hello,
+    Offer,
+    Refused,
+    Taken,
+    ToSuccessor,
+)
+from service.serving.state.database import SCHEMA_VERSION
+from service.worker.client import Client
+from tests.conftest import until
+from tests.serving.state.test_restart import db_models, env_for, post
+from tests.serving.test_server_e2e import Server, start, wait_ready
+
+pytestmark = pytest.mark.e2e
+TOKENS = torch.tensor([[1, 5, 9, 42, 7, 3]])
+
+
+def port_of(server: Server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def lease(url: str, model_id: str, holder: str) -> dict[str, Any]:
+    answer = httpx.post(
+        f"{url}/v1/models/{model_id}/leases", json={"holder": holder, "ttl_seconds": 60}
+    )
+    assert answer.status_code == 201, answer.text
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+def serving_pid(url: str) -> int:
+    pid: int = httpx.get(f"{url}/healthz", timeout=10).json()["serving_pid"]
+    return pid
+
+
+def connect(tmp_path: Path) -> Channel:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(tmp_path / "state" / SOCKET_NAME))
+    return Channel(sock)
+
+
+def memfds(pid: int) -> int:
+    """How many memfds (arenas) `pid` holds open."""
+    fds = Path(f"/proc/{pid}/fd")
+    count = 0
+    for fd in fds.iterdir():
+        try:
+            count += os.readlink(fd).startswith("/memfd:")
+        except FileNotFoundError:
+            continue
+    return count
+
+
+def gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_successor_takes_models_leases_and_sockets_and_a_worker_trains_through_it(
+    tmp_path: Path, models_root: Path
+) -> None:
+    env = env_for(models_root)
+    old = start(tmp_path, [], env=env)
+    successor: int | None = None
+    try:
+        post(old, source=str(models_root / "llama"), name="a", dtype="float32")
+        before = wait_ready(old.url, "a")
+        held = lease(old.url, "a", "trainer-1")
+        arena = held["handle"]["arena"]["name"]  # names the load: a new load, a new name
+        with Client(old.url).attach("a", holder="worker", ttl_seconds=30) as model:
+            with torch.no_grad():
+                logits = model(TOKENS).logits
+
+            new = start(tmp_path, ["--take-over"], env=env, port=port_of(old), ready=False)
+            assert old.process.wait(timeout=120) == 0
+            until(lambda: serving_pid(old.url) == new.pid, "the successor serves")
+            health = httpx.get(f"{new.url}/healthz").json()
+            assert health["taken_over_from"] == old.pid
+            status = wait_ready(new.url, "a")
+            assert status["state"] == "ready"
+            assert status["timings"]["ready_at"] == before["timings"]["ready_at"]
+            assert "taking over from pid" in new.output()
+            assert "1 model(s) handed over" in new.output()
+            # The same lease, renewed by the successor; the same memory lent again.
+            renewed = httpx.post(
+                f"{new.url}/v1/leases/{held['lease_id']}/renew",
+                headers={"X-Lease-Secret": held["secret"]},
+            )
+            assert renewed.status_code == 200, renewed.text
+            assert lease(new.url, "a", "trainer-2")["handle"]["arena"]["name"] == arena
+            # The worker attached before the handover goes on with its mapping.
+            with torch.no_grad():
+                assert torch.equal(model(TOKENS).logits, logits)
+        attached = Client(new.url).attach("a", holder="after", ttl_seconds=30)
+        with attached as again, torch.no_grad():
+            assert torch.equal(again(TOKENS).logits, logits)
+
+        # SIGHUP: the running one starts a fresh copy of itself, which takes over.
+        new.process.send_signal(signal.SIGHUP)
+        assert new.process.wait(timeout=120) == 0
+        until(lambda: serving_pid(new.url) != new.pid, "the SIGHUP successor serves")
+        successor = serving_pid(new.url)
+        assert wait_ready(new.url, "a")["timings"]["ready_at"] == before["timings"]["ready_at"]
+        assert lease(new.url, "a", "trainer-3")["handle"]["arena"]["name"] == arena
+        assert "SIGHUP: started pid" in new.output()
+        assert db_models(tmp_path) == {"a": "ready"}
+    finally:
+        for server in (old,):
+            if server.process.poll() is None:
+                server.kill()
+        if successor is not None and not gone(successor):
+            os.kill(successor, signal.SIGTERM)
+            until(lambda: gone(successor), "the successor exits")
+
+
+def test_a_refused_or_cut_handover_loses_nothing(tmp_path: Path, models_root: Path) -> None:
+    env = env_for(models_root)
+    old = start(tmp_path, [], env=env)
+    new: Server | None = None
+    try:
+        post(old, source=str(models_root / "llama"), name="a", dtype="float32")
+        wait_ready(old.url, "a")
+        held = lease(old.url, "a", "trainer-1")
+        arenas = memfds(old.pid)
+        assert arenas >= 1
+
+        # Another state schema: refused before anything stops.
+        channel = connect(tmp_path)
+        channel.send(Hello.ours().model_copy(update={"state_schema": SCHEMA_VERSION + 1}))
+        answer, fds = channel.receive(ToSuccessor, 30)
+        channel.close()
+        assert isinstance(answer, Refused) and not fds
+        assert "state database schema" in answer.reason
+        post(old, source=str(models_root / "gpt2"), name="b", dtype="float32")
+        assert wait_ready(old.url, "b")["state"] == "ready"
+
+        # A successor that takes the offer and dies before it says Taken: nothing changed
+        # hands; the old one serves and records changes as before, its fds all its own.
+        arenas = memfds(old.pid)
+        channel = connect(tmp_path)
+        channel.send(Hello.ours())
+        offer, fds = channel.receive(ToSuccessor, 60)
+        assert isinstance(offer, Offer) and offer.http
+        assert sorted(m.id for m in offer.models) == ["a", "b"]
+        assert len(fds) == offer.fd_count
+        refused = httpx.delete(f"{old.url}/v1/models/b")  # changes wait; reads are answered
+        assert refused.status_code == 503 and refused.json()["code"] == "handing_over"
+        assert refused.headers["retry-after"] == "1"
+        assert httpx.get(f"{old.url}/v1/models/b").json()["state"] == "ready"
+        close_fds(fds)
+        channel.close()
+        until(
+            lambda: httpx.delete(f"{old.url}/v1/models/b").status_code == 204,
+            "changes are answered again",
+        )
+        until(lambda: "b" not in db_models(tmp_path), "the unload is recorded")
+        assert memfds(old.pid) == arenas - 1
+        assert old.process.poll() is None
+
+        # A successor that says Taken and then dies: the old one has let go; the state
+        # database is as it was frozen, and a start (with --take-over: nothing to take
+        # over any more) restores the model and its lease.
+        channel = connect(tmp_path)
+        channel.send(Hello.ours())
+        offer, fds = channel.receive(ToSuccessor, 60)
+        assert isinstance(offer, Offer) and [m.id for m in offer.models] == ["a"]
+        channel.send(Taken())
+        assert old.process.wait(timeout=120) == 0
+        close_fds(fds)
+        channel.close()
+        assert db_models(tmp_path) == {"a": "ready"}
+        new = start(tmp_path, ["--take-over"], env=env, port=port_of(old))
+        assert "no basehold serves this state directory; starting as usual" in new.output()
+        assert wait_ready(new.url, "a")["state"] == "ready"
+        renewed = httpx.post(
+            f"{new.url}/v1/leases/{held['lease_id']}/renew",
+            headers={"X-Lease-Secret": held["secret"]},
+        )
+        assert renewed.status_code == 200, renewed.text
+    finally:
+        for server in (old, new):
+            if server is not None and server.process.poll() is None:
+                server.stop()
