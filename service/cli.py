@@ -21,9 +21,16 @@ from service.serving.settings import Settings
 
 if TYPE_CHECKING:
     from service.demo import DemoWriter
+    from service.serving.handover.kept import KeeperLink
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from service.common.protocol.keeper import FD_SETTING
+
+    if (args.keeper or _true(os.environ.get("BASEHOLD_KEEPER"))) and FD_SETTING not in os.environ:
+        # The keeper: a fresh interpreter of the standard library alone, which starts this
+        # command again as its child (see service/keeper.py).
+        os.execv(sys.executable, [sys.executable, "-m", "service.keeper", *sys.argv[1:]])
     # Our loader template imports torch and friends (seconds) in its own process: started
     # first, before this process imports the app, both import side by side (two cores). A
     # refusal to start ends it at once.
@@ -42,6 +49,10 @@ def _serve(args: argparse.Namespace) -> int:
             early.abandon()
         return started
     return _run(*started, args)
+
+
+def _true(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _start(args: argparse.Namespace) -> tuple[Any, Settings, socket.socket] | int:
@@ -76,13 +87,22 @@ def _start(args: argparse.Namespace) -> tuple[Any, Settings, socket.socket] | in
         )
         return 2
     settings.ensure_dirs()
-    if args.take_over or settings.take_over:
-        return _take_over(args, settings)
+    from service.serving.handover.kept import KeeperLink
+    from service.serving.handover.taker import HandoverRefused
+
+    link = KeeperLink.from_env()  # started by a keeper: what it kept of a crashed one
+    try:
+        kept = link.take(_gpu_uuids()) if link is not None else None
+    except HandoverRefused as exc:
+        print(f"basehold: refusing to start: the keeper's offer: {exc}", file=sys.stderr)
+        return 2
+    if (args.take_over or settings.take_over) and kept is None:  # kept: it crashed
+        return _take_over(args, settings, link)
     # A second instance on this machine stops here, on one line, before anything else
     # starts (the demo writer; the early template is ended): its port, state directory or
     # worker socket is in use.
     try:
-        listener = bind(args.host, args.port)
+        listener = kept.http if kept is not None and kept.http else bind(args.host, args.port)
     except PortUnavailable as exc:
         print(f"basehold: {exc}", file=sys.stderr)
         return 2
@@ -90,23 +110,38 @@ def _start(args: argparse.Namespace) -> tuple[Any, Settings, socket.socket] | in
     try:
         lock.acquire()
         check_folder(settings.socket.parent, resolve_group(settings.socket_group))
-        check_socket_free(settings.socket)
+        if kept is None or kept.worker is None:  # else the keeper holds it for us
+            check_socket_free(settings.socket)
         check_template(settings.loader_template)
         from service.serving.app import create_app
 
         # the node-features folder, a shared loader template: checked as the app is built
-        app = create_app(settings, lock=lock)
+        app = create_app(settings, lock=lock, keeper=link)
     except (StateDirLocked, FolderUnsafe) as exc:
         listener.close()
+        if kept is not None:
+            kept.close()
         lock.release()
         print(f"basehold: refusing to start: {exc}", file=sys.stderr)
         return 2
+    if kept is not None:
+        logging.getLogger("basehold").info(
+            "started again by the keeper: %d model(s) kept", len(kept.models)
+        )
+    app.state.handed = kept
     app.state.http_listener = listener
     return app, settings, listener
 
 
+def _gpu_uuids() -> list[str]:
+    """The GPUs this process sees, by NVML (never CUDA: the serving process has none)."""
+    from service.serving.memory.nvml import Nvml
+
+    return [gpu.uuid for gpu in Nvml().gpus()]
+
+
 def _take_over(
-    args: argparse.Namespace, settings: Settings
+    args: argparse.Namespace, settings: Settings, link: KeeperLink | None
 ) -> tuple[Any, Settings, socket.socket] | int:
     """Build the app first (its imports take the time), then take what the basehold
     running on this state directory holds: its sockets, models and leases. With none
@@ -125,7 +160,7 @@ def _take_over(
         check_template(settings.loader_template)
         from service.serving.app import create_app
 
-        app = create_app(settings, lock=lock)
+        app = create_app(settings, lock=lock, keeper=link)
         gpus = [gpu.uuid for gpu in app.state.gpus.gpus()]  # NVML: no CUDA here
         handed = take_over(
             settings.state_dir / SOCKET_NAME, settings.handover_load_wait_seconds + 60, gpus
@@ -157,6 +192,7 @@ def _take_over(
             "taking over from pid %d: %d model(s) handed over", handed.pid, len(handed.models)
         )
     app.state.handed = handed
+    app.state.taken_over_from = handed.pid if handed is not None else None
     app.state.http_listener = listener
     return app, settings, listener
 
@@ -177,11 +213,15 @@ def _run(app: Any, settings: Settings, listener: socket.socket, args: argparse.N
 
     def started() -> None:
         print(start_lines(base, settings, demo), flush=True)
-        notify_systemd(READY=1, MAINPID=os.getpid())  # a successor is the main process now
+        if app.state.keeper is None:  # a successor is the main process now
+            notify_systemd(READY=1, MAINPID=os.getpid())
+        else:  # the keeper is, and stays
+            notify_systemd(READY=1)
         if demo is not None:
             demo.start()
 
-    reloader = Reloader(sys.argv[1:])  # SIGHUP: hand over to a fresh copy of basehold
+    # SIGHUP: hand over to a fresh copy of basehold (our keeper's to start, if we have one)
+    reloader = Reloader(sys.argv[1:], keeper=app.state.keeper is not None)
     reloader.install()
 
     try:
@@ -322,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take the models, leases and sockets of the basehold running on this state "
         "directory (an upgrade without reloading); with none running, start as usual",
+    )
+    serve.add_argument(
+        "--keeper",
+        action="store_true",
+        help="run under a small keeper process that holds the models' memory and starts "
+        "the service again if it dies, without loading anything again (BASEHOLD_KEEPER)",
     )
     serve.add_argument(
         "--demo",

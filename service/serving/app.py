@@ -20,7 +20,6 @@ from service import __version__
 from service.common.cores import LoadParallelism, usable_cores
 from service.common.cuda import CudaProbe
 from service.common.load.sources import HubOptions
-from service.common.protocol.wire import close_fds
 from service.serving.api import openapi, problems
 from service.serving.api.guards import RequestGuards
 from service.serving.api.probes import Probes
@@ -31,6 +30,7 @@ from service.serving.api.timing import RequestMetrics
 from service.serving.api.write_gate import GateMiddleware, WriteGate
 from service.serving.events import EventBus
 from service.serving.handover.giver import Giver, Parts
+from service.serving.handover.kept import KeeperLink
 from service.serving.handover.messages import SOCKET_NAME
 from service.serving.handover.taker import Handed
 from service.serving.leases.leases import LeaseTable
@@ -44,15 +44,13 @@ from service.serving.metrics import Metrics
 from service.serving.node_features import NodeFeatures
 from service.serving.preload import Preload
 from service.serving.registry.gate import MemoryGate, MemoryPolicy
-from service.serving.registry.persist import Persistence
-from service.serving.registry.record import Adopted, ModelRecord, summary
+from service.serving.registry.record import ModelRecord, summary
 from service.serving.registry.registry import Registry
 from service.serving.registry.states import State
 from service.serving.settings import Settings
 from service.serving.socket.server import ArenaServer, resolve_group
-from service.serving.state.database import StateDB
-from service.serving.state.leftovers import clean_offload
 from service.serving.state.lock import StateLock
+from service.serving.state.startup import start_state
 from service.serving.state.writer import OrderedWriter
 
 log = logging.getLogger("basehold")
@@ -92,77 +90,11 @@ def _shutdown_steps(*steps: tuple[str, Callable[[], object]]) -> None:
             log.exception("shutdown: %s failed; going on with the rest", name)
 
 
-def _start_state(
-    settings: Settings,
-    lock: StateLock,
-    registry: Registry,
-    table: LeaseTable,
-    handed: Handed | None = None,
-) -> StateDB:
-    """With the state lock held: clean what a crashed instance left, open the database,
-    write through from now on, and restore (or forget) what it holds; models a
-    predecessor `handed` over are kept as they are. Runs in a thread."""
-    adopted = {
-        model_id: Adopted(
-            taken.offered.load_id,
-            taken.offered.facts,
-            taken.fds,
-            taken.offered.started_at,
-            taken.offered.ready_at,
-        )
-        for model_id, taken in (handed.models.items() if handed is not None else ())
-    }
-    if handed is not None:
-        handed.models.clear()  # the registry's from now on
-    try:
-        return _open_state(settings, lock, registry, table, adopted)
-    finally:
-        for left in adopted.values():  # not restored: nothing keeps them
-            close_fds(left.fds)
-
-
-def _open_state(
-    settings: Settings,
-    lock: StateLock,
-    registry: Registry,
-    table: LeaseTable,
-    adopted: dict[str, Adopted],
-) -> StateDB:
-    lock.verify()  # the folder checked and locked is still the one its path names
-    offload = clean_offload(settings.offload_dir)
-    if offload:
-        log.info("removed %d offload folder(s) a previous instance left", offload)
-    db = StateDB.open(settings.state_dir)
-    registry.persist_to(Persistence(db, registry.writer))
-    table.persist_to(db)
-    if not settings.restore:
-        forgot_models, forgot_leases = db.forget_all()
-        log.warning(
-            "BASEHOLD_RESTORE=false: starting empty; forgot %d recorded model(s) and %d "
-            "lease(s) in %s",
-            forgot_models,
-            forgot_leases,
-            db.path,
-        )
-        return db
-    rows = db.models()
-    leases = table.restore(db.leases(), {row.id for row in rows})
-    restored = registry.restore(rows, dict(adopted))
-    adopted.clear()  # the registry kept or closed them
-    if restored or leases:
-        log.info(
-            "restoring %d model(s) (most recently used first: %s) and %d lease(s) from %s",
-            len(restored),
-            ", ".join(r.id for r in restored) or "-",
-            len(leases),
-            db.path,
-        )
-    return db
-
-
-def _after_handover(settings: Settings, http_passed: bool) -> None:
+def _after_handover(settings: Settings, http_passed: bool, keeper: KeeperLink | None) -> None:
     """Stop serving (SIGTERM: uvicorn drains and exits, the state untouched), unless the
     successor serves another listener and this one should wait to be stopped."""
+    if keeper is not None:
+        keeper.handed_over()
     if http_passed or settings.after_handover == "exit":
         os.kill(os.getpid(), signal.SIGTERM)
     else:
@@ -177,13 +109,15 @@ def create_app(
     segments: object | None = None,
     lock: StateLock | None = None,
     history: MemoryHistory | None = None,
+    keeper: KeeperLink | None = None,
 ) -> FastAPI:
     """`cuda`, `gpus` and `segments` are the seams to GPU hardware (tests without one
-    pass fakes; `segments` travels to loader processes); the defaults ask torch (in the
-    loaders), NVML and CUDA IPC. `lock`: the state directory's
-    lock if the caller took it already (the CLI does, to refuse with a clear line);
-    otherwise startup takes it. `history`: the memory samples' ring buffer (default: one
-    every 5 s for an hour; tests sample faster)."""
+        pass fakes; `segments` travels to loader processes); the defaults ask torch (in the
+        loaders), NVML and CUDA IPC. `lock`: the state directory's
+        lock if the caller took it already (the CLI does, to refuse with a clear line);
+        otherwise startup takes it. `history`: the memory samples' ring buffer (default: one
+        every 5 s for an hour; tests sample faster). `keeper`: the link to the keeper process
+    that started this one (`serve --keeper`): told each model held and let go."""
     settings = settings or Settings()
     settings.ensure_dirs()
     lock = lock or StateLock(settings.state_dir)
@@ -245,6 +179,9 @@ def create_app(
         kind = "progress" if previous == target else "state"
         events.publish(kind, {**summary(record), "previous": previous.value})
 
+    if keeper is not None:  # first: it hears models adopted at restore too
+        keeper.placement = placement
+        registry.subscribe(keeper.on_transition)
     registry.subscribe(metrics.on_transition)
     registry.subscribe(publish)
     features = None
@@ -270,15 +207,19 @@ def create_app(
         warming = threading.Thread(target=loaders.warm, name="loader-template", daemon=True)
         warming.start()
         # Everything imported so far lives for the whole process: keep it out of the
-        # cyclic GC's full passes.
-        gc.collect()
-        gc.freeze()
+        # cyclic GC's full passes (a successor skips the collection: ~50 ms that clients
+        # of the listener it took wait for).
         handed: Handed | None = getattr(app.state, "handed", None)
-        # A successor waits for its predecessor to let go (it ends its loads first).
-        await run_in_threadpool(lock.acquire, 60.0 if handed is not None else 0.0)
+        if handed is None:
+            gc.collect()
+        gc.freeze()
+        if handed is None:
+            lock.acquire()  # the CLI took it already: a no-op there
         events.bind(asyncio.get_running_loop())
-        db = await run_in_threadpool(_start_state, settings, lock, registry, table, handed)
+        db = await run_in_threadpool(start_state, settings, lock, registry, table, handed)
         arenas.start(handed.worker if handed is not None else None)
+        if keeper is not None:
+            keeper.listeners(getattr(app.state, "http_listener", None), arenas.dup_listener())
         giver = Giver(
             settings.state_dir / SOCKET_NAME,
             Parts(
@@ -290,7 +231,7 @@ def create_app(
                 lock=lock,
                 http=getattr(app.state, "http_listener", None),
                 load_wait=settings.handover_load_wait_seconds,
-                after=lambda passed: _after_handover(settings, passed),
+                after=lambda passed: _after_handover(settings, passed, keeper),
             ),
         )
         giver.db = db
@@ -365,6 +306,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.ready = False
     app.state.writes = writes
+    app.state.keeper = keeper
     problems.install(app)
     openapi.install(app)
     app.include_router(health.router)

@@ -32,14 +32,21 @@ def successor_command(argv: list[str]) -> list[str]:
 
 
 class Reloader:
-    def __init__(self, argv: list[str]) -> None:
+    """`keeper`: this process runs under a keeper (`serve --keeper`), which starts the
+    successor as its own child: SIGHUP goes to it."""
+
+    def __init__(self, argv: list[str], *, keeper: bool = False) -> None:
         self.argv = argv
+        self.keeper = keeper
         self.child: subprocess.Popen[bytes] | None = None
 
     def install(self) -> None:
         signal.signal(signal.SIGHUP, self._on_hup)
 
     def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        if self.keeper:
+            os.kill(os.getppid(), signal.SIGHUP)
+            return
         if self.child is not None and self.child.poll() is None:
             log.warning("SIGHUP: a successor (pid %d) is starting already", self.child.pid)
             return

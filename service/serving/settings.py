@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         description="Restore the models and leases recorded in the state database at start. "
         "false: start empty (and forget what was recorded).",
     )
+    keeper: bool = Field(
+        default=False,
+        description="Run `basehold serve` under a small keeper process (stdlib only) that "
+        "holds duplicates of every held model's memory and of the listening sockets, and "
+        "starts the serving process again if it dies: a crash loads nothing again.",
+    )
     take_over: bool = Field(
         default=False,
         description="Start by taking the held models, leases and sockets of the basehold "

@@ -222,6 +222,25 @@ def test_a_rollout_hands_over_beside_the_old_pod() -> None:
     assert "maxSurge: 1" in section and "gpu-time-slicing.yaml" in section
 
 
+def test_a_crash_in_the_pod_keeps_the_models() -> None:
+    """The basehold container runs under the keeper (BASEHOLD_KEEPER, as the service reads
+    it): the image's entrypoint execs `basehold serve`, which execs the keeper, so the
+    keeper is the container's PID 1 and starts a serving process that dies again inside
+    the pod with its models kept. A rollout's new pod still takes over (its keeper's first
+    child does). docs/kubernetes.md says so."""
+    spec = pod_spec(one(render("."), "DaemonSet"))
+    service = next(c for c in spec["containers"] if c["name"] == "basehold")
+    env = env_of(service)
+    assert env["BASEHOLD_KEEPER"] == {"name": "BASEHOLD_KEEPER", "value": "true"}
+    read = Settings(keeper=env["BASEHOLD_KEEPER"]["value"])  # as the service reads it
+    assert read.keeper is True
+    assert env["BASEHOLD_TAKE_OVER"]["value"] == "true"  # not --take-over: the keeper drops it
+    assert "command" not in service and service["args"] == ["serve"]  # the image's entrypoint
+    entrypoint = (ROOT / "docker" / "entrypoint.sh").read_text()
+    assert "exec basehold serve" in entrypoint
+    assert "BASEHOLD_KEEPER" in (ROOT / "docs" / "kubernetes.md").read_text()
+
+
 def preloaded(objects: list[dict[str, Any]], tmp_path: Path) -> list[LoadRequest]:
     """The DaemonSet's BASEHOLD_PRELOAD file as the pod sees it: the ConfigMap mounted at
     its folder, the key its file name; read by the service's own reader."""

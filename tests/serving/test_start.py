@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from service.demo import written
+from tests.conftest import until
 from tests.serving.test_server_e2e import Server, free_port, server_env, start
 from tests.spawn import run_basehold
 
@@ -168,7 +169,9 @@ def test_a_stop_while_the_demo_is_written_leaves_no_writer_and_no_half_checkpoin
         assert time.monotonic() < deadline, server.output()
         time.sleep(0.05)
     assert server.stop() == 0, server.output()
-    assert _marked(mark) == [], server.output()  # no demo writer, no loader template
+    # No demo writer, no loader template: a template stopped while it still started
+    # may take a moment to end on a busy machine (it exits once it finds its folder gone).
+    until(lambda: _marked(mark) == [], server.output(), timeout=10)
     # Stopped midway, or (a busy machine) finished before the stop: never half of one.
     models = tmp_path / "models"
     left = list(models.iterdir()) if models.exists() else []

@@ -20,9 +20,10 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+if TYPE_CHECKING:  # typed messages come from pydantic; frames (the keeper's) need nothing
+    from pydantic import BaseModel, TypeAdapter, ValidationError
 
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 64 * 2**20  # a manifest of a very large model stays far below this
@@ -61,6 +62,8 @@ def describe(exc: ValidationError) -> str:
 
 def parse(adapter: TypeAdapter[T], data: dict[str, Any], fds: list[int]) -> T:
     """`data` as the message type `adapter` names, or BadMessage with `fds` closed."""
+    from pydantic import ValidationError
+
     try:
         return adapter.validate_python(data)
     except ValidationError as exc:
@@ -70,7 +73,7 @@ def parse(adapter: TypeAdapter[T], data: dict[str, Any], fds: list[int]) -> T:
 
 def encode(message: BaseModel | dict[str, Any], count: int) -> bytes:
     """One frame: the length, then the JSON object with the number of fds that follow."""
-    data = message.model_dump(mode="json") if isinstance(message, BaseModel) else dict(message)
+    data = message if isinstance(message, dict) else message.model_dump(mode="json")
     body = json.dumps({**data, "fds": count}, separators=(",", ":")).encode()
     if len(body) > MAX_MESSAGE:
         raise ValueError(f"a loader message of {len(body)} bytes is over the limit")

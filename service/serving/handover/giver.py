@@ -250,16 +250,7 @@ class Giver:
                 except Exception:
                     continue  # unloaded meanwhile
                 fds.extend(model_fds)
-                models.append(
-                    OfferedModel(
-                        id=record.id,
-                        load_id=record.load_id,
-                        facts=held.manifest(),
-                        fds=len(model_fds),
-                        started_at=record.started_at,
-                        ready_at=record.ready_at,
-                    )
-                )
+                models.append(OfferedModel.of(record, held, len(model_fds)))
         except BaseException:
             close_all(fds)
             raise

@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from service import __version__
 from service.common.handles.descriptor import Handle
-from service.common.protocol.held import Manifest
+from service.common.protocol.held import Held, Manifest
 from service.common.protocol.messages import PROTOCOL_VERSION
+from service.serving.registry.record import ModelRecord
 from service.serving.state.database import SCHEMA_VERSION
 
 HANDOVER_VERSION = 1
@@ -92,16 +93,29 @@ class OfferedModel(_Message):
     started_at: datetime | None
     ready_at: datetime | None
 
+    @classmethod
+    def of(cls, record: ModelRecord, held: Held, fds: int) -> OfferedModel:
+        """A ready model's entry, with `fds` fds of its memory."""
+        return cls(
+            id=record.id,
+            load_id=record.load_id,
+            facts=held.manifest(),
+            fds=fds,
+            started_at=record.started_at,
+            ready_at=record.ready_at,
+        )
+
 
 class Offer(_Message):
     type: Literal["offer"] = "offer"
     pid: int
     http: bool  # the first fd is the HTTP listener
+    worker: bool = True  # then the worker socket's listener (a keeper's first offer: none)
     models: list[OfferedModel]
 
     @property
     def fd_count(self) -> int:
-        return int(self.http) + 1 + sum(m.fds for m in self.models)
+        return int(self.http) + int(self.worker) + sum(m.fds for m in self.models)
 
 
 class Taken(_Message):

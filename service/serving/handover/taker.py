@@ -49,15 +49,15 @@ class TakenModel:
 class Handed:
     """What a successor was handed; it owns every fd (`close` gives them up)."""
 
-    pid: int  # the predecessor's
+    pid: int  # the predecessor's (or the keeper's)
     http: socket.socket | None
-    worker: socket.socket
+    worker: socket.socket | None
     models: dict[str, TakenModel] = field(default_factory=dict)
 
     def close(self) -> None:
-        if self.http is not None:
-            self.http.close()
-        self.worker.close()
+        for sock in (self.http, self.worker):
+            if sock is not None:
+                sock.close()
         for model in self.models.values():
             close_fds(model.fds)
         self.models.clear()
@@ -83,36 +83,41 @@ def take_over(path: Path, timeout: float, gpus: list[str] | None = None) -> Hand
                 f"{path} is served by uid {uid}, not this user ({os.getuid()}): refusing to "
                 "take anything from it. Check who owns the state directory."
             )
-        try:
-            channel.send(Hello.ours(gpus))
-            answer, fds = channel.receive(ToSuccessor, timeout)
-        except ChannelClosed:
-            log.warning("the running basehold went away before it answered: starting as usual")
-            return None
-        except ChannelTimeout:
-            raise HandoverRefused(
-                f"the running basehold did not hand over within {timeout:.0f} s (it lets its "
-                "loads in progress finish first: BASEHOLD_HANDOVER_LOAD_WAIT_SECONDS). It "
-                "keeps serving; try again once its loads are done."
-            ) from None
-        except BadMessage as exc:
-            raise HandoverRefused(
-                f"the running basehold answered something this one cannot read ({exc}); it "
-                "keeps serving. Run the same basehold version as it."
-            ) from None
-        if isinstance(answer, Refused):
-            close_fds(fds)
-            raise HandoverRefused(f"the running basehold refused the handover: {answer.reason}")
-        handed = _unpack(answer, fds)
-        try:
-            channel.send(Taken())
-        except (ChannelClosed, OSError):
-            # It died after sending: what it sent is ours, and its lock is gone with it.
-            log.warning("the predecessor (pid %d) went away before it heard back", answer.pid)
-        return handed
+        return ask(channel, timeout, gpus)
     finally:
         with contextlib.suppress(OSError):
             channel.close()
+
+
+def ask(channel: Channel, timeout: float, gpus: list[str] | None) -> Handed | None:
+    """Say hello on `channel` and take what is offered (the channel stays open)."""
+    try:
+        channel.send(Hello.ours(gpus))
+        answer, fds = channel.receive(ToSuccessor, timeout)
+    except ChannelClosed:
+        log.warning("the running basehold went away before it answered: starting as usual")
+        return None
+    except ChannelTimeout:
+        raise HandoverRefused(
+            f"the running basehold did not hand over within {timeout:.0f} s (it lets its "
+            "loads in progress finish first: BASEHOLD_HANDOVER_LOAD_WAIT_SECONDS). It "
+            "keeps serving; try again once its loads are done."
+        ) from None
+    except BadMessage as exc:
+        raise HandoverRefused(
+            f"the running basehold answered something this one cannot read ({exc}); it "
+            "keeps serving. Run the same basehold version as it."
+        ) from None
+    if isinstance(answer, Refused):
+        close_fds(fds)
+        raise HandoverRefused(f"the running basehold refused the handover: {answer.reason}")
+    handed = _unpack(answer, fds)
+    try:
+        channel.send(Taken())
+    except (ChannelClosed, OSError):
+        # It died after sending: what it sent is ours, and its lock is gone with it.
+        log.warning("the predecessor (pid %d) went away before it heard back", answer.pid)
+    return handed
 
 
 def _unpack(offer: Offer, fds: list[int]) -> Handed:
@@ -124,7 +129,7 @@ def _unpack(offer: Offer, fds: list[int]) -> Handed:
         )
     rest = list(fds)
     http = socket.socket(fileno=rest.pop(0)) if offer.http else None
-    worker = socket.socket(fileno=rest.pop(0))
+    worker = socket.socket(fileno=rest.pop(0)) if offer.worker else None
     handed = Handed(pid=offer.pid, http=http, worker=worker)
     for model in offer.models:
         handed.models[model.id] = TakenModel(model, rest[: model.fds])

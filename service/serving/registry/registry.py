@@ -109,6 +109,7 @@ class Registry:
         self._loads_pending = 0  # submitted to the executor and not done
         self._prices = Prices(cuda)
         self._listeners: list[Listener] = []
+        self._deferred: list[ModelRecord] = []  # restored, waiting for start_deferred
         self._persistence: Persistence | None = None
 
     # -- queries ---------------------------------------------------------------------
@@ -196,17 +197,22 @@ class Registry:
         return record, True
 
     def restore(
-        self, rows: list[ModelRow], adopted: Mapping[str, Adopted] | None = None
+        self,
+        rows: list[ModelRow],
+        adopted: Mapping[str, Adopted] | None = None,
+        *,
+        start: bool = True,
     ) -> list[ModelRecord]:
         """Queue the models a previous process held under their ids: pinned and leased
         ones first, then the others, most recently used first. A model in `adopted` (a
         predecessor handed over its memory) is ready at once, without a load; its fds are
-        this registry's from now on (closed if it cannot be kept). Each recorded spec goes
-        through the same normalization and policy as `POST /v1/models` today (not the day
-        it was recorded): one the server now refuses (remote code no longer allowed, a
-        device that is gone, a source outside the roots) ends `failed` with its usual code,
-        and its leases end with it. The others are admitted and loaded like any hub load;
-        one that cannot come back ends `failed`."""
+        this registry's from now on (closed if it cannot be kept). `start=False`: the
+        loads wait for `start_deferred` (a successor whose predecessor still ends its
+        own). Each recorded spec goes through the same normalization and policy as
+        `POST /v1/models` today (not the day it was recorded): one the server now refuses
+        (remote code no longer allowed, a device that is gone, a source outside the roots)
+        ends `failed` with its usual code, and its leases end with it. The others are
+        admitted and loaded like any hub load; one that cannot come back ends `failed`."""
         restored: list[ModelRecord] = []
         now = utcnow()
         for row in rows:
@@ -254,9 +260,18 @@ class Registry:
             close_fds(left.fds)
         # Pinned and leased models first (jobs wait on them), then most recently used:
         # the executor runs them in this order, as many at once as it runs loads.
-        for record in sorted(loads, key=lambda r: not (r.spec.pinned or r.leases > 0)):
-            self._start(record, None)  # restored hub loads use the server's HF_TOKEN
+        with self._lock:
+            self._deferred.extend(sorted(loads, key=lambda r: not (r.spec.pinned or r.leases > 0)))
+        if start:
+            self.start_deferred()
         return restored
+
+    def start_deferred(self) -> None:
+        """Start the restored loads `restore(start=False)` left waiting."""
+        with self._lock:
+            deferred, self._deferred = self._deferred, []
+        for record in deferred:
+            self._start(record, None)  # restored hub loads use the server's HF_TOKEN
 
     def _adopt(self, record: ModelRecord, adopted: Adopted | None) -> bool:
         """Keep what a predecessor handed over for `record`: ready at once (True), or

@@ -12,19 +12,21 @@ from service.serving.api.deps import RegistryDep
 from service.serving.api.gpu_sharing import bindings_mismatch
 from service.serving.api.problems import problem
 from service.serving.api.schemas import problem_responses
+from service.serving.handover.kept import restarts
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
 async def healthz(request: Request) -> dict[str, object]:
-    """200 while the process serves: its pid, and the pid it took over from (`serve
-    --take-over`, a SIGHUP or a rollout; null when it started on its own)."""
-    handed = getattr(request.app.state, "handed", None)
+    """200 while the process serves: its pid, the pid it took over from (`serve
+    --take-over`, a SIGHUP or a rollout; null when it started on its own), and how many
+    times its keeper started it again after it died (`serve --keeper`; 0 without one)."""
     return {
         "status": "ok",
         "serving_pid": os.getpid(),
-        "taken_over_from": handed.pid if handed is not None else None,
+        "taken_over_from": getattr(request.app.state, "taken_over_from", None),
+        "restarts": restarts(),
     }
 
 
