@@ -166,7 +166,9 @@ class DemoWriter:
             process = self._process
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGINT)  # unwinds: its half-written folder is removed
+        # SIGTERM: before the writer starts writing it just ends (nothing to say, nothing
+        # written); once writing, its handler unwinds and the half-written folder goes.
+        process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -174,7 +176,12 @@ class DemoWriter:
             process.wait()
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds the write: its half-written folder is removed
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupted)
     try:
         print(write_demo_checkpoint(Path(sys.argv[1])))
     except KeyboardInterrupt:  # DemoWriter.stop: the service stops, nothing to report

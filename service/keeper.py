@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from service.common.protocol.keeper import FD_SETTING, RESTARTS_SETTING
+from service.common.protocol.keeper import FD_SETTING, RESTARTS_SETTING, network_namespace
 from service.common.protocol.wire import BadMessage, Channel, ChannelClosed, close_fds
 
 log = logging.getLogger("basehold.keeper")
@@ -67,7 +67,7 @@ class Holdings:
         with self.lock:
             same = all(hello.get(key) == self.versions.get(key) for key in VERSIONS)
             fds: list[int] = []
-            http = self.http is not None and hello.get("netns") == _netns()
+            http = self.http is not None and hello.get("netns") == network_namespace()
             if http and self.http is not None:
                 fds.append(os.dup(self.http))
             worker = self.worker is not None
@@ -117,13 +117,6 @@ class Holdings:
             fds += [fd for kept in self.models.values() for fd in kept.fds]
             self.http, self.worker, self.models = None, None, {}
         close_fds(fds)
-
-
-def _netns() -> str:
-    try:
-        return os.readlink("/proc/self/ns/net")
-    except OSError:
-        return f"unknown:{os.getpid()}"
 
 
 class Keeper:

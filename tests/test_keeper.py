@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,9 @@ import httpx
 import pytest
 import torch
 
+from service.common.protocol.keeper import network_namespace
+from service.common.protocol.wire import close_fds
+from service.keeper import Holdings
 from service.worker.client import Client
 from tests.conftest import until
 from tests.serving.handover.test_takeover import gone, lease, serving_pid
@@ -150,3 +154,57 @@ def test_a_kept_service_that_hands_over_elsewhere_is_not_started_again(
         for server in (keeper, successor):
             if server is not None and server.process.poll() is None:
                 server.stop()
+
+
+def _memfd(size: int = 4096) -> int:
+    fd = os.memfd_create("kept")
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+VERSIONS = {"handover": 1, "state_schema": 3, "handle": 5, "protocol": 2}
+
+
+def test_kept_models_are_offered_only_to_a_child_of_the_same_versions() -> None:
+    holdings = Holdings()
+    try:
+        arena = _memfd()
+        holdings.keep({"id": "a", "fds": 1}, [arena], dict(VERSIONS))
+        same = {**VERSIONS, "netns": network_namespace()}
+        offer, fds = holdings.offer(same, 1)
+        assert [m["id"] for m in offer["models"]] == ["a"] and len(fds) == 1
+        assert os.fstat(fds[0]).st_ino == os.fstat(arena).st_ino  # the same memory
+        close_fds(fds)
+        newer = {**same, "state_schema": 4}
+        offer, fds = holdings.offer(newer, 1)
+        assert offer["models"] == [] and fds == []  # it loads them again
+    finally:
+        holdings.close()
+    assert _closed(arena)
+
+
+def test_the_keeper_lets_go_of_what_is_dropped_or_kept_again() -> None:
+    holdings = Holdings()
+    first, second, other = _memfd(), _memfd(), _memfd()
+    holdings.keep({"id": "a", "fds": 1}, [first], dict(VERSIONS))
+    holdings.keep({"id": "b", "fds": 1}, [other], dict(VERSIONS))
+    holdings.keep({"id": "a", "fds": 1}, [second], dict(VERSIONS))  # adopted again
+    assert _closed(first) and not _closed(second)
+    holdings.drop("b")
+    assert _closed(other)
+    http, worker = socket.socket(), socket.socket()
+    holdings.listeners({"http": True, "worker": True}, [http.detach(), worker.detach()])
+    assert holdings.http is not None and holdings.worker is not None
+    kept = [holdings.http, holdings.worker]
+    holdings.listeners({"http": False, "worker": True}, [_memfd()])  # a new child's
+    assert all(_closed(fd) for fd in kept) and holdings.http is None
+    holdings.close()
+    assert _closed(second)

@@ -169,9 +169,9 @@ def test_preload_runs_after_restore(
     def noted(name: str) -> Callable[..., Any]:
         real = getattr(registry, name)
 
-        def call(*args: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
             calls.append(name)
-            return real(*args)
+            return real(*args, **kwargs)
 
         return call
 

@@ -3,5 +3,15 @@ keeper starts it with. Stdlib only, as the keeper is."""
 
 from __future__ import annotations
 
+import os
+
 FD_SETTING = "BASEHOLD_KEEPER_FD"  # the serving process's end of the keeper's socketpair
 RESTARTS_SETTING = "BASEHOLD_KEEPER_RESTARTS"  # how many times the keeper started it again
+
+
+def network_namespace() -> str:
+    """/proc/self/ns/net's link: sockets are passed only within one network namespace."""
+    try:
+        return os.readlink("/proc/self/ns/net")
+    except OSError:  # no /proc: treat every process as in another namespace
+        return f"unknown:{os.getpid()}"

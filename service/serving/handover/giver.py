@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from service.common.protocol.held import Held
+from service.common.protocol.keeper import network_namespace
 from service.common.protocol.wire import BadMessage, Channel, ChannelClosed, ChannelTimeout
 from service.common.protocol.wire import close_fds as close_all
 from service.common.socket_protocol import peer_credentials
@@ -43,7 +44,6 @@ from service.serving.handover.messages import (
     OfferedModel,
     Refused,
     TakenMessage,
-    network_namespace,
 )
 from service.serving.memory.nvml import same_gpu
 from service.serving.registry.record import ModelRecord

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from service import __version__
 from service.common.handles.descriptor import Handle
 from service.common.protocol.held import Held, Manifest
+from service.common.protocol.keeper import network_namespace
 from service.common.protocol.messages import PROTOCOL_VERSION
 from service.serving.registry.record import ModelRecord
 from service.serving.state.database import SCHEMA_VERSION
@@ -125,10 +126,3 @@ class Taken(_Message):
 ToSuccessor = TypeAdapter(Annotated[Refused | Offer, Field(discriminator="type")])
 HelloMessage = TypeAdapter(Hello)
 TakenMessage = TypeAdapter(Taken)
-
-
-def network_namespace() -> str:
-    try:
-        return os.readlink("/proc/self/ns/net")
-    except OSError:  # no /proc: treat every process as in another namespace
-        return f"unknown:{os.getpid()}"
