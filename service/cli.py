@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -133,6 +134,24 @@ def _start(args: argparse.Namespace) -> tuple[Any, Settings, socket.socket] | in
     return app, settings, listener
 
 
+EXITING = 5.0  # seconds a predecessor that died midway may take to let go of its port
+
+
+def _bind_soon(host: str, port: int) -> socket.socket:
+    """`bind`, tried again for a few seconds while the port is in use: a predecessor
+    that went away during a handover closes its sockets one by one as it exits."""
+    from service.serving.server import PortUnavailable, bind
+
+    deadline = time.monotonic() + EXITING
+    while True:
+        try:
+            return bind(host, port)
+        except PortUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _gpu_uuids() -> list[str]:
     """The GPUs this process sees, by NVML (never CUDA: the serving process has none)."""
     from service.serving.memory.nvml import Nvml
@@ -150,7 +169,7 @@ def _take_over(
     from service.serving.handover.messages import SOCKET_NAME
     from service.serving.handover.taker import HandoverRefused, take_over
     from service.serving.loaders.template import check_template
-    from service.serving.server import PortUnavailable, bind
+    from service.serving.server import PortUnavailable
     from service.serving.socket.server import check_folder, resolve_group
     from service.serving.state.lock import StateDirLocked, StateLock
 
@@ -175,9 +194,9 @@ def _take_over(
         )
     try:
         if listener is None:  # nothing running; or one in another network namespace (a pod)
-            listener = bind(args.host, args.port)
-        if handed is None:
-            lock.acquire()
+            listener = _bind_soon(args.host, args.port)
+        if handed is None:  # one that went away midway may still be exiting: its lock too
+            lock.acquire(wait=EXITING)
             check_socket_free(settings.socket)
     except (PortUnavailable, StateDirLocked, FolderUnsafe) as exc:
         if handed is not None:

@@ -51,6 +51,14 @@ def serving_pid(url: str) -> int:
     return pid
 
 
+def answers(url: str) -> int | None:
+    """The pid serving `url`, or None while nothing does."""
+    try:
+        return serving_pid(url)
+    except httpx.TransportError:
+        return None
+
+
 def connect(tmp_path: Path) -> Channel:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(str(tmp_path / "state" / SOCKET_NAME))
@@ -192,6 +200,50 @@ def test_a_refused_or_cut_handover_loses_nothing(tmp_path: Path, models_root: Pa
         assert db_models(tmp_path) == {"a": "ready"}
         new = start(tmp_path, ["--take-over"], env=env, port=port_of(old))
         assert "no basehold serves this state directory; starting as usual" in new.output()
+        assert wait_ready(new.url, "a")["state"] == "ready"
+        renewed = httpx.post(
+            f"{new.url}/v1/leases/{held['lease_id']}/renew",
+            headers={"X-Lease-Secret": held["secret"]},
+        )
+        assert renewed.status_code == 200, renewed.text
+    finally:
+        for server in (old, new):
+            if server is not None and server.process.poll() is None:
+                server.stop()
+
+
+def _connections(path: Path) -> int:
+    """Sockets /proc/net/unix lists at `path`: its listener, and each connection to it
+    (accepted or waiting to be)."""
+    rows = Path("/proc/net/unix").read_text().splitlines()[1:]
+    return sum(1 for row in rows if row.split()[-1] == str(path))
+
+
+def test_a_successor_whose_predecessor_is_killed_midway_starts_as_usual(
+    tmp_path: Path, models_root: Path
+) -> None:
+    """The running one is SIGKILLed while a successor waits for its offer: the successor
+    hears the end, takes the port and the lock the kernel let go, and restores."""
+    env = env_for(models_root)
+    old = start(tmp_path, [], env=env)
+    new: Server | None = None
+    try:
+        post(old, source=str(models_root / "llama"), name="a", dtype="float32")
+        wait_ready(old.url, "a")
+        held = lease(old.url, "a", "trainer-1")
+        first = connect(tmp_path)  # holds the running one in a handover (one at a time)
+        first.send(Hello.ours())
+        offer, fds = first.receive(ToSuccessor, 60)
+        assert isinstance(offer, Offer)
+        close_fds(fds)
+        path = tmp_path / "state" / SOCKET_NAME
+        listed = _connections(path)
+        new = start(tmp_path, ["--take-over"], env=env, port=port_of(old), ready=False)
+        until(lambda: _connections(path) > listed, "the successor waits for its offer")
+        old.kill()
+        first.close()
+        until(lambda: answers(old.url) == new.pid, "the successor serves")
+        assert "went away before it answered: starting as usual" in new.output()
         assert wait_ready(new.url, "a")["state"] == "ready"
         renewed = httpx.post(
             f"{new.url}/v1/leases/{held['lease_id']}/renew",
