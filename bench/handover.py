@@ -5,8 +5,10 @@ Holds fp32, bf16 and nf4 of the bench Llama (shareable: their memory is handed o
 the fp32 model training through it (forward + backward of a small adapter on the frozen
 base, lease TTL 6 s: renewals fall in the handover). Then starts the successor and prints,
 from the same run:
-- each model's original load time, and the time from the handover's start (the first
-  change the old process answers 503 `handing_over`) to the model ready in the successor;
+- each model's original load time, and the time from the handover (the successor's log
+  line `taking over from pid N`, written once it has the offer: a few ms after its hello)
+  to the model ready in the successor (its `restored_at`, or `ready_at` where it loaded
+  it again), both on the service's clock;
 - the successor's whole start (process start -> every model ready), for comparison;
 - HTTP during the handover: polls on fresh connections every 20 ms (refused, failed, p99);
 - memory: the peak of shared memory (the arenas) during the handover vs before it;
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -52,16 +55,16 @@ def shmem() -> int:
 
 
 class Polls(threading.Thread):
-    """GET /v1/models on a new connection every 20 ms; POST {} (422 normally, 503 while
-    handing over) marks when the handover began."""
+    """GET /v1/models and POST {} (422; 503 `handing_over` while handing over) on a new
+    connection every 20 ms."""
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
         self.url = url
-        self.latencies: list[float] = []
+        self.latencies: list[tuple[float, float]] = []  # (when, seconds)
         self.refused = 0
         self.failed: list[str] = []
-        self.handing_over_at: float | None = None
+        self.handing_over = 0  # changes answered 503 handing_over (to be retried)
         self.peak_shmem = 0
         self.stop = threading.Event()
 
@@ -74,13 +77,16 @@ class Polls(threading.Thread):
                     if answer.status_code != 200:
                         self.failed.append(str(answer.status_code))
                     probe = http.post("/v1/models", json={})
-                    if probe.status_code == 503 and self.handing_over_at is None:
-                        self.handing_over_at = time.perf_counter()
+                    code = probe.json().get("code") if probe.status_code == 503 else None
+                    if code == "handing_over":
+                        self.handing_over += 1
+                    elif code is not None:
+                        self.failed.append(f"POST {code}")
             except httpx.ConnectError:
                 self.refused += 1
             except httpx.HTTPError as exc:
                 self.failed.append(type(exc).__name__)
-            self.latencies.append(time.perf_counter() - started)
+            self.latencies.append((time.time(), time.perf_counter() - started))
             self.peak_shmem = max(self.peak_shmem, shmem())
             time.sleep(0.02)
 
@@ -121,6 +127,22 @@ class Trainer(threading.Thread):
             self.attached.set()
 
 
+def ready_in_successor(timings: dict[str, str]) -> float:
+    """When the successor had the model ready: when it took it over (`restored_at`), or
+    when it loaded it again (`ready_at`), as the service's clock says."""
+    moments = [timings["restored_at"], timings["ready_at"]]
+    return max(datetime.fromisoformat(m.replace("Z", "+00:00")).timestamp() for m in moments)
+
+
+def taken_at(log: str) -> float:
+    """The time of the successor's `taking over from pid` line (the service's clock)."""
+    for line in log.splitlines():
+        if "taking over from pid" in line:
+            stamp = line[:23]  # 2026-12-02 20:42:18,128
+            return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    raise RuntimeError(f"the successor never said it took over:\n{log[-2000:]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--params-m", type=int, default=250)
@@ -148,7 +170,8 @@ def main() -> None:
         polls.start()
         time.sleep(1.0)  # polls before the handover too
         steps_before = trainer.steps
-        launched = time.perf_counter()
+        launched = time.time()
+        log = (work / "successor.log").open("w")
         successor = subprocess.Popen(
             [*SERVE, "--port", str(first.port), "--log-level", "info", "--take-over"],
             cwd=ROOT,
@@ -158,6 +181,8 @@ def main() -> None:
                 "BASEHOLD_SOCKET": str(work / "run" / "basehold.sock"),
                 **env,
             },
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         http = httpx.Client(base_url=f"http://127.0.0.1:{first.port}", timeout=60)
         pending = set(SPECS)
@@ -166,8 +191,9 @@ def main() -> None:
             try:
                 if http.get("/healthz").json()["serving_pid"] == successor.pid:
                     for name in list(pending):
-                        if http.get(f"/v1/models/{name}").json()["state"] == "ready":
-                            ready_after[name] = time.perf_counter()
+                        status = http.get(f"/v1/models/{name}").json()
+                        if status["state"] == "ready":
+                            ready_after[name] = ready_in_successor(status["timings"])
                             pending.discard(name)
             except httpx.HTTPError:
                 pass
@@ -179,20 +205,24 @@ def main() -> None:
         trainer.join(60)
         first.process.wait(60)
         params = int(http.get("/v1/models/fp32").json()["parameters"])
+        log.close()
+        began = taken_at((work / "successor.log").read_text())
     finally:
         if successor is not None and successor.poll() is None:
             successor.terminate()
             successor.wait(120)
         first.stop()
         shutil.rmtree(work, ignore_errors=True)
-    began = polls.handing_over_at or launched
-    latencies = sorted(polls.latencies)
+    latencies = sorted(seconds for _, seconds in polls.latencies)
     p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else float("nan")
+    quiet = sorted(seconds for when, seconds in polls.latencies if when < launched)
+    quiet_p99 = quiet[int(len(quiet) * 0.99)] * 1000 if quiet else float("nan")
+    window = sorted(seconds for when, seconds in polls.latencies if abs(when - began) < 1.0)
     print(
         f"\nbasehold handover bench: Llama {params / 1e6:.0f}M params x 4 specs, CPU, torch "
         f"{torch.__version__}; `serve --take-over` beside the running one\n"
     )
-    print("| model | original load (s) | handover start -> ready in the successor (s) | ratio |")
+    print("| model | original load (s) | taken over -> ready in the successor (s) | ratio |")
     print("|---|---|---|---|")
     for name in SPECS:
         took = ready_after.get(name, float("nan")) - began
@@ -202,7 +232,10 @@ def main() -> None:
     print(
         f"\nHTTP during the handover: {len(latencies)} polls, {polls.refused} refused, "
         f"{len(polls.failed)} failed ({', '.join(sorted(set(polls.failed))) or '-'}), "
-        f"p99 {p99:.0f} ms, max {latencies[-1] * 1000 if latencies else 0:.0f} ms"
+        f"{polls.handing_over} change(s) answered 503 handing_over (retried), "
+        f"p99 {p99:.0f} ms, max {latencies[-1] * 1000 if latencies else 0:.0f} ms; before "
+        f"the successor started: p99 {quiet_p99:.0f} ms; within 1 s of the takeover: "
+        f"{len(window)} polls, max {window[-1] * 1000 if window else 0:.0f} ms"
     )
     print(
         f"memory: shared memory peak during the handover / before it: "

@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
-from common import launch, wait_ready, workspace
+from common import Served, launch, wait_ready, workspace
 
 SPECS: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "float32"},
@@ -85,6 +86,15 @@ def main() -> None:
     )
 
 
+def restarts(served: Served) -> int:
+    """How many times the keeper started the service again (0 while none answers: the
+    connection to the killed process is reset, the next one waits for the new one)."""
+    try:
+        return int(served.http.get("/healthz").json()["restarts"])
+    except httpx.TransportError:
+        return 0
+
+
 def keeper_run(work: Path, path: Path) -> None:
     served = launch(work, command=[sys.executable, "-m", "service", "serve", "--keeper"])
     original: dict[str, float] = {}
@@ -97,7 +107,7 @@ def keeper_run(work: Path, path: Path) -> None:
         child = int(served.http.get("/healthz").json()["serving_pid"])
         killed = time.perf_counter()
         os.kill(child, signal.SIGKILL)
-        while served.http.get("/healthz").json()["restarts"] < 1:
+        while restarts(served) < 1:
             time.sleep(0.01)
         serving = time.perf_counter() - killed
         for name in SPECS:

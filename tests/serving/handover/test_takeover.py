@@ -46,6 +46,15 @@ def lease(url: str, model_id: str, holder: str) -> dict[str, Any]:
     return body
 
 
+def renews(url: str, held: dict[str, Any]) -> None:
+    """The lease `held` (granted by whichever process) renews at `url`."""
+    renewed = httpx.post(
+        f"{url}/v1/leases/{held['lease_id']}/renew",
+        headers={"X-Lease-Secret": held["secret"]},
+    )
+    assert renewed.status_code == 200, renewed.text
+
+
 def serving_pid(url: str) -> int:
     pid: int = httpx.get(f"{url}/healthz", timeout=10).json()["serving_pid"]
     return pid
@@ -111,11 +120,7 @@ def test_a_successor_takes_models_leases_and_sockets_and_a_worker_trains_through
             assert "taking over from pid" in new.output()
             assert "1 model(s) handed over" in new.output()
             # The same lease, renewed by the successor; the same memory lent again.
-            renewed = httpx.post(
-                f"{new.url}/v1/leases/{held['lease_id']}/renew",
-                headers={"X-Lease-Secret": held["secret"]},
-            )
-            assert renewed.status_code == 200, renewed.text
+            renews(new.url, held)
             assert lease(new.url, "a", "trainer-2")["handle"]["arena"]["name"] == arena
             # The worker attached before the handover goes on with its mapping.
             with torch.no_grad():
@@ -201,11 +206,7 @@ def test_a_refused_or_cut_handover_loses_nothing(tmp_path: Path, models_root: Pa
         new = start(tmp_path, ["--take-over"], env=env, port=port_of(old))
         assert "no basehold serves this state directory; starting as usual" in new.output()
         assert wait_ready(new.url, "a")["state"] == "ready"
-        renewed = httpx.post(
-            f"{new.url}/v1/leases/{held['lease_id']}/renew",
-            headers={"X-Lease-Secret": held["secret"]},
-        )
-        assert renewed.status_code == 200, renewed.text
+        renews(new.url, held)
     finally:
         for server in (old, new):
             if server is not None and server.process.poll() is None:
@@ -245,11 +246,7 @@ def test_a_successor_whose_predecessor_is_killed_midway_starts_as_usual(
         until(lambda: answers(old.url) == new.pid, "the successor serves")
         assert "went away before it answered: starting as usual" in new.output()
         assert wait_ready(new.url, "a")["state"] == "ready"
-        renewed = httpx.post(
-            f"{new.url}/v1/leases/{held['lease_id']}/renew",
-            headers={"X-Lease-Secret": held["secret"]},
-        )
-        assert renewed.status_code == 200, renewed.text
+        renews(new.url, held)
     finally:
         for server in (old, new):
             if server is not None and server.process.poll() is None:
