@@ -105,6 +105,8 @@ def _start(args: argparse.Namespace) -> tuple[Any, Settings, socket.socket] | in
     try:
         listener = kept.http if kept is not None and kept.http else bind(args.host, args.port)
     except PortUnavailable as exc:
+        if kept is not None:
+            kept.close()
         print(f"basehold: {exc}", file=sys.stderr)
         return 2
     lock = StateLock(settings.state_dir)

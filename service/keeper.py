@@ -24,6 +24,7 @@ keeper started it again (`restarts`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -105,6 +106,10 @@ class Holdings:
         if old is not None:
             close_fds(old.fds)
 
+    def ids(self) -> set[str]:
+        with self.lock:
+            return set(self.models)
+
     def drop(self, model_id: str) -> None:
         with self.lock:
             old = self.models.pop(model_id, None)
@@ -129,6 +134,9 @@ class Keeper:
         self._stopping = False
         self._handed_over = False  # the child handed everything to a successor elsewhere
         self._successor: list[str] | None = None  # set by SIGHUP: the next child takes over
+        # While a SIGHUP successor takes over: the running child, and whether it handed over.
+        self._previous: subprocess.Popen[bytes] | None = None
+        self._previous_done = False
 
     # -- the child's channel ------------------------------------------------------------
     def _follow(self, channel: Channel, take_over: bool, child: subprocess.Popen[bytes]) -> None:
@@ -137,7 +145,8 @@ class Keeper:
         and did not keep once it serves (not in the state database any more, refused)
         is let go."""
         versions: dict[str, Any] = {}
-        offered: set[str] = set()
+        offered: set[str] = set()  # kept models it must keep again, or they are let go
+        said_handed_over = False
         while True:
             try:
                 message, fds = channel.recv()
@@ -148,11 +157,16 @@ class Keeper:
             if kind == "hello":
                 close_fds(fds)
                 versions = {key: message.get(key) for key in VERSIONS}
+                kept = self.holdings.ids()
                 offer, sent = self.holdings.offer(message, os.getpid())
-                if take_over:  # it takes over from the running one instead
+                if take_over:  # it takes over from the running one, and keeps them again
                     close_fds(sent)
                     offer, sent = self._empty(offer), []
-                offered = {str(entry.get("id")) for entry in offer["models"]}
+                    offered = kept
+                else:  # what a child of other versions is not offered, it loads again
+                    offered = {str(entry.get("id")) for entry in offer["models"]}
+                    for model_id in kept - offered:
+                        self.holdings.drop(model_id)
                 try:
                     channel.send(offer, sent)
                 finally:
@@ -163,19 +177,29 @@ class Keeper:
                     self.holdings.drop(model_id)
                 offered = set()
             elif kind == "keep" and isinstance(message.get("model"), dict):
+                if said_handed_over or self._handed_over:  # what it lets go of after
+                    close_fds(fds)
+                    continue
                 offered.discard(str(message["model"].get("id")))
                 self.holdings.keep(message["model"], fds, versions)
             elif kind == "handed_over":
                 close_fds(fds)
-                if child is self.child:  # to another keeper's child: nothing to keep here
+                said_handed_over = True
+                if child is self._previous:  # to the successor this keeper started
+                    self._previous_done = True
+                elif child is self.child:  # to another keeper's: nothing to keep here
                     self._handed_over = True
                     self.holdings.close()
                     log.info("keeper: pid %d handed over; keeping nothing more", child.pid)
             elif kind == "drop":
                 close_fds(fds)
                 self.holdings.drop(str(message.get("id")))
+            elif kind == "taken":  # the fds are its: answer at once (nothing to undo here)
+                close_fds(fds)
+                with contextlib.suppress(ChannelClosed, OSError):
+                    channel.send({"type": "released"})
             else:
-                close_fds(fds)  # taken, or something this keeper does not know
+                close_fds(fds)  # something this keeper does not know
 
     @staticmethod
     def _empty(offer: dict[str, Any]) -> dict[str, Any]:
@@ -209,8 +233,10 @@ class Keeper:
     # -- signals ----------------------------------------------------------------------------
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signum)
+        for child in (self.child, self._previous):  # both, while one takes over
+            if child is not None and child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signum)
 
     def _reload(self, signum: int, frame: FrameType | None) -> None:
         self._successor = ["--take-over"]
@@ -256,9 +282,11 @@ class Keeper:
         """Until `child` (the current one) exits: its exit code (negative: the signal).
         Reaps orphans meanwhile (PID 1) and starts a successor on SIGHUP."""
         while True:
-            if self._successor is not None and not (self._stopping or self._handed_over):
+            busy = self._previous is not None
+            if self._successor is not None and not (self._stopping or self._handed_over or busy):
                 self._successor = None
                 log.info("keeper: SIGHUP: a new serving process takes over from pid %d", child.pid)
+                self._previous, self._previous_done = child, False
                 successor, _ = self._start(take_over=True)
                 self.child, child = successor, successor  # its messages wait for this
             try:
@@ -267,9 +295,25 @@ class Keeper:
                 return child.returncode if child.returncode is not None else 0
             if pid == 0:
                 time.sleep(0.05)  # polled: a signal's handler runs between two polls
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            previous = self._previous
+            if previous is not None and pid == previous.pid:
+                previous.returncode, self._previous = code, None  # it handed over (or died)
             elif pid == child.pid:
-                child.returncode = os.waitstatus_to_exitcode(status)
-                return child.returncode
+                child.returncode = code
+                if previous is None or self._previous_done or previous.returncode is not None:
+                    self._previous = None
+                    return code
+                # The successor ended before it took over: the running one goes on.
+                log.error(
+                    "keeper: the new serving process (pid %d) %s before it took over; pid %d "
+                    "goes on serving",
+                    child.pid,
+                    _how(code),
+                    previous.pid,
+                )
+                self.child, child, self._previous = previous, previous, None
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep unless told to stop (True: stop)."""

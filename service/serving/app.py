@@ -90,6 +90,12 @@ def _shutdown_steps(*steps: tuple[str, Callable[[], object]]) -> None:
             log.exception("shutdown: %s failed; going on with the rest", name)
 
 
+def _resync(registry: Registry, table: LeaseTable) -> None:
+    """A handover that did not happen: the models and leases written as they are now."""
+    registry.rewrite_all()
+    table.rewrite_all()
+
+
 def _after_handover(settings: Settings, http_passed: bool, keeper: KeeperLink | None) -> None:
     """Stop serving (SIGTERM: uvicorn drains and exits, the state untouched), unless the
     successor serves another listener and this one should wait to be stopped."""
@@ -227,6 +233,7 @@ def create_app(
                 registry=registry,
                 placement=placement,
                 flush=writer.flush,
+                resync=lambda: _resync(registry, table),
                 worker_socket=arenas,
                 lock=lock,
                 http=getattr(app.state, "http_listener", None),

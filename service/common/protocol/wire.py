@@ -28,6 +28,10 @@ if TYPE_CHECKING:  # typed messages come from pydantic; frames (the keeper's) ne
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 64 * 2**20  # a manifest of a very large model stays far below this
 MAX_FDS = 250  # SCM_RIGHTS carries at most 253 per message
+# A Channel message may bring more, in frames of MAX_FDS that follow it ({"type": "fds"}):
+# a handover of many models, each with its device segments.
+MAX_TOTAL_FDS = 8192
+_MORE = "more_fds"
 _FDS_MARK = b"F"
 
 T = TypeVar("T")
@@ -173,22 +177,50 @@ class Channel:
         self._send_lock = threading.Lock()
 
     def send(self, message: BaseModel | dict[str, Any], fds: Sequence[int] = ()) -> None:
-        """A typed message (a dict only where a test writes a frame by hand)."""
-        if len(fds) > MAX_FDS:
-            raise ValueError(f"at most {MAX_FDS} file descriptors per message")
-        frame = encode(message, len(fds))
+        """A typed message (a dict only where a test writes a frame by hand); more than
+        MAX_FDS fds go in frames of their own right after it."""
+        if len(fds) > MAX_TOTAL_FDS:
+            raise ValueError(f"at most {MAX_TOTAL_FDS} file descriptors per message")
+        data = message if isinstance(message, dict) else message.model_dump(mode="json")
+        chunks = [list(fds[i : i + MAX_FDS]) for i in range(0, len(fds), MAX_FDS)] or [[]]
+        if len(chunks) > 1:
+            data = {**data, _MORE: len(fds) - len(chunks[0])}
+        frames = [(encode(data, len(chunks[0])), chunks[0])]
+        frames += [(encode({"type": "fds"}, len(chunk)), chunk) for chunk in chunks[1:]]
         with self._send_lock:
             try:
-                self.sock.sendall(frame)
-                if fds:
-                    socket.send_fds(self.sock, [_FDS_MARK], list(fds))
+                for frame, chunk in frames:
+                    self.sock.sendall(frame)
+                    if chunk:
+                        socket.send_fds(self.sock, [_FDS_MARK], chunk)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise ChannelClosed(str(exc)) from exc
 
     def recv(self, timeout: float | None = None) -> tuple[dict[str, Any], list[int]]:
-        """The next frame and the fds it brought (the caller owns them). ChannelTimeout when
-        it is not all there within `timeout` seconds (None: no deadline)."""
+        """The next message and the fds it brought (the caller owns them), with those of
+        the frames that follow it. ChannelTimeout when it is not all there within
+        `timeout` seconds (None: no deadline)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        message, fds = self._frame(deadline, timeout)
+        more = message.pop(_MORE, 0)
+        if not isinstance(more, int) or isinstance(more, bool) or not 0 <= more <= MAX_TOTAL_FDS:
+            close_fds(fds)
+            raise BadMessage(f"a frame announcing {more!r} more fds")
+        try:
+            while more > 0:
+                extra, chunk = self._frame(deadline, timeout)
+                fds += chunk
+                more -= len(chunk)
+                if extra != {"type": "fds"} or not chunk or more < 0:
+                    raise BadMessage("the fds announced did not follow their message")
+        except BaseException:
+            close_fds(fds)
+            raise
+        return message, fds
+
+    def _frame(
+        self, deadline: float | None, timeout: float | None
+    ) -> tuple[dict[str, Any], list[int]]:
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and (left <= 0 or not _readable(self.sock, left)):

@@ -43,6 +43,7 @@ from service.serving.handover.messages import (
     Offer,
     OfferedModel,
     Refused,
+    Released,
     TakenMessage,
 )
 from service.serving.memory.nvml import same_gpu
@@ -61,8 +62,6 @@ class Holdings(Protocol):
     """What a handover reads and ends of the registry."""
 
     def records(self) -> list[ModelRecord]: ...
-
-    def rewrite_all(self) -> None: ...
 
     def let_go(self) -> None: ...
 
@@ -87,6 +86,8 @@ class Parts:
     registry: Holdings
     placement: Fds
     flush: Callable[[], None]
+    # A handover that did not happen: write the state as it is now (models and leases).
+    resync: Callable[[], None]
     worker_socket: WorkerSocket
     lock: StateLock
     http: socket.socket | None  # the listener uvicorn serves (None: an app in a test)
@@ -110,11 +111,7 @@ class Giver:
         """Listen (the state lock is held: a socket file there is a dead instance's)."""
         self.path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            listener.bind(str(self.path))
-        finally:
-            os.umask(old)
+        listener.bind(str(self.path))  # in the state directory: this user's alone (0700)
         os.chmod(self.path, 0o600)
         listener.listen(4)
         self._listener = listener
@@ -131,7 +128,9 @@ class Giver:
         if self.handed_to is None:  # else the successor's socket file is there now
             self.path.unlink(missing_ok=True)
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
+            # A handover under way (a SIGTERM meanwhile) ends first, either way: the
+            # shutdown then knows whether it still holds anything.
+            self._thread.join(timeout=self.parts.load_wait + TAKEN_SECONDS + 35)
 
     def _serve(self) -> None:
         while self._listener is not None and self.handed_to is None:
@@ -187,7 +186,11 @@ class Giver:
             channel.send(offer, sent)
             close_all(sent)
             sent = []
-            channel.receive(TakenMessage, TAKEN_SECONDS)
+            _, fds = channel.receive(TakenMessage, TAKEN_SECONDS)
+            close_all(fds)
+            self.handed_to = hello.pid  # from here on nothing is undone
+            with contextlib.suppress(ChannelClosed, OSError):
+                channel.send(Released())
         except (ChannelClosed, ChannelTimeout, BadMessage, OSError) as exc:
             close_all(sent)
             self._resume(f"the successor (pid {hello.pid}) did not take it: {exc}")
@@ -197,6 +200,9 @@ class Giver:
             self._resume("it failed here")
             raise
         self.handed_to = hello.pid
+        # From now on nothing here is news: a load that ends while this one drains is not
+        # reported (to the keeper, the node's labels, events) and ends with the rest.
+        parts.registry.silence()
         log.info(
             "handover: pid %d holds %d model(s) now (%.0f ms); this process serves no more",
             hello.pid,
@@ -260,7 +266,7 @@ class Giver:
         parts = self.parts
         if self.db is not None:
             self.db.thaw()
-        parts.registry.rewrite_all()  # what changed while it was frozen (a load that ended)
+        parts.resync()  # what changed while it was frozen (a load that ended, a lease)
         parts.flush()
         parts.gate.open()
         log.warning("handover: %s; still serving as before", why)

@@ -8,7 +8,10 @@ with the frame that lists what each one is:
                            or Offer (+ fds: the HTTP listener when both share a network
                            namespace, the worker socket's listener, then each offered
                            model's arena and device segments, in the order listed)
-    successor -> running   Taken (it owns the fds now; nothing after it is undone)
+    successor -> running   Taken (it read them all)
+    running -> successor   Released (it will not resume: the fds are the successor's; a
+                           successor that hears nothing closes them and exits, as the
+                           running one may have given up waiting and resumed)
 
 Everything a successor takes has to be read the same way by both: the state database's
 schema, the handle workers are sent, and the loader protocol. A successor that differs in
@@ -123,6 +126,13 @@ class Taken(_Message):
     type: Literal["taken"] = "taken"
 
 
+class Released(_Message):
+    """The answer to Taken: the running one will not resume; the fds are the successor's."""
+
+    type: Literal["released"] = "released"
+
+
 ToSuccessor = TypeAdapter(Annotated[Refused | Offer, Field(discriminator="type")])
 HelloMessage = TypeAdapter(Hello)
 TakenMessage = TypeAdapter(Taken)
+ReleasedMessage = TypeAdapter(Released)

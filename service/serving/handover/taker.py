@@ -28,11 +28,14 @@ from service.serving.handover.messages import (
     Offer,
     OfferedModel,
     Refused,
+    ReleasedMessage,
     Taken,
     ToSuccessor,
 )
 
 log = logging.getLogger("basehold.handover")
+
+RELEASED_SECONDS = 10.0  # the running one answers Taken at once
 
 
 class HandoverRefused(RuntimeError):
@@ -114,24 +117,52 @@ def ask(channel: Channel, timeout: float, gpus: list[str] | None) -> Handed | No
     handed = _unpack(answer, fds)
     try:
         channel.send(Taken())
-    except (ChannelClosed, OSError):
-        # It died after sending: what it sent is ours, and its lock is gone with it.
-        log.warning("the predecessor (pid %d) went away before it heard back", answer.pid)
+        channel.receive(ReleasedMessage, RELEASED_SECONDS)
+    except (ChannelClosed, ChannelTimeout, BadMessage, OSError) as exc:
+        handed.close()  # it may have given up waiting and serves on: never two owners
+        raise HandoverRefused(
+            f"the running basehold (pid {answer.pid}) did not confirm the handover ({exc}): "
+            "it may serve on, or have died; nothing was taken. Start this one again."
+        ) from None
     return handed
 
 
 def _unpack(offer: Offer, fds: list[int]) -> Handed:
+    ids = [model.id for model in offer.models]
+    loads = [model.load_id for model in offer.models]
+    wrong = None
     if len(fds) != offer.fd_count:
-        close_fds(fds)
-        raise HandoverRefused(
-            f"the running basehold sent {len(fds)} fds for an offer of {offer.fd_count}; "
-            "nothing was taken. Start this one again; see both logs."
-        )
+        wrong = f"{len(fds)} fds for an offer of {offer.fd_count}"
+    elif len(set(ids)) != len(ids) or len(set(loads)) != len(loads):
+        wrong = "a model twice"
     rest = list(fds)
-    http = socket.socket(fileno=rest.pop(0)) if offer.http else None
-    worker = socket.socket(fileno=rest.pop(0)) if offer.worker else None
+    http = worker = None
+    try:
+        if wrong is None and offer.http:
+            http = _listener(rest.pop(0))
+        if wrong is None and offer.worker:
+            worker = _listener(rest.pop(0))
+    except OSError as exc:
+        wrong = f"a listener that is not a socket ({exc})"
+    if wrong is not None:
+        for sock in (http, worker):
+            if sock is not None:
+                sock.close()
+        close_fds(rest)
+        raise HandoverRefused(
+            f"the running basehold sent {wrong}; nothing was taken. Start this one again; "
+            "see both logs."
+        )
     handed = Handed(pid=offer.pid, http=http, worker=worker)
     for model in offer.models:
         handed.models[model.id] = TakenModel(model, rest[: model.fds])
         del rest[: model.fds]
     return handed
+
+
+def _listener(fd: int) -> socket.socket:
+    try:
+        return socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        raise

@@ -241,6 +241,17 @@ class LeaseTable:
             self._delete([lease.id for lease in gone])
         return gone
 
+    def rewrite_all(self) -> None:
+        """Write every lease as it is now and delete the rows of those that ended (a
+        handover that did not happen: what changed while the database was frozen)."""
+        with self._lock:
+            db = self._db
+            if db is None:
+                return
+            for lease in self._leases.values():
+                self._put(lease)
+            self._delete([row.id for row in db.leases() if row.id not in self._leases])
+
     def _put(self, lease: Lease) -> None:
         db = self._db
         if db is not None:

@@ -63,6 +63,10 @@ class Persistence:
         db, model_id, when = self._db, record.id, record.last_used_at
         self._writer.submit(lambda: db.touch_model(model_id, when))
 
+    def recorded(self) -> set[str]:
+        """The ids the database holds a row for (a read, now)."""
+        return {row.id for row in self._db.models()}
+
     def forget(self, model_id: str) -> None:
         db = self._db
         self._writer.submit(lambda: db.delete_model(model_id))

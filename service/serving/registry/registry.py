@@ -280,8 +280,12 @@ class Registry:
             return False
         try:
             held = self._loaders.adopt(adopted.load_id, record.spec, adopted.facts, adopted.fds)
-        except ValueError as exc:
+        except ValueError as exc:  # its fds are closed
             log.error("not keeping the handed-over memory of %s (%s): loading it", record.id, exc)
+            return False
+        except Exception:
+            close_fds(adopted.fds)
+            log.exception("not keeping the handed-over memory of %s: loading it", record.id)
             return False
         with self._lock:
             record.load_id = adopted.load_id
@@ -292,14 +296,17 @@ class Registry:
         return True
 
     def rewrite_all(self) -> None:
-        """Write every active record's row as it is now (a handover that did not happen:
-        what changed while the state database was frozen)."""
+        """Write every active record's row as it is now, and forget the rows of models
+        that ended (a handover that did not happen: what changed while the state database
+        was frozen)."""
         with self._lock:
             if self._persistence is None:
                 return
-            for record in self._records.values():
-                if record.state in ACTIVE:
-                    self._persistence.rewrite(record)
+            active = {r.id: r for r in self._records.values() if r.state in ACTIVE}
+            for record in active.values():
+                self._persistence.rewrite(record)
+            for model_id in self._persistence.recorded() - set(active):
+                self._persistence.forget(model_id)
 
     def _forget(self, model_id: str) -> None:
         with self._lock:  # the write runs as it is let go

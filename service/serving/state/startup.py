@@ -81,6 +81,9 @@ def _after_predecessor(settings: Settings, lock: StateLock, registry: Registry) 
             break
         except StateDirLocked as exc:
             log.error("%s; its runner-held models and loads start once it lets go", exc)
+        except Exception:  # the folder changed under us: nothing else may start here
+            log.exception("cannot take the state lock; the loads to start again wait")
+            return
     try:
         _clean(settings, lock)
     except Exception:

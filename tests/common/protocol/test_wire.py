@@ -47,6 +47,28 @@ def test_messages_and_fds_arrive_in_order() -> None:
     right.close()
 
 
+def test_more_fds_than_one_frame_carries_arrive_with_their_message() -> None:
+    """A handover of many models: 300 fds, in the message's frame and one that follows."""
+    left, right = (Channel(s) for s in socket.socketpair())
+    sent = [os.memfd_create(f"arena-{i}") for i in range(300)]
+    try:
+        writer = threading.Thread(target=left.send, args=({"type": "offer"}, sent))
+        writer.start()
+        message, fds = right.recv(30)
+        writer.join(30)
+        assert message == {"type": "offer"} and len(fds) == 300
+        assert [os.fstat(fd).st_ino for fd in fds] == [os.fstat(fd).st_ino for fd in sent]
+        for fd in fds:
+            os.close(fd)
+        left.send({"type": "after"})
+        assert right.recv(30) == ({"type": "after"}, [])
+    finally:
+        for fd in sent:
+            os.close(fd)
+        left.close()
+        right.close()
+
+
 def test_closing_wakes_a_blocked_reader() -> None:
     left, right = (Channel(s) for s in socket.socketpair())
     woke: list[BaseException] = []

@@ -103,6 +103,10 @@ def test_a_successor_takes_models_leases_and_sockets_and_a_worker_trains_through
     try:
         post(old, source=str(models_root / "llama"), name="a", dtype="float32")
         before = wait_ready(old.url, "a")
+        eight = {"method": "bnb-8bit"}  # not shareable: its runner holds it
+        post(old, source=str(models_root / "gpt2"), name="r", quantization=eight)
+        runner = wait_ready(old.url, "r")
+        assert runner["state"] == "ready" and not runner["shareable"], runner
         held = lease(old.url, "a", "trainer-1")
         arena = held["handle"]["arena"]["name"]  # names the load: a new load, a new name
         with Client(old.url).attach("a", holder="worker", ttl_seconds=30) as model:
@@ -119,6 +123,10 @@ def test_a_successor_takes_models_leases_and_sockets_and_a_worker_trains_through
             assert status["timings"]["ready_at"] == before["timings"]["ready_at"]
             assert "taking over from pid" in new.output()
             assert "1 model(s) handed over" in new.output()
+            # The runner's model is loaded again by the successor (a process is not passed).
+            reloaded = wait_ready(new.url, "r")
+            assert reloaded["state"] == "ready", reloaded
+            assert reloaded["timings"]["ready_at"] != runner["timings"]["ready_at"]
             # The same lease, renewed by the successor; the same memory lent again.
             renews(new.url, held)
             assert lease(new.url, "a", "trainer-2")["handle"]["arena"]["name"] == arena
@@ -137,7 +145,8 @@ def test_a_successor_takes_models_leases_and_sockets_and_a_worker_trains_through
         assert wait_ready(new.url, "a")["timings"]["ready_at"] == before["timings"]["ready_at"]
         assert lease(new.url, "a", "trainer-3")["handle"]["arena"]["name"] == arena
         assert "SIGHUP: started pid" in new.output()
-        assert db_models(tmp_path) == {"a": "ready"}
+        assert wait_ready(new.url, "r")["state"] == "ready"  # loaded again, once more
+        assert db_models(tmp_path) == {"a": "ready", "r": "ready"}
     finally:
         for server in (old,):
             if server.process.poll() is None:
