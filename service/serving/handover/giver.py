@@ -199,7 +199,6 @@ class Giver:
             close_all(sent)
             self._resume("it failed here")
             raise
-        self.handed_to = hello.pid
         # From now on nothing here is news: a load that ends while this one drains is not
         # reported (to the keeper, the node's labels, events) and ends with the rest.
         parts.registry.silence()
