@@ -58,6 +58,34 @@ def health(url: str) -> dict[str, Any]:
     return body
 
 
+def restarts(url: str) -> int | None:
+    """How often the keeper started its child, or None for a poll the killed child had
+    accepted (dropped with it)."""
+    try:
+        count: int = health(url)["restarts"]
+    except httpx.TransportError:
+        return None
+    return count
+
+
+def forkers() -> list[int]:
+    """The loader templates running now, but the tests' shared one."""
+    shared = os.environ.get("BASEHOLD_LOADER_TEMPLATE", "\0")
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_text()
+        except (FileNotFoundError, NotADirectoryError, PermissionError, ProcessLookupError):
+            continue
+        if (
+            "service.loader.forker" in cmdline
+            and shared not in cmdline
+            and not gone(int(entry.name))
+        ):
+            found.append(int(entry.name))
+    return found
+
+
 def libraries(pid: int) -> str:
     return Path(f"/proc/{pid}/maps").read_text()
 
@@ -65,7 +93,8 @@ def libraries(pid: int) -> str:
 def test_the_keeper_starts_a_killed_service_again_with_its_models(
     tmp_path: Path, models_root: Path
 ) -> None:
-    env = env_for(models_root)
+    # Each child its own loader template, as in production: a runner's outlives its child.
+    env = env_for(models_root, BASEHOLD_LOADER_TEMPLATE="")
     keeper = start(tmp_path, ["--keeper"], env=env)
     children: list[int] = []
     try:
@@ -76,6 +105,9 @@ def test_the_keeper_starts_a_killed_service_again_with_its_models(
         assert "libtorch" not in maps and "pydantic_core" not in maps, maps
         post(keeper, source=str(models_root / "llama"), name="a", dtype="float32")
         before = wait_ready(keeper.url, "a")
+        eight = {"method": "bnb-8bit"}  # not shareable: its runner holds it
+        post(keeper, source=str(models_root / "gpt2"), name="r", quantization=eight)
+        runner = wait_ready(keeper.url, "r")["timings"]["ready_at"]
         held = lease(keeper.url, "a", "trainer-1")
         arena = held["handle"]["arena"]["name"]
         polls = Polls(keeper.url)
@@ -85,11 +117,13 @@ def test_the_keeper_starts_a_killed_service_again_with_its_models(
                 logits = model(TOKENS).logits
 
             os.kill(first, signal.SIGKILL)
-            until(lambda: health(keeper.url)["restarts"] == 1, "the keeper starts it again")
+            until(lambda: restarts(keeper.url) == 1, "the keeper starts it again")
             second = serving_pid(keeper.url)
             children.append(second)
             status = wait_ready(keeper.url, "a")
             assert status["timings"]["ready_at"] == before["timings"]["ready_at"]
+            # The runner and its template outlived the child that started them.
+            assert wait_ready(keeper.url, "r")["timings"]["ready_at"] == runner
             assert lease(keeper.url, "a", "trainer-2")["handle"]["arena"]["name"] == arena
             renewed = httpx.post(
                 f"{keeper.url}/v1/leases/{held['lease_id']}/renew",
@@ -101,7 +135,7 @@ def test_the_keeper_starts_a_killed_service_again_with_its_models(
         polls.stop.set()
         polls.join(60)
         assert polls.refused == 0 and polls.answered > 0
-        assert "started again by the keeper: 1 model(s) kept" in keeper.output()
+        assert "started again by the keeper: 2 model(s) kept" in keeper.output()
 
         # SIGHUP to the keeper: a new child takes over from the running one.
         keeper.process.send_signal(signal.SIGHUP)
@@ -115,13 +149,18 @@ def test_the_keeper_starts_a_killed_service_again_with_its_models(
 
         # A crash after that: the models came back to the keeper from the new child.
         os.kill(children[-1], signal.SIGKILL)
-        until(lambda: health(keeper.url)["restarts"] == 2, "the keeper starts it again")
+        until(lambda: restarts(keeper.url) == 2, "the keeper starts it again")
         children.append(serving_pid(keeper.url))
         assert wait_ready(keeper.url, "a")["timings"]["ready_at"] == before["timings"]["ready_at"]
+        assert wait_ready(keeper.url, "r")["timings"]["ready_at"] == runner
+        templates = forkers()
+        assert len(templates) >= 2  # the runner's, and the child's own
 
-        # SIGTERM to the keeper: the child drains and both exit 0.
+        # SIGTERM to the keeper: the child drains and both exit 0; so do the runner and
+        # every template.
         assert keeper.stop() == 0
         assert all(gone(pid) for pid in children)
+        until(lambda: all(gone(pid) for pid in templates), "the templates exit")
     finally:
         if keeper.process.poll() is None:
             keeper.stop()

@@ -186,7 +186,7 @@ def create_app(
         events.publish(kind, {**summary(record), "previous": previous.value})
 
     if keeper is not None:  # first: it hears models adopted at restore too
-        keeper.placement = placement
+        keeper.placement = loaders
         registry.subscribe(keeper.on_transition)
     registry.subscribe(metrics.on_transition)
     registry.subscribe(publish)
@@ -231,7 +231,7 @@ def create_app(
             Parts(
                 gate=writes,
                 registry=registry,
-                placement=placement,
+                placement=loaders,
                 flush=writer.flush,
                 resync=lambda: _resync(registry, table),
                 worker_socket=arenas,

@@ -7,10 +7,12 @@ On a Hello from a process of this uid with the same versions:
 2. what is queued is written, and the state database frozen: what it says is what the
    successor takes;
 3. the Offer goes out with dups of the HTTP listener (same network namespace only), the
-   worker socket's listener and each ready shareable model's arena and segment fds;
+   worker socket's listener and each ready model's arena and segment fds, or its runner's
+   channel and status connection (the runner, and the template it was forked from, live
+   on for the successor);
 4. on Taken (the successor owns them), this instance lets go of everything: loads still in
-   progress and runners end (the successor restarts them from the state database), its own
-   fds close, the lock is released last (the successor waits for it).
+   progress end (the successor restarts them from the state database), its own fds close,
+   the lock is released last (the successor waits for it).
 
 Anything that fails before Taken (the successor dies, sends nothing, refuses) undoes steps
 1-2: the database thaws, each record is written again, changes are accepted again, and
@@ -71,7 +73,9 @@ class Holdings(Protocol):
 
 
 class Fds(Protocol):
-    def dup_fds(self, load_id: str) -> list[int]: ...
+    def handover_fds(self, load_id: str) -> tuple[list[int], int | None]: ...
+
+    def handed(self, load_ids: list[str]) -> None: ...
 
 
 class WorkerSocket(Protocol):
@@ -189,6 +193,7 @@ class Giver:
             _, fds = channel.receive(TakenMessage, TAKEN_SECONDS)
             close_all(fds)
             self.handed_to = hello.pid  # from here on nothing is undone
+            parts.placement.handed([m.load_id for m in offer.models])
             with contextlib.suppress(ChannelClosed, OSError):
                 channel.send(Released())
         except (ChannelClosed, ChannelTimeout, BadMessage, OSError) as exc:
@@ -241,8 +246,8 @@ class Giver:
             models = []
             for record in parts.registry.records():
                 held = record.loaded
-                if record.state != State.READY or held is None or not _lendable(held):
-                    continue  # a runner's model, a load in progress: restarted there
+                if record.state != State.READY or held is None:
+                    continue  # a load in progress: started again there
                 if not _seen_by(held, hello.gpus):
                     log.warning(
                         "handover: %s is on a GPU pid %d does not see: it loads it again",
@@ -251,11 +256,11 @@ class Giver:
                     )
                     continue
                 try:
-                    model_fds = parts.placement.dup_fds(record.load_id)
+                    model_fds, runner = parts.placement.handover_fds(record.load_id)
                 except Exception:
                     continue  # unloaded meanwhile
                 fds.extend(model_fds)
-                models.append(OfferedModel.of(record, held, len(model_fds)))
+                models.append(OfferedModel.of(record, held, len(model_fds), runner))
         except BaseException:
             close_all(fds)
             raise
@@ -299,7 +304,3 @@ def _seen_by(held: Held, gpus: list[str]) -> bool:
     handle = held.placed.handle
     segments = handle.segments if handle is not None else []
     return all(any(same_gpu(s.device_uuid, gpu) for gpu in gpus) for s in segments)
-
-
-def _lendable(held: Held) -> bool:
-    return held.placed.shareable and held.placed.handle is not None

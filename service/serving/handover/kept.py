@@ -80,13 +80,13 @@ class KeeperLink:
 
     def _keep(self, record: ModelRecord) -> None:
         held = record.loaded
-        if held is None or self.placement is None or not held.placed.shareable:
-            return  # a runner's model: loaded again after a crash
+        if held is None or self.placement is None:
+            return
         try:
-            fds = self.placement.dup_fds(record.load_id)
+            fds, runner = self.placement.handover_fds(record.load_id)
         except Exception:
             return
-        entry = OfferedModel.of(record, held, len(fds))
+        entry = OfferedModel.of(record, held, len(fds), runner)
         try:
             self._send({"type": "keep", "model": entry.model_dump(mode="json")}, fds)
         finally:

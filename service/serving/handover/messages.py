@@ -7,7 +7,8 @@ with the frame that lists what each one is:
     running -> successor   Refused (incompatible, or busy: it keeps serving)
                            or Offer (+ fds: the HTTP listener when both share a network
                            namespace, the worker socket's listener, then each offered
-                           model's arena and device segments, in the order listed)
+                           model's arena and device segments, or its runner's channel,
+                           status connection and template lifeline, in the order listed)
     successor -> running   Taken (it read them all)
     running -> successor   Released (it will not resume: the fds are the successor's; a
                            successor that hears nothing closes them and exits, as the
@@ -33,7 +34,7 @@ from service.common.protocol.messages import PROTOCOL_VERSION
 from service.serving.registry.record import ModelRecord
 from service.serving.state.database import SCHEMA_VERSION
 
-HANDOVER_VERSION = 1
+HANDOVER_VERSION = 2  # 2: runners are handed over
 HANDLE_VERSION: int = Handle.model_fields["version"].default
 SOCKET_NAME = "handover.sock"  # in the state directory
 
@@ -93,13 +94,16 @@ class OfferedModel(_Message):
     id: str
     load_id: str
     facts: Manifest
-    fds: int = Field(ge=1)  # the arena's, then one per device segment
+    # The arena's, then one per device segment; or (a runner) its channel's, its status
+    # connection's, then its template's lifeline (`Loaders.handover_fds`).
+    fds: int = Field(ge=1)
     started_at: datetime | None
     ready_at: datetime | None
+    runner: int | None = Field(default=None, ge=1)  # the pid of the runner holding it
 
     @classmethod
-    def of(cls, record: ModelRecord, held: Held, fds: int) -> OfferedModel:
-        """A ready model's entry, with `fds` fds of its memory."""
+    def of(cls, record: ModelRecord, held: Held, fds: int, runner: int | None) -> OfferedModel:
+        """A ready model's entry, with `fds` fds of its memory (or of its runner)."""
         return cls(
             id=record.id,
             load_id=record.load_id,
@@ -107,6 +111,7 @@ class OfferedModel(_Message):
             fds=fds,
             started_at=record.started_at,
             ready_at=record.ready_at,
+            runner=runner,
         )
 
 

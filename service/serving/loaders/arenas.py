@@ -74,12 +74,21 @@ class HeldArenas:
             os.close(fd)
         return arena
 
-    def release(self, load_id: str, keep_until: datetime | None = None) -> None:
+    def runner(self, load_id: str) -> LoaderProcess | None:
+        """The process holding a model that is not shareable (None: none, or unloaded)."""
+        with self._lock:
+            held = self._held.get(load_id)
+            return held.runner if held is not None else None
+
+    def release(
+        self, load_id: str, keep_until: datetime | None = None, *, handed: bool = False
+    ) -> None:
         """Close the arena's fd and end the runner now; the segments' fds now, or at
-        `keep_until` when revoked leases may still be reading them."""
+        `keep_until` when revoked leases may still be reading them. `handed`: a successor
+        holds it now: only this side's fds close (the runner lives on, theirs)."""
         with self._lock:
             held = self._held.pop(load_id, None)
-            if held is not None and held.segment_fds and keep_until is not None:
+            if held is not None and held.segment_fds and keep_until is not None and not handed:
                 self._retired.append((keep_until, held.segment_fds))
                 log.info("device segments of %s kept until %s", load_id, keep_until)
                 held.segment_fds = []
@@ -88,7 +97,9 @@ class HeldArenas:
         for fd in [held.fd, *held.segment_fds]:
             if fd is not None:
                 os.close(fd)
-        if held.runner is not None:
+        if held.runner is not None and handed:
+            held.runner.abandon()
+        elif held.runner is not None:
             held.runner.stop()
         elif held.loader is not None and held.loader.wait(5) is None:
             held.loader.kill()  # handed over, yet still there: its mapping goes with it

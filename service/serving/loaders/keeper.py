@@ -18,6 +18,7 @@ held to read or change the state, never across a start, a connection or a wait.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -151,15 +152,38 @@ class Template:
         except (template.TemplateUnavailable, template.TemplateRefused) as exc:
             raise LoaderUnavailable(self._unavailable(str(exc))) from None
 
-    def close(self) -> None:
-        """Our template exits (its stdin closes); a shared one is left alone."""
+    def lifeline(self) -> list[int]:
+        """New fds of our template's stdin and stdout (the caller closes them): while any
+        process holds them, the template runs on (it exits when the last one closes its
+        stdin) and can write; a runner handed to a successor keeps its template so. A
+        shared template needs none: [] (so does none running)."""
+        with self._cond:
+            process = self._process
+            if process is None or process.stdin is None or process.stdout is None:
+                return []
+            fds = [os.dup(process.stdin.fileno())]
+            try:
+                fds.append(os.dup(process.stdout.fileno()))
+            except OSError:
+                os.close(fds[0])
+                raise
+            return fds
+
+    def close(self, *, keep_running: bool = False) -> None:
+        """Our template exits (its stdin closes); a shared one is left alone.
+        `keep_running`: runners it forked were handed to a successor, which holds its
+        `lifeline`: this side only closes its end (the template exits once they ended)."""
         with self._cond:
             self._closing = True
             process, watch, thread = self._process, self._watch, self._thread
             self._cond.notify_all()
         if watch is not None:
             watch.close()  # wakes the keeper
-        if process is not None:
+        if process is not None and keep_running:
+            if process.stdin is not None:
+                process.stdin.close()
+            thread = None  # it follows the template's output until that ends
+        elif process is not None:
             _stop(process)
         early = self._early
         if early is not None and early.process.poll() is None and process is not early.process:

@@ -68,6 +68,8 @@ class Loaders:
         self.setup = setup
         self.arenas = HeldArenas()
         self.template = Template(setup.template, reply_seconds=setup.reply_seconds)
+        self._handed: set[str] = set()  # load ids a successor holds now
+        self._runners_handed = False  # ... some of them runners forked by our template
 
     def warm(self) -> None:
         """Start the loader template (torch and friends import there, ~5 s on a small
@@ -252,20 +254,70 @@ class Loaders:
         self.arenas.add(loader.job.load_id, held, fds, loader)
         return held
 
-    def adopt(self, load_id: str, spec: LoadRequest, facts: Manifest, fds: list[int]) -> Held:
+    def adopt(
+        self,
+        model_id: str,
+        load_id: str,
+        spec: LoadRequest,
+        facts: Manifest,
+        fds: list[int],
+        runner: int | None = None,
+    ) -> tuple[Held, LoaderProcess | None]:
         """Keep a model a predecessor held and handed over, as if its load had just handed
-        it over. ValueError (its fds closed) when the fds do not match the manifest."""
+        it over: its arena and segment fds, or (`runner`: its pid) the runner holding it,
+        by its channel, status connection and template lifeline (`handover_fds`); returns
+        the runner adopted, if any. ValueError (its fds closed) when the fds do not match
+        the manifest."""
+        if not facts.shareable:
+            if runner is None:
+                close_fds(fds)
+                raise ValueError("a model that is not shareable comes with its runner")
+            try:
+                held = self._placed(facts, [], spec)
+            except ValueError:
+                close_fds(fds)
+                raise
+            job = self._job(model_id, load_id, spec, None, True)
+            process = LoaderProcess.adopt(job, runner, fds, self.setup.reply_seconds)
+            self.arenas.add(load_id, held, [], process)
+            return held, process
         held = self._placed(facts, fds, spec)
         handle = held.placed.handle
-        if held.needs_runner or handle is None:
+        if handle is None:
             close_fds(fds)
-            raise ValueError("a model held by a runner process cannot be handed over")
+            raise ValueError("a shareable model without its handle")
         size = os.fstat(fds[0]).st_size
         if size < handle.arena.size:
             close_fds(fds)
             raise ValueError(f"its arena fd holds {size} bytes, {handle.arena.size} due")
         self.arenas.add(load_id, held, fds, None)
-        return held
+        return held, None
+
+    def handover_fds(self, load_id: str) -> tuple[list[int], int | None]:
+        """New fds of what holds a ready model, for a successor (the caller closes them),
+        and its runner's pid: a shareable model's arena and segments, or its runner's
+        channel, status connection and the lifeline of the template it was forked from."""
+        runner = self.arenas.runner(load_id)
+        if runner is None:
+            return self.arenas.dup_fds(load_id), None
+        fds = runner.handover_fds()
+        try:
+            if runner.lifeline:  # adopted: its template is not ours
+                fds += [os.dup(fd) for fd in runner.lifeline]
+            else:
+                fds += self.template.lifeline()
+        except OSError:
+            close_fds(fds)
+            raise
+        return fds, runner.pid
+
+    def handed(self, load_ids: list[str]) -> None:
+        """A successor holds these loads now: discarding them here only closes this
+        side's fds (their runners and offload folders are the successor's)."""
+        self._handed.update(load_ids)
+        self._runners_handed = self._runners_handed or any(
+            (runner := self.arenas.runner(i)) is not None and not runner.lifeline for i in load_ids
+        )
 
     def _placed(self, facts: Manifest, fds: list[int], spec: LoadRequest) -> Held:
         """A manifest and its fds as this process serves them; ValueError (fds closed)
@@ -310,10 +362,13 @@ class Loaders:
     def close(self) -> None:
         """At shutdown, after every model was let go: the template exits."""
         self.arenas.close()
-        self.template.close()
+        self.template.close(keep_running=self._runners_handed)
 
     def discard(self, load_id: str, keep_until: datetime | None = None) -> None:
         """Remove what a load left: its offload folder, its arena fd, its runner (now, or
         at `keep_until` when revoked leases may still read its device segments)."""
+        if load_id in self._handed:
+            self.arenas.release(load_id, handed=True)
+            return
         self.arenas.release(load_id, keep_until)
         shutil.rmtree(self.setup.offload_root / load_id, ignore_errors=True)

@@ -96,9 +96,18 @@ class LoaderBackend(Protocol[L]):
         `LoaderCrashed` when the loader died."""
         ...
 
-    def adopt(self, load_id: str, spec: LoadRequest, facts: Manifest, fds: list[int]) -> Held:
-        """Keep a model a predecessor handed over (its fds are now this process's).
-        ValueError, its fds closed, when they do not match the manifest."""
+    def adopt(
+        self,
+        model_id: str,
+        load_id: str,
+        spec: LoadRequest,
+        facts: Manifest,
+        fds: list[int],
+        runner: int | None = None,
+    ) -> tuple[Held, L | None]:
+        """Keep a model a predecessor handed over (its fds are now this process's): its
+        memory, or (`runner`: its pid) the runner that holds it, returned. ValueError, its
+        fds closed, when they do not match the manifest."""
         ...
 
     def discard(self, load_id: str, keep_until: datetime | None = None) -> None:

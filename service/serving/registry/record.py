@@ -28,13 +28,14 @@ class ErrorInfo:
 @dataclass
 class Adopted:
     """A model a predecessor handed over: its load's id, manifest and fds (the arena's,
-    then its device segments')."""
+    then its device segments'; or its runner's, see `Loaders.handover_fds`)."""
 
     load_id: str
     facts: Manifest
     fds: list[int]
     started_at: datetime | None
     ready_at: datetime | None
+    runner: int | None = None  # the pid of the runner that holds it
 
 
 def new_load_id(model_id: str) -> str:

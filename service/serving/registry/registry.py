@@ -279,7 +279,14 @@ class Registry:
         if adopted is None:
             return False
         try:
-            held = self._loaders.adopt(adopted.load_id, record.spec, adopted.facts, adopted.fds)
+            held, runner = self._loaders.adopt(
+                record.id,
+                adopted.load_id,
+                record.spec,
+                adopted.facts,
+                adopted.fds,
+                adopted.runner,
+            )
         except ValueError as exc:  # its fds are closed
             log.error("not keeping the handed-over memory of %s (%s): loading it", record.id, exc)
             return False
@@ -293,6 +300,10 @@ class Registry:
             self._transition(record, State.LOADING, started_at=adopted.started_at)
             record.progress.finish()
             self._transition(record, State.READY, loaded=held, ready_at=adopted.ready_at)
+            if runner is not None:
+                record.loader = runner
+        if runner is not None:
+            self._watch(record, runner)  # it may have died meanwhile: failed at once
         return True
 
     def rewrite_all(self) -> None:

@@ -44,6 +44,7 @@ def start_state(
             taken.fds,
             taken.offered.started_at,
             taken.offered.ready_at,
+            taken.offered.runner,
         )
         for model_id, taken in (handed.models.items() if handed is not None else ())
     }
@@ -65,9 +66,10 @@ def start_state(
     return db
 
 
-def _clean(settings: Settings, lock: StateLock) -> None:
+def _clean(settings: Settings, lock: StateLock, keep: frozenset[str] = frozenset()) -> None:
+    """`keep`: the loads held already (a runner handed over may use its offload folder)."""
     lock.verify()  # the folder checked and locked is still the one its path names
-    offload = clean_offload(settings.offload_dir)
+    offload = clean_offload(settings.offload_dir, keep)
     if offload:
         log.info("removed %d offload folder(s) a previous instance left", offload)
 
@@ -85,7 +87,7 @@ def _after_predecessor(settings: Settings, lock: StateLock, registry: Registry) 
             log.exception("cannot take the state lock; the loads to start again wait")
             return
     try:
-        _clean(settings, lock)
+        _clean(settings, lock, frozenset(r.load_id for r in registry.records()))
     except Exception:
         log.exception("could not clean what the predecessor left; going on")
     registry.start_deferred()

@@ -86,6 +86,31 @@ def memfds(pid: int) -> int:
     return count
 
 
+def children(pid: int) -> list[int]:
+    """The pids whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def template_and_runner(server: Server) -> tuple[int, int]:
+    """The loader template `server` started and the one runner forked from it."""
+    (template,) = [
+        pid
+        for pid in children(server.pid)
+        if "service.loader.forker" in Path(f"/proc/{pid}/cmdline").read_text()
+    ]
+    (runner,) = [pid for pid in children(template) if not gone(pid)]
+    return template, runner
+
+
 def gone(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -97,7 +122,8 @@ def gone(pid: int) -> bool:
 def test_a_successor_takes_models_leases_and_sockets_and_a_worker_trains_through_it(
     tmp_path: Path, models_root: Path
 ) -> None:
-    env = env_for(models_root)
+    # Each its own loader template, as in production: the runner's outlives its service.
+    env = env_for(models_root, BASEHOLD_LOADER_TEMPLATE="")
     old = start(tmp_path, [], env=env)
     successor: int | None = None
     try:
@@ -107,6 +133,7 @@ def test_a_successor_takes_models_leases_and_sockets_and_a_worker_trains_through
         post(old, source=str(models_root / "gpt2"), name="r", quantization=eight)
         runner = wait_ready(old.url, "r")
         assert runner["state"] == "ready" and not runner["shareable"], runner
+        template, runner_pid = template_and_runner(old)
         held = lease(old.url, "a", "trainer-1")
         arena = held["handle"]["arena"]["name"]  # names the load: a new load, a new name
         with Client(old.url).attach("a", holder="worker", ttl_seconds=30) as model:
@@ -122,11 +149,13 @@ def test_a_successor_takes_models_leases_and_sockets_and_a_worker_trains_through
             assert status["state"] == "ready"
             assert status["timings"]["ready_at"] == before["timings"]["ready_at"]
             assert "taking over from pid" in new.output()
-            assert "1 model(s) handed over" in new.output()
-            # The runner's model is loaded again by the successor (a process is not passed).
-            reloaded = wait_ready(new.url, "r")
-            assert reloaded["state"] == "ready", reloaded
-            assert reloaded["timings"]["ready_at"] != runner["timings"]["ready_at"]
+            assert "2 model(s) handed over" in new.output()
+            # The runner's model is handed over with its process (and the template it was
+            # forked from, which outlives the process that started it).
+            kept = wait_ready(new.url, "r")
+            assert kept["state"] == "ready", kept
+            assert kept["timings"]["ready_at"] == runner["timings"]["ready_at"]
+            assert not gone(runner_pid) and not gone(template)
             # The same lease, renewed by the successor; the same memory lent again.
             renews(new.url, held)
             assert lease(new.url, "a", "trainer-2")["handle"]["arena"]["name"] == arena
@@ -145,8 +174,13 @@ def test_a_successor_takes_models_leases_and_sockets_and_a_worker_trains_through
         assert wait_ready(new.url, "a")["timings"]["ready_at"] == before["timings"]["ready_at"]
         assert lease(new.url, "a", "trainer-3")["handle"]["arena"]["name"] == arena
         assert "SIGHUP: started pid" in new.output()
-        assert wait_ready(new.url, "r")["state"] == "ready"  # loaded again, once more
+        # The runner, handed over a second time, then unloaded: it and its template end.
+        assert wait_ready(new.url, "r")["timings"]["ready_at"] == runner["timings"]["ready_at"]
         assert db_models(tmp_path) == {"a": "ready", "r": "ready"}
+        assert not gone(runner_pid)
+        assert httpx.delete(f"{new.url}/v1/models/r", timeout=30).status_code == 204
+        until(lambda: gone(runner_pid) and gone(template), "the runner and its template end")
+        assert db_models(tmp_path) == {"a": "ready"}
     finally:
         for server in (old,):
             if server.process.poll() is None:

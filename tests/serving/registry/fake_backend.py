@@ -270,12 +270,21 @@ class FakeBackend:
                 return held
         raise AssertionError(f"the script of {loader.model_id} ends without Ready")
 
-    def adopt(self, load_id: str, spec: LoadRequest, facts: Manifest, fds: list[int]) -> Held:
+    def adopt(
+        self,
+        model_id: str,
+        load_id: str,
+        spec: LoadRequest,
+        facts: Manifest,
+        fds: list[int],
+        runner: int | None = None,
+    ) -> tuple[Held, FakeLoad | None]:
         """As `Loaders.adopt` keeps what a predecessor handed over: held from now on."""
         held = Held.from_manifest(facts)
-        self.held[load_id] = FakeLoad(self._changed, spec.name or load_id, load_id, spec, True, [])
+        load = FakeLoad(self._changed, model_id, load_id, spec, True, [])
+        self.held[load_id] = load
         close_fds(fds)  # nothing in this fake reads them
-        return held
+        return held, load if runner is not None else None
 
     def discard(self, load_id: str, keep_until: datetime | None = None) -> None:
         self.discarded.append(load_id)
