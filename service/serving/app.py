@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -210,19 +211,25 @@ def create_app(
             )
         # The loader template imports torch and friends in its own process, from now on:
         # /healthz answers at once, /readyz once the template forks.
+        # A successor starts it once it holds what it was handed (starting it before
+        # slows the takeover down on a busy machine).
         warming = threading.Thread(target=loaders.warm, name="loader-template", daemon=True)
-        warming.start()
+        handed: Handed | None = getattr(app.state, "handed", None)
+        if handed is None:
+            warming.start()
         # Everything imported so far lives for the whole process: keep it out of the
         # cyclic GC's full passes (a successor skips the collection: ~50 ms that clients
         # of the listener it took wait for).
-        handed: Handed | None = getattr(app.state, "handed", None)
         if handed is None:
             gc.collect()
         gc.freeze()
         if handed is None:
             lock.acquire()  # the CLI took it already: a no-op there
         events.bind(asyncio.get_running_loop())
+        handed_models = len(handed.models) if handed is not None else 0
         db = await run_in_threadpool(start_state, settings, lock, registry, table, handed)
+        if handed is not None:
+            warming.start()
         arenas.start(handed.worker if handed is not None else None)
         if keeper is not None:
             keeper.listeners(getattr(app.state, "http_listener", None), arenas.dup_listener())
@@ -260,6 +267,13 @@ def create_app(
                 target=_preload_once_warm, args=(preload, warming), name="preload", daemon=True
             ).start()
         app.state.ready = True
+        if handed is not None:
+            log.info(
+                "serving %d model(s) handed over by pid %d, %.0f ms after its offer",
+                handed_models,
+                handed.pid,
+                (time.monotonic() - handed.received) * 1000,
+            )
         try:
             yield
         finally:

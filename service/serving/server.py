@@ -11,8 +11,16 @@ import socket
 from collections.abc import Callable
 from types import FrameType
 
+import anyio._backends._asyncio  # noqa: F401
 import uvicorn
+import uvicorn.lifespan.on
+import uvicorn.loops.auto
+import uvicorn.protocols.http.auto
 from fastapi import FastAPI
+
+# (What uvicorn and the first thread-pool call, anyio's backend, would import as they start:
+# imported with this module, before a successor takes over, not in the takeover's window.
+# No websockets: the API has none.)
 
 # What the dashboard (every second, per open tab) and probes ask over and over: a 2xx answer
 # to one of these GETs is not worth an access-log line. Errors and every other request are.
@@ -79,8 +87,10 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._on_started = on_started
         self._on_stopping = on_stopping
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started and not self.should_exit:
             self._on_started()
@@ -93,6 +103,15 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
         if sig == signal.SIGTERM and sig in self._captured_signals:
             self._captured_signals.remove(sig)
+        # Stop accepting now, not at uvicorn's next tick (up to 100 ms on): after a
+        # handover the successor accepts on the same listener, and every connection from
+        # now on should reach it.
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop_accepting)
+
+    def _stop_accepting(self) -> None:
+        for server in self.servers:
+            server.close()  # this process's fd of the listener only: never a shutdown()
 
 
 def serve(
@@ -108,7 +127,7 @@ def serve(
     """Serve on `listener` (from `bind`; bound here when None) until stopped."""
     listener = listener or bind(host, port)
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30
+        app, host=host, port=port, log_level=log_level, ws="none", timeout_graceful_shutdown=30
     )
     # uvicorn configured its loggers just now (Config's __init__): filter after that.
     access = logging.getLogger("uvicorn.access")

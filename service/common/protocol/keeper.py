@@ -11,7 +11,17 @@ RESTARTS_SETTING = "BASEHOLD_KEEPER_RESTARTS"  # how many times the keeper start
 
 def network_namespace() -> str:
     """/proc/self/ns/net's link: sockets are passed only within one network namespace."""
+    return _namespace("net")
+
+
+def pid_namespace() -> str:
+    """/proc/self/ns/pid's link: runner processes are passed only within one PID namespace
+    (a pod's processes end with it)."""
+    return _namespace("pid")
+
+
+def _namespace(kind: str) -> str:
     try:
-        return os.readlink("/proc/self/ns/net")
+        return os.readlink(f"/proc/self/ns/{kind}")
     except OSError:  # no /proc: treat every process as in another namespace
         return f"unknown:{os.getpid()}"

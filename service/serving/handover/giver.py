@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Protocol
 
 from service.common.protocol.held import Held
-from service.common.protocol.keeper import network_namespace
+from service.common.protocol.keeper import network_namespace, pid_namespace
 from service.common.protocol.wire import BadMessage, Channel, ChannelClosed, ChannelTimeout
 from service.common.protocol.wire import close_fds as close_all
 from service.common.socket_protocol import peer_credentials
@@ -244,6 +244,7 @@ class Giver:
                 fds.append(os.dup(parts.http.fileno()))
             fds.append(parts.worker_socket.dup_listener())
             models = []
+            runners = hello.pidns == pid_namespace()
             for record in parts.registry.records():
                 held = record.loaded
                 if record.state != State.READY or held is None:
@@ -259,6 +260,15 @@ class Giver:
                     model_fds, runner = parts.placement.handover_fds(record.load_id)
                 except Exception:
                     continue  # unloaded meanwhile
+                if runner is not None and not runners:
+                    close_all(model_fds)  # its process ends with this one's PID namespace
+                    log.warning(
+                        "handover: %s is held by a runner and pid %d is in another PID "
+                        "namespace: it loads it again",
+                        record.id,
+                        hello.pid,
+                    )
+                    continue
                 fds.extend(model_fds)
                 models.append(OfferedModel.of(record, held, len(model_fds), runner))
         except BaseException:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from service import __version__
 from service.common.handles.descriptor import Handle
 from service.common.protocol.held import Held, Manifest
-from service.common.protocol.keeper import network_namespace
+from service.common.protocol.keeper import network_namespace, pid_namespace
 from service.common.protocol.messages import PROTOCOL_VERSION
 from service.serving.registry.record import ModelRecord
 from service.serving.state.database import SCHEMA_VERSION
@@ -52,6 +52,7 @@ class Hello(_Message):
     version: str  # basehold's (informational)
     pid: int
     netns: str  # /proc/self/ns/net's link: the HTTP listener is passed only within one
+    pidns: str  # /proc/self/ns/pid's link: runners are passed only within one
     gpus: list[str] = Field(default_factory=list)  # the UUIDs of the GPUs it sees (NVML)
 
     @classmethod
@@ -65,6 +66,7 @@ class Hello(_Message):
             version=__version__,
             pid=os.getpid(),
             netns=network_namespace(),
+            pidns=pid_namespace(),
         )
 
     def incompatible(self) -> str | None:

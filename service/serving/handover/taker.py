@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,7 @@ class Handed:
     http: socket.socket | None
     worker: socket.socket | None
     models: dict[str, TakenModel] = field(default_factory=dict)
+    received: float = field(default_factory=time.monotonic)  # when the offer was read
 
     def close(self) -> None:
         for sock in (self.http, self.worker):

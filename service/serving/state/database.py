@@ -13,6 +13,7 @@ request behind a disk write fails loudly in tests instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -222,8 +224,9 @@ class StateDB:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # held through a `batch`
         self._frozen = False
+        self._batching = False
         self.moved_aside: Path | None = None
 
     @classmethod
@@ -259,16 +262,53 @@ class StateDB:
 
     def close(self) -> None:
         with self._lock:
+            self._end_batch()
             self._frozen = True
             self._conn.close()
 
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """The writes this thread makes inside run in one transaction, each in a savepoint
+        of its own (one that fails is undone alone): one commit for many writes, e.g. a
+        restore's. Other threads' writes and reads wait for its end."""
+        _off_loop()
+        with self._lock:
+            if self._frozen or self._batching:
+                yield
+                return
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:  # each write tries on its own then
+                log.warning("state database: cannot begin a batch of writes (%s)", exc)
+                yield
+                return
+            self._batching = True
+            try:
+                yield
+            finally:
+                self._end_batch()
+
+    def _end_batch(self) -> None:
+        """Commit a batch (also one this thread froze meanwhile: what it wrote before was
+        decided before)."""
+        if self._batching:
+            self._batching = False
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error:
+                log.exception("state database: a batch of writes failed; the next start may differ")
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+
     def _write(self, *statements: tuple[str, Sequence[object]]) -> list[int]:
-        """Run `statements` as one transaction; returns each one's row count. Nothing is
-        written once frozen."""
+        """Run `statements` as one transaction (a savepoint within a `batch`); returns
+        each one's row count. Nothing is written once frozen."""
         _off_loop()
         with self._lock:
             if self._frozen:
                 return [0] * len(statements)
+            if self._batching:
+                return self._savepoint(statements)
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 counts = [self._conn.execute(sql, params).rowcount for sql, params in statements]
@@ -277,6 +317,17 @@ class StateDB:
                 raise
             self._conn.execute("COMMIT")
             return counts
+
+    def _savepoint(self, statements: Sequence[tuple[str, Sequence[object]]]) -> list[int]:
+        self._conn.execute("SAVEPOINT write")
+        try:
+            counts = [self._conn.execute(sql, params).rowcount for sql, params in statements]
+        except BaseException:
+            self._conn.execute("ROLLBACK TO write")
+            self._conn.execute("RELEASE write")
+            raise
+        self._conn.execute("RELEASE write")
+        return counts
 
     # -- models ------------------------------------------------------------------------
     def put_model(self, row: ModelRow) -> None:

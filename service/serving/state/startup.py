@@ -115,8 +115,10 @@ def _open(
         )
         return db
     rows = db.models()
-    leases = table.restore(db.leases(), {row.id for row in rows})
-    restored = registry.restore(rows, dict(adopted), start=start)
+    registry.writer.batch = db.batch
+    with registry.writer.deferred():  # one commit for the restore's writes
+        leases = table.restore(db.leases(), {row.id for row in rows})
+        restored = registry.restore(rows, dict(adopted), start=start)
     adopted.clear()  # the registry kept or closed them
     if restored or leases:
         log.info(

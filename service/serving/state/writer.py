@@ -15,10 +15,12 @@ queued a write always flushes it itself once it lets go of its lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from types import TracebackType
 
 log = logging.getLogger("basehold.state")
@@ -41,6 +43,8 @@ class OrderedWriter:
         self._written = 0  # the number of the last write run
         self._writing = threading.Lock()
         self._local = threading.local()
+        # Runs the writes of one flush in one transaction (`StateDB.batch`, once open).
+        self.batch: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
 
     def submit(self, write: Callable[[], object]) -> None:
         """Queue `write` (call it with the deciding lock held, so order is kept)."""
@@ -74,15 +78,29 @@ class OrderedWriter:
         if int(getattr(self._local, "last", 0)) > self._written:
             self._run()
 
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """This thread's writes wait for the end of the block, then run in one batch (a
+        restore: one commit instead of one per write)."""
+        self.enter()
+        try:
+            yield
+        finally:
+            self.leave()
+            self.flush()
+
     def _run(self) -> None:
         with self._writing:
-            while self._pending:
-                number, write = self._pending.popleft()
-                try:
-                    write()
-                except Exception:
-                    log.exception("a state database write failed; the next start may differ")
-                self._written = number
+            if not self._pending:
+                return
+            with self.batch():
+                while self._pending:
+                    number, write = self._pending.popleft()
+                    try:
+                        write()
+                    except Exception:
+                        log.exception("a state database write failed; the next start may differ")
+                    self._written = number
 
 
 class WriterLock:

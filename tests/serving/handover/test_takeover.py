@@ -150,6 +150,7 @@ def test_a_successor_takes_models_leases_and_sockets_and_a_worker_trains_through
             assert status["timings"]["ready_at"] == before["timings"]["ready_at"]
             assert "taking over from pid" in new.output()
             assert "2 model(s) handed over" in new.output()
+            assert f"serving 2 model(s) handed over by pid {old.pid}" in new.output()
             # The runner's model is handed over with its process (and the template it was
             # forked from, which outlives the process that started it).
             kept = wait_ready(new.url, "r")
@@ -197,6 +198,9 @@ def test_a_refused_or_cut_handover_loses_nothing(tmp_path: Path, models_root: Pa
     try:
         post(old, source=str(models_root / "llama"), name="a", dtype="float32")
         wait_ready(old.url, "a")
+        eight = {"method": "bnb-8bit"}  # a runner holds it
+        post(old, source=str(models_root / "gpt2"), name="r", quantization=eight)
+        assert wait_ready(old.url, "r")["state"] == "ready"
         held = lease(old.url, "a", "trainer-1")
         arenas = memfds(old.pid)
         assert arenas >= 1
@@ -213,9 +217,11 @@ def test_a_refused_or_cut_handover_loses_nothing(tmp_path: Path, models_root: Pa
 
         # A successor that takes the offer and dies before it says Taken: nothing changed
         # hands; the old one serves and records changes as before, its fds all its own.
+        # (From another PID namespace, a pod's: the runner, which ends with this one's
+        # namespace, is not offered.)
         arenas = memfds(old.pid)
         channel = connect(tmp_path)
-        channel.send(Hello.ours())
+        channel.send(Hello.ours().model_copy(update={"pidns": "pid:[1]"}))
         offer, fds = channel.receive(ToSuccessor, 60)
         assert isinstance(offer, Offer) and offer.http
         assert sorted(m.id for m in offer.models) == ["a", "b"]
@@ -240,15 +246,17 @@ def test_a_refused_or_cut_handover_loses_nothing(tmp_path: Path, models_root: Pa
         channel = connect(tmp_path)
         channel.send(Hello.ours())
         offer, fds = channel.receive(ToSuccessor, 60)
-        assert isinstance(offer, Offer) and [m.id for m in offer.models] == ["a"]
+        assert isinstance(offer, Offer) and [m.id for m in offer.models] == ["a", "r"]
+        assert offer.models[1].runner is not None
         channel.send(Taken())
         assert old.process.wait(timeout=120) == 0
         close_fds(fds)
         channel.close()
-        assert db_models(tmp_path) == {"a": "ready"}
+        assert db_models(tmp_path) == {"a": "ready", "r": "ready"}
         new = start(tmp_path, ["--take-over"], env=env, port=port_of(old))
         assert "no basehold serves this state directory; starting as usual" in new.output()
         assert wait_ready(new.url, "a")["state"] == "ready"
+        assert wait_ready(new.url, "r")["state"] == "ready"  # its runner ended: loaded again
         renews(new.url, held)
     finally:
         for server in (old, new):

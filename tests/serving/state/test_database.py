@@ -190,3 +190,31 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_leases(tmp_path: Path) ->
     reopened = StateDB.open(tmp_path)
     assert [(r.id, r.key) for r in reopened.leases()] == [("old", None), ("new", "fingerprint-1")]
     reopened.close()
+
+
+def test_a_batch_commits_once_and_a_failed_write_in_it_is_undone_alone(tmp_path: Path) -> None:
+    db = StateDB.open(tmp_path)
+    outside = sqlite3.connect(tmp_path / FILENAME)
+    with db.batch():
+        db.put_model(model_row("a"))
+        db.put_lease(lease_row("l1", "a"))
+        with pytest.raises(sqlite3.OperationalError):  # a write that fails midway
+            db._write(
+                ("DELETE FROM leases WHERE id = ?", ("l1",)), ("INSERT INTO nowhere VALUES (1)", ())
+            )
+        db.set_model_state("a", "ready")
+        # Another connection sees nothing before the commit.
+        assert outside.execute("SELECT COUNT(*) FROM models").fetchone()[0] == 0
+    assert outside.execute("SELECT id, state FROM models").fetchall() == [("a", "ready")]
+    assert [r.id for r in db.leases()] == ["l1"]
+    outside.close()
+
+
+def test_a_batch_frozen_midway_keeps_what_it_wrote_before(tmp_path: Path) -> None:
+    db = StateDB.open(tmp_path)
+    with db.batch():
+        db.put_model(model_row("before"))
+        db.freeze()
+        db.put_model(model_row("after"))
+    db.close()
+    assert [r.id for r in StateDB.open(tmp_path).models()] == ["before"]

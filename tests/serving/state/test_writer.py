@@ -4,6 +4,7 @@ that wrote nothing never waits for another thread's writes when it lets go."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -119,3 +120,23 @@ def test_flush_writes_everything_queued_by_any_thread() -> None:
     assert written == [], "a write ran on the event loop"
     writer.flush()
     assert written == ["loop"]
+
+
+def test_deferred_writes_run_at_the_end_of_the_block_in_one_batch() -> None:
+    writer, written = OrderedWriter(), list[str]()
+    batches: list[str] = []
+
+    @contextmanager
+    def batch() -> Iterator[None]:
+        batches.append("begin")
+        yield
+        batches.append("commit")
+
+    writer.batch = batch
+    lock = WriterLock(writer)
+    with writer.deferred():
+        for name in ("a", "b", "c"):
+            with lock:
+                writer.submit(functools.partial(written.append, name))
+        assert written == [], "written inside the deferred block"
+    assert written == ["a", "b", "c"] and batches == ["begin", "commit"]
