@@ -4,6 +4,7 @@ stop and the dashboard's polls kept out of the access log."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import signal
@@ -21,6 +22,8 @@ from fastapi import FastAPI
 # (What uvicorn and the first thread-pool call, anyio's backend, would import as they start:
 # imported with this module, before a successor takes over, not in the takeover's window.
 # No websockets: the API has none.)
+with contextlib.suppress(ImportError):  # the loop uvicorn's "auto" picks, where installed
+    import uvicorn.loops.uvloop  # (imports uvloop)
 
 # What the dashboard (every second, per open tab) and probes ask over and over: a 2xx answer
 # to one of these GETs is not worth an access-log line. Errors and every other request are.
