@@ -256,12 +256,7 @@ class Giver:
                         hello.pid,
                     )
                     continue
-                try:
-                    model_fds, runner = parts.placement.handover_fds(record.load_id)
-                except Exception:
-                    continue  # unloaded meanwhile
-                if runner is not None and not runners:
-                    close_all(model_fds)  # its process ends with this one's PID namespace
+                if held.needs_runner and not runners:  # it ends with this PID namespace
                     log.warning(
                         "handover: %s is held by a runner and pid %d is in another PID "
                         "namespace: it loads it again",
@@ -269,6 +264,10 @@ class Giver:
                         hello.pid,
                     )
                     continue
+                try:
+                    model_fds, runner = parts.placement.handover_fds(record.load_id)
+                except Exception:
+                    continue  # unloaded meanwhile
                 fds.extend(model_fds)
                 models.append(OfferedModel.of(record, held, len(model_fds), runner))
         except BaseException:

@@ -218,6 +218,12 @@ def _aware(value: object) -> datetime:
 R = TypeVar("R")
 
 
+# How one write begins, ends and is undone: a transaction of its own, or a savepoint in a
+# `batch`'s transaction.
+_ALONE = ("BEGIN IMMEDIATE", ("COMMIT",), ("ROLLBACK",))
+_IN_BATCH = ("SAVEPOINT write", ("RELEASE write",), ("ROLLBACK TO write", "RELEASE write"))
+
+
 class StateDB:
     """Rows of held models and leases. Thread-safe; every write is one transaction."""
 
@@ -307,27 +313,17 @@ class StateDB:
         with self._lock:
             if self._frozen:
                 return [0] * len(statements)
-            if self._batching:
-                return self._savepoint(statements)
-            self._conn.execute("BEGIN IMMEDIATE")
+            begin, done, undo = _IN_BATCH if self._batching else _ALONE
+            self._conn.execute(begin)
             try:
                 counts = [self._conn.execute(sql, params).rowcount for sql, params in statements]
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                for sql in undo:
+                    self._conn.execute(sql)
                 raise
-            self._conn.execute("COMMIT")
+            for sql in done:
+                self._conn.execute(sql)
             return counts
-
-    def _savepoint(self, statements: Sequence[tuple[str, Sequence[object]]]) -> list[int]:
-        self._conn.execute("SAVEPOINT write")
-        try:
-            counts = [self._conn.execute(sql, params).rowcount for sql, params in statements]
-        except BaseException:
-            self._conn.execute("ROLLBACK TO write")
-            self._conn.execute("RELEASE write")
-            raise
-        self._conn.execute("RELEASE write")
-        return counts
 
     # -- models ------------------------------------------------------------------------
     def put_model(self, row: ModelRow) -> None:

@@ -102,6 +102,7 @@ def _open(
     start: bool,
 ) -> StateDB:
     db = StateDB.open(settings.state_dir)
+    registry.writer.batch = db.batch  # a flush of many writes commits once
     registry.persist_to(Persistence(db, registry.writer))
     table.persist_to(db)
     if not settings.restore:
@@ -115,7 +116,6 @@ def _open(
         )
         return db
     rows = db.models()
-    registry.writer.batch = db.batch
     with registry.writer.deferred():  # one commit for the restore's writes
         leases = table.restore(db.leases(), {row.id for row in rows})
         restored = registry.restore(rows, dict(adopted), start=start)
