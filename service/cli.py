@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +58,9 @@ def _true(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _start(args: argparse.Namespace) -> tuple[Any, Settings, socket.socket] | int:
+def _start(
+    args: argparse.Namespace,
+) -> tuple[Any, Settings, socket.socket | Callable[[], socket.socket]] | int:
     """The app, its settings and its bound port; or the exit code of a refusal to start.
     What can refuse is checked before the app is imported: a bad setting answers in a
     fraction of a second."""
@@ -161,12 +165,18 @@ def _gpu_uuids() -> list[str]:
     return [gpu.uuid for gpu in Nvml().gpus()]
 
 
+class StartRefused(RuntimeError):
+    """A successor that will not start (exit 2); the message says why."""
+
+
 def _take_over(
     args: argparse.Namespace, settings: Settings, link: KeeperLink | None
-) -> tuple[Any, Settings, socket.socket] | int:
-    """Build the app first (its imports take the time), then take what the basehold
-    running on this state directory holds: its sockets, models and leases. With none
-    running, start as usual."""
+) -> tuple[Any, Settings, Callable[[], socket.socket]] | int:
+    """Build the app first (its imports take the time); the server, once built and running,
+    calls the returned `take` to take what the basehold running on this state directory
+    holds (its sockets, models and leases) and serve on its listener. With none running,
+    start as usual. Everything that does not need what is handed over is ready before the
+    running one is asked: what comes after its offer is only what needs it."""
     from service.common.private_dir import FolderUnsafe
     from service.serving.handover.messages import SOCKET_NAME
     from service.serving.handover.taker import HandoverRefused, take_over
@@ -183,42 +193,54 @@ def _take_over(
 
         app = create_app(settings, lock=lock, keeper=link)
         gpus = [gpu.uuid for gpu in app.state.gpus.gpus()]  # NVML: no CUDA here
-        handed = take_over(
-            settings.state_dir / SOCKET_NAME, settings.handover_load_wait_seconds + 60, gpus
-        )
-    except (FolderUnsafe, HandoverRefused) as exc:
+    except FolderUnsafe as exc:
         print(f"basehold: refusing to take over: {exc}", file=sys.stderr)
         return 2
-    listener = handed.http if handed is not None else None
-    if handed is None:
-        logging.getLogger("basehold").info(
-            "--take-over: no basehold serves this state directory; starting as usual"
-        )
-    try:
-        if listener is None:  # nothing running; or one in another network namespace (a pod)
-            listener = _bind_soon(args.host, args.port)
-        if handed is None:  # one that went away midway may still be exiting: its lock too
-            lock.acquire(wait=EXITING)
-            check_socket_free(settings.socket)
-    except (PortUnavailable, StateDirLocked, FolderUnsafe) as exc:
+    log = logging.getLogger("basehold")
+
+    def take() -> socket.socket:
+        gc.collect()  # what the app's start does, done before the running one is asked
+        gc.freeze()
+        try:
+            handed = take_over(
+                settings.state_dir / SOCKET_NAME, settings.handover_load_wait_seconds + 60, gpus
+            )
+        except HandoverRefused as exc:
+            raise StartRefused(f"refusing to take over: {exc}") from None
+        listener = handed.http if handed is not None else None
+        if handed is None:
+            log.info("--take-over: no basehold serves this state directory; starting as usual")
+        try:
+            if listener is None:  # nothing running; or one in another network namespace (a pod)
+                listener = _bind_soon(args.host, args.port)
+            if handed is None:  # one that went away midway may still be exiting: its lock too
+                lock.acquire(wait=EXITING)
+                check_socket_free(settings.socket)
+        except (PortUnavailable, StateDirLocked, FolderUnsafe) as exc:
+            if handed is not None:
+                handed.close()
+            if listener is not None:
+                listener.close()
+            lock.release()
+            raise StartRefused(f"refusing to start: {exc}") from None
         if handed is not None:
-            handed.close()
-        if listener is not None:
-            listener.close()
-        lock.release()
-        print(f"basehold: refusing to start: {exc}", file=sys.stderr)
-        return 2
-    if handed is not None:
-        logging.getLogger("basehold").info(
-            "taking over from pid %d: %d model(s) handed over", handed.pid, len(handed.models)
-        )
-    app.state.handed = handed
-    app.state.taken_over_from = handed.pid if handed is not None else None
-    app.state.http_listener = listener
-    return app, settings, listener
+            log.info(
+                "taking over from pid %d: %d model(s) handed over", handed.pid, len(handed.models)
+            )
+        app.state.handed = handed
+        app.state.taken_over_from = handed.pid if handed is not None else None
+        app.state.http_listener = listener
+        return listener
+
+    return app, settings, take
 
 
-def _run(app: Any, settings: Settings, listener: socket.socket, args: argparse.Namespace) -> int:
+def _run(
+    app: Any,
+    settings: Settings,
+    listener: socket.socket | Callable[[], socket.socket],
+    args: argparse.Namespace,
+) -> int:
     """Serve until stopped; the start block prints once the server answers, the demo's
     lines once its checkpoint (written in the background meanwhile) is there."""
     from service.demo import DEMO_NAME, DemoWriter
@@ -233,6 +255,8 @@ def _run(app: Any, settings: Settings, listener: socket.socket, args: argparse.N
     app.state.demo = demo  # /readyz: `demo_preparing` until it is written
 
     def started() -> None:
+        for hook in app.state.when_serving:
+            hook()
         print(start_lines(base, settings, demo), flush=True)
         if app.state.keeper is None:  # a successor is the main process now
             notify_systemd(READY=1, MAINPID=os.getpid())
@@ -255,6 +279,9 @@ def _run(app: Any, settings: Settings, listener: socket.socket, args: argparse.N
             on_started=started,
             on_stopping=demo.stop if demo is not None else lambda: None,
         )
+    except StartRefused as exc:
+        print(f"basehold: {exc}", file=sys.stderr)
+        return 2
     finally:
         # Every way out, also a failed start: nothing this process started outlives it.
         if demo is not None:

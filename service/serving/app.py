@@ -51,7 +51,7 @@ from service.serving.registry.states import State
 from service.serving.settings import Settings
 from service.serving.socket.server import ArenaServer, resolve_group
 from service.serving.state.lock import StateLock
-from service.serving.state.startup import start_state
+from service.serving.state.startup import follow_predecessor, start_state
 from service.serving.state.writer import OrderedWriter
 
 log = logging.getLogger("basehold")
@@ -95,6 +95,23 @@ def _resync(registry: Registry, table: LeaseTable) -> None:
     """A handover that did not happen: the models and leases written as they are now."""
     registry.rewrite_all()
     table.rewrite_all()
+
+
+SETTLE_SECONDS = 0.1  # after a takeover: starts that serve no request, this much later
+
+
+def _run_all(calls: list[Callable[[], None]]) -> None:
+    for call in calls:
+        call()
+
+
+def _served_handed(models: int, handed: Handed) -> None:
+    log.info(
+        "serving %d model(s) handed over by pid %d, %.0f ms after its offer",
+        models,
+        handed.pid,
+        (time.monotonic() - handed.received) * 1000,
+    )
 
 
 def _after_handover(settings: Settings, http_passed: bool, keeper: KeeperLink | None) -> None:
@@ -218,8 +235,8 @@ def create_app(
         if handed is None:
             warming.start()
         # Everything imported so far lives for the whole process: keep it out of the
-        # cyclic GC's full passes (a successor skips the collection: ~50 ms that clients
-        # of the listener it took wait for).
+        # cyclic GC's full passes (a successor collected before it took over: ~50 ms that
+        # clients of the listener it takes would wait for).
         if handed is None:
             gc.collect()
         gc.freeze()
@@ -228,8 +245,6 @@ def create_app(
         events.bind(asyncio.get_running_loop())
         handed_models = len(handed.models) if handed is not None else 0
         db = await run_in_threadpool(start_state, settings, lock, registry, table, handed)
-        if handed is not None:
-            warming.start()
         arenas.start(handed.worker if handed is not None else None)
         if keeper is not None:
             keeper.listeners(getattr(app.state, "http_listener", None), arenas.dup_listener())
@@ -249,7 +264,6 @@ def create_app(
             ),
         )
         giver.db = db
-        giver.start()
         app.state.giver = giver
         restoring = registry.restoring()
         if restoring:
@@ -262,22 +276,34 @@ def create_app(
         )
         if features is not None:
             await run_in_threadpool(features.start)
-        if preload is not None:  # once started and restored: a restored model is found
+        preloading = [  # once started and restored: a restored model is found
             threading.Thread(
                 target=_preload_once_warm, args=(preload, warming), name="preload", daemon=True
-            ).start()
+            ).start
+            for preload in ([preload] if preload is not None else [])
+        ]
         app.state.ready = True
-        if handed is not None:
-            log.info(
-                "serving %d model(s) handed over by pid %d, %.0f ms after its offer",
-                handed_models,
-                handed.pid,
-                (time.monotonic() - handed.received) * 1000,
-            )
+        settling: asyncio.TimerHandle | None = None
+        if handed is None:
+            for start in [giver.start, *preloading]:
+                start()
+        else:
+            # What serves no request waits until the clients that queued on the listener
+            # during the takeover are answered: thread starts are not free on a busy machine.
+            later = [
+                giver.start,
+                lambda: follow_predecessor(settings, lock, registry),
+                warming.start,
+                *preloading,
+            ]
+            app.state.when_serving.append(lambda: _served_handed(handed_models, handed))
+            settling = asyncio.get_running_loop().call_later(SETTLE_SECONDS, _run_all, later)
         try:
             yield
         finally:
             app.state.ready = False
+            if settling is not None:  # stopped before those started: they never do
+                settling.cancel()
             for task in (reaper, sampler):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -326,6 +352,7 @@ def create_app(
     app.state.events = events
     app.state.metrics = metrics
     app.state.ready = False
+    app.state.when_serving = []  # called once the server serves (by `basehold serve`)
     app.state.writes = writes
     app.state.keeper = keeper
     problems.install(app)

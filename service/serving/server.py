@@ -9,10 +9,12 @@ import errno
 import logging
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import cast
 
-import anyio._backends._asyncio  # noqa: F401
+import anyio._backends._asyncio
+import anyio.to_thread
 import uvicorn
 import uvicorn.lifespan.on
 import uvicorn.loops.auto
@@ -86,21 +88,30 @@ class DrainingServer(uvicorn.Server):
         config: uvicorn.Config,
         on_started: Callable[[], None],
         on_stopping: Callable[[], None],
+        take: Callable[[], socket.socket] | None = None,
     ) -> None:
         super().__init__(config)
         self._on_started = on_started
         self._on_stopping = on_stopping
+        self._take = take
+        self._taken: list[socket.socket] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        if self._take is not None:
+            # The app's first thread-pool call starts a worker thread (anyio's, idle for
+            # 10 s before it ends): started now, not in the takeover's window.
+            await anyio.to_thread.run_sync(lambda: None)
+            with _default_signals():  # as before the server: SIGTERM or ^C ends the wait
+                self._taken = sockets = [self._take()]
         await super().startup(sockets)
         if self.started and not self.should_exit:
             self._on_started()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await asyncio.to_thread(self._on_stopping)
-        await super().shutdown(sockets)
+        await super().shutdown(sockets if sockets is not None else self._taken)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
@@ -117,23 +128,43 @@ class DrainingServer(uvicorn.Server):
             server.close()  # this process's fd of the listener only: never a shutdown()
 
 
+@contextlib.contextmanager
+def _default_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT as a process without a server has them, for a while."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def serve(
     app: FastAPI,
     host: str,
     port: int,
     log_level: str,
     *,
-    listener: socket.socket | None = None,
+    listener: socket.socket | Callable[[], socket.socket] | None = None,
     on_started: Callable[[], None] = lambda: None,
     on_stopping: Callable[[], None] = lambda: None,
 ) -> None:
-    """Serve on `listener` (from `bind`; bound here when None) until stopped."""
-    listener = listener or bind(host, port)
+    """Serve on `listener` (from `bind`; bound here when None) until stopped. A callable
+    `listener` (a successor's takeover) is called once everything but the app's own start
+    is built and running, and returns the socket to serve on; what it raises ends `serve`
+    before the app starts."""
+    take = listener if callable(listener) else None
+    if take is None:
+        listener = listener or bind(host, port)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, ws="none", timeout_graceful_shutdown=30
     )
+    config.load()  # the app wrapped in uvicorn's middleware: before a takeover, not after
     # uvicorn configured its loggers just now (Config's __init__): filter after that.
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, QuietPolls) for f in access.filters):
         access.addFilter(QuietPolls())
-    DrainingServer(config, on_started, on_stopping).run(sockets=[listener])
+    server = DrainingServer(config, on_started, on_stopping, take)
+    server.run(sockets=None if take is not None else [cast(socket.socket, listener)])

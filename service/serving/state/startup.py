@@ -35,8 +35,9 @@ def start_state(
     table: LeaseTable,
     handed: Handed | None = None,
 ) -> StateDB:
-    """Open and restore the state (runs in a thread). Without `handed`, the caller holds
-    the lock; with it, the loads to start again wait for it (in a thread of their own)."""
+    """Open and restore the state. Without `handed`, the caller holds the lock; with it,
+    the loads to start again wait for it: `follow_predecessor` starts them once it is
+    free."""
     adopted = {
         model_id: Adopted(
             taken.offered.load_id,
@@ -56,14 +57,15 @@ def start_state(
         db = _open(settings, registry, table, adopted, start=handed is None)
     finally:
         close_fds([fd for left in adopted.values() for fd in left.fds])  # not restored
-    if handed is not None:
-        threading.Thread(
-            target=_after_predecessor,
-            args=(settings, lock, registry),
-            name="state-lock",
-            daemon=True,
-        ).start()
     return db
+
+
+def follow_predecessor(settings: Settings, lock: StateLock, registry: Registry) -> None:
+    """A successor's thread that takes the state lock once the predecessor let go, then
+    starts the loads it did not hand over."""
+    threading.Thread(
+        target=_after_predecessor, args=(settings, lock, registry), name="state-lock", daemon=True
+    ).start()
 
 
 def _clean(settings: Settings, lock: StateLock, keep: frozenset[str] = frozenset()) -> None:

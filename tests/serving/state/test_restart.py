@@ -203,13 +203,16 @@ def test_a_load_killed_midway_loads_again(tmp_path: Path) -> None:
         }
         post(server, **body)
         deadline = time.monotonic() + 120
-        while True:
-            status = httpx.get(f"{server.url}/v1/models/big").json()
-            if status["state"] == "loading" and status["progress"]["bytes_done"] > 0:
-                break
-            assert status["state"] in ("queued", "loading"), status
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        # One client for every poll: a new one per request (its TLS context) costs ~25 ms
+        # of CPU, long enough to miss the load's middle on a busy machine.
+        with httpx.Client(timeout=10) as http:
+            while True:
+                status = http.get(f"{server.url}/v1/models/big").json()
+                if status["state"] == "loading" and status["progress"]["bytes_done"] > 0:
+                    break
+                assert status["state"] in ("queued", "loading"), status
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
         offload = tmp_path / "state" / "offload"
         assert any(offload.iterdir()), "the load wrote no offload folder"
         server = restart(server, tmp_path, env, ready=False)
