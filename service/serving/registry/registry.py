@@ -109,7 +109,10 @@ class Registry:
         self._loads_pending = 0  # submitted to the executor and not done
         self._prices = Prices(cuda)
         self._listeners: list[Listener] = []
-        self._deferred: list[ModelRecord] = []  # restored, waiting for start_deferred
+        # Loads waiting for `start_deferred`, with the token each runs with: restored ones,
+        # and (`_deferring`: a successor before it holds the state lock) new ones.
+        self._deferred: list[tuple[ModelRecord, str | None]] = []
+        self._deferring = False
         self._persistence: Persistence | None = None
 
     # -- queries ---------------------------------------------------------------------
@@ -193,6 +196,10 @@ class Registry:
             self._end(prepared)  # refused: it never reads a weight
             raise
         self._evict(victims)
+        with self._lock:
+            if self._deferring:  # the predecessor still ends its own loads: queued till then
+                self._deferred.append((record, token))
+                return record, True
         self._start(record, token)
         return record, True
 
@@ -208,11 +215,12 @@ class Registry:
         predecessor handed over its memory) is ready at once, without a load; its fds are
         this registry's from now on (closed if it cannot be kept). `start=False`: the
         loads wait for `start_deferred` (a successor whose predecessor still ends its
-        own). Each recorded spec goes through the same normalization and policy as
-        `POST /v1/models` today (not the day it was recorded): one the server now refuses
-        (remote code no longer allowed, a device that is gone, a source outside the roots)
-        ends `failed` with its usual code, and its leases end with it. The others are
-        admitted and loaded like any hub load; one that cannot come back ends `failed`."""
+        own), and so do the loads submitted until then. Each recorded spec goes through
+        the same normalization and policy as `POST /v1/models` today (not the day it was
+        recorded): one the server now refuses (remote code no longer allowed, a device
+        that is gone, a source outside the roots) ends `failed` with its usual code, and
+        its leases end with it. The others are admitted and loaded like any hub load; one
+        that cannot come back ends `failed`."""
         restored: list[ModelRecord] = []
         now = utcnow()
         for row in rows:
@@ -261,17 +269,22 @@ class Registry:
         # Pinned and leased models first (jobs wait on them), then most recently used:
         # the executor runs them in this order, as many at once as it runs loads.
         with self._lock:
-            self._deferred.extend(sorted(loads, key=lambda r: not (r.spec.pinned or r.leases > 0)))
+            ordered = sorted(loads, key=lambda r: not (r.spec.pinned or r.leases > 0))
+            # restored hub loads use the server's HF_TOKEN
+            self._deferred.extend((record, None) for record in ordered)
+            self._deferring = not start
         if start:
             self.start_deferred()
         return restored
 
     def start_deferred(self) -> None:
-        """Start the restored loads `restore(start=False)` left waiting."""
+        """Start the loads `restore(start=False)` left waiting, and those submitted since,
+        in that order; new ones start at once from now on."""
         with self._lock:
             deferred, self._deferred = self._deferred, []
-        for record in deferred:
-            self._start(record, None)  # restored hub loads use the server's HF_TOKEN
+            self._deferring = False
+        for record, token in deferred:
+            self._start(record, token)
 
     def _adopt(self, record: ModelRecord, adopted: Adopted | None) -> bool:
         """Keep what a predecessor handed over for `record`: ready at once (True), or
@@ -642,7 +655,7 @@ class Registry:
                 if record.loader is not None:
                     record.loader.kill()  # the kernel takes back all it held
                 self._transition(record, State.CANCELLED)
-                if record.future is not None and record.future.cancel():
+                if self._undefer(record) or (record.future is not None and record.future.cancel()):
                     if record.loader is not None:  # it priced itself and never ran
                         record.loader.close()
                     self._transition(record, State.GONE)
@@ -656,6 +669,15 @@ class Registry:
         holds = [lease.expires_at for lease in revoked] + ([ended] if ended else [])
         self._release(record, max(holds, default=None))
         return None
+
+    def _undefer(self, record: ModelRecord) -> bool:
+        """Take `record` off the loads waiting for `start_deferred` (lock held); whether
+        it was there."""
+        for index, (waiting, _) in enumerate(self._deferred):
+            if waiting is record:
+                del self._deferred[index]
+                return True
+        return False
 
     def _release(self, record: ModelRecord, keep_until: datetime | None) -> None:
         """Free an unloading model's memory (lock not held), then it is gone."""

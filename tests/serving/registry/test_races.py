@@ -62,3 +62,28 @@ def test_restore_never_replaces_an_active_load_of_the_same_id(registries: Regist
     until(lambda: setup.state("m") == "ready", "the load never became ready", 10)
     assert len(backend.started("m")) == 1, "a second load of the same id started"
     assert registry.get("m") is active
+
+
+def test_a_successor_starts_new_loads_once_it_holds_the_state_lock(
+    registries: Registries,
+) -> None:
+    """A successor serves before it holds the state lock, while its predecessor still ends
+    its own loads and runners: a load asked for meanwhile is queued and starts with the
+    restored ones (`start_deferred`), never beside the predecessor's; one unloaded before
+    then is gone at once, without a load."""
+    setup = registries()
+    registry, backend = setup.registry, setup.backend
+    assert registry.restore([], start=False) == []
+    backend.scripts["early"] = [Ready()]
+    backend.scripts["dropped"] = [Ready()]
+    early, queued = registry.submit(_request("early"), None)
+    dropped, _ = registry.submit(_request("dropped"), None)
+    assert queued and early.future is None and setup.state("early") == "queued"
+    assert registry.unload("dropped") is None and setup.state("dropped") == "gone"
+    assert dropped.future is None
+
+    registry.start_deferred()
+    until(lambda: setup.state("early") == "ready", "the deferred load never ran", 10)
+    backend.scripts["later"] = [Ready()]
+    later, _ = registry.submit(_request("later"), None)
+    assert later.future is not None, "a load after start_deferred waited"
