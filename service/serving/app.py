@@ -264,6 +264,7 @@ def create_app(
             ),
         )
         giver.db = db
+        giver.listen()  # a next successor queues from now on; answered once it starts
         app.state.giver = giver
         restoring = registry.restoring()
         if restoring:

@@ -111,14 +111,21 @@ class Giver:
         self._thread: threading.Thread | None = None
 
     # -- the socket ----------------------------------------------------------------------
-    def start(self) -> None:
-        """Listen (the state lock is held: a socket file there is a dead instance's)."""
+    def listen(self) -> None:
+        """Bind the handover socket (a socket file there is a dead instance's, or a
+        predecessor's that handed over to this one): a successor that connects from now on
+        waits in its backlog until `start`."""
         self.path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(self.path))  # in the state directory: this user's alone (0700)
         os.chmod(self.path, 0o600)
         listener.listen(4)
         self._listener = listener
+
+    def start(self) -> None:
+        """Answer successors (in a thread of its own), listening first if need be."""
+        if self._listener is None:
+            self.listen()
         self._thread = threading.Thread(target=self._serve, name="handover", daemon=True)
         self._thread.start()
 
