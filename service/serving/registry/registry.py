@@ -148,7 +148,9 @@ class Registry:
         self._persistence = persistence
 
     # -- load ------------------------------------------------------------------------
-    def normalize(self, request: LoadRequest) -> LoadRequest:
+    def normalize(self, request: LoadRequest, devices: Devices | None = None) -> LoadRequest:
+        """`request` as this server runs it (its source resolved, its defaults filled in
+        for `devices`: by default what the serving process sees now), or the refusal."""
         if request.trust_remote_code and not self._allow_remote_code:
             raise RemoteCodeRefused(
                 "This server does not run checkpoint code. Drop `trust_remote_code`, or start "
@@ -159,8 +161,7 @@ class Registry:
             request = request.model_copy(update={"source": str(source.path), "revision": None})
         else:
             request = request.model_copy(update={"revision": source.revision})
-        devices = Devices.of(self._cuda)
-        return normalize(request, devices)
+        return normalize(request, devices if devices is not None else Devices.of(self._cuda))
 
     def submit(self, request: LoadRequest, token: str | None) -> tuple[ModelRecord, bool]:
         """Find or start a load. Returns the record and whether a new load was queued.
@@ -223,6 +224,7 @@ class Registry:
         that cannot come back ends `failed`."""
         restored: list[ModelRecord] = []
         now = utcnow()
+        devices = Devices.of(self._cuda)  # once (NVML): the same for every row
         for row in rows:
             if not MODEL_ID.fullmatch(row.id):
                 log.error("not restoring %r: not a model id basehold gives", row.id[:80])
@@ -254,7 +256,7 @@ class Registry:
                 for alias in record.aliases:
                     self._aliases.setdefault(alias, record.id)
             try:
-                record.spec = self.normalize(spec)
+                record.spec = self.normalize(spec, devices)
                 record.key = spec_key(record.spec)
             except BaseholdError as exc:
                 log.error("not restoring %s: %s (%s)", record.id, exc.message, exc.code)
