@@ -277,17 +277,17 @@ def create_app(
         )
         if features is not None:
             await run_in_threadpool(features.start)
-        preloading = [  # once started and restored: a restored model is found
-            threading.Thread(
-                target=_preload_once_warm, args=(preload, warming), name="preload", daemon=True
-            ).start
-            for preload in ([preload] if preload is not None else [])
-        ]
+        preloading: list[Callable[[], None]] = []
+        if preload is not None:  # once started and restored: a restored model is found
+            preloading.append(
+                threading.Thread(
+                    target=_preload_once_warm, args=(preload, warming), name="preload", daemon=True
+                ).start
+            )
         app.state.ready = True
         settling: asyncio.TimerHandle | None = None
         if handed is None:
-            for start in [giver.start, *preloading]:
-                start()
+            _run_all([giver.start, *preloading])
         else:
             # What serves no request waits until the clients that queued on the listener
             # during the takeover are answered: thread starts are not free on a busy machine.

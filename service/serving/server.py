@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import cast
 
-import anyio._backends._asyncio
 import anyio.to_thread
 import uvicorn
 import uvicorn.lifespan.on
@@ -21,9 +20,9 @@ import uvicorn.loops.auto
 import uvicorn.protocols.http.auto
 from fastapi import FastAPI
 
-# (What uvicorn and the first thread-pool call, anyio's backend, would import as they start:
-# imported with this module, before a successor takes over, not in the takeover's window.
-# No websockets: the API has none.)
+# (What uvicorn would import as it starts: imported with this module, before a successor
+# takes over, not in the takeover's window; anyio's backend comes with the thread-pool call
+# `DrainingServer.startup` makes before it. No websockets: the API has none.)
 with contextlib.suppress(ImportError):  # the loop uvicorn's "auto" picks, where installed
     import uvicorn.loops.uvloop  # (imports uvloop)
 

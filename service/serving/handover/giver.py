@@ -123,9 +123,7 @@ class Giver:
         self._listener = listener
 
     def start(self) -> None:
-        """Answer successors (in a thread of its own), listening first if need be."""
-        if self._listener is None:
-            self.listen()
+        """Answer successors on what `listen` bound, in a thread of its own."""
         self._thread = threading.Thread(target=self._serve, name="handover", daemon=True)
         self._thread.start()
 
