@@ -5,6 +5,9 @@ Builds a ~250M-parameter Llama checkpoint locally (no hub), starts `basehold ser
 touching every tensor in this process, as a ratio, and the time of a repeat POST of a held
 spec. Both sides read the same (page-cached) files in the same run, and both first load a
 tiny checkpoint with the same spec, so neither pays one-time imports in the measurement.
+Loads start once the service's loader template is idle: after /readyz it imports model
+code in the background for a few seconds, which would share the cores with them (how soon
+a first load is served after the start is `bench/serving.py`'s figure).
 
 Also printed: the floor of an fp32 load (copying the checkpoint's bytes into a memfd once,
 with `sendfile`, in this process) and the load's peak memory against the held model's
@@ -24,12 +27,13 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import torch
 from common import reference_model, server, wait_ready, workspace
 
+from service.loader.checkpoint import read_safetensors_header
 from tests.checkpoints import llama
 
 SPECS: dict[str, dict[str, Any]] = {
@@ -68,6 +72,16 @@ def memfd_floor(path: Path, runs: int = 3) -> float:
     return statistics.median(times)
 
 
+def _layer_bytes(checkpoint: Path) -> int:
+    """The float32 bytes of the first decoder layer's tensors, from the file's header."""
+    total = 0
+    for name, entry in read_safetensors_header(checkpoint).items():
+        if name.startswith("model.layers.0."):
+            begin, end = cast(list[int], entry["data_offsets"])
+            total += end - begin
+    return total
+
+
 def _status(pid: int) -> dict[str, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -97,6 +111,39 @@ def _shmem() -> int:
     return 0
 
 
+def _template(server_pid: int) -> int | None:
+    for pid in _children(server_pid):
+        try:
+            if b"service.loader.forker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def wait_template_idle(server_pid: int, quiet: float = 1.0, timeout: float = 180) -> float:
+    """Seconds until the server's loader template has used no CPU for `quiet` s: once it
+    serves, it imports model code in the background (`service.loader.imports.LATER`),
+    which a load measured meanwhile would share the cores with."""
+    start = time.monotonic()
+    template = _template(server_pid)
+    if template is None:
+        raise RuntimeError("the server has no loader template")
+    ticks, since = _cpu_ticks(template), time.monotonic()
+    while time.monotonic() - since < quiet:
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"the loader template was still busy after {timeout:.0f} s")
+        time.sleep(0.1)
+        if (now := _cpu_ticks(template)) != ticks:
+            ticks, since = now, time.monotonic()
+    return time.monotonic() - start
+
+
 class LoaderMemory:
     """Samples, every 5 ms, the loaders of the server's template: the most anonymous bytes
     one of them held beyond what the template holds (fork shares the template's pages,
@@ -118,17 +165,8 @@ class LoaderMemory:
         self._stop.set()
         self._thread.join()
 
-    def _template(self) -> int | None:
-        for pid in _children(self.server_pid):
-            try:
-                if b"service.loader.forker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    return pid
-            except OSError:
-                continue
-        return None
-
     def _sample(self) -> None:
-        template = self._template()
+        template = _template(self.server_pid)
         while template is not None and not self._stop.wait(0.005):
             try:
                 base = _status(template)["RssAnon"]
@@ -168,10 +206,12 @@ def main() -> None:
     tiny = llama(work / "models" / "llama-tiny")
     path.joinpath("model.safetensors").read_bytes()  # both sides start from a warm page cache
     rows = []
-    params = 0
+    params = layer = 0
+    quantizing = 0.0
     env = {"BASEHOLD_TORCH_THREADS": str(args.torch_threads)} if args.torch_threads else {}
     with server(work, env) as served:
         http = served.http
+        waited = wait_template_idle(served.pid)
         for name, spec in SPECS.items():
             baseline(tiny, spec)
             http.delete(f"/v1/models/{http_load(http, tiny, spec)[2]}")
@@ -182,10 +222,14 @@ def main() -> None:
             params, held = status["parameters"], status["memory"]["footprint_bytes"]
             http.delete(f"/v1/models/{model_id}")
             rows.append((name, http_s, base_s, repeat_s, memory.peak / held))
+            if name == "nf4":
+                layer = _layer_bytes(path / "model.safetensors")
+                quantizing = (memory.peak - layer) / held
         floor = memfd_floor(path / "model.safetensors")
     print(
         f"\nbasehold load bench: Llama {params / 1e6:.0f}M params, CPU, torch "
-        f"{torch.__version__}, server torch threads: {args.torch_threads or 'default'}\n"
+        f"{torch.__version__}, server torch threads: {args.torch_threads or 'default'}; "
+        f"measured once the loader template was idle ({waited:.1f} s after /readyz)\n"
     )
     print(
         "| spec | HTTP POST->ready (s) | from_pretrained+touch (s) | ratio | "
@@ -198,7 +242,11 @@ def main() -> None:
             f"{repeat_s * 1000:.1f} | {peak:.2f} |"
         )
     print(
-        f"\nfloor: the checkpoint copied into a memfd once (sendfile) {floor:.2f} s; "
+        f"\nnf4 peak less one decoder layer in float32 ({layer / 2**20:.0f} MiB, what "
+        f"quantizing one layer may take beside the model) / model bytes = {quantizing:.2f}"
+    )
+    print(
+        f"floor: the checkpoint copied into a memfd once (sendfile) {floor:.2f} s; "
         f"fp32 POST->ready / floor = {rows[0][1] / floor:.2f}"
     )
 

@@ -16,6 +16,7 @@ from service.common.errors import ModelNotReady
 from service.common.handles.descriptor import Provenance
 from service.common.handles.devices import CUDA, DeviceSegments
 from service.common.protocol.held import Placed
+from service.loader.direct import Prefetch
 from service.loader.placement import PrivateMemory
 from service.loader.share import NotShareableModel, Shared, share
 
@@ -29,6 +30,8 @@ class ArenaPlacement:
     in private memory with the reason recorded. The loader passes the fds up to the
     service (`Shared.fds`), which keeps them and lends copies to workers over `socket` (see
     `handles.fdpass`)."""
+
+    takes_prefetch = True
 
     def __init__(self, socket: Path, devices: DeviceSegments = CUDA) -> None:
         self.socket = socket
@@ -44,9 +47,12 @@ class ArenaPlacement:
         model: nn.Module,
         files: Sequence[Path],
         provenance: Provenance,
+        prefetch: Prefetch | None = None,
     ) -> Placed:
         try:
-            shared = share(model, model_id, str(self.socket), self.devices, load_id, provenance)
+            shared = share(
+                model, model_id, str(self.socket), self.devices, load_id, provenance, prefetch
+            )
         except NotShareableModel as reason:
             private = self._private.place(model_id, load_id, model, files, provenance)
             return replace(private, reason=str(reason))

@@ -40,13 +40,14 @@ from service.common.load.sources import (
 from service.common.load.spec import LoadRequest, Task
 from service.common.protocol.held import Held
 from service.common.torch_cuda import TorchCuda
-from service.loader import hub
+from service.loader import direct, hub
 from service.loader.checkpoint import (
     CheckpointInfo,
     confine_folder,
     inspect_checkpoint,
     require_config,
 )
+from service.loader.direct import Prefetch
 from service.loader.estimate import estimate
 from service.loader.footprint import bytes_by_device, count_parameters, device_map_of
 from service.loader.placement import Placement
@@ -253,6 +254,18 @@ def translate(exc: BaseException) -> BaseholdError:
     return BaseholdError(f"{type(exc).__name__}: {exc}")
 
 
+def _prefetch(load_id: str, prepared: Prepared, ctx: LoadContext) -> Prefetch | None:
+    """The checkpoint's bytes copied into the arena while transformers loads, where the
+    load keeps them as they are (`service.loader.direct`)."""
+    spec, config = prepared.spec, prepared.resolved.config
+    files = prepared.checkpoint.weight_files
+    if not ctx.placement.takes_prefetch or not direct.applies(
+        spec, config, files, ctx.cuda.device_count()
+    ):
+        return None
+    return Prefetch.start(load_id, spec, config, files)
+
+
 def load_and_place(
     model_id: str, load_id: str, prepared: Prepared, ctx: LoadContext, progress: Progress
 ) -> LoadedModel:
@@ -265,17 +278,21 @@ def load_and_place(
     loader = get_loader(spec)
     offload = ctx.offload_root / load_id if spec.offload else None
     progress.set_phase(loader.phase)
+    prefetch = _prefetch(load_id, prepared, ctx)
     try:
         with tracking(progress, prepared.checkpoint.tensor_bytes):
             model = loader.load(spec, resolved.path, resolved.task, resolved.config, offload)
         progress.set_phase(Phase.SHARING)
         provenance = provenance_of(spec.source, resolved.revision, spec.base_model)
         files = prepared.checkpoint.weight_files
-        placed = ctx.placement.place(model_id, load_id, model, files, provenance)
+        placed = ctx.placement.place(model_id, load_id, model, files, provenance, prefetch)
         progress.check_cancelled()
     except BaseException:
         discard(load_id, ctx)
         raise
+    finally:
+        if prefetch is not None:
+            prefetch.close()
     facts = Held(
         task=resolved.task,
         architecture=type(model).__name__,

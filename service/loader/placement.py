@@ -16,11 +16,16 @@ from torch import nn
 
 from service.common.handles.descriptor import Provenance
 from service.common.protocol.held import Placed
+from service.loader.direct import Prefetch
 from service.loader.resident import copy_out_of_files
 
 
 class Placement(Protocol):
-    """Placements are keyed by `load_id` (unique per load), never by the model id alone."""
+    """Placements are keyed by `load_id` (unique per load), never by the model id alone.
+    `takes_prefetch`: whether `place` makes use of the checkpoint's bytes copied into a
+    memfd while the model loads (`service.loader.direct`); the caller closes it after."""
+
+    takes_prefetch: bool
 
     def place(
         self,
@@ -29,6 +34,7 @@ class Placement(Protocol):
         model: nn.Module,
         files: Sequence[Path],
         provenance: Provenance,
+        prefetch: Prefetch | None = None,
     ) -> Placed: ...
 
     def release(self, load_id: str, keep_until: datetime | None = None) -> None: ...
@@ -38,6 +44,8 @@ class PrivateMemory:
     """Keep tensors where transformers put them, but resident: tensors still mapped from the
     checkpoint files are copied out. Such models cannot be leased to workers."""
 
+    takes_prefetch = False
+
     def place(
         self,
         model_id: str,
@@ -45,6 +53,7 @@ class PrivateMemory:
         model: nn.Module,
         files: Sequence[Path],
         provenance: Provenance,
+        prefetch: Prefetch | None = None,
     ) -> Placed:
         copy_out_of_files(model, files)
         return Placed(shareable=False, reason="this server keeps models in private memory")

@@ -9,23 +9,37 @@ into private memory.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 
-def file_ranges(files: Iterable[Path], maps: Path = Path("/proc/self/maps")) -> list[range]:
+@dataclass(frozen=True)
+class FileMapping:
+    """One mapping of a file in this process: its addresses and where in the file they start."""
+
+    addresses: range
+    file_offset: int
+    path: str
+
+
+def file_mappings(files: Iterable[Path], maps: Path = Path("/proc/self/maps")) -> list[FileMapping]:
     wanted = {str(Path(f).resolve()) for f in files}
     if not wanted or not maps.exists():
         return []
-    ranges = []
+    found = []
     for line in maps.read_text().splitlines():
         parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5].removesuffix(" (deleted)") in wanted:
+        if len(parts) == 6 and (path := parts[5].removesuffix(" (deleted)")) in wanted:
             start, end = (int(x, 16) for x in parts[0].split("-"))
-            ranges.append(range(start, end))
-    return ranges
+            found.append(FileMapping(range(start, end), int(parts[2], 16), path))
+    return found
+
+
+def file_ranges(files: Iterable[Path], maps: Path = Path("/proc/self/maps")) -> list[range]:
+    return [mapping.addresses for mapping in file_mappings(files, maps)]
 
 
 def _inside(ptr: int, ranges: list[range]) -> bool:

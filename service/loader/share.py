@@ -24,6 +24,7 @@ from service.common.handles.descriptor import (
 from service.common.handles.devices import CUDA, DeviceSegments
 from service.common.handles.repack import disable_cpu_repack
 from service.loader import rebind, segment_fill
+from service.loader.direct import Prefetch
 from service.loader.shareable import NotShareableModel
 
 __all__ = ["NotShareableModel", "Shared", "share"]
@@ -166,10 +167,13 @@ def share(
     devices: DeviceSegments = CUDA,
     name: str | None = None,
     provenance: Provenance | None = None,
+    prefetch: Prefetch | None = None,
 ) -> Shared:
     """Write the arena (host tensors) and device segments (GPU tensors), re-point `model`
     to them, and describe both for workers, who fetch the arena from `socket`. `name`
-    names the memfd (default: the model id). The caller owns `Shared.fd`."""
+    names the memfd (default: the model id). `prefetch`: the checkpoint's bytes copied into
+    a memfd already (`service.loader.direct`), made the arena where the model holds them as
+    they are. The caller owns `Shared.fd` (and still closes `prefetch`)."""
     _check(model, devices)
     plan = _Plan()
     parameters = {n: plan.entry(n, p) for n, p in model.named_parameters(remove_duplicate=False)}
@@ -182,18 +186,23 @@ def share(
     claimed = {
         n: plan.tensors.pop(n) for n in list(plan.tensors) if devices.claims(plan.tensors[n].device)
     }
+
     # Host tensors leave the plan as they are written; each is re-pointed to the arena at
     # once, so its private copy goes then (the load's peak: the arena plus one tensor).
-    arena, mapping = stream_arena(
-        name or model_id, plan.tensors, lambda entry, view: rebind.bind(sites, entry, view)
-    )
+    def placed(entry: str, view: torch.Tensor) -> None:
+        rebind.bind(sites, entry, view)
+
+    direct = prefetch.adopt(plan.tensors, placed) if prefetch is not None and not claimed else None
+    if direct is None:
+        if prefetch is not None:
+            prefetch.close()  # its memory goes before the arena is written again
+        direct = stream_arena(name or model_id, plan.tensors, placed)
+    arena, mapping = direct
     # From here the arena's and segments' fds are ours until `Shared` hands them to the
     # caller: every error path closes them (a leaked memfd holds a whole model of memory).
     segment_fds: list[int] = []
     try:
-        filled = segment_fill.fill(
-            claimed, devices, segment_fds, lambda entry, view: rebind.bind(sites, entry, view)
-        )
+        filled = segment_fill.fill(claimed, devices, segment_fds, placed)
         handle = Handle(
             model_id=model_id,
             arena=ArenaInfo(

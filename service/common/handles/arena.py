@@ -55,7 +55,10 @@ class Arena:
     entries: list[ArenaEntry]
 
 
-def _header(entries: list[ArenaEntry]) -> bytes:
+def header(entries: list[ArenaEntry], data_start: int | None = None) -> bytes:
+    """The safetensors header (its 8-byte length first) of `entries`, padded so that tensor
+    data starts at `data_start` (default: the next page boundary). ValueError when it
+    does not fit there."""
     body: dict[str, object] = {
         e.name: {
             "dtype": e.dtype,
@@ -67,8 +70,11 @@ def _header(entries: list[ArenaEntry]) -> bytes:
     body["__metadata__"] = {"format": "pt", "producer": "basehold"}
     raw = json.dumps(body, separators=(",", ":")).encode()
     # Pad with spaces (allowed by the format) so tensor data starts on a page boundary.
-    total = -(-(8 + len(raw)) // PAGE) * PAGE
-    return raw + b" " * (total - 8 - len(raw))
+    total = -(-(8 + len(raw)) // PAGE) * PAGE if data_start is None else data_start
+    if 8 + len(raw) > total:
+        raise ValueError(f"a header of {8 + len(raw)} bytes does not fit before {total}")
+    padded = raw + b" " * (total - 8 - len(raw))
+    return len(padded).to_bytes(8, "little") + padded
 
 
 def plan_entries(
@@ -103,7 +109,7 @@ def segment_view(base: torch.Tensor, entry: ArenaEntry) -> torch.Tensor:
     return raw.view(TORCH_DTYPES[entry.dtype]).view(entry.shape)
 
 
-def _write_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+def write_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:
         written = os.pwrite(fd, view, offset)
@@ -124,34 +130,46 @@ def stream_arena(
     model there (and holds no other reference) frees the source at once, so writing takes
     the arena plus one tensor, not two copies of the model. The caller owns the fd."""
     entries = plan_entries(tensors.items())
-    header = _header(entries)
-    data_start = 8 + len(header)
+    head = header(entries)
+    data_start = len(head)
     size = data_start + max((e.offset + e.nbytes for e in entries), default=0)
-    fd = os.memfd_create(f"basehold:{name}", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    fd = new_memfd(name)
     try:
         os.ftruncate(fd, size)
-        _write_all(fd, len(header).to_bytes(8, "little") + header, 0)
-        # Mapped through a read-only fd: a shared mapping of the writable memfd (even
-        # PROT_READ) could be made writable, and the kernel refuses F_SEAL_WRITE while one
-        # exists.
-        read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            mapping = map_shared(read_only)
-        finally:
-            os.close(read_only)
-        with _read_only_ok():
+        write_all(fd, head, 0)
+        mapping = map_own(fd)
+        with read_only_ok():
             for entry in entries:
                 flat = tensors.pop(entry.name).detach().contiguous().reshape(-1)
                 if flat.numel():
-                    _write_all(fd, flat.view(torch.uint8).numpy().data, data_start + entry.offset)
+                    write_all(fd, flat.view(torch.uint8).numpy().data, data_start + entry.offset)
                 del flat
                 placed(entry.name, _view(mapping, entry, data_start))
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        seal(fd)
     except BaseException:
         os.close(fd)
         raise
     arena = Arena(fd=fd, name=f"basehold:{name}", size=size, data_start=data_start, entries=entries)
     return arena, mapping
+
+
+def new_memfd(name: str) -> int:
+    return os.memfd_create(f"basehold:{name}", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+
+
+def map_own(fd: int) -> mmap.mmap:
+    """The writer's read-only mapping of an arena it has not sealed yet: made through a
+    read-only fd, since a shared mapping of the writable memfd (even PROT_READ) could be
+    made writable, and the kernel refuses F_SEAL_WRITE while one exists."""
+    read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return map_shared(read_only)
+    finally:
+        os.close(read_only)
+
+
+def seal(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
 
 
 def is_sealed(fd: int) -> bool:
@@ -172,7 +190,7 @@ def map_copy_on_write(fd: int) -> mmap.mmap:
 
 
 @contextmanager
-def _read_only_ok() -> Iterator[None]:
+def read_only_ok() -> Iterator[None]:
     with warnings.catch_warnings():
         # The service's mapping is read-only on purpose: a write through it faults.
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -192,12 +210,12 @@ def _view(mapping: mmap.mmap, entry: ArenaEntry, data_start: int) -> torch.Tenso
 
 
 def view(mapping: mmap.mmap, entry: ArenaEntry, data_start: int) -> torch.Tensor:
-    with _read_only_ok():
+    with read_only_ok():
         return _view(mapping, entry, data_start)
 
 
 def views(
     mapping: mmap.mmap, entries: list[ArenaEntry], data_start: int
 ) -> dict[str, torch.Tensor]:
-    with _read_only_ok():  # once per model, not per tensor (~2 µs each)
+    with read_only_ok():  # once per model, not per tensor (~2 µs each)
         return {e.name: _view(mapping, e, data_start) for e in entries}

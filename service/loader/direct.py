@@ -1,0 +1,314 @@
+"""Direct placement: a CPU load whose weights transformers keeps as they are in the files
+(no cast, no quantization, no new head) gets its arena filled by the kernel while
+transformers builds the model.
+
+Once the load is admitted, a thread copies each safetensors file's tensor data into the
+arena's memfd with `sendfile` (the GIL released, no page of it faulted in this process),
+one file after another, where the arena's data will start. Meanwhile transformers builds
+the model; the tensors it hands out unconverted are views of its mapping of those files.
+`adopt` then finds each tensor's bytes in the arena through the mapping it is a view of
+(`/proc/self/maps`: which file, which offset), appends what has no bytes in the files
+(computed buffers), writes the header and re-points the model to the arena.
+
+Whatever does not fit (a checkpoint tensor the model does not hold as it is in the file,
+a misaligned one, a header larger than the room left for it, a file that changed) sends
+the load down the usual path (`stream_arena`) with the copy dropped first, so an arena
+never holds bytes no tensor uses and a load never holds two copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.common.handles.arena import (
+    DTYPE_CODES,
+    PAGE,
+    Arena,
+    header,
+    map_own,
+    new_memfd,
+    plan_entries,
+    seal,
+    views,
+    write_all,
+)
+from service.common.handles.descriptor import ArenaEntry
+from service.common.load.spec import DType, LoadRequest
+from service.loader.checkpoint import read_safetensors_header
+from service.loader.resident import FileMapping, file_mappings
+
+log = logging.getLogger("basehold.loading")
+
+_CHUNK = 64 * 1024 * 1024  # bytes per sendfile call: a cancelled copy stops within one
+_PADDING = "__basehold_padding__"  # aligns what is appended after the files' data
+_CONFIG_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_SPEC_DTYPES = {DType.FLOAT32: "F32", DType.FLOAT16: "F16", DType.BFLOAT16: "BF16"}
+_SIZES = {code: torch.empty((), dtype=dtype).element_size() for dtype, code in DTYPE_CODES.items()}
+Placed = Callable[[str, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class _Section:
+    """One file's tensor data, copied verbatim into the arena at `base`."""
+
+    path: Path
+    identity: tuple[int, int, int]  # inode, size, mtime: the file must not change meanwhile
+    data_begin: int  # where its tensor data starts in the file
+    size: int
+    base: int  # where it starts in the arena's data
+    tensors: dict[int, tuple[int, str, str]]  # begin -> (end, dtype code, checkpoint name)
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _sections(files: Sequence[Path]) -> list[_Section]:
+    sections, base = [], 0
+    for path in files:
+        entries = read_safetensors_header(path)
+        raw = {name: entry for name, entry in entries.items() if name != "__metadata__"}
+        size = max((int(e["data_offsets"][1]) for e in raw.values()), default=0)  # type: ignore[index]
+        begin = path.stat().st_size - size
+        tensors = {
+            int(e["data_offsets"][0]): (int(e["data_offsets"][1]), str(e["dtype"]), name)  # type: ignore[index]
+            for name, e in raw.items()
+        }
+        sections.append(_Section(path, _identity(path), begin, size, base, tensors))
+        base += size
+    return sections
+
+
+def _target_dtype(spec: LoadRequest, config: Any) -> str | None:
+    """The safetensors code every floating tensor must already have; None: any one code."""
+    if spec.dtype != DType.AUTO:
+        return _SPEC_DTYPES.get(spec.dtype)
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return _CONFIG_DTYPES.get(dtype) if dtype is not None else None
+
+
+def applies(spec: LoadRequest, config: Any, files: Sequence[Path], gpus: int) -> bool:
+    """Whether transformers will keep this load's weights as the files have them, on the
+    host: then `Prefetch` is worth starting (`adopt` checks what really happened)."""
+    if spec.quantization is not None or spec.offload or spec.max_memory is not None:
+        return False
+    if spec.num_labels is not None or getattr(config, "auto_map", None):
+        return False  # a new head; remote code is never shared
+    if _converted(config):
+        return False  # fused into new tensors: the copy would only add a second model
+    device_map = spec.device_map
+    if not isinstance(device_map, str) or device_map.startswith("cuda"):
+        return False
+    if device_map != "cpu" and gpus > 0:
+        return False
+    return bool(files) and all(path.suffix == ".safetensors" for path in files)
+
+
+def _converted(config: Any) -> bool:
+    """Whether transformers builds new tensors from this model type's checkpoint tensors
+    (a `WeightConverter` in its conversion table: Mixtral's experts fused, for one)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:  # an older transformers converts nothing at load
+        return False
+    rules = get_checkpoint_conversion_mapping(getattr(config, "model_type", "")) or []
+    return any(isinstance(rule, WeightConverter) for rule in rules)
+
+
+@dataclass
+class Prefetch:
+    """The arena's memfd while the files' tensor data is copied into it (a thread)."""
+
+    name: str
+    sections: list[_Section]
+    data_start: int
+    fd: int | None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _error: BaseException | None = None
+    _thread: threading.Thread | None = None
+
+    @classmethod
+    def start(
+        cls, name: str, spec: LoadRequest, config: Any, files: Sequence[Path]
+    ) -> Prefetch | None:
+        """Start the copy, or None when the files' dtypes say transformers will convert."""
+        sections = _sections(files)
+        codes = {code for s in sections for _, code, _ in s.tensors.values()}
+        floating = codes & {"F64", "F32", "F16", "BF16"}
+        wanted = _target_dtype(spec, config)
+        if len(floating) > 1 or (wanted is not None and floating - {wanted}):
+            return None
+        header_room = sum(s.data_begin for s in sections)  # their headers: names, shapes
+        data_start = -(-(2 * header_room + 4 * PAGE) // PAGE) * PAGE
+        fd = new_memfd(name)
+        try:
+            os.ftruncate(fd, data_start + sum(s.size for s in sections))
+        except BaseException:
+            os.close(fd)
+            raise
+        prefetch = cls(name, sections, data_start, fd)
+        prefetch._thread = threading.Thread(target=prefetch._copy, name="arena-copy", daemon=True)
+        prefetch._thread.start()
+        return prefetch
+
+    def _copy(self) -> None:
+        assert self.fd is not None
+        try:
+            os.lseek(self.fd, self.data_start, os.SEEK_SET)
+            for section in self.sections:
+                with section.path.open("rb") as source:
+                    offset, end = section.data_begin, section.data_begin + section.size
+                    while offset < end and not self._stop.is_set():
+                        sent = os.sendfile(
+                            self.fd, source.fileno(), offset, min(_CHUNK, end - offset)
+                        )
+                        if sent == 0:
+                            raise EOFError(f"{section.path.name} ended at byte {offset}")
+                        offset += sent
+        except BaseException as exc:
+            self._error = exc
+
+    def _wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Stop the copy and free the memfd, unless `adopt` made it the arena."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def adopt(
+        self, tensors: dict[str, torch.Tensor], placed: Placed
+    ) -> tuple[Arena, mmap.mmap] | None:
+        """The arena with every tensor of `tensors` (host tensors by arena entry, deduplicated)
+        in it and `placed(name, view)` called for each, as `stream_arena` does; None (nothing
+        changed) when the model does not hold the files' tensors as they are."""
+        layout = self._layout(tensors)
+        if layout is None:
+            return None
+        entries, extras = layout
+        self._wait()
+        if any(_identity(s.path) != s.identity for s in self.sections):
+            log.warning("a checkpoint file changed while it was copied; loading it again")
+            return None
+        assert self.fd is not None
+        fd, data_start = self.fd, self.data_start
+        try:
+            head = header(sorted(entries, key=lambda e: e.offset), data_start)
+        except ValueError:
+            return None
+        size = data_start + max((e.offset + e.nbytes for e in entries), default=0)
+        os.ftruncate(fd, size)
+        write_all(fd, head, 0)
+        for entry in extras:
+            flat = tensors[entry.name].detach().contiguous().reshape(-1)
+            if flat.numel():
+                write_all(fd, flat.view(torch.uint8).numpy().data, data_start + entry.offset)
+        mapping = map_own(fd)
+        for name, view in views(
+            mapping, [e for e in entries if e.name != _PADDING], data_start
+        ).items():
+            del tensors[name]
+            placed(name, view)
+        seal(fd)
+        self.fd = None  # the arena's now
+        arena = Arena(fd, f"basehold:{self.name}", size, data_start, entries)
+        return arena, mapping
+
+    def _layout(
+        self, tensors: dict[str, torch.Tensor]
+    ) -> tuple[list[ArenaEntry], list[ArenaEntry]] | None:
+        """Each tensor's place: in a file's copied data where it is a view of it, else
+        appended (`extras`); None when some checkpoint tensor is not one of them."""
+        mappings = file_mappings(s.path for s in self.sections)
+        by_path = {str(s.path.resolve()): s for s in self.sections}
+        entries: list[ArenaEntry] = []
+        rest: list[tuple[str, torch.Tensor]] = []
+        used: set[tuple[str, int]] = set()
+        for name, tensor in tensors.items():
+            found = _in_files(tensor, mappings, by_path)
+            if found is None:
+                rest.append((name, tensor))
+                continue
+            section, begin = found
+            end, code, _ = section.tensors[begin]
+            nbytes = tensor.numel() * tensor.element_size()
+            offset = section.base + begin
+            if (
+                end - begin != nbytes
+                or code != DTYPE_CODES.get(tensor.dtype)
+                or (section.path.name, begin) in used
+                or offset % tensor.element_size()
+            ):
+                return None
+            used.add((section.path.name, begin))
+            entries.append(
+                ArenaEntry(
+                    name=name, dtype=code, shape=list(tensor.shape), offset=offset, nbytes=nbytes
+                )
+            )
+        if len(used) != sum(len(s.tensors) for s in self.sections):
+            return None  # bytes no tensor would use: the usual path writes only what is held
+        extras = _appended(rest, sum(s.size for s in self.sections))
+        return [*entries, *extras], [e for e in extras if e.name != _PADDING]
+
+
+def _in_files(
+    tensor: torch.Tensor, mappings: list[FileMapping], by_path: dict[str, _Section]
+) -> tuple[_Section, int] | None:
+    """The file section and data offset `tensor`'s bytes are in, if it is a contiguous view
+    of a mapped file at the start of one of its tensors."""
+    if not tensor.is_contiguous() or tensor.dtype not in DTYPE_CODES or not tensor.numel():
+        return None
+    pointer = tensor.data_ptr()
+    for mapping in mappings:
+        if pointer in mapping.addresses:
+            section = by_path[mapping.path]
+            begin = mapping.file_offset + pointer - mapping.addresses.start - section.data_begin
+            return (section, begin) if begin in section.tensors else None
+    return None
+
+
+def _appended(rest: list[tuple[str, torch.Tensor]], start: int) -> list[ArenaEntry]:
+    """Entries for tensors with no bytes in the files, after them (largest element first,
+    a padding entry where the first one would be misaligned: safetensors allows no holes)."""
+    planned = plan_entries(rest)
+    if not planned:
+        return []
+    align = max(_SIZES[e.dtype] for e in planned)
+    pad = -start % align
+    padding = (
+        [ArenaEntry(name=_PADDING, dtype="U8", shape=[pad], offset=start, nbytes=pad)]
+        if pad
+        else []
+    )
+    shifted = [
+        ArenaEntry(
+            name=e.name,
+            dtype=e.dtype,
+            shape=e.shape,
+            offset=start + pad + e.offset,
+            nbytes=e.nbytes,
+        )
+        for e in planned
+    ]
+    return [*padding, *shifted]
