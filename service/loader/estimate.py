@@ -28,6 +28,7 @@ from service.common.estimates import Estimate
 from service.common.handles.devices import DEVICE_ALIGN
 from service.common.load.device_map import accelerate_max_memory
 from service.common.load.spec import DType, LoadRequest, QuantMethod, Task
+from service.common.meta_init import skip_meta_init
 from service.loader import segment_chunks
 from service.loader.tasks import auto_class
 
@@ -58,7 +59,7 @@ def _quantized_bytes(numel: int, spec: LoadRequest, rows: int) -> int:
 
 
 def skeleton(spec: LoadRequest, config: PretrainedConfig, task: Task) -> nn.Module:
-    with init_empty_weights(include_buffers=True):
+    with init_empty_weights(include_buffers=True), skip_meta_init():
         model: nn.Module = auto_class(task).from_config(
             config, dtype=_dtype(spec, config), trust_remote_code=spec.trust_remote_code
         )

@@ -38,10 +38,10 @@ from service.common.handles.devices import (
     mapped_read_only,
 )
 from service.common.handles.repack import disable_cpu_repack
+from service.common.meta_init import skip_meta_init
 from service.common.socket_protocol import ArenaRefused
 from service.worker import ddp, hf_meta
 from service.worker.copy_on_write import protect_buffer, protect_parameter
-from service.worker.meta_init import skip_meta_init
 from service.worker.socket import receive_fds
 from service.worker.timing import phase
 

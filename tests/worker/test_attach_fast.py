@@ -1,6 +1,5 @@
 """What makes an attach fast must not change what it returns: the timing seam records
-phases only while a collector is open; skipping initializers on `meta` leaves every other
-tensor's initialization to torch; the per-process config cache never hands out a model of
+phases only while a collector is open; the per-process config cache never hands out a model of
 an older load (a model unloaded and loaded again under the same id); every attach is a
 model of its own; and an attach by id leases at once, yet still waits for a model that
 does not exist yet."""
@@ -15,9 +14,8 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
-from service.worker import meta_init, timing
+from service.worker import timing
 from service.worker.client import Client, lease_of
 from tests.conftest import until
 from tests.serving.test_server_e2e import Server
@@ -45,28 +43,6 @@ def test_phases_are_recorded_only_inside_a_collector_and_per_thread() -> None:
     with timing.phase("after"):
         pass
     assert set(spent) == {"ours"}
-
-
-def test_skipping_meta_init_leaves_every_other_tensor_to_torch() -> None:
-    originals = {name: getattr(nn.init, name) for name in meta_init.INITIALIZERS}
-    seen: dict[str, torch.Tensor] = {}
-
-    def initialize_elsewhere() -> None:
-        seen["thread"] = nn.init.ones_(torch.empty(3))
-
-    with meta_init.skip_meta_init():
-        on_meta = torch.empty(4, 4, device="meta")
-        assert nn.init.kaiming_uniform_(on_meta, a=5**0.5) is on_meta
-        assert nn.init.normal_(tensor=on_meta) is on_meta
-        seen["here"] = nn.init.constant_(torch.empty(2, 2), 7.0)
-        linear = nn.Linear(8, 8)  # on the CPU: initialized as ever
-        thread = threading.Thread(target=initialize_elsewhere)
-        thread.start()
-        thread.join()
-    assert torch.equal(seen["here"], torch.full((2, 2), 7.0))
-    assert torch.equal(seen["thread"], torch.ones(3))
-    assert linear.weight.abs().sum() > 0
-    assert {name: getattr(nn.init, name) for name in meta_init.INITIALIZERS} == originals
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -1,9 +1,10 @@
-"""Worker side: build modules on `meta` without running their weight initializers.
+"""Build modules on `meta` without running their weight initializers.
 
-An attach builds the model's skeleton on the `meta` device and then binds every tensor to
-the arena, so what `reset_parameters` writes is thrown away; yet on `meta` each
-`nn.init.*_` call still runs torch's Python decomposition under the device mode (about
-half of an attach's time on a 250M Llama). `skip_meta_init()` makes `torch.nn.init`'s
+An attach (worker side) builds the model's skeleton on the `meta` device and then binds
+every tensor to the arena, and a loader's estimate builds one to price the load, so what
+`reset_parameters` writes is thrown away; yet on `meta` each `nn.init.*_` call still runs
+torch's Python decomposition under the device mode (about half of an attach's time on a
+250M Llama, a third of an estimate's). `skip_meta_init()` makes `torch.nn.init`'s
 in-place initializers return a `meta` tensor untouched, which is all they do to one anyway
 (it holds no data). Any other tensor, from any thread, still goes to torch's own
 initializer, so the patch changes nothing for code running beside the attach; it is
