@@ -49,6 +49,7 @@ from service.common.protocol.wire import (
 )
 from service.common.torch_cuda import TorchCuda
 from service.loader.arena_placement import ArenaPlacement
+from service.loader.heap import unmap_when_freed
 from service.loader.pipeline import (
     LoadContext,
     admission_estimate,
@@ -92,6 +93,7 @@ def _setup(job: Job) -> None:
         force=True,
     )
     torch.set_num_threads(job.threads)
+    unmap_when_freed()  # a load's freed temporaries never stay beside its arena
     if job.memory_limit is not None:
         _limit_address_space(job.memory_limit)
 
