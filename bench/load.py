@@ -15,7 +15,9 @@ bytes, sampled every 5 ms: the loader's anonymous pages beyond the template it w
 from, plus the machine's shared memory (`Shmem` in /proc/meminfo: the arena's memfd) beyond
 what it was before the load (a quiet machine is assumed).
 
-    .venv/bin/python bench/load.py [--params-m 250]
+fp32 and bf16 figures are medians of `--runs` loads (3) on each side, nf4 one load.
+
+    .venv/bin/python bench/load.py [--params-m 250] [--runs 3]
 """
 
 from __future__ import annotations
@@ -201,6 +203,9 @@ def main() -> None:
         default=None,
         help="BASEHOLD_TORCH_THREADS for the server (default: the service's own)",
     )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="fp32 and bf16: medians of this many loads each"
+    )
     args = parser.parse_args()
     work, path = workspace(args.params_m)
     tiny = llama(work / "models" / "llama-tiny")
@@ -215,16 +220,21 @@ def main() -> None:
         for name, spec in SPECS.items():
             baseline(tiny, spec)
             http.delete(f"/v1/models/{http_load(http, tiny, spec)[2]}")
-            base_s = baseline(path, spec)
-            with LoaderMemory(served.pid) as memory:
-                http_s, repeat_s, model_id = http_load(http, path, spec)
-            status = http.get(f"/v1/models/{model_id}").json()
-            params, held = status["parameters"], status["memory"]["footprint_bytes"]
-            http.delete(f"/v1/models/{model_id}")
-            rows.append((name, http_s, base_s, repeat_s, memory.peak / held))
+            times, bases, peak = [], [], 0.0
+            for _ in range(args.runs if name != "nf4" else 1):  # nf4: ~10 s a load
+                bases.append(baseline(path, spec))
+                with LoaderMemory(served.pid) as memory:
+                    http_s, repeat_s, model_id = http_load(http, path, spec)
+                times.append(http_s)
+                status = http.get(f"/v1/models/{model_id}").json()
+                params, held = status["parameters"], status["memory"]["footprint_bytes"]
+                http.delete(f"/v1/models/{model_id}")
+                peak = max(peak, memory.peak / held)
+            http_s, base_s = statistics.median(times), statistics.median(bases)
+            rows.append((name, http_s, base_s, repeat_s, peak))
             if name == "nf4":
                 layer = _layer_bytes(path / "model.safetensors")
-                quantizing = (memory.peak - layer) / held
+                quantizing = peak - layer / held
         floor = memfd_floor(path / "model.safetensors")
     print(
         f"\nbasehold load bench: Llama {params / 1e6:.0f}M params, CPU, torch "
