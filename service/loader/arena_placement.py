@@ -54,6 +54,8 @@ class ArenaPlacement:
                 model, model_id, str(self.socket), self.devices, load_id, provenance, prefetch
             )
         except NotShareableModel as reason:
+            if prefetch is not None:
+                prefetch.close()  # before the private copy: never two models at once
             private = self._private.place(model_id, load_id, model, files, provenance)
             return replace(private, reason=str(reason))
         with self._lock:

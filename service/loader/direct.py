@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from service.common.cuda import CudaProbe
 from service.common.handles.arena import (
     DTYPE_CODES,
     PAGE,
@@ -42,15 +43,22 @@ from service.common.handles.arena import (
     write_all,
 )
 from service.common.handles.descriptor import ArenaEntry
-from service.common.load.spec import DType, LoadRequest
+from service.common.load.spec import DType, LoadRequest, Task
 from service.loader.checkpoint import read_safetensors_header
-from service.loader.resident import FileMapping, file_mappings
+from service.loader.resident import FileMapping, file_mappings, written_bytes
+from service.loader.tasks import auto_class
 
 log = logging.getLogger("basehold.loading")
 
 _CHUNK = 64 * 1024 * 1024  # bytes per sendfile call: a cancelled copy stops within one
 _PADDING = "__basehold_padding__"  # aligns what is appended after the files' data
-_CONFIG_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_CONFIG_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+}
+_UNKNOWN = "?"  # a config dtype of no safetensors code: no file has it
 _SPEC_DTYPES = {DType.FLOAT32: "F32", DType.FLOAT16: "F16", DType.BFLOAT16: "BF16"}
 _SIZES = {code: torch.empty((), dtype=dtype).element_size() for dtype, code in DTYPE_CODES.items()}
 Placed = Callable[[str, torch.Tensor], None]
@@ -80,9 +88,10 @@ def _sections(files: Sequence[Path]) -> list[_Section]:
         raw = {name: entry for name, entry in entries.items() if name != "__metadata__"}
         size = max((int(e["data_offsets"][1]) for e in raw.values()), default=0)  # type: ignore[index]
         begin = path.stat().st_size - size
-        tensors = {
+        tensors = {  # by where they begin; empty ones take no bytes and need no place
             int(e["data_offsets"][0]): (int(e["data_offsets"][1]), str(e["dtype"]), name)  # type: ignore[index]
             for name, e in raw.items()
+            if int(e["data_offsets"][1]) > int(e["data_offsets"][0])  # type: ignore[index]
         }
         sections.append(_Section(path, _identity(path), begin, size, base, tensors))
         base += size
@@ -95,25 +104,44 @@ def _target_dtype(spec: LoadRequest, config: Any) -> str | None:
         return _SPEC_DTYPES.get(spec.dtype)
     dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return _CONFIG_DTYPES.get(dtype) if dtype is not None else None
+        dtype = getattr(torch, dtype, dtype)
+    return _CONFIG_DTYPES.get(dtype, _UNKNOWN) if dtype is not None else None
 
 
-def applies(spec: LoadRequest, config: Any, files: Sequence[Path], gpus: int) -> bool:
+def applies(
+    spec: LoadRequest, config: Any, task: Task, files: Sequence[Path], cuda: CudaProbe
+) -> bool:
     """Whether transformers will keep this load's weights as the files have them, on the
     host: then `Prefetch` is worth starting (`adopt` checks what really happened)."""
     if spec.quantization is not None or spec.offload or spec.max_memory is not None:
         return False
     if spec.num_labels is not None or getattr(config, "auto_map", None):
         return False  # a new head; remote code is never shared
-    if _converted(config):
-        return False  # fused into new tensors: the copy would only add a second model
+    if getattr(config, "quantization_config", None) is not None:
+        return False  # quantized in the files: transformers builds its own tensors
+    if _converted(config) or _kept_in_float32(config, task, spec):
+        return False  # new tensors: the copy would only add a second model
+    if not files or any(path.suffix != ".safetensors" for path in files):
+        return False
     device_map = spec.device_map
     if not isinstance(device_map, str) or device_map.startswith("cuda"):
         return False
-    if device_map != "cpu" and gpus > 0:
+    return device_map == "cpu" or cuda.device_count() == 0  # asked last: it may start CUDA
+
+
+def _kept_in_float32(config: Any, task: Task, spec: LoadRequest) -> bool:
+    """Whether a 16-bit load of this architecture keeps some modules in float32 (T5's, for
+    one): transformers casts those tensors, and the rest of the file is cast or not."""
+    if _target_dtype(spec, config) in ("F32", "F64"):
         return False
-    return bool(files) and all(path.suffix == ".safetensors" for path in files)
+    try:
+        model_class = auto_class(task)._model_mapping[type(config)]
+    except (KeyError, AttributeError, ValueError):
+        return True  # not known here: assume it converts
+    return bool(
+        getattr(model_class, "_keep_in_fp32_modules", None)
+        or getattr(model_class, "_keep_in_fp32_modules_strict", None)
+    )
 
 
 def _converted(config: Any) -> bool:
@@ -151,17 +179,20 @@ class Prefetch:
         wanted = _target_dtype(spec, config)
         if len(floating) > 1 or (wanted is not None and floating - {wanted}):
             return None
+        if codes - set(DTYPE_CODES.values()):
+            return None  # a dtype the arena cannot describe: the model is held privately
         header_room = sum(s.data_begin for s in sections)  # their headers: names, shapes
         data_start = -(-(2 * header_room + 4 * PAGE) // PAGE) * PAGE
-        fd = new_memfd(name)
+        prefetch = cls(name, sections, data_start, new_memfd(name))
         try:
-            os.ftruncate(fd, data_start + sum(s.size for s in sections))
+            assert prefetch.fd is not None
+            os.ftruncate(prefetch.fd, data_start + sum(s.size for s in sections))
+            thread = threading.Thread(target=prefetch._copy, name="arena-copy", daemon=True)
+            thread.start()
+            prefetch._thread = thread
         except BaseException:
-            os.close(fd)
+            prefetch.close()
             raise
-        prefetch = cls(name, sections, data_start, fd)
-        prefetch._thread = threading.Thread(target=prefetch._copy, name="arena-copy", daemon=True)
-        prefetch._thread.start()
         return prefetch
 
     def _copy(self) -> None:
@@ -181,11 +212,17 @@ class Prefetch:
         except BaseException as exc:
             self._error = exc
 
-    def _wait(self) -> None:
+    def _copied(self) -> bool:
+        """Wait for the copy; False (logged) when it failed."""
         if self._thread is not None:
             self._thread.join()
         if self._error is not None:
-            raise self._error
+            log.warning(
+                "copying the checkpoint into the arena failed (%s); writing it from the model",
+                self._error,
+            )
+            return False
+        return True
 
     def close(self) -> None:
         """Stop the copy and free the memfd, unless `adopt` made it the arena."""
@@ -206,14 +243,16 @@ class Prefetch:
         if layout is None:
             return None
         entries, extras = layout
-        self._wait()
+        if not self._copied():
+            return None
         if any(_identity(s.path) != s.identity for s in self.sections):
             log.warning("a checkpoint file changed while it was copied; loading it again")
             return None
         assert self.fd is not None
         fd, data_start = self.fd, self.data_start
+        entries.sort(key=lambda e: e.offset)
         try:
-            head = header(sorted(entries, key=lambda e: e.offset), data_start)
+            head = header(entries, data_start)
         except ValueError:
             return None
         size = data_start + max((e.offset + e.nbytes for e in entries), default=0)
@@ -239,11 +278,14 @@ class Prefetch:
     ) -> tuple[list[ArenaEntry], list[ArenaEntry]] | None:
         """Each tensor's place: in a file's copied data where it is a view of it, else
         appended (`extras`); None when some checkpoint tensor is not one of them."""
-        mappings = file_mappings(s.path for s in self.sections)
+        paths = [s.path for s in self.sections]
+        if written_bytes(paths):
+            return None  # a tensor was changed in place: it no longer holds the file's bytes
+        mappings = file_mappings(paths)
         by_path = {str(s.path.resolve()): s for s in self.sections}
         entries: list[ArenaEntry] = []
         rest: list[tuple[str, torch.Tensor]] = []
-        used: set[tuple[str, int]] = set()
+        used: set[tuple[int, int]] = set()  # (section's base, begin)
         for name, tensor in tensors.items():
             found = _in_files(tensor, mappings, by_path)
             if found is None:
@@ -256,11 +298,11 @@ class Prefetch:
             if (
                 end - begin != nbytes
                 or code != DTYPE_CODES.get(tensor.dtype)
-                or (section.path.name, begin) in used
+                or (section.base, begin) in used
                 or offset % tensor.element_size()
             ):
                 return None
-            used.add((section.path.name, begin))
+            used.add((section.base, begin))
             entries.append(
                 ArenaEntry(
                     name=name, dtype=code, shape=list(tensor.shape), offset=offset, nbytes=nbytes

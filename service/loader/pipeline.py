@@ -256,14 +256,21 @@ def translate(exc: BaseException) -> BaseholdError:
 
 def _prefetch(load_id: str, prepared: Prepared, ctx: LoadContext) -> Prefetch | None:
     """The checkpoint's bytes copied into the arena while transformers loads, where the
-    load keeps them as they are (`service.loader.direct`)."""
-    spec, config = prepared.spec, prepared.resolved.config
+    load keeps them as they are (`service.loader.direct`). Only a speed-up: a failure to
+    start it is logged and the load goes on without it."""
+    spec, resolved = prepared.spec, prepared.resolved
     files = prepared.checkpoint.weight_files
-    if not ctx.placement.takes_prefetch or not direct.applies(
-        spec, config, files, ctx.cuda.device_count()
-    ):
+    if not ctx.placement.takes_prefetch:
         return None
-    return Prefetch.start(load_id, spec, config, files)
+    try:
+        if not direct.applies(spec, resolved.config, resolved.task, files, ctx.cuda):
+            return None
+        return Prefetch.start(load_id, spec, resolved.config, files)
+    except Exception:
+        log.warning(
+            "copying %s into its arena ahead failed; loading without", load_id, exc_info=True
+        )
+        return None
 
 
 def load_and_place(

@@ -38,6 +38,20 @@ def file_mappings(files: Iterable[Path], maps: Path = Path("/proc/self/maps")) -
     return found
 
 
+def written_bytes(files: Iterable[Path], smaps: Path = Path("/proc/self/smaps")) -> int:
+    """Bytes of this process's private mappings of `files` that were written to (copied
+    from the file into anonymous pages): there a tensor no longer holds the file's bytes."""
+    wanted = {str(Path(f).resolve()) for f in files}
+    total, inside = 0, False
+    for line in smaps.read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if parts and "-" in parts[0] and len(parts) >= 5:  # a mapping's first line
+            inside = len(parts) == 6 and parts[5].removesuffix(" (deleted)") in wanted
+        elif inside and parts[:1] == ["Anonymous:"]:
+            total += int(parts[1]) * 1024
+    return total
+
+
 def file_ranges(files: Iterable[Path], maps: Path = Path("/proc/self/maps")) -> list[range]:
     return [mapping.addresses for mapping in file_mappings(files, maps)]
 

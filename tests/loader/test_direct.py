@@ -12,16 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, MixtralConfig
+from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig
 
 from service.common.handles.arena import is_sealed
-from service.common.load.spec import LoadRequest
+from service.common.load.spec import LoadRequest, Task
 from service.loader import direct
 from service.loader.checkpoint import read_safetensors_header
 from service.loader.direct import Prefetch
 from service.loader.share import Shared, share
 from service.worker.attach import attach_fd
 from tests import checkpoints
+from tests.serving.api.test_memory import FakeCuda
 
 TOKENS = torch.tensor([[1, 2, 3, 4, 5]])
 SOCKET = "/nonexistent/basehold.sock"
@@ -211,8 +212,53 @@ def test_loads_transformers_converts_or_places_elsewhere_are_not_prefetched(
     path = checkpoints.llama(tmp_path / "llama")
     model = _load(path)
     spec = _spec(path, **fields)
-    assert not direct.applies(spec, model.config, _files(path), gpus)
-    assert direct.applies(_spec(path), model.config, _files(path), 0)
+    assert not direct.applies(spec, model.config, Task.CAUSAL_LM, _files(path), FakeCuda(gpus))
+    assert direct.applies(_spec(path), model.config, Task.CAUSAL_LM, _files(path), FakeCuda(0))
+
+
+class AskedNothing(FakeCuda):
+    """A GPU machine whose CUDA must not be asked (it would start CUDA in a CPU load)."""
+
+    def device_count(self) -> int:
+        raise AssertionError("a load on the CPU asked CUDA for its devices")
+
+
+def test_a_load_on_the_cpu_never_asks_cuda(tmp_path: Path) -> None:
+    path = checkpoints.llama(tmp_path / "llama")
+    config = _load(path).config
+    assert direct.applies(_spec(path), config, Task.CAUSAL_LM, _files(path), AskedNothing(1))
+
+
+def test_a_checkpoint_quantized_in_its_files_is_not_prefetched(tmp_path: Path) -> None:
+    path = checkpoints.llama(tmp_path / "llama")
+    config = _load(path).config
+    config.quantization_config = {"quant_method": "fp8"}
+    assert not direct.applies(_spec(path), config, Task.CAUSAL_LM, _files(path), FakeCuda(0))
+
+
+def test_a_16_bit_load_of_a_model_that_keeps_modules_in_float32_is_not_prefetched(
+    tmp_path: Path,
+) -> None:
+    """T5 keeps its feed-forward output in float32 under float16: transformers casts."""
+    path = checkpoints.t5(tmp_path / "t5")
+    config = AutoConfig.from_pretrained(path)
+    files = _files(path)
+    half = _spec(path, dtype="float16")
+    assert not direct.applies(half, config, Task.SEQ2SEQ_LM, files, FakeCuda(0))
+    assert direct.applies(_spec(path, dtype="float32"), config, Task.SEQ2SEQ_LM, files, FakeCuda(0))
+
+
+def test_a_tensor_changed_in_place_before_placement_keeps_its_new_bytes(tmp_path: Path) -> None:
+    """transformers' mapping of the file is private: a tensor written in place holds bytes
+    the file (and so the copy) does not, and the arena must hold the tensor's."""
+    path = checkpoints.llama(tmp_path / "llama")
+    model = _load(path)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    expected = _logits(model)
+    shared, _ = _placed(path, _spec(path), model)
+    assert torch.equal(_logits(attach_fd(shared.handle, shared.fd)), expected)
+    shared.close()
 
 
 def test_a_closed_prefetch_frees_its_memfd(tmp_path: Path) -> None:
@@ -241,4 +287,4 @@ def test_what_follows_the_files_is_aligned_with_a_padding_entry() -> None:
 def test_a_model_type_whose_tensors_transformers_fuses_is_not_prefetched(tmp_path: Path) -> None:
     path = checkpoints.llama(tmp_path / "llama")
     config = MixtralConfig(num_hidden_layers=1, hidden_size=32, num_local_experts=2)
-    assert not direct.applies(_spec(path), config, _files(path), 0)
+    assert not direct.applies(_spec(path), config, Task.CAUSAL_LM, _files(path), FakeCuda(0))
