@@ -270,6 +270,9 @@ class Prefetch:
             placed(name, view)
         seal(fd)
         self.fd = None  # the arena's now
+        log.debug(
+            "%s: placed directly (the files' bytes, copied while transformers loaded)", self.name
+        )
         arena = Arena(fd, f"basehold:{self.name}", size, data_start, entries)
         return arena, mapping
 

@@ -15,10 +15,13 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig
 
 from service.common.handles.arena import is_sealed
+from service.common.load.progress import Progress
 from service.common.load.spec import LoadRequest, Task
 from service.loader import direct
+from service.loader.arena_placement import ArenaPlacement
 from service.loader.checkpoint import read_safetensors_header
 from service.loader.direct import Prefetch
+from service.loader.pipeline import LoadContext, load_and_place, prepare
 from service.loader.share import Shared, share
 from service.worker.attach import attach_fd
 from tests import checkpoints
@@ -288,3 +291,31 @@ def test_a_model_type_whose_tensors_transformers_fuses_is_not_prefetched(tmp_pat
     path = checkpoints.llama(tmp_path / "llama")
     config = MixtralConfig(num_hidden_layers=1, hidden_size=32, num_local_experts=2)
     assert not direct.applies(_spec(path), config, Task.CAUSAL_LM, _files(path), FakeCuda(0))
+
+
+def test_a_load_through_the_pipeline_is_placed_directly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The whole loader path (prepare, load_and_place, ArenaPlacement): the arena keeps the
+    checkpoint's layout, so the copy made while transformers loaded is the arena."""
+    path = checkpoints.llama(tmp_path / "models" / "llama")
+    ctx = LoadContext(
+        roots=[tmp_path / "models"],
+        offload_root=tmp_path / "offload",
+        placement=ArenaPlacement(Path(SOCKET)),
+        cuda=FakeCuda(0),
+    )
+    spec = LoadRequest.model_validate({"source": str(path), "dtype": "auto"})
+    with caplog.at_level("DEBUG", logger="basehold.loading"):
+        load_and_place("m", "load-1", prepare(spec, None, ctx), ctx, Progress())
+    assert "load-1: placed directly" in caplog.text
+    placement = ctx.placement
+    assert isinstance(placement, ArenaPlacement)
+    shared = placement.shared("load-1")
+    assert shared is not None
+    offsets = {e.name: e.offset for e in shared.arena.entries}
+    header = read_safetensors_header(_files(path)[0])
+    for name, entry in header.items():
+        if name != "__metadata__":
+            assert offsets[name] == entry["data_offsets"][0]  # type: ignore[index]
+    placement.release("load-1")
