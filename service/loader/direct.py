@@ -33,6 +33,7 @@ from service.common.cuda import CudaProbe
 from service.common.handles.arena import (
     DTYPE_CODES,
     PAGE,
+    TORCH_DTYPES,
     Arena,
     header,
     map_own,
@@ -52,15 +53,7 @@ log = logging.getLogger("basehold.loading")
 
 _CHUNK = 64 * 1024 * 1024  # bytes per sendfile call: a cancelled copy stops within one
 _PADDING = "__basehold_padding__"  # aligns what is appended after the files' data
-_CONFIG_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-}
 _UNKNOWN = "?"  # a config dtype of no safetensors code: no file has it
-_SPEC_DTYPES = {DType.FLOAT32: "F32", DType.FLOAT16: "F16", DType.BFLOAT16: "BF16"}
-_SIZES = {code: torch.empty((), dtype=dtype).element_size() for dtype, code in DTYPE_CODES.items()}
 Placed = Callable[[str, torch.Tensor], None]
 
 
@@ -73,7 +66,7 @@ class _Section:
     data_begin: int  # where its tensor data starts in the file
     size: int
     base: int  # where it starts in the arena's data
-    tensors: dict[int, tuple[int, str, str]]  # begin -> (end, dtype code, checkpoint name)
+    tensors: dict[int, tuple[int, str]]  # begin -> (end, dtype code)
 
 
 def _identity(path: Path) -> tuple[int, int, int]:
@@ -87,13 +80,14 @@ def _sections(files: Sequence[Path]) -> list[_Section]:
         entries = read_safetensors_header(path)
         raw = {name: entry for name, entry in entries.items() if name != "__metadata__"}
         size = max((int(e["data_offsets"][1]) for e in raw.values()), default=0)  # type: ignore[index]
-        begin = path.stat().st_size - size
+        identity = _identity(path)
+        begin = identity[1] - size
         tensors = {  # by where they begin; empty ones take no bytes and need no place
-            int(e["data_offsets"][0]): (int(e["data_offsets"][1]), str(e["dtype"]), name)  # type: ignore[index]
-            for name, e in raw.items()
+            int(e["data_offsets"][0]): (int(e["data_offsets"][1]), str(e["dtype"]))  # type: ignore[index]
+            for e in raw.values()
             if int(e["data_offsets"][1]) > int(e["data_offsets"][0])  # type: ignore[index]
         }
-        sections.append(_Section(path, _identity(path), begin, size, base, tensors))
+        sections.append(_Section(path, identity, begin, size, base, tensors))
         base += size
     return sections
 
@@ -101,11 +95,11 @@ def _sections(files: Sequence[Path]) -> list[_Section]:
 def _target_dtype(spec: LoadRequest, config: Any) -> str | None:
     """The safetensors code every floating tensor must already have; None: any one code."""
     if spec.dtype != DType.AUTO:
-        return _SPEC_DTYPES.get(spec.dtype)
+        return DTYPE_CODES[getattr(torch, spec.dtype.value)]
     dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, dtype)
-    return _CONFIG_DTYPES.get(dtype, _UNKNOWN) if dtype is not None else None
+    return DTYPE_CODES.get(dtype, _UNKNOWN) if dtype is not None else None
 
 
 def applies(
@@ -174,7 +168,7 @@ class Prefetch:
     ) -> Prefetch | None:
         """Start the copy, or None when the files' dtypes say transformers will convert."""
         sections = _sections(files)
-        codes = {code for s in sections for _, code, _ in s.tensors.values()}
+        codes = {code for s in sections for _, code in s.tensors.values()}
         floating = codes & {"F64", "F32", "F16", "BF16"}
         wanted = _target_dtype(spec, config)
         if len(floating) > 1 or (wanted is not None and floating - {wanted}):
@@ -295,7 +289,7 @@ class Prefetch:
                 rest.append((name, tensor))
                 continue
             section, begin = found
-            end, code, _ = section.tensors[begin]
+            end, code = section.tensors[begin]
             nbytes = tensor.numel() * tensor.element_size()
             offset = section.base + begin
             if (
@@ -339,7 +333,7 @@ def _appended(rest: list[tuple[str, torch.Tensor]], start: int) -> list[ArenaEnt
     planned = plan_entries(rest)
     if not planned:
         return []
-    align = max(_SIZES[e.dtype] for e in planned)
+    align = max(TORCH_DTYPES[e.dtype].itemsize for e in planned)
     pad = -start % align
     padding = (
         [ArenaEntry(name=_PADDING, dtype="U8", shape=[pad], offset=start, nbytes=pad)]

@@ -25,28 +25,37 @@ class FileMapping:
     path: str
 
 
+def _resolved(files: Iterable[Path]) -> set[str]:
+    return {str(Path(f).resolve()) for f in files}
+
+
+def _mapped_file(parts: list[str]) -> str | None:
+    """The file a maps line (split in at most six) names, if any."""
+    return parts[5].removesuffix(" (deleted)") if len(parts) == 6 else None
+
+
 def file_mappings(files: Iterable[Path], maps: Path = Path("/proc/self/maps")) -> list[FileMapping]:
-    wanted = {str(Path(f).resolve()) for f in files}
+    wanted = _resolved(files)
     if not wanted or not maps.exists():
         return []
     found = []
     for line in maps.read_text().splitlines():
         parts = line.split(maxsplit=5)
-        if len(parts) == 6 and (path := parts[5].removesuffix(" (deleted)")) in wanted:
+        if (path := _mapped_file(parts)) in wanted:
             start, end = (int(x, 16) for x in parts[0].split("-"))
-            found.append(FileMapping(range(start, end), int(parts[2], 16), path))
+            found.append(FileMapping(range(start, end), int(parts[2], 16), str(path)))
     return found
 
 
 def written_bytes(files: Iterable[Path], smaps: Path = Path("/proc/self/smaps")) -> int:
     """Bytes of this process's private mappings of `files` that were written to (copied
     from the file into anonymous pages): there a tensor no longer holds the file's bytes."""
-    wanted = {str(Path(f).resolve()) for f in files}
+    wanted = _resolved(files)
     total, inside = 0, False
     for line in smaps.read_text().splitlines():
         parts = line.split(maxsplit=5)
         if parts and "-" in parts[0] and len(parts) >= 5:  # a mapping's first line
-            inside = len(parts) == 6 and parts[5].removesuffix(" (deleted)") in wanted
+            inside = _mapped_file(parts) in wanted
         elif inside and parts[:1] == ["Anonymous:"]:
             total += int(parts[1]) * 1024
     return total
