@@ -1,9 +1,11 @@
 """Restart bench: how long until a SIGKILLed service holds its models again.
 
-Holds three models (fp32, bf16, nf4 of the bench Llama) in one `basehold serve`, SIGKILLs it,
-starts it again on the same state directory and prints, from the same run: each model's
-original load time vs its load time when restored, and the time from the new process's
-start to `/readyz` 200 vs the sum of the three original loads.
+Holds three models (fp32, bf16, nf4 of the bench Llama) in one `basehold serve`, waits until
+their snapshots are written, SIGKILLs it, starts it again on the same state directory
+(models taken from their snapshots), SIGKILLs that one and starts it again with
+`BASEHOLD_SNAPSHOTS=false` (models loaded again), and prints, from the same run: each
+model's original load time vs its load time when restored without a snapshot, and the time
+from each new process's start to `/readyz` 200 vs the sum of the three original loads.
 
 `--keeper`: the same under `serve --keeper`; the serving process is SIGKILLed and its
 keeper starts it again with the models' memory: prints the time from the kill to every
@@ -46,6 +48,7 @@ def main() -> None:
         return
     first = launch(work)
     original: dict[str, float] = {}
+    ready_at: dict[str, str] = {}
     params = 0
     try:
         for name, spec in SPECS.items():
@@ -53,36 +56,63 @@ def main() -> None:
             first.http.post("/v1/models", json={"source": str(path), "name": name, **spec})
             status = wait_ready(first.http, name)
             original[name] = time.perf_counter() - start
+            ready_at[name] = status["timings"]["ready_at"]
             params = int(status["parameters"])
+        start = time.perf_counter()
+        snapshots = work / "state" / "snapshots"
+        while not all((snapshots / f"{name}.json").exists() for name in SPECS):
+            if time.perf_counter() - start > 300:
+                raise TimeoutError("the snapshots were not written in 300 s")
+            time.sleep(0.05)
+        written = time.perf_counter() - start
         first.kill()
         started = time.perf_counter()
         second = launch(work, port=first.port)  # returns once /readyz answers 200
-        to_ready = time.perf_counter() - started
+        from_snapshots = time.perf_counter() - started
         try:
-            restored = {
-                name: float(second.http.get(f"/v1/models/{name}").json()["timings"]["load_seconds"])
+            taken = {
+                name: second.http.get(f"/v1/models/{name}").json()["timings"]["ready_at"]
+                == ready_at[name]  # a model taken from its snapshot keeps its load's times
                 for name in SPECS
             }
         finally:
-            second.stop()
+            second.kill()
+        started = time.perf_counter()
+        third = launch(work, port=first.port, env={"BASEHOLD_SNAPSHOTS": "false"})
+        to_ready = time.perf_counter() - started
+        try:
+            restored = {
+                name: float(third.http.get(f"/v1/models/{name}").json()["timings"]["load_seconds"])
+                for name in SPECS
+            }
+        finally:
+            third.stop()
     finally:
         first.stop()
         shutil.rmtree(work, ignore_errors=True)
     total = sum(original.values())
     print(
         f"\nbasehold restart bench: Llama {params / 1e6:.0f}M params x 3 specs, CPU, torch "
-        f"{torch.__version__}; SIGKILL, then a new process on the same state directory\n"
+        f"{torch.__version__}; SIGKILL, then a new process on the same state directory, with "
+        f"snapshots (written {written:.2f} s after the last load was ready) and without\n"
     )
-    print("| model | original load: POST->ready (s) | restored load (s) | ratio |")
-    print("|---|---|---|---|")
+    print(
+        "| model | original load: POST->ready (s) | restored load, no snapshot (s) | ratio | "
+        "from its snapshot |"
+    )
+    print("|---|---|---|---|---|")
     for name in SPECS:
         print(
             f"| {name} | {original[name]:.2f} | {restored[name]:.2f} | "
-            f"{restored[name] / original[name]:.2f} |"
+            f"{restored[name] / original[name]:.2f} | {'yes' if taken[name] else 'no'} |"
         )
     print(
-        f"| **total**: process start -> /readyz 200 vs sum of original loads | {total:.2f} | "
-        f"{to_ready:.2f} | {to_ready / total:.2f} |"
+        f"| **total**: process start -> /readyz 200 vs sum of original loads, with snapshots | "
+        f"{total:.2f} | {from_snapshots:.2f} | {from_snapshots / total:.2f} | |"
+    )
+    print(
+        f"| **total**: the same without snapshots (`BASEHOLD_SNAPSHOTS=false`) | "
+        f"{total:.2f} | {to_ready:.2f} | {to_ready / total:.2f} | |"
     )
 
 

@@ -37,13 +37,12 @@ from service.common.handles.arena import (
     Arena,
     header,
     map_own,
-    new_memfd,
     plan_entries,
-    seal,
     views,
     write_all,
 )
 from service.common.handles.descriptor import ArenaEntry
+from service.common.handles.memfd import new_memfd, seal
 from service.common.load.spec import DType, LoadRequest, Task
 from service.loader.checkpoint import read_safetensors_header
 from service.loader.resident import FileMapping, file_mappings, written_bytes

@@ -51,6 +51,8 @@ from service.serving.registry.states import State
 from service.serving.settings import Settings
 from service.serving.socket.server import ArenaServer, resolve_group
 from service.serving.state.lock import StateLock
+from service.serving.state.snapshots import FOLDER as SNAPSHOTS
+from service.serving.state.snapshots import Snapshots
 from service.serving.state.startup import follow_predecessor, start_state
 from service.serving.state.writer import OrderedWriter
 
@@ -170,6 +172,9 @@ def create_app(
         )
     )
     placement = loaders.arenas
+    snapshots = None
+    if settings.snapshots:
+        snapshots = Snapshots(settings.state_dir / SNAPSHOTS, placement.dup_fds)
     gate = MemoryGate(MemoryPolicy(settings.budget, settings.eviction), probe, gpus)
     writer = OrderedWriter()  # one ordered writer for the registry and the leases
     table = LeaseTable(settings.segment_grace_seconds, writer)
@@ -181,6 +186,7 @@ def create_app(
         max_concurrent_loads=parallelism.loads,
         allow_remote_code=settings.allow_remote_code,
         writer=writer,
+        snapshots=snapshots,
     )
     lending = Lending(
         registry,
@@ -203,6 +209,8 @@ def create_app(
         kind = "progress" if previous == target else "state"
         events.publish(kind, {**summary(record), "previous": previous.value})
 
+    if snapshots is not None:
+        registry.subscribe(snapshots.on_transition)
     if keeper is not None:  # first: it hears models adopted at restore too
         keeper.placement = loaders
         registry.subscribe(keeper.on_transition)
@@ -244,7 +252,9 @@ def create_app(
             lock.acquire()  # the CLI took it already: a no-op there
         events.bind(asyncio.get_running_loop())
         handed_models = len(handed.models) if handed is not None else 0
-        db = await run_in_threadpool(start_state, settings, lock, registry, table, handed)
+        db = await run_in_threadpool(
+            start_state, settings, lock, registry, table, handed, snapshots
+        )
         arenas.start(handed.worker if handed is not None else None)
         if keeper is not None:
             keeper.listeners(getattr(app.state, "http_listener", None), arenas.dup_listener())
@@ -266,7 +276,13 @@ def create_app(
         giver.db = db
         giver.listen()  # a next successor queues from now on; answered once it starts
         app.state.giver = giver
+        # A start: what it restores, held again from a snapshot already or not; a successor:
+        # what it still loads (the rest was handed over).
         restoring = registry.restoring()
+        if handed is None:
+            restoring = sum(
+                1 for r in registry.records() if r.restored_at and r.state != State.FAILED
+            )
         if restoring:
             events.publish("restore", {"restoring": restoring, "leases": len(table.active())})
         every = settings.lease_reap_seconds
@@ -314,6 +330,8 @@ def create_app(
             if giver.handed_to is None:  # else the successor holds it all: nothing to undo
                 log.info("shutting down: cancelling loads and unloading models")
                 labels = [("remove the node features file", features.stop)] if features else []
+                if snapshots is not None:  # the unloads below keep them, as the database's rows
+                    labels.append(("stop writing snapshots", snapshots.stop))
                 await run_in_threadpool(
                     _shutdown_steps,
                     *labels,

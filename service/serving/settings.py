@@ -46,12 +46,20 @@ class Settings(BaseSettings):
     state_dir: Path = Field(
         default_factory=_default_state_dir,
         description="basehold's own files: the state database (held models and leases, "
-        "restored after a restart), the one-instance lock, disk-offload folders.",
+        "restored after a restart), the one-instance lock, disk-offload folders, snapshots.",
     )
     restore: bool = Field(
         default=True,
         description="Restore the models and leases recorded in the state database at start. "
         "false: start empty (and forget what was recorded).",
+    )
+    snapshots: bool = Field(
+        default=True,
+        description="Keep a copy of each model held in host memory alone (its arena: "
+        "quantized or cast as held) in the state directory's snapshots/ folder, so that a "
+        "start holds it again without loading it (while its checkpoint's files are "
+        "unchanged). Written in the background once ready, when it takes at most half the "
+        "disk space left; removed with the model. false: every start loads every model again.",
     )
     keeper: bool = Field(
         default=False,

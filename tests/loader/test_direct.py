@@ -14,7 +14,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig
 
-from service.common.handles.arena import is_sealed
+from service.common.handles.memfd import is_sealed
 from service.common.load.progress import Progress
 from service.common.load.spec import LoadRequest, Task
 from service.loader import direct

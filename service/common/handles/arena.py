@@ -13,7 +13,6 @@ any view exists, so mappings are never closed by hand.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import mmap
 import os
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from service.common.handles.descriptor import ArenaEntry
+from service.common.handles.memfd import is_sealed, new_memfd, seal
 
 PAGE = mmap.PAGESIZE
 # safetensors dtype codes.
@@ -41,7 +41,6 @@ DTYPE_CODES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
 }
 TORCH_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
-SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 @dataclass(frozen=True)
@@ -153,10 +152,6 @@ def stream_arena(
     return arena, mapping
 
 
-def new_memfd(name: str) -> int:
-    return os.memfd_create(f"basehold:{name}", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
-
-
 def map_own(fd: int) -> mmap.mmap:
     """The writer's read-only mapping of an arena it has not sealed yet: made through a
     read-only fd, since a shared mapping of the writable memfd (even PROT_READ) could be
@@ -166,14 +161,6 @@ def map_own(fd: int) -> mmap.mmap:
         return map_shared(read_only)
     finally:
         os.close(read_only)
-
-
-def seal(fd: int) -> None:
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-
-
-def is_sealed(fd: int) -> bool:
-    return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS
 
 
 def map_shared(fd: int) -> mmap.mmap:

@@ -9,13 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from service.common.estimates import Estimate
 from service.common.load.pin import HubPin
 from service.common.load.progress import Progress
 from service.common.load.spec import LoadRequest
 from service.common.protocol.held import Held, Manifest
+
+if TYPE_CHECKING:  # record.py imports this module
+    from service.serving.registry.record import Adopted
 
 
 class RunningLoad(Protocol):
@@ -117,4 +120,21 @@ class LoaderBackend(Protocol[L]):
 
     def close(self) -> None:
         """At shutdown, after every model was let go."""
+        ...
+
+
+class SnapshotSource(Protocol):
+    """Where a restored model may be taken from instead of loaded
+    (`service.serving.state.snapshots.Snapshots`)."""
+
+    def has(self, model_id: str) -> bool:
+        """Whether there is a snapshot of `model_id` to try (a cheap look, no check)."""
+        ...
+
+    def take(self, model_id: str, spec_key: str) -> Adopted | None:
+        """The model's memory from its snapshot, or None where none still agrees."""
+        ...
+
+    def let_go(self, load_id: str) -> None:
+        """A model is unloaded: nothing of `load_id` keeps its memory once this returns."""
         ...

@@ -45,7 +45,7 @@ from service.common.load.spec import LoadRequest
 from service.common.protocol.held import Held
 from service.common.protocol.wire import close_fds
 from service.serving.memory.admission import Measured
-from service.serving.registry.backend import L, LoaderBackend, RunningLoad
+from service.serving.registry.backend import L, LoaderBackend, RunningLoad, SnapshotSource
 from service.serving.registry.downloads import require_disk
 from service.serving.registry.gate import MemoryGate, refuse
 from service.serving.registry.identity import MODEL_ID, derived_id, spec_key
@@ -91,6 +91,7 @@ class Registry:
         max_concurrent_loads: int,
         allow_remote_code: bool,
         writer: OrderedWriter | None = None,
+        snapshots: SnapshotSource | None = None,
     ) -> None:
         self._loaders: LoaderBackend[Any] = loaders
         self._cuda = cuda
@@ -114,6 +115,7 @@ class Registry:
         self._deferred: list[tuple[ModelRecord, str | None]] = []
         self._deferring = False
         self._persistence: Persistence | None = None
+        self._snapshots = snapshots
 
     # -- queries ---------------------------------------------------------------------
     def get(self, model_id: str) -> ModelRecord:
@@ -271,7 +273,11 @@ class Registry:
         # Pinned and leased models first (jobs wait on them), then most recently used:
         # the executor runs them in this order, as many at once as it runs loads.
         with self._lock:
-            ordered = sorted(loads, key=lambda r: not (r.spec.pinned or r.leases > 0))
+            # Those with a snapshot come first: a copy from the disk, not a load.
+            ordered = sorted(
+                loads,
+                key=lambda r: (not self._has_snapshot(r), not (r.spec.pinned or r.leases > 0)),
+            )
             # restored hub loads use the server's HF_TOKEN
             self._deferred.extend((record, None) for record in ordered)
             self._deferring = not start
@@ -310,13 +316,18 @@ class Registry:
             log.exception("not keeping the handed-over memory of %s: loading it", record.id)
             return False
         with self._lock:
-            record.load_id = adopted.load_id
-            record.admitted = True
-            self._transition(record, State.LOADING, started_at=adopted.started_at)
-            record.progress.finish()
-            self._transition(record, State.READY, loaded=held, ready_at=adopted.ready_at)
-            if runner is not None:
-                record.loader = runner
+            let_go = record.state != State.QUEUED  # unloaded while its snapshot was copied
+            if not let_go:
+                record.load_id = adopted.load_id
+                record.admitted = True
+                self._transition(record, State.LOADING, started_at=adopted.started_at)
+                record.progress.finish()
+                self._transition(record, State.READY, loaded=held, ready_at=adopted.ready_at)
+                if runner is not None:
+                    record.loader = runner
+        if let_go:
+            self._loaders.discard(adopted.load_id)
+            return True
         if runner is not None:
             self._watch(record, runner)  # it may have died meanwhile: failed at once
         return True
@@ -530,7 +541,23 @@ class Registry:
             self._alias(model_id, same)
         return same
 
+    def _has_snapshot(self, record: ModelRecord) -> bool:
+        return self._snapshots is not None and self._snapshots.has(record.id)
+
+    def _from_snapshot(self, record: ModelRecord) -> bool:
+        """A restored model held again from its snapshot, ready without a load (True); False
+        when it has none that agrees (or it was let go meanwhile)."""
+        if self._snapshots is None or record.restored_at is None or record.loader is not None:
+            return False
+        with self._lock:
+            if record.state != State.QUEUED or record.progress.cancel.is_set():
+                return False
+        adopted = self._snapshots.take(record.id, record.key)
+        return adopted is not None and self._adopt(record, adopted)
+
     def _run(self, record: ModelRecord, token: str | None) -> None:
+        if self._from_snapshot(record):
+            return
         with self._lock:
             prepared, record.loader = record.loader, None  # priced itself at submit
             cancelled = record.progress.cancel.is_set()
@@ -683,6 +710,8 @@ class Registry:
 
     def _release(self, record: ModelRecord, keep_until: datetime | None) -> None:
         """Free an unloading model's memory (lock not held), then it is gone."""
+        if self._snapshots is not None:  # a snapshot being written holds its arena
+            self._snapshots.let_go(record.load_id)
         self._loaders.discard(record.load_id, keep_until)
         with self._lock:
             self._transition(record, State.GONE)

@@ -22,6 +22,8 @@ from service.serving.settings import Settings
 from service.serving.state.database import StateDB
 from service.serving.state.leftovers import clean_offload
 from service.serving.state.lock import StateDirLocked, StateLock
+from service.serving.state.snapshots import FOLDER as SNAPSHOTS
+from service.serving.state.snapshots import Snapshots, drop_all
 
 log = logging.getLogger("basehold")
 
@@ -34,10 +36,12 @@ def start_state(
     registry: Registry,
     table: LeaseTable,
     handed: Handed | None = None,
+    snapshots: Snapshots | None = None,
 ) -> StateDB:
     """Open and restore the state. Without `handed`, the caller holds the lock; with it,
     the loads to start again wait for it: `follow_predecessor` starts them once it is
-    free."""
+    free. `snapshots`: those of models no longer recorded are removed (the registry takes
+    the others, in place of their loads)."""
     adopted = {
         model_id: Adopted(
             taken.offered.load_id,
@@ -54,7 +58,10 @@ def start_state(
     try:
         if handed is None:
             _clean(settings, lock)
-        db = _open(settings, registry, table, adopted, start=handed is None)
+        if handed is None and not settings.snapshots:
+            drop_all(settings.state_dir / SNAPSHOTS)
+        fresh = snapshots if handed is None else None  # a predecessor may be writing one
+        db = _open(settings, registry, table, adopted, start=handed is None, snapshots=fresh)
     finally:
         close_fds([fd for left in adopted.values() for fd in left.fds])  # not restored
     return db
@@ -102,6 +109,7 @@ def _open(
     adopted: dict[str, Adopted],
     *,
     start: bool,
+    snapshots: Snapshots | None = None,
 ) -> StateDB:
     db = StateDB.open(settings.state_dir)
     registry.writer.batch = db.batch  # a flush of many writes commits once
@@ -116,8 +124,12 @@ def _open(
             forgot_leases,
             db.path,
         )
+        if snapshots is not None:
+            snapshots.keep_only(())
         return db
     rows = db.models()
+    if snapshots is not None and (removed := snapshots.keep_only(row.id for row in rows)):
+        log.info("removed the snapshots of %d model(s) no longer recorded", removed)
     with registry.writer.deferred():  # one commit for the restore's writes
         leases = table.restore(db.leases(), {row.id for row in rows})
         restored = registry.restore(rows, dict(adopted), start=start)

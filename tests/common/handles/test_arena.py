@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from service.common.handles.arena import is_sealed, map_copy_on_write, write_arena
+from service.common.handles.arena import map_copy_on_write, write_arena
+from service.common.handles.memfd import is_sealed
 from service.loader.footprint import all_tensors
 from service.loader.resident import file_ranges
 from service.loader.share import NotShareableModel, share

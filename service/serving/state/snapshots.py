@@ -1,0 +1,359 @@
+"""Snapshots: a held model's arena kept on disk, so that a start holds it again at once,
+without a loader (no template to wait for, nothing to cast or quantize again).
+
+Once a model that lives in host memory alone is ready (an arena; no device segment, no
+runner), a background thread copies its arena into `<state dir>/snapshots/<id>.arena`
+(the kernel copies: `sendfile`; the file is synced, then its pages are dropped from the page
+cache) and then writes `<id>.json` beside it: its load's id and facts, its spec key, and the
+size and mtime of every file of its checkpoint. A start takes a recorded model from its
+snapshot when all of that still agrees (the same id, spec key and loader protocol, the
+checkpoint's files unchanged, an arena file of the recorded size whose safetensors header
+lists the recorded tensors): the arena is copied into a new sealed memfd before the
+service serves, and the model is ready as a handed-over one is. Anything else drops the
+snapshot and loads the model as usual.
+
+A snapshot goes when its model does (unloaded, evicted, failed, a load cancelled); one the
+state database no longer records is removed at the next start. A snapshot is written only
+when it takes at most half the disk space left (`SHARE`): snapshots never fill a disk. A
+SIGTERM leaves snapshots as they are, as it leaves the database's rows. With snapshots
+turned off (`BASEHOLD_SNAPSHOTS=false`), a start removes them all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Callable, Iterable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.common.handles.descriptor import ArenaEntry, Handle
+from service.common.handles.memfd import new_memfd, seal
+from service.common.protocol.held import Held
+from service.common.protocol.messages import PROTOCOL_VERSION
+from service.common.protocol.wire import close_fds
+from service.serving.handover.messages import OfferedModel
+from service.serving.registry.record import Adopted, ModelRecord
+from service.serving.registry.states import State
+
+log = logging.getLogger("basehold.snapshots")
+
+FOLDER = "snapshots"
+SHARE = 0.5  # of the disk space left: a larger snapshot is not written
+_INFO_BYTES = 64 * 2**20  # a larger description is not one this service wrote
+_CHUNK = 64 * 2**20  # bytes per sendfile call: a stop is heard between two
+_DROPPED = frozenset({State.UNLOADING, State.CANCELLED, State.FAILED})  # as the database does
+
+
+class SourceFile(BaseModel):
+    """One file of the checkpoint a snapshot was loaded from, as it was then."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+class SnapshotInfo(BaseModel):
+    """`<id>.json`: what the arena file beside it holds and what it was loaded from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: Literal[1] = 1
+    protocol: int
+    spec_key: str
+    size: int = Field(ge=8)
+    model: OfferedModel
+    sources: list[SourceFile]
+
+
+class SnapshotUnusable(ValueError):
+    """A snapshot that does not (or no longer) match what it claims to hold."""
+
+
+def checkpoint_files(folder: Path) -> list[SourceFile]:
+    """Every file under the checkpoint folder (symlinks followed: the hub cache's blobs),
+    with its size and mtime: a snapshot is valid while these are unchanged."""
+    files = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            relative = str(path.relative_to(folder))
+            files.append(SourceFile(path=relative, size=stat.st_size, mtime_ns=stat.st_mtime_ns))
+    return files
+
+
+def host_handle(held: Held) -> Handle | None:
+    """The handle of a model held in its arena alone (what a snapshot can keep), or None."""
+    handle = held.placed.handle
+    if held.needs_runner or handle is None or handle.segments:
+        return None
+    return handle
+
+
+def copy_fd(
+    source: int,
+    target: int,
+    size: int,
+    cancelled: Callable[[], bool] = lambda: False,
+    *,
+    uncache_source: bool = False,
+) -> None:
+    """`size` bytes from the start of `source` to the start of `target`, in the kernel
+    (InterruptedError once `cancelled()`, asked between chunks). `uncache_source`: drop each
+    chunk read from the page cache (a file read once)."""
+    done = 0
+    while done < size:
+        if cancelled():
+            raise InterruptedError("cancelled")
+        sent = os.sendfile(target, source, done, min(_CHUNK, size - done))
+        if sent == 0:
+            raise SnapshotUnusable(f"the file ended after {done} of {size} bytes")
+        if uncache_source:
+            os.posix_fadvise(source, done, sent, os.POSIX_FADV_DONTNEED)
+        done += sent
+
+
+def check_header(fd: int, data_start: int, entries: list[ArenaEntry]) -> None:
+    """The arena file's safetensors header lists every one of `entries` where it says, in
+    the `data_start` bytes before the data."""
+    length = int.from_bytes(os.pread(fd, 8, 0), "little")
+    if not 0 < length <= data_start - 8:
+        raise SnapshotUnusable(f"a header of {length} bytes")
+    try:
+        header = json.loads(os.pread(fd, length, 8))
+    except ValueError as exc:
+        raise SnapshotUnusable(f"an unreadable header ({exc})") from None
+    for entry in entries:
+        due = {
+            "dtype": entry.dtype,
+            "shape": entry.shape,
+            "data_offsets": [entry.offset, entry.offset + entry.nbytes],
+        }
+        if header.get(entry.name) != due:
+            raise SnapshotUnusable(f"its header does not list {entry.name!r} as recorded")
+
+
+def drop_all(folder: Path) -> None:
+    """Remove every snapshot (snapshots turned off: none is kept or used)."""
+    if folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("snapshots are off: removed %s", folder)
+
+
+@dataclass
+class _Save:
+    """One model's snapshot to write; `let_go` cancels it (and waits while it copies)."""
+
+    entry: OfferedModel
+    spec_key: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    copying: bool = False
+
+
+class Snapshots:
+    """The snapshots in `folder`. `arena_fds(load_id)`: new fds of a held load's arena and
+    segments (the caller closes them)."""
+
+    def __init__(self, folder: Path, arena_fds: Callable[[str], list[int]]) -> None:
+        self.folder = folder
+        self._arena_fds = arena_fds
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._stopped = threading.Event()
+        self._saves: dict[str, _Save] = {}  # by load id, queued or being written
+        self._thread = threading.Thread(target=self._work, name="snapshots", daemon=True)
+        self._thread.start()
+
+    # -- restoring -------------------------------------------------------------------
+    def has(self, model_id: str) -> bool:
+        return self._info(model_id).exists()
+
+    def take(self, model_id: str, spec_key: str) -> Adopted | None:
+        """The recorded model `model_id` from its snapshot, held in a new sealed memfd;
+        None (its snapshot removed, if any) when there is none that still agrees."""
+        info_path = self._info(model_id)
+        if not info_path.exists():
+            return None
+        try:
+            return self._take(model_id, spec_key, info_path)
+        except (OSError, ValueError) as exc:  # ValidationError and SnapshotUnusable too
+            log.warning("not restoring %s from its snapshot (%s): loading it", model_id, exc)
+            self._remove(model_id)
+            return None
+
+    def _take(self, model_id: str, spec_key: str, info_path: Path) -> Adopted:
+        with info_path.open("rb") as file:
+            info = SnapshotInfo.model_validate_json(file.read(_INFO_BYTES))
+        model = info.model
+        if model.id != model_id or info.spec_key != spec_key:
+            raise SnapshotUnusable("it holds another model or spec")
+        if info.protocol != PROTOCOL_VERSION:
+            raise SnapshotUnusable(f"loader protocol {info.protocol}, {PROTOCOL_VERSION} here")
+        handle = host_handle(Held.from_manifest(model.facts))
+        if handle is None or handle.arena.size != info.size:
+            raise SnapshotUnusable("its facts are not those of an arena of its size")
+        if checkpoint_files(model.facts.checkpoint) != info.sources:
+            raise SnapshotUnusable("its checkpoint's files changed since")
+        source = os.open(self._arena(model_id), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            if os.fstat(source).st_size != info.size:
+                raise SnapshotUnusable(f"{os.fstat(source).st_size} bytes, {info.size} due")
+            check_header(source, handle.arena.data_start, handle.entries)
+            fd = new_memfd(handle.arena.name.removeprefix("basehold:"))
+            try:
+                copy_fd(source, fd, info.size, uncache_source=True)
+                seal(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        finally:
+            os.close(source)
+        log.info("restored %s from its snapshot (%.0f MiB)", model_id, info.size / 2**20)
+        return Adopted(model.load_id, model.facts, [fd], model.started_at, model.ready_at)
+
+    def keep_only(self, model_ids: Iterable[str]) -> int:
+        """Remove the snapshots (and half-written files) of models not in `model_ids`;
+        returns how many models' snapshots went."""
+        keep = set(model_ids)
+        gone: set[str] = set()
+        for path in self.folder.glob("*"):
+            model_id = path.name.lstrip(".").rsplit(".", 1)[0]
+            if path.name.startswith(".") or model_id not in keep:
+                with suppress(OSError):
+                    path.unlink()
+                gone.add(model_id)
+        return len(gone)
+
+    # -- while serving -----------------------------------------------------------------
+    def on_transition(self, record: ModelRecord, previous: State, target: State) -> None:
+        """A registry listener (called under its lock: queues the work, does none)."""
+        if target == previous or self._stopped.is_set():
+            return
+        if target == State.READY and record.loaded is not None and host_handle(record.loaded):
+            save = _Save(OfferedModel.of(record, record.loaded, 1, None), record.key)
+            self._saves[record.load_id] = save
+            self._jobs.put(partial(self._save, save))
+        elif target in _DROPPED:
+            self._jobs.put(partial(self._drop, record.id, record.load_id))
+
+    def let_go(self, load_id: str, timeout: float = 10.0) -> None:
+        """Its model is unloaded: no snapshot of `load_id` is written, and one being
+        written lets go of the arena's memory (within one chunk) before this returns."""
+        save = self._saves.get(load_id)
+        if save is None:
+            return
+        with save.lock:
+            save.cancel.set()
+            copying = save.copying
+        if copying:
+            save.done.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Hear nothing more (a shutdown keeps what is on disk); a snapshot being written
+        is abandoned."""
+        self._stopped.set()
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    def _work(self) -> None:
+        with suppress(OSError):  # this thread only: loads and requests come first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        while (job := self._jobs.get()) is not None:
+            if self._stopped.is_set():
+                return
+            try:
+                job()
+            except InterruptedError:  # let go of, or stopped
+                continue
+            except Exception:
+                log.exception("snapshot work failed; the models it was for stay held")
+
+    def _save(self, save: _Save) -> None:
+        entry = save.entry
+        try:
+            recorded = self._recorded(entry.id)
+            if recorded is not None and recorded.model.load_id == entry.load_id:
+                return  # restored from it, or handed over with it
+            with save.lock:
+                if save.cancel.is_set():
+                    return
+                try:
+                    fds = self._arena_fds(entry.load_id)
+                except Exception:  # let go of meanwhile
+                    return
+                save.copying = True
+            try:
+                self._write(entry, save.spec_key, fds[0], save.cancel.is_set)
+            finally:
+                close_fds(fds)
+        finally:
+            save.done.set()
+            self._saves.pop(entry.load_id, None)
+
+    def _write(
+        self, entry: OfferedModel, spec_key: str, fd: int, cancelled: Callable[[], bool]
+    ) -> None:
+        size = os.fstat(fd).st_size
+        self.folder.mkdir(mode=0o700, exist_ok=True)
+        disk = os.statvfs(self.folder)
+        if size > SHARE * disk.f_bavail * disk.f_frsize:
+            log.info("no snapshot of %s: it would take over half the disk space left", entry.id)
+            return
+        sources = checkpoint_files(entry.facts.checkpoint)
+        self._remove(entry.id)  # an older load's: never beside this load's arena
+        partial_path = self.folder / f".{entry.id}.arena"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        target = os.open(partial_path, flags, 0o600)
+        try:
+            copy_fd(fd, target, size, lambda: cancelled() or self._stopped.is_set())
+            os.fsync(target)
+            os.posix_fadvise(target, 0, 0, os.POSIX_FADV_DONTNEED)
+        except BaseException:
+            os.close(target)
+            with suppress(OSError):
+                partial_path.unlink()
+            raise
+        os.close(target)
+        os.replace(partial_path, self._arena(entry.id))
+        info = SnapshotInfo(
+            protocol=PROTOCOL_VERSION, spec_key=spec_key, size=size, model=entry, sources=sources
+        )
+        partial_info = self.folder / f".{entry.id}.json"
+        partial_info.write_text(info.model_dump_json())
+        os.replace(partial_info, self._info(entry.id))
+        log.info("snapshot of %s written (%.0f MiB)", entry.id, size / 2**20)
+
+    def _drop(self, model_id: str, load_id: str) -> None:
+        recorded = self._recorded(model_id)
+        if recorded is None or recorded.model.load_id == load_id:
+            self._remove(model_id)
+
+    def _recorded(self, model_id: str) -> SnapshotInfo | None:
+        try:
+            with self._info(model_id).open("rb") as file:
+                return SnapshotInfo.model_validate_json(file.read(_INFO_BYTES))
+        except (OSError, ValidationError):
+            return None
+
+    def _remove(self, model_id: str) -> None:
+        for path in (self._info(model_id), self._arena(model_id)):
+            with suppress(FileNotFoundError):
+                path.unlink()
+
+    def _info(self, model_id: str) -> Path:
+        return self.folder / f"{model_id}.json"
+
+    def _arena(self, model_id: str) -> Path:
+        return self.folder / f"{model_id}.arena"

@@ -1,0 +1,164 @@
+"""Snapshots, for real: `basehold serve` writes a held model's arena to its state directory,
+and a start after a SIGKILL holds it again from there, without a loader; anything that no
+longer agrees is loaded again."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from service.serving.state.snapshots import FOLDER
+from service.worker.client import Client
+from tests.common.handles.arenas import arena_fds, sha256
+from tests.conftest import until
+from tests.reference import from_pretrained
+from tests.serving.state.test_restart import TOKENS, env_for, post, restart
+from tests.serving.test_server_e2e import Server, start, wait_ready
+
+pytestmark = pytest.mark.e2e
+
+NF4: dict[str, Any] = {
+    "dtype": "float32",
+    "quantization": {"method": "bnb-4bit", "quant_type": "nf4"},
+}
+
+
+@pytest.fixture
+def own_root(tmp_path: Path, models_root: Path) -> Path:
+    """Two copies of the session's Llama that a test may change."""
+    root = tmp_path / "models"
+    for name in ("llama", "llama-2"):
+        shutil.copytree(models_root / "llama", root / name)
+    return root
+
+
+def snapshot(tmp_path: Path, model_id: str) -> Path:
+    return tmp_path / "state" / FOLDER / f"{model_id}.arena"
+
+
+def written(tmp_path: Path, *model_ids: str) -> None:
+    """Wait until the snapshots of `model_ids` are on disk (written once they are ready)."""
+    folder = tmp_path / "state" / FOLDER
+    until(
+        lambda: all((folder / f"{m}.json").exists() for m in model_ids),
+        f"snapshots of {model_ids} written",
+    )
+
+
+def arena_hashes(server: Server) -> dict[str, str]:
+    """The sha256 of each arena the server holds, by memfd name."""
+    return {name: sha256(path) for name, path in arena_fds(server.pid).items()}
+
+
+def load(server: Server, root: Path, name: str, folder: str = "llama", **spec: Any) -> Any:
+    post(server, source=str(root / folder), name=name, **spec)
+    return wait_ready(server.url, name)
+
+
+def two_held(tmp_path: Path, root: Path, env: dict[str, str], b_folder: str = "llama") -> Server:
+    """A server holding `a` (fp32, from llama) and `b` (bf16), their snapshots written."""
+    server = start(tmp_path, [], env=env)
+    try:
+        load(server, root, "a", dtype="float32")
+        load(server, root, "b", b_folder, dtype="bfloat16")
+        written(tmp_path, "a", "b")
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def test_a_restart_holds_models_from_their_snapshots_without_a_load(
+    tmp_path: Path, own_root: Path
+) -> None:
+    env = env_for(own_root)
+    server = start(tmp_path, [], env=env)
+    try:
+        before = {
+            "f": load(server, own_root, "f", dtype="float32"),
+            "q": load(server, own_root, "q", **NF4),
+        }
+        written(tmp_path, "f", "q")
+        held = arena_hashes(server)
+        assert len(held) == 2
+
+        server = restart(server, tmp_path, env)
+        for model_id in ("f", "q"):
+            status = wait_ready(server.url, model_id)
+            assert status["timings"]["restored_at"] is not None
+            assert status["timings"]["ready_at"] == before[model_id]["timings"]["ready_at"]
+            assert f"restored {model_id} from its snapshot" in server.output()
+        assert arena_hashes(server) == held  # the same bytes, in new sealed memfds
+        assert "[loader " not in server.output().split("restored f from its snapshot")[-1]
+
+        nf4 = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        for model_id, spec in (("f", {}), ("q", {"quantization_config": nf4})):
+            reference = from_pretrained(
+                AutoModelForCausalLM, own_root / "llama", device_map="cpu", **spec
+            )
+            attached = Client(server.url).attach(model_id, holder="t", ttl_seconds=30)
+            with attached as model, torch.no_grad():
+                assert torch.equal(model(TOKENS).logits, reference(TOKENS).logits)
+    finally:
+        server.stop()
+
+
+def test_a_changed_checkpoint_or_a_damaged_snapshot_loads_again(
+    tmp_path: Path, own_root: Path
+) -> None:
+    env = env_for(own_root)
+    server = two_held(tmp_path, own_root, env, "llama-2")
+    try:
+        config = own_root / "llama" / "config.json"
+        os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+        with snapshot(tmp_path, "b").open("r+b") as arena:
+            arena.truncate(arena.seek(0, os.SEEK_END) - 1)
+
+        server = restart(server, tmp_path, env)
+        for model_id in ("a", "b"):
+            wait_ready(server.url, model_id)
+        log = server.output()
+        assert "not restoring a from its snapshot (its checkpoint's files changed since)" in log
+        assert "not restoring b from its snapshot (" in log and "bytes, " in log
+        assert "restored a from its snapshot" not in log
+        written(tmp_path, "a", "b")  # written again, from the models loaded again
+    finally:
+        server.stop()
+
+
+def test_snapshots_go_with_their_models_and_can_be_turned_off(
+    tmp_path: Path, own_root: Path
+) -> None:
+    env = env_for(own_root)
+    server = two_held(tmp_path, own_root, env)
+    try:
+        assert httpx.delete(f"{server.url}/v1/models/a", timeout=60).status_code == 204
+        until(lambda: not snapshot(tmp_path, "a").exists(), "a's snapshot removed")
+        assert snapshot(tmp_path, "b").exists()
+        (tmp_path / "state" / FOLDER / ".c.arena").write_bytes(b"half-written")
+
+        server = restart(server, tmp_path, env)  # the half-written one goes
+        wait_ready(server.url, "b")
+        assert "restored b from its snapshot" in server.output()
+        assert sorted(p.name for p in (tmp_path / "state" / FOLDER).iterdir()) == [
+            "b.arena",
+            "b.json",
+        ]
+
+        server = restart(server, tmp_path, {**env, "BASEHOLD_SNAPSHOTS": "false"})
+        wait_ready(server.url, "b")
+        assert "restored b from its snapshot" not in server.output()
+        assert not (tmp_path / "state" / FOLDER).exists()  # off: none kept
+        load(server, own_root, "d", dtype="float32")
+        assert not (tmp_path / "state" / FOLDER).exists()
+    finally:
+        server.stop()
