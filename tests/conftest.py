@@ -203,6 +203,9 @@ def make_client(models_root: Path, tmp_path: Path, socket_path: Path) -> Iterato
             "state_dir": tmp_path / f"state-{len(clients)}",
             "socket": socket_path.with_name(f"s{len(clients)}.sock"),
             "model_roots": [models_root, MINILM.parent],
+            # A snapshot's background copy holds a second fd of an arena for a moment:
+            # tests/serving/state/test_snapshots.py turns them on where they are the point.
+            "snapshots": False,
         }
         values.update(overrides)
         # A loopback Host: without API keys the service refuses other names.

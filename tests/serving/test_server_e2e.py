@@ -75,11 +75,14 @@ def sse(url: str, timeout: float = 30) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def server_env(tmp_path: Path) -> dict[str, str]:
     """State in `tmp_path`; the arena socket in a short private folder of its own
-    (AF_UNIX paths are limited to 107 bytes)."""
+    (AF_UNIX paths are limited to 107 bytes). No snapshots: their background copy holds a
+    second fd of an arena for a moment, which tests that count a server's fds would see;
+    tests/serving/state/test_snapshots.py turns them on."""
     tag = hashlib.sha1(str(tmp_path).encode()).hexdigest()[:10]
     return {
         "BASEHOLD_STATE_DIR": str(tmp_path / "state"),
         "BASEHOLD_SOCKET": f"/tmp/bh-e2e-{tag}/basehold.sock",
+        "BASEHOLD_SNAPSHOTS": "false",
     }
 
 

@@ -131,8 +131,9 @@ class SnapshotSource(Protocol):
         """Whether there is a snapshot of `model_id` to try (a cheap look, no check)."""
         ...
 
-    def take(self, model_id: str, spec_key: str) -> Adopted | None:
-        """The model's memory from its snapshot, or None where none still agrees."""
+    def take(self, model_id: str, spec_key: str, cancelled: Callable[[], bool]) -> Adopted | None:
+        """The model's memory from its snapshot, or None where none still agrees (or the
+        copy was `cancelled()`)."""
         ...
 
     def let_go(self, load_id: str) -> None:

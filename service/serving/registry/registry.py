@@ -327,6 +327,9 @@ class Registry:
                     record.loader = runner
         if let_go:
             self._loaders.discard(adopted.load_id)
+            with self._lock:
+                if record.state == State.CANCELLED:  # as `_run` ends a cancelled load
+                    self._transition(record, State.GONE)
             return True
         if runner is not None:
             self._watch(record, runner)  # it may have died meanwhile: failed at once
@@ -552,8 +555,13 @@ class Registry:
         with self._lock:
             if record.state != State.QUEUED or record.progress.cancel.is_set():
                 return False
-        adopted = self._snapshots.take(record.id, record.key)
-        return adopted is not None and self._adopt(record, adopted)
+        cancelled = record.progress.cancel.is_set
+        try:
+            adopted = self._snapshots.take(record.id, record.key, cancelled)
+            return adopted is not None and self._adopt(record, adopted)
+        except Exception:  # it is loaded instead
+            log.exception("restoring %s from its snapshot failed; loading it", record.id)
+            return False
 
     def _run(self, record: ModelRecord, token: str | None) -> None:
         if self._from_snapshot(record):

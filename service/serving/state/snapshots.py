@@ -14,9 +14,9 @@ snapshot and loads the model as usual.
 
 A snapshot goes when its model does (unloaded, evicted, failed, a load cancelled); one the
 state database no longer records is removed at the next start. A snapshot is written only
-when it takes at most half the disk space left (`SHARE`): snapshots never fill a disk. A
-SIGTERM leaves snapshots as they are, as it leaves the database's rows. With snapshots
-turned off (`BASEHOLD_SNAPSHOTS=false`), a start removes them all.
+when it takes at most half the disk space left (`SHARE`). A SIGTERM leaves snapshots as
+they are, as it leaves the database's rows. With snapshots turned off
+(`BASEHOLD_SNAPSHOTS=false`), a plain start removes them all.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from service.common.handles.memfd import new_memfd, seal
 from service.common.protocol.held import Held
 from service.common.protocol.messages import PROTOCOL_VERSION
 from service.common.protocol.wire import close_fds
-from service.serving.handover.messages import OfferedModel
+from service.serving.handover.messages import HANDLE_VERSION, OfferedModel
 from service.serving.registry.record import Adopted, ModelRecord
 from service.serving.registry.states import State
 
@@ -180,20 +180,27 @@ class Snapshots:
     def has(self, model_id: str) -> bool:
         return self._info(model_id).exists()
 
-    def take(self, model_id: str, spec_key: str) -> Adopted | None:
+    def take(
+        self, model_id: str, spec_key: str, cancelled: Callable[[], bool] = lambda: False
+    ) -> Adopted | None:
         """The recorded model `model_id` from its snapshot, held in a new sealed memfd;
-        None (its snapshot removed, if any) when there is none that still agrees."""
+        None (its snapshot removed, if any) when there is none that still agrees, or the
+        copy was `cancelled()`."""
         info_path = self._info(model_id)
-        if not info_path.exists():
+        if not info_path.is_file():
             return None
         try:
-            return self._take(model_id, spec_key, info_path)
-        except (OSError, ValueError) as exc:  # ValidationError and SnapshotUnusable too
+            return self._take(model_id, spec_key, info_path, cancelled)
+        except InterruptedError:
+            return None
+        except Exception as exc:  # whatever it is, the model is loaded instead
             log.warning("not restoring %s from its snapshot (%s): loading it", model_id, exc)
             self._remove(model_id)
             return None
 
-    def _take(self, model_id: str, spec_key: str, info_path: Path) -> Adopted:
+    def _take(
+        self, model_id: str, spec_key: str, info_path: Path, cancelled: Callable[[], bool]
+    ) -> Adopted:
         with info_path.open("rb") as file:
             info = SnapshotInfo.model_validate_json(file.read(_INFO_BYTES))
         model = info.model
@@ -204,6 +211,8 @@ class Snapshots:
         handle = host_handle(Held.from_manifest(model.facts))
         if handle is None or handle.arena.size != info.size:
             raise SnapshotUnusable("its facts are not those of an arena of its size")
+        if handle.version != HANDLE_VERSION:
+            raise SnapshotUnusable(f"handle version {handle.version}, {HANDLE_VERSION} here")
         if checkpoint_files(model.facts.checkpoint) != info.sources:
             raise SnapshotUnusable("its checkpoint's files changed since")
         source = os.open(self._arena(model_id), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -213,7 +222,7 @@ class Snapshots:
             check_header(source, handle.arena.data_start, handle.entries)
             fd = new_memfd(handle.arena.name.removeprefix("basehold:"))
             try:
-                copy_fd(source, fd, info.size, uncache_source=True)
+                copy_fd(source, fd, info.size, cancelled, uncache_source=True)
                 seal(fd)
             except BaseException:
                 os.close(fd)
@@ -246,7 +255,10 @@ class Snapshots:
             self._saves[record.load_id] = save
             self._jobs.put(partial(self._save, save))
         elif target in _DROPPED:
-            self._jobs.put(partial(self._drop, record.id, record.load_id))
+            # A restored model let go of before it was held again: its recorded snapshot
+            # is of an earlier load.
+            restored = record.restored_at is not None and previous != State.READY
+            self._jobs.put(partial(self._drop, record.id, None if restored else record.load_id))
 
     def let_go(self, load_id: str, timeout: float = 10.0) -> None:
         """Its model is unloaded: no snapshot of `load_id` is written, and one being
@@ -295,49 +307,81 @@ class Snapshots:
                     return
                 save.copying = True
             try:
-                self._write(entry, save.spec_key, fds[0], save.cancel.is_set)
+                written = self._copy(entry, fds[0], save.cancel.is_set)
             finally:
-                close_fds(fds)
+                close_fds(fds)  # before the sync: an unload waits for this, not the disk
+                save.done.set()
         finally:
             save.done.set()
             self._saves.pop(entry.load_id, None)
+        if written is not None:
+            self._publish(entry, save, *written)
 
-    def _write(
-        self, entry: OfferedModel, spec_key: str, fd: int, cancelled: Callable[[], bool]
-    ) -> None:
+    def _copy(
+        self, entry: OfferedModel, fd: int, cancelled: Callable[[], bool]
+    ) -> tuple[Path, int, list[SourceFile]] | None:
+        """The arena copied to a file of this process's own (its path, size, and the
+        checkpoint's files as they are now); None where the disk has no room for it."""
         size = os.fstat(fd).st_size
         self.folder.mkdir(mode=0o700, exist_ok=True)
         disk = os.statvfs(self.folder)
         if size > SHARE * disk.f_bavail * disk.f_frsize:
             log.info("no snapshot of %s: it would take over half the disk space left", entry.id)
-            return
+            return None
         sources = checkpoint_files(entry.facts.checkpoint)
-        self._remove(entry.id)  # an older load's: never beside this load's arena
-        partial_path = self.folder / f".{entry.id}.arena"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-        target = os.open(partial_path, flags, 0o600)
+        # Named for this process and load: a predecessor handing over may write one too.
+        partial = self.folder / f".{entry.id}.{entry.load_id}.{os.getpid()}.arena"
+        target = self._create(partial)
         try:
             copy_fd(fd, target, size, lambda: cancelled() or self._stopped.is_set())
-            os.fsync(target)
-            os.posix_fadvise(target, 0, 0, os.POSIX_FADV_DONTNEED)
         except BaseException:
             os.close(target)
-            with suppress(OSError):
-                partial_path.unlink()
+            partial.unlink(missing_ok=True)
             raise
         os.close(target)
-        os.replace(partial_path, self._arena(entry.id))
-        info = SnapshotInfo(
-            protocol=PROTOCOL_VERSION, spec_key=spec_key, size=size, model=entry, sources=sources
-        )
-        partial_info = self.folder / f".{entry.id}.json"
-        partial_info.write_text(info.model_dump_json())
-        os.replace(partial_info, self._info(entry.id))
+        return partial, size, sources
+
+    def _publish(
+        self, entry: OfferedModel, save: _Save, partial: Path, size: int, sources: list[SourceFile]
+    ) -> None:
+        """Sync the copied arena to the disk, then put it and its description in place,
+        unless its model was let go of meanwhile."""
+        try:
+            target = os.open(partial, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                os.fsync(target)
+                os.posix_fadvise(target, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(target)
+            if save.cancel.is_set() or self._stopped.is_set():
+                return
+            info = SnapshotInfo(
+                protocol=PROTOCOL_VERSION,
+                spec_key=save.spec_key,
+                size=size,
+                model=entry,
+                sources=sources,
+            )
+            self._remove(entry.id)  # an older load's: never beside this load's arena
+            os.replace(partial, self._arena(entry.id))
+            described = partial.with_suffix(".json")
+            description = self._create(described)
+            with os.fdopen(description, "w") as file:
+                file.write(info.model_dump_json())
+            os.replace(described, self._info(entry.id))
+        finally:
+            partial.unlink(missing_ok=True)
         log.info("snapshot of %s written (%.0f MiB)", entry.id, size / 2**20)
 
-    def _drop(self, model_id: str, load_id: str) -> None:
+    @staticmethod
+    def _create(path: Path) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        return os.open(path, flags, 0o600)
+
+    def _drop(self, model_id: str, load_id: str | None) -> None:
+        """`load_id` None: the model's, whatever load it records."""
         recorded = self._recorded(model_id)
-        if recorded is None or recorded.model.load_id == load_id:
+        if recorded is None or load_id is None or recorded.model.load_id == load_id:
             self._remove(model_id)
 
     def _recorded(self, model_id: str) -> SnapshotInfo | None:
@@ -349,8 +393,10 @@ class Snapshots:
 
     def _remove(self, model_id: str) -> None:
         for path in (self._info(model_id), self._arena(model_id)):
-            with suppress(FileNotFoundError):
-                path.unlink()
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove the snapshot file %s: %s", path, exc)
 
     def _info(self, model_id: str) -> Path:
         return self.folder / f"{model_id}.json"

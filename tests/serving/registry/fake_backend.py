@@ -23,6 +23,7 @@ from service.common.protocol.wire import close_fds
 from service.serving.leases.leases import LeaseTable
 from service.serving.memory.admission import Budget
 from service.serving.memory.nvml import GpuMemory
+from service.serving.registry.backend import SnapshotSource
 from service.serving.registry.gate import MemoryGate, MemoryPolicy
 from service.serving.registry.record import ModelRecord
 from service.serving.registry.registry import Registry
@@ -263,7 +264,7 @@ class FakeBackend:
             elif isinstance(step, Fail):
                 raise relayed(step.code, step.message, step.status)
             elif isinstance(step, Ready):
-                held = _held(step)
+                held = held_of(step)
                 self.held[loader.load_id] = loader
                 if not step.runner:
                     loader.exit(0)  # it handed its fds over
@@ -298,7 +299,7 @@ class FakeBackend:
             load.kill()
 
 
-def _held(step: Ready) -> Held:
+def held_of(step: Ready) -> Held:
     placed = Placed(shareable=False, reason="a fake runner holds it") if step.runner else None
     return Held(
         task=Task.CAUSAL_LM,
@@ -348,6 +349,7 @@ def make_registry(
     max_concurrent_loads: int = 2,
     roots: Sequence[Path] = (),
     gpus_seen: int = 0,
+    snapshots: SnapshotSource | None = None,
 ) -> Setup:
     """A registry over a `FakeBackend`, with a host memory budget of `budget` bytes and no
     GPU memory (`gpus_seen`: how many GPUs the CUDA seam says there are; `roots`: where
@@ -362,6 +364,7 @@ def make_registry(
         leases,
         max_concurrent_loads=max_concurrent_loads,
         allow_remote_code=False,
+        snapshots=snapshots,
     )
     history: list[tuple[str, str, str]] = []
 

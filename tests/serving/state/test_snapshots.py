@@ -78,7 +78,7 @@ def two_held(tmp_path: Path, root: Path, env: dict[str, str], b_folder: str = "l
 def test_a_restart_holds_models_from_their_snapshots_without_a_load(
     tmp_path: Path, own_root: Path
 ) -> None:
-    env = env_for(own_root)
+    env = env_for(own_root, BASEHOLD_SNAPSHOTS="true")
     server = start(tmp_path, [], env=env)
     try:
         before = {
@@ -115,7 +115,7 @@ def test_a_restart_holds_models_from_their_snapshots_without_a_load(
 def test_a_changed_checkpoint_or_a_damaged_snapshot_loads_again(
     tmp_path: Path, own_root: Path
 ) -> None:
-    env = env_for(own_root)
+    env = env_for(own_root, BASEHOLD_SNAPSHOTS="true")
     server = two_held(tmp_path, own_root, env, "llama-2")
     try:
         config = own_root / "llama" / "config.json"
@@ -138,7 +138,7 @@ def test_a_changed_checkpoint_or_a_damaged_snapshot_loads_again(
 def test_snapshots_go_with_their_models_and_can_be_turned_off(
     tmp_path: Path, own_root: Path
 ) -> None:
-    env = env_for(own_root)
+    env = env_for(own_root, BASEHOLD_SNAPSHOTS="true")
     server = two_held(tmp_path, own_root, env)
     try:
         assert httpx.delete(f"{server.url}/v1/models/a", timeout=60).status_code == 204
