@@ -201,8 +201,7 @@ class Snapshots:
     def _take(
         self, model_id: str, spec_key: str, info_path: Path, cancelled: Callable[[], bool]
     ) -> Adopted:
-        with info_path.open("rb") as file:
-            info = SnapshotInfo.model_validate_json(file.read(_INFO_BYTES))
+        info = self._description(info_path)
         model = info.model
         if model.id != model_id or info.spec_key != spec_key:
             raise SnapshotUnusable("it holds another model or spec")
@@ -310,7 +309,6 @@ class Snapshots:
                 written = self._copy(entry, fds[0], save.cancel.is_set)
             finally:
                 close_fds(fds)  # before the sync: an unload waits for this, not the disk
-                save.done.set()
         finally:
             save.done.set()
             self._saves.pop(entry.load_id, None)
@@ -386,10 +384,14 @@ class Snapshots:
 
     def _recorded(self, model_id: str) -> SnapshotInfo | None:
         try:
-            with self._info(model_id).open("rb") as file:
-                return SnapshotInfo.model_validate_json(file.read(_INFO_BYTES))
+            return self._description(self._info(model_id))
         except (OSError, ValidationError):
             return None
+
+    @staticmethod
+    def _description(path: Path) -> SnapshotInfo:
+        with path.open("rb") as file:
+            return SnapshotInfo.model_validate_json(file.read(_INFO_BYTES))
 
     def _remove(self, model_id: str) -> None:
         for path in (self._info(model_id), self._arena(model_id)):
