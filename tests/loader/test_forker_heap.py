@@ -1,0 +1,45 @@
+"""A loader forked by the template shares the template's heap: its collections do not visit
+(and so do not write to, copying their pages) the objects it inherited. The control run,
+a plain `os.fork()`, shows that a child's collection does copy them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+PROGRAM = """
+import gc, os, sys
+from pathlib import Path
+
+from service.loader.forker import fork_sharing_heap
+
+def private_dirty():
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1]) * 1024
+
+held = [[i] for i in range(1_000_000)]  # ~70 MiB of objects the collector tracks
+gc.collect()
+read, write = os.pipe()
+pid = fork_sharing_heap() if sys.argv[1] == "template" else os.fork()
+if pid == 0:
+    before = private_dirty()
+    gc.collect()
+    os.write(write, str(private_dirty() - before).encode())
+    os._exit(0)
+os.close(write)
+os.waitpid(pid, 0)
+print(os.read(read, 64).decode())
+"""
+
+
+def _copied_by_a_collection(fork: str) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", PROGRAM, fork], capture_output=True, text=True, check=True
+    )
+    return int(done.stdout.strip())
+
+
+def test_a_loaders_collection_leaves_the_templates_heap_shared() -> None:
+    assert _copied_by_a_collection("plain") > 32 << 20  # the control: it copies the heap
+    assert _copied_by_a_collection("template") < 4 << 20
