@@ -16,7 +16,7 @@ from service.common.errors import ModelNotReady
 from service.common.handles.descriptor import Provenance
 from service.common.handles.devices import CUDA, DeviceSegments
 from service.common.protocol.held import Placed
-from service.loader.direct import Prefetch
+from service.loader.ahead import Ahead
 from service.loader.placement import PrivateMemory
 from service.loader.share import NotShareableModel, Shared, share
 
@@ -47,7 +47,7 @@ class ArenaPlacement:
         model: nn.Module,
         files: Sequence[Path],
         provenance: Provenance,
-        prefetch: Prefetch | None = None,
+        prefetch: Ahead | None = None,
     ) -> Placed:
         try:
             shared = share(

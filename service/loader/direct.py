@@ -23,6 +23,7 @@ import mmap
 import os
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from service.loader.tasks import auto_class
 log = logging.getLogger("basehold.loading")
 
 _CHUNK = 64 * 1024 * 1024  # bytes per sendfile call: a cancelled copy stops within one
-_PADDING = "__basehold_padding__"  # aligns what is appended after the files' data
+PADDING = "__basehold_padding__"  # aligns what is appended after the files' data
 _UNKNOWN = "?"  # a config dtype of no safetensors code: no file has it
 Placed = Callable[[str, torch.Tensor], None]
 
@@ -73,7 +74,7 @@ def _identity(path: Path) -> tuple[int, int, int]:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def _sections(files: Sequence[Path]) -> list[_Section]:
+def sections(files: Sequence[Path]) -> list[_Section]:
     sections, base = [], 0
     for path in files:
         entries = read_safetensors_header(path)
@@ -91,6 +92,13 @@ def _sections(files: Sequence[Path]) -> list[_Section]:
     return sections
 
 
+def data_start_for(sections: Sequence[_Section]) -> int:
+    """Where an arena of these files' tensors puts its data: room for a header twice the
+    size of theirs (names, shapes; a renamed key may be longer), page-aligned."""
+    header_room = sum(s.data_begin for s in sections)
+    return -(-(2 * header_room + 4 * PAGE) // PAGE) * PAGE
+
+
 def _target_dtype(spec: LoadRequest, config: Any) -> str | None:
     """The safetensors code every floating tensor must already have; None: any one code."""
     if spec.dtype != DType.AUTO:
@@ -101,18 +109,18 @@ def _target_dtype(spec: LoadRequest, config: Any) -> str | None:
     return DTYPE_CODES.get(dtype, _UNKNOWN) if dtype is not None else None
 
 
-def applies(
-    spec: LoadRequest, config: Any, task: Task, files: Sequence[Path], cuda: CudaProbe
-) -> bool:
-    """Whether transformers will keep this load's weights as the files have them, on the
-    host: then `Prefetch` is worth starting (`adopt` checks what really happened)."""
+def host_plain(spec: LoadRequest, config: Any, files: Sequence[Path], cuda: CudaProbe) -> bool:
+    """Whether transformers loads this on the host, from safetensors files, making no
+    tensors of its own (no quantization, offload, new head, remote code, fused checkpoint
+    tensors): the files' tensors go into the arena as they are (`Prefetch`) or cast
+    (`service.loader.cast_arena`)."""
     if spec.quantization is not None or spec.offload or spec.max_memory is not None:
         return False
     if spec.num_labels is not None or getattr(config, "auto_map", None):
         return False  # a new head; remote code is never shared
     if getattr(config, "quantization_config", None) is not None:
         return False  # quantized in the files: transformers builds its own tensors
-    if _converted(config) or _kept_in_float32(config, task, spec):
+    if _converted(config):
         return False  # new tensors: the copy would only add a second model
     if not files or any(path.suffix != ".safetensors" for path in files):
         return False
@@ -120,6 +128,14 @@ def applies(
     if not isinstance(device_map, str) or device_map.startswith("cuda"):
         return False
     return device_map == "cpu" or cuda.device_count() == 0  # asked last: it may start CUDA
+
+
+def applies(
+    spec: LoadRequest, config: Any, task: Task, files: Sequence[Path], cuda: CudaProbe
+) -> bool:
+    """Whether transformers will keep this load's weights as the files have them, on the
+    host: then `Prefetch` is worth starting (`adopt` checks what really happened)."""
+    return not _kept_in_float32(config, task, spec) and host_plain(spec, config, files, cuda)
 
 
 def _kept_in_float32(config: Any, task: Task, spec: LoadRequest) -> bool:
@@ -166,20 +182,19 @@ class Prefetch:
         cls, name: str, spec: LoadRequest, config: Any, files: Sequence[Path]
     ) -> Prefetch | None:
         """Start the copy, or None when the files' dtypes say transformers will convert."""
-        sections = _sections(files)
-        codes = {code for s in sections for _, code in s.tensors.values()}
+        parts = sections(files)
+        codes = {code for s in parts for _, code in s.tensors.values()}
         floating = codes & {"F64", "F32", "F16", "BF16"}
         wanted = _target_dtype(spec, config)
         if len(floating) > 1 or (wanted is not None and floating - {wanted}):
             return None
         if codes - set(DTYPE_CODES.values()):
             return None  # a dtype the arena cannot describe: the model is held privately
-        header_room = sum(s.data_begin for s in sections)  # their headers: names, shapes
-        data_start = -(-(2 * header_room + 4 * PAGE) // PAGE) * PAGE
-        prefetch = cls(name, sections, data_start, new_memfd(name))
+        data_start = data_start_for(parts)
+        prefetch = cls(name, parts, data_start, new_memfd(name))
         try:
             assert prefetch.fd is not None
-            os.ftruncate(prefetch.fd, data_start + sum(s.size for s in sections))
+            os.ftruncate(prefetch.fd, data_start + sum(s.size for s in parts))
             thread = threading.Thread(target=prefetch._copy, name="arena-copy", daemon=True)
             thread.start()
             prefetch._thread = thread
@@ -187,6 +202,10 @@ class Prefetch:
             prefetch.close()
             raise
         return prefetch
+
+    def loading(self) -> AbstractContextManager[None]:
+        """What the load runs within: nothing (the copy runs beside it, on its own)."""
+        return nullcontext()
 
     def _copy(self) -> None:
         assert self.fd is not None
@@ -243,24 +262,10 @@ class Prefetch:
             return None
         assert self.fd is not None
         fd, data_start = self.fd, self.data_start
-        entries.sort(key=lambda e: e.offset)
-        try:
-            head = header(entries, data_start)
-        except ValueError:
+        written = write_rest(fd, data_start, entries, extras, tensors, placed)
+        if written is None:
             return None
-        size = data_start + max((e.offset + e.nbytes for e in entries), default=0)
-        os.ftruncate(fd, size)
-        write_all(fd, head, 0)
-        for entry in extras:
-            flat = tensors[entry.name].detach().contiguous().reshape(-1)
-            if flat.numel():
-                write_all(fd, flat.view(torch.uint8).numpy().data, data_start + entry.offset)
-        mapping = map_own(fd)
-        for name, view in views(
-            mapping, [e for e in entries if e.name != _PADDING], data_start
-        ).items():
-            del tensors[name]
-            placed(name, view)
+        size, mapping = written
         seal(fd)
         self.fd = None  # the arena's now
         log.debug(
@@ -306,8 +311,41 @@ class Prefetch:
             )
         if len(used) != sum(len(s.tensors) for s in self.sections):
             return None  # bytes no tensor would use: the usual path writes only what is held
-        extras = _appended(rest, sum(s.size for s in self.sections))
-        return [*entries, *extras], [e for e in extras if e.name != _PADDING]
+        extras = appended(rest, sum(s.size for s in self.sections))
+        return [*entries, *extras], [e for e in extras if e.name != PADDING]
+
+
+def write_rest(
+    fd: int,
+    data_start: int,
+    entries: list[ArenaEntry],
+    extras: list[ArenaEntry],
+    tensors: dict[str, torch.Tensor],
+    placed: Placed,
+) -> tuple[int, mmap.mmap] | None:
+    """Finish an arena whose data is in `fd` but for `extras`: the header, the extras, a
+    read-only mapping, and each tensor of `tensors` re-pointed there (`placed`) and taken
+    out. Returns its size and the mapping (`entries` sorted by offset); None (nothing
+    written) when the header does not fit before `data_start`. The caller seals it."""
+    entries.sort(key=lambda e: e.offset)
+    try:
+        head = header(entries, data_start)
+    except ValueError:
+        return None
+    size = data_start + max((e.offset + e.nbytes for e in entries), default=0)
+    os.ftruncate(fd, size)
+    write_all(fd, head, 0)
+    for entry in extras:
+        flat = tensors[entry.name].detach().contiguous().reshape(-1)
+        if flat.numel():
+            write_all(fd, flat.view(torch.uint8).numpy().data, data_start + entry.offset)
+        del flat
+    mapping = map_own(fd)
+    held = [e for e in entries if not e.name.startswith(PADDING)]
+    for name, view in views(mapping, held, data_start).items():
+        del tensors[name]
+        placed(name, view)
+    return size, mapping
 
 
 def _in_files(
@@ -326,7 +364,7 @@ def _in_files(
     return None
 
 
-def _appended(rest: list[tuple[str, torch.Tensor]], start: int) -> list[ArenaEntry]:
+def appended(rest: list[tuple[str, torch.Tensor]], start: int) -> list[ArenaEntry]:
     """Entries for tensors with no bytes in the files, after them (largest element first,
     a padding entry where the first one would be misaligned: safetensors allows no holes)."""
     planned = plan_entries(rest)
@@ -335,9 +373,7 @@ def _appended(rest: list[tuple[str, torch.Tensor]], start: int) -> list[ArenaEnt
     align = max(TORCH_DTYPES[e.dtype].itemsize for e in planned)
     pad = -start % align
     padding = (
-        [ArenaEntry(name=_PADDING, dtype="U8", shape=[pad], offset=start, nbytes=pad)]
-        if pad
-        else []
+        [ArenaEntry(name=PADDING, dtype="U8", shape=[pad], offset=start, nbytes=pad)] if pad else []
     )
     shifted = [
         ArenaEntry(

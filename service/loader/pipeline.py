@@ -8,6 +8,7 @@ import errno
 import logging
 import shutil
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import Enum
@@ -41,6 +42,8 @@ from service.common.load.spec import LoadRequest, Task
 from service.common.protocol.held import Held
 from service.common.torch_cuda import TorchCuda
 from service.loader import direct, hub
+from service.loader.ahead import Ahead
+from service.loader.cast_arena import CastArena
 from service.loader.checkpoint import (
     CheckpointInfo,
     confine_folder,
@@ -254,21 +257,26 @@ def translate(exc: BaseException) -> BaseholdError:
     return BaseholdError(f"{type(exc).__name__}: {exc}")
 
 
-def _prefetch(load_id: str, prepared: Prepared, ctx: LoadContext) -> Prefetch | None:
-    """The checkpoint's bytes copied into the arena while transformers loads, where the
-    load keeps them as they are (`service.loader.direct`). Only a speed-up: a failure to
-    start it is logged and the load goes on without it."""
+def _prefetch(load_id: str, prepared: Prepared, ctx: LoadContext) -> Ahead | None:
+    """The arena written while transformers loads, where the load keeps the files' tensors
+    as they are (their bytes copied: `service.loader.direct`) or casts them (the casts
+    write into it: `service.loader.cast_arena`). Only a speed-up: a failure to start it is
+    logged and the load goes on without it."""
     spec, resolved = prepared.spec, prepared.resolved
     files = prepared.checkpoint.weight_files
     if not ctx.placement.takes_prefetch:
         return None
     try:
-        if not direct.applies(spec, resolved.config, resolved.task, files, ctx.cuda):
+        if not direct.host_plain(spec, resolved.config, files, ctx.cuda):
             return None
-        return Prefetch.start(load_id, spec, resolved.config, files)
+        if direct.applies(spec, resolved.config, resolved.task, files, ctx.cuda):
+            prefetch = Prefetch.start(load_id, spec, resolved.config, files)
+            if prefetch is not None:
+                return prefetch
+        return CastArena.start(load_id, files)
     except Exception:
         log.warning(
-            "copying %s into its arena ahead failed; loading without", load_id, exc_info=True
+            "writing %s into its arena ahead failed; loading without", load_id, exc_info=True
         )
         return None
 
@@ -287,7 +295,7 @@ def load_and_place(
     progress.set_phase(loader.phase)
     prefetch = _prefetch(load_id, prepared, ctx)
     try:
-        with tracking(progress, prepared.checkpoint.tensor_bytes):
+        with tracking(progress, prepared.checkpoint.tensor_bytes), _within(prefetch):
             model = loader.load(spec, resolved.path, resolved.task, resolved.config, offload)
         progress.set_phase(Phase.SHARING)
         provenance = provenance_of(spec.source, resolved.revision, spec.base_model)
@@ -313,6 +321,10 @@ def load_and_place(
         allowed=resolved.allowed,
     )
     return LoadedModel(model, facts)
+
+
+def _within(ahead: Ahead | None) -> AbstractContextManager[None]:
+    return nullcontext() if ahead is None else ahead.loading()
 
 
 def discard(load_id: str, ctx: LoadContext, keep_until: datetime | None = None) -> None:

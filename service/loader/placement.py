@@ -16,14 +16,15 @@ from torch import nn
 
 from service.common.handles.descriptor import Provenance
 from service.common.protocol.held import Placed
-from service.loader.direct import Prefetch
+from service.loader.ahead import Ahead
 from service.loader.resident import copy_out_of_files
 
 
 class Placement(Protocol):
     """Placements are keyed by `load_id` (unique per load), never by the model id alone.
-    `takes_prefetch`: whether `place` makes use of the checkpoint's bytes copied into a
-    memfd while the model loads (`service.loader.direct`); the caller closes it after."""
+    `takes_prefetch`: whether `place` makes use of an arena written while the model loads
+    (`service.loader.ahead`: the checkpoint's bytes copied, or the casts written into a
+    memfd); the caller closes it after."""
 
     takes_prefetch: bool
 
@@ -34,7 +35,7 @@ class Placement(Protocol):
         model: nn.Module,
         files: Sequence[Path],
         provenance: Provenance,
-        prefetch: Prefetch | None = None,
+        prefetch: Ahead | None = None,
     ) -> Placed: ...
 
     def release(self, load_id: str, keep_until: datetime | None = None) -> None: ...
@@ -53,7 +54,7 @@ class PrivateMemory:
         model: nn.Module,
         files: Sequence[Path],
         provenance: Provenance,
-        prefetch: Prefetch | None = None,
+        prefetch: Ahead | None = None,
     ) -> Placed:
         copy_out_of_files(model, files)
         return Placed(shareable=False, reason="this server keeps models in private memory")

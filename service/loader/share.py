@@ -24,7 +24,7 @@ from service.common.handles.descriptor import (
 from service.common.handles.devices import CUDA, DeviceSegments
 from service.common.handles.repack import disable_cpu_repack
 from service.loader import rebind, segment_fill
-from service.loader.direct import Prefetch
+from service.loader.ahead import Ahead
 from service.loader.shareable import NotShareableModel
 
 __all__ = ["NotShareableModel", "Shared", "share"]
@@ -167,13 +167,14 @@ def share(
     devices: DeviceSegments = CUDA,
     name: str | None = None,
     provenance: Provenance | None = None,
-    prefetch: Prefetch | None = None,
+    prefetch: Ahead | None = None,
 ) -> Shared:
     """Write the arena (host tensors) and device segments (GPU tensors), re-point `model`
     to them, and describe both for workers, who fetch the arena from `socket`. `name`
-    names the memfd (default: the model id). `prefetch`: the checkpoint's bytes copied into
-    a memfd already (`service.loader.direct`), made the arena where the model holds them as
-    they are. The caller owns `Shared.fd` (and still closes `prefetch`)."""
+    names the memfd (default: the model id). `prefetch`: the arena written while the model
+    loaded (`service.loader.ahead`: the checkpoint's bytes copied, or the casts written into
+    it), made the arena where the model holds those bytes. The caller owns `Shared.fd` (and
+    still closes `prefetch`)."""
     _check(model, devices)
     plan = _Plan()
     parameters = {n: plan.entry(n, p) for n, p in model.named_parameters(remove_duplicate=False)}

@@ -57,6 +57,16 @@ def _arena_bytes(shared: Shared) -> bytes:
     return os.pread(shared.fd, shared.arena.size, 0)
 
 
+def arena_context(tmp_path: Path) -> LoadContext:
+    """A loader's context for checkpoints under `tmp_path/models`, placing into arenas."""
+    return LoadContext(
+        roots=[tmp_path / "models"],
+        offload_root=tmp_path / "offload",
+        placement=ArenaPlacement(Path(SOCKET)),
+        cuda=FakeCuda(0),
+    )
+
+
 def _logits(model: Any) -> torch.Tensor:
     with torch.no_grad():
         return model(TOKENS).logits
@@ -278,13 +288,13 @@ def test_a_closed_prefetch_frees_its_memfd(tmp_path: Path) -> None:
 def test_what_follows_the_files_is_aligned_with_a_padding_entry() -> None:
     """safetensors allows no holes: a float32 buffer after files whose data ends on an odd
     count of bfloat16 values starts after a two-byte padding entry."""
-    entries = direct._appended([("b", torch.zeros(3)), ("a", torch.zeros(2, dtype=torch.int8))], 6)
+    entries = direct.appended([("b", torch.zeros(3)), ("a", torch.zeros(2, dtype=torch.int8))], 6)
     assert [(e.name, e.dtype, e.offset, e.nbytes) for e in entries] == [
         ("__basehold_padding__", "U8", 6, 2),
         ("b", "F32", 8, 12),
         ("a", "I8", 20, 2),
     ]
-    assert direct._appended([("b", torch.zeros(3))], 8)[0].offset == 8
+    assert direct.appended([("b", torch.zeros(3))], 8)[0].offset == 8
 
 
 def test_a_model_type_whose_tensors_transformers_fuses_is_not_prefetched(tmp_path: Path) -> None:
@@ -299,12 +309,7 @@ def test_a_load_through_the_pipeline_is_placed_directly(
     """The whole loader path (prepare, load_and_place, ArenaPlacement): the arena keeps the
     checkpoint's layout, so the copy made while transformers loaded is the arena."""
     path = checkpoints.llama(tmp_path / "models" / "llama")
-    ctx = LoadContext(
-        roots=[tmp_path / "models"],
-        offload_root=tmp_path / "offload",
-        placement=ArenaPlacement(Path(SOCKET)),
-        cuda=FakeCuda(0),
-    )
+    ctx = arena_context(tmp_path)
     spec = LoadRequest.model_validate({"source": str(path), "dtype": "auto"})
     with caplog.at_level("DEBUG", logger="basehold.loading"):
         load_and_place("m", "load-1", prepare(spec, None, ctx), ctx, Progress())

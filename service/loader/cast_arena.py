@@ -1,0 +1,263 @@
+"""Cast into the arena: a CPU load whose weights transformers casts (a float32 checkpoint
+loaded in bfloat16, say) gets each cast written straight into its place in the arena's
+memfd, instead of into private memory first and copied into the arena after (one pass over
+the model's bytes instead of two, and no second copy of the model at any time).
+
+While the load runs (`loading`), two of transformers' loading steps are wrapped, in this
+loader process only: the step that reads each checkpoint tensor and casts it
+(`_materialize_copy`) reads it and leaves the cast for later, noting the dtype it was to
+get; the step that sets it in the model (`set_param_for_module`) casts it into the arena,
+where the model built on the meta device says it goes, or, for a tensor the plan has no
+place of its shape and dtype for, casts it as transformers would have. transformers still
+builds the model, renames keys, ties weights and picks every tensor's dtype.
+
+`adopt` then appends what the arena does not hold yet (computed buffers), writes the
+header, re-points the model to a read-only mapping, drops the writable one and seals, as
+`direct.Prefetch.adopt` does. Where that does not fit (a planned place no tensor took, a
+header larger than its room), it returns None and the usual path (`stream_arena`) writes
+the arena from the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.common.handles.arena import (
+    DTYPE_CODES,
+    PAGE,
+    Arena,
+)
+from service.common.handles.descriptor import ArenaEntry
+from service.common.handles.memfd import new_memfd, seal
+from service.loader.direct import (
+    PADDING,
+    Placed,
+    appended,
+    data_start_for,
+    sections,
+    write_rest,
+)
+from service.loader.shareable import NotShareableModel
+
+log = logging.getLogger("basehold.loading")
+
+_CAST_TO = "_basehold_cast_to"  # set on a tensor read but not cast yet: the dtype it gets
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
+
+
+class CastArena:
+    """The arena's memfd, written by the casts themselves in the order they come: each cast
+    takes the next place (aligned to its element, a padding entry over any gap) in a
+    range reserved at the first one for the model built on the meta device."""
+
+    def __init__(self, name: str, data_start: int) -> None:
+        self.name = name
+        self.data_start = data_start
+        self.fd: int | None = None
+        self._mapping: mmap.mmap | None = None
+        self._reserved: int | None = None  # None: nothing cast yet; 0: no room to cast into
+        self._slots: dict[str, tuple[ArenaEntry, torch.Tensor]] = {}
+        self._gaps: list[ArenaEntry] = []
+        self._end = 0  # where the next cast goes, from the data's start
+        self._pending = 0  # tensors read and not cast yet
+        self._lock = threading.Lock()  # transformers may read in a thread pool
+
+    @classmethod
+    def start(cls, name: str, files: Sequence[Path]) -> CastArena:
+        return cls(name, data_start_for(sections(files)))
+
+    @contextmanager
+    def loading(self) -> Iterator[None]:
+        """Within: transformers' loads cast into the arena (see the module's docstring)."""
+        from transformers import core_model_loading as steps
+
+        read = getattr(steps, "_materialize_copy", None)
+        put = getattr(steps, "set_param_for_module", None)
+        if read is None or put is None:  # another transformers: the usual path
+            log.debug("%s: transformers has no loading steps to cast into the arena", self.name)
+            yield
+            return
+
+        def read_later(tensor: Any, device: Any = None, dtype: Any = None) -> torch.Tensor:
+            if dtype is None or not _host(device):
+                return read(tensor, device, dtype)
+            out: torch.Tensor = tensor[...]
+            setattr(out, _CAST_TO, dtype)
+            with self._lock:
+                self._pending += 1
+            return out
+
+        def put_cast(model: Any, target_name: str, value: Any, info: Any, quantizer: Any) -> Any:
+            dtype = getattr(value, _CAST_TO, None)
+            if isinstance(value, torch.Tensor) and dtype is not None:
+                with self._lock:
+                    self._pending -= 1
+                value = self._cast(model, target_name, value, dtype)
+            return put(model, target_name, value, info, quantizer)
+
+        steps._materialize_copy = read_later
+        steps.set_param_for_module = put_cast  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            steps._materialize_copy, steps.set_param_for_module = read, put
+        if self._pending:  # a conversion step in between: some tensors kept the file's dtype
+            raise RuntimeError(
+                f"{self._pending} tensors were read for a cast into the arena and never set"
+            )
+
+    def _cast(self, model: Any, name: str, value: torch.Tensor, dtype: torch.dtype) -> Any:
+        if self._reserved is None:
+            self._reserved = self._reserve(model)
+        nbytes = value.numel() * dtype.itemsize
+        offset = -(-self._end // dtype.itemsize) * dtype.itemsize
+        if (
+            not nbytes
+            or name in self._slots
+            or dtype not in DTYPE_CODES
+            or offset + nbytes > self._reserved
+        ):
+            return value.to(dtype=dtype)  # appended to the arena later, if the model keeps it
+        assert self.fd is not None and self._mapping is not None
+        try:  # the pages at once, not a fault each
+            os.posix_fallocate(self.fd, self.data_start + offset, nbytes)
+        except OSError as exc:
+            log.warning("%s: no more memory to cast into (%s); casting as usual", self.name, exc)
+            self._reserved = 0
+            return value.to(dtype=dtype)
+        where = self.data_start + offset
+        begin = where // PAGE * PAGE
+        with suppress(OSError, ValueError):  # an older kernel: the cast faults them in
+            self._mapping.madvise(_MADV_POPULATE_WRITE, begin, where + nbytes - begin)
+        if offset > self._end:
+            gap = f"{PADDING}.{len(self._gaps)}"
+            size = offset - self._end
+            self._gaps.append(
+                ArenaEntry(name=gap, dtype="U8", shape=[size], offset=self._end, nbytes=size)
+            )
+        entry = ArenaEntry(
+            name=name,
+            dtype=DTYPE_CODES[dtype],
+            shape=list(value.shape),
+            offset=offset,
+            nbytes=nbytes,
+        )
+        target = torch.frombuffer(
+            self._mapping, dtype=torch.uint8, count=nbytes, offset=self.data_start + offset
+        )
+        target = target.view(dtype).view(value.shape)
+        target.copy_(value)
+        self._slots[name] = (entry, target)
+        self._end = offset + nbytes
+        return target
+
+    def _reserve(self, model: Any) -> int:
+        """Room for every parameter still on the meta device (those transformers ties to
+        another aside) in the dtype it has there; 0 (everything is cast as transformers
+        would) when the memfd cannot be mapped. A cast that finds no room left (a module
+        kept in float32 that the meta device holds in 16 bits) is cast as usual."""
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # {target: source}
+        room = sum(
+            tensor.numel() * tensor.element_size() + 8  # + its alignment, at most
+            for name, tensor in model.named_parameters()
+            if tensor.device.type == "meta" and name not in tied
+        )
+        if not room:
+            return 0
+        try:
+            self.fd = new_memfd(self.name)
+            os.ftruncate(self.fd, self.data_start + room)  # no page of it taken yet
+            self._mapping = mmap.mmap(self.fd, self.data_start + room)
+        except OSError as exc:
+            log.warning("%s: no arena to cast into (%s); casting as usual", self.name, exc)
+            self._mapping = None
+            self._close_fd()
+            return 0
+        return room
+
+    def adopt(
+        self, tensors: dict[str, torch.Tensor], placed: Placed
+    ) -> tuple[Arena, mmap.mmap] | None:
+        """The arena with every tensor of `tensors` in it and `placed(name, view)` called for
+        each, as `stream_arena` does; None (nothing changed) when it does not fit."""
+        layout = self._layout(tensors)
+        if layout is None:
+            return None
+        entries, extras = layout
+        fd, data_start = self.fd, self.data_start
+        assert fd is not None
+        written = write_rest(fd, data_start, entries, extras, tensors, placed)
+        if written is None:
+            return None
+        size, mapping = written
+        # The model holds views of `mapping` now. The writable mapping goes with the last
+        # reference to it (the views of it hold one): unmapped now unless a tensor of the
+        # model's still refers to it, which the seal would find (EBUSY).
+        self._slots, self._mapping = {}, None
+        try:
+            seal(fd)
+        except OSError as exc:
+            raise NotShareableModel(
+                f"a tensor still refers to the memory it was cast into ({exc}); kept privately"
+            ) from None
+        self.fd = None  # the arena's now
+        log.debug("%s: cast into the arena as transformers loaded", self.name)
+        return Arena(fd, f"basehold:{self.name}", size, data_start, entries), mapping
+
+    def _layout(
+        self, tensors: dict[str, torch.Tensor]
+    ) -> tuple[list[ArenaEntry], list[ArenaEntry]] | None:
+        """Each tensor's place: where it was cast into, else appended (`extras`); None when
+        nothing was cast or a cast holds no tensor of the model's (bytes no tensor uses)."""
+        if not self._slots or self.fd is None:
+            return None
+        by_address = {view.data_ptr(): (entry, view) for entry, view in self._slots.values()}
+        entries: list[ArenaEntry] = list(self._gaps)
+        rest: list[tuple[str, torch.Tensor]] = []
+        used: set[int] = set()
+        for name, tensor in tensors.items():
+            slot = by_address.get(tensor.data_ptr()) if tensor.device.type == "cpu" else None
+            if (
+                slot is None
+                or slot[0].offset in used
+                or slot[1].dtype != tensor.dtype
+                or slot[1].shape != tensor.shape
+                or not tensor.is_contiguous()
+            ):
+                rest.append((name, tensor))
+                continue
+            used.add(slot[0].offset)
+            entries.append(slot[0].model_copy(update={"name": name}))
+        if len(used) != len(self._slots):
+            return None
+        extras = appended(rest, self._end)
+        return [*entries, *extras], [e for e in extras if e.name != PADDING]
+
+    def _close_fd(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def close(self) -> None:
+        """Let go of the memfd, unless `adopt` made it the arena. Its memory goes with the
+        writable mapping, once no tensor refers to it (never unmapped under a tensor)."""
+        self._slots, self._mapping = {}, None
+        self._close_fd()
+
+
+def _host(device: Any) -> bool:
+    if device is None:
+        return True
+    try:
+        return torch.device(device).type == "cpu"
+    except (RuntimeError, TypeError):
+        return False  # "disk" and the like
