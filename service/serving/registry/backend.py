@@ -131,9 +131,16 @@ class SnapshotSource(Protocol):
         """Whether there is a snapshot of `model_id` to try (a cheap look, no check)."""
         ...
 
-    def take(self, model_id: str, spec_key: str, cancelled: Callable[[], bool]) -> Adopted | None:
-        """The model's memory from its snapshot, or None where none still agrees (or the
-        copy was `cancelled()`)."""
+    def take(
+        self,
+        model_id: str,
+        spec_key: str,
+        cancelled: Callable[[], bool],
+        admit: Callable[[int], bool],
+    ) -> Adopted | None:
+        """The model's memory from its snapshot, or None where none still agrees, `admit`
+        (asked with its size in bytes, before any is copied) says no, or the copy was
+        `cancelled()`."""
         ...
 
     def let_go(self, load_id: str) -> None:

@@ -28,7 +28,9 @@ from pydantic import ValidationError
 from service.common.cuda import CudaProbe
 from service.common.errors import (
     BaseholdError,
+    InsufficientMemory,
     InvalidSpec,
+    LoadCancelled,
     LoaderCrashed,
     ModelLeased,
     ModelNotFound,
@@ -556,12 +558,26 @@ class Registry:
             if record.state != State.QUEUED or record.progress.cancel.is_set():
                 return False
         cancelled = record.progress.cancel.is_set
+
+        def admit(size: int) -> bool:  # what any restored load is: admitted, maybe evicting
+            try:
+                self._admit_late(record, Estimate(size, {"cpu": size}, 0))
+            except LoadCancelled:
+                return False
+            except InsufficientMemory as exc:
+                log.warning("not restoring %s from its snapshot (%s): loading it", record.id, exc)
+                return False
+            return True
+
         try:
-            adopted = self._snapshots.take(record.id, record.key, cancelled)
-            return adopted is not None and self._adopt(record, adopted)
+            adopted = self._snapshots.take(record.id, record.key, cancelled, admit)
+            if adopted is not None:
+                return self._adopt(record, adopted)
         except Exception:  # it is loaded instead
             log.exception("restoring %s from its snapshot failed; loading it", record.id)
-            return False
+        with self._lock:  # the load prices (and is admitted for) itself
+            record.admitted, record.estimate = False, None
+        return False
 
     def _run(self, record: ModelRecord, token: str | None) -> None:
         if self._from_snapshot(record):

@@ -81,6 +81,11 @@ class SnapshotUnusable(ValueError):
     """A snapshot that does not (or no longer) match what it claims to hold."""
 
 
+class _NotAdmitted(Exception):
+    """The memory a snapshot needs is not there now: the model is loaded (and priced)
+    instead, the snapshot kept."""
+
+
 def checkpoint_files(folder: Path) -> list[SourceFile]:
     """Every file under the checkpoint folder (symlinks followed: the hub cache's blobs),
     with its size and mtime: a snapshot is valid while these are unchanged."""
@@ -181,17 +186,22 @@ class Snapshots:
         return self._info(model_id).exists()
 
     def take(
-        self, model_id: str, spec_key: str, cancelled: Callable[[], bool] = lambda: False
+        self,
+        model_id: str,
+        spec_key: str,
+        cancelled: Callable[[], bool] = lambda: False,
+        admit: Callable[[int], bool] = lambda size: True,
     ) -> Adopted | None:
         """The recorded model `model_id` from its snapshot, held in a new sealed memfd;
-        None (its snapshot removed, if any) when there is none that still agrees, or the
-        copy was `cancelled()`."""
+        None (its snapshot removed, if any) when there is none that still agrees; None
+        (kept) when `admit(its size)` says no before the copy, or the copy was
+        `cancelled()`."""
         info_path = self._info(model_id)
         if not info_path.is_file():
             return None
         try:
-            return self._take(model_id, spec_key, info_path, cancelled)
-        except InterruptedError:
+            return self._take(model_id, spec_key, info_path, cancelled, admit)
+        except (InterruptedError, _NotAdmitted):
             return None
         except Exception as exc:  # whatever it is, the model is loaded instead
             log.warning("not restoring %s from its snapshot (%s): loading it", model_id, exc)
@@ -199,7 +209,12 @@ class Snapshots:
             return None
 
     def _take(
-        self, model_id: str, spec_key: str, info_path: Path, cancelled: Callable[[], bool]
+        self,
+        model_id: str,
+        spec_key: str,
+        info_path: Path,
+        cancelled: Callable[[], bool],
+        admit: Callable[[int], bool],
     ) -> Adopted:
         info = self._description(info_path)
         model = info.model
@@ -219,6 +234,8 @@ class Snapshots:
             if os.fstat(source).st_size != info.size:
                 raise SnapshotUnusable(f"{os.fstat(source).st_size} bytes, {info.size} due")
             check_header(source, handle.arena.data_start, handle.entries)
+            if not admit(info.size):
+                raise _NotAdmitted
             fd = new_memfd(handle.arena.name.removeprefix("basehold:"))
             try:
                 copy_fd(source, fd, info.size, cancelled, uncache_source=True)
