@@ -104,16 +104,44 @@ class CastArena:
                 value = self._cast(model, target_name, value, dtype)
             return put(model, target_name, value, info, quantizer)
 
+        converter = getattr(steps, "WeightConverter", None)
+        own = converter is not None and "materialize_tensors" in vars(converter)
+        gather = getattr(converter, "materialize_tensors", None)
+
+        def gather_cast(this: Any) -> Any:  # a converter's ops make new tensors: cast first
+            assert gather is not None
+            gathered = gather(this)
+            for key, values in gathered.items():
+                gathered[key] = [self._cast_now(value) for value in values]
+            return gathered
+
         steps._materialize_copy = read_later
         steps.set_param_for_module = put_cast  # type: ignore[assignment]
+        if converter is not None and gather is not None:
+            converter.materialize_tensors = gather_cast
         try:
             yield
         finally:
             steps._materialize_copy, steps.set_param_for_module = read, put
+            if converter is not None and gather is not None:
+                if own:
+                    converter.materialize_tensors = gather
+                else:
+                    del converter.materialize_tensors
         if self._pending:  # a conversion step in between: some tensors kept the file's dtype
             raise RuntimeError(
                 f"{self._pending} tensors were read for a cast into the arena and never set"
             )
+
+    def _cast_now(self, value: Any) -> Any:
+        """A tensor read for a cast later, cast now as transformers would (a converter's
+        input); anything else as it is."""
+        dtype = getattr(value, _CAST_TO, None)
+        if not isinstance(value, torch.Tensor) or dtype is None:
+            return value
+        with self._lock:
+            self._pending -= 1
+        return value.to(dtype=dtype)
 
     def _cast(self, model: Any, name: str, value: torch.Tensor, dtype: torch.dtype) -> Any:
         if self._reserved is None:

@@ -571,8 +571,8 @@ class Registry:
 
         try:
             adopted = self._snapshots.take(record.id, record.key, cancelled, admit)
-            if adopted is not None:
-                return self._adopt(record, adopted)
+            if adopted is not None and self._adopt(record, adopted):
+                return True
         except Exception:  # it is loaded instead
             log.exception("restoring %s from its snapshot failed; loading it", record.id)
         with self._lock:  # the load prices (and is admitted for) itself
