@@ -3,19 +3,20 @@ loaded in bfloat16, say) gets each cast written straight into its place in the a
 memfd, instead of into private memory first and copied into the arena after (one pass over
 the model's bytes instead of two, and no second copy of the model at any time).
 
-While the load runs (`loading`), two of transformers' loading steps are wrapped, in this
+While the load runs (`loading`), three of transformers' loading steps are wrapped, in this
 loader process only: the step that reads each checkpoint tensor and casts it
-(`_materialize_copy`) reads it and leaves the cast for later, noting the dtype it was to
-get; the step that sets it in the model (`set_param_for_module`) casts it into the arena,
-where the model built on the meta device says it goes, or, for a tensor the plan has no
-place of its shape and dtype for, casts it as transformers would have. transformers still
-builds the model, renames keys, ties weights and picks every tensor's dtype.
+(`_materialize_copy`) reads it and leaves the cast for later, marking the dtype it is to
+get; a converter's gathering of its inputs (`WeightConverter.materialize_tensors`) casts
+them at once, as its ops make new tensors; the step that sets a tensor in the model
+(`set_param_for_module`) casts a marked one into the next place of the arena (its pages
+allocated ahead), or, where no room is left, as transformers would have. transformers
+still builds the model, renames keys, ties weights and picks every tensor's dtype.
 
-`adopt` then appends what the arena does not hold yet (computed buffers), writes the
-header, re-points the model to a read-only mapping, drops the writable one and seals, as
-`direct.Prefetch.adopt` does. Where that does not fit (a planned place no tensor took, a
-header larger than its room), it returns None and the usual path (`stream_arena`) writes
-the arena from the model.
+`adopt` then appends what the arena does not hold yet (computed buffers, tensors cast as
+usual), writes the header, re-points the model to a read-only mapping, drops the writable
+one and seals, as `direct.Prefetch.adopt` does. Where that does not fit (a cast the model
+no longer holds, a header larger than its room), it returns None and the usual path
+(`stream_arena`) writes the arena from the model.
 """
 
 from __future__ import annotations
@@ -97,10 +98,8 @@ class CastArena:
             return out
 
         def put_cast(model: Any, target_name: str, value: Any, info: Any, quantizer: Any) -> Any:
-            dtype = getattr(value, _CAST_TO, None)
-            if isinstance(value, torch.Tensor) and dtype is not None:
-                with self._lock:
-                    self._pending -= 1
+            dtype = self._unmark(value)
+            if dtype is not None:
                 value = self._cast(model, target_name, value, dtype)
             return put(model, target_name, value, info, quantizer)
 
@@ -133,15 +132,21 @@ class CastArena:
                 f"{self._pending} tensors were read for a cast into the arena and never set"
             )
 
+    def _unmark(self, value: Any) -> torch.dtype | None:
+        """The dtype a tensor read for a cast later is to get (counted as cast from now);
+        None for anything else."""
+        dtype = getattr(value, _CAST_TO, None)
+        if not isinstance(value, torch.Tensor) or dtype is None:
+            return None
+        with self._lock:
+            self._pending -= 1
+        return dtype
+
     def _cast_now(self, value: Any) -> Any:
         """A tensor read for a cast later, cast now as transformers would (a converter's
         input); anything else as it is."""
-        dtype = getattr(value, _CAST_TO, None)
-        if not isinstance(value, torch.Tensor) or dtype is None:
-            return value
-        with self._lock:
-            self._pending -= 1
-        return value.to(dtype=dtype)
+        dtype = self._unmark(value)
+        return value if dtype is None else value.to(dtype=dtype)
 
     def _cast(self, model: Any, name: str, value: torch.Tensor, dtype: torch.dtype) -> Any:
         if self._reserved is None:
