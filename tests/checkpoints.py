@@ -9,6 +9,8 @@ import torch
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    Dinov2Config,
+    Dinov2Model,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -97,6 +99,22 @@ def bert_cls(path: Path) -> Path:
     }
     config = BertConfig(**settings)
     return _save(BertForSequenceClassification(config), path)
+
+
+def dinov2_swiglu(path: Path) -> Path:
+    """A checkpoint transformers converts as it loads: each layer's `mlp.weights_in` is
+    split into `gate_proj` and `up_proj` (a `WeightConverter`, not a renaming)."""
+    torch.manual_seed(0)
+    settings: dict[str, Any] = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "image_size": 32,
+        "patch_size": 8,
+        "use_swiglu_ffn": True,
+    }
+    return _save(Dinov2Model(Dinov2Config(**settings)), path)
 
 
 def llama_with_tokenizer(path: Path, tokenizer_from: Path) -> Path:

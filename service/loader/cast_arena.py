@@ -21,6 +21,8 @@ no longer holds, a header larger than its room), it returns None and the usual p
 
 from __future__ import annotations
 
+import errno
+import gc
 import logging
 import mmap
 import os
@@ -237,7 +239,7 @@ class CastArena:
         # model's still refers to it, which the seal would find (EBUSY).
         self._slots, self._mapping = {}, None
         try:
-            seal(fd)
+            _seal_once_unmapped(fd)
         except OSError as exc:
             raise NotShareableModel(
                 f"a tensor still refers to the memory it was cast into ({exc}); kept privately"
@@ -285,6 +287,19 @@ class CastArena:
         writable mapping, once no tensor refers to it (never unmapped under a tensor)."""
         self._slots, self._mapping = {}, None
         self._close_fd()
+
+
+def _seal_once_unmapped(fd: int) -> None:
+    """Seal `fd`; where a writable mapping of it is still there (EBUSY), once more after a
+    garbage collection, as a reference cycle (an exception's traceback, say) may be all
+    that still holds a view of it."""
+    try:
+        seal(fd)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        gc.collect()
+        seal(fd)
 
 
 def _host(device: Any) -> bool:

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
@@ -40,6 +41,8 @@ CASES: list[tuple[str, Callable[[Path], Path], Any, torch.dtype]] = [
     ("gpt2-tied-bf16", checkpoints.gpt2, AutoModelForCausalLM, torch.bfloat16),
     ("t5-keeps-fp32-fp16", checkpoints.t5, AutoModelForSeq2SeqLM, torch.float16),
     ("bert-cls-bf16", checkpoints.bert_cls, AutoModelForSequenceClassification, torch.bfloat16),
+    # A converter splits each layer's `weights_in`: its inputs are cast as it gathers them.
+    ("dinov2-swiglu-converted-bf16", checkpoints.dinov2_swiglu, AutoModel, torch.bfloat16),
 ]
 
 
@@ -152,3 +155,24 @@ def test_a_load_through_the_pipeline_casts_into_its_arena(
     assert isinstance(placement, ArenaPlacement)
     assert placement.shared("load-1") is not None
     placement.release("load-1")
+
+
+def test_a_cycle_that_still_holds_a_cast_does_not_keep_the_arena_from_being_sealed(
+    tmp_path: Path,
+) -> None:
+    """The writable mapping goes with its last view; where only a reference cycle holds one
+    (an exception's traceback, say), the seal collects it and seals, instead of giving up
+    on sharing the model."""
+    path = checkpoints.llama(tmp_path / "llama")
+    model, ahead = _cast_loaded(path, AutoModelForCausalLM, torch.bfloat16)
+    cycle: list[Any] = [model.lm_head.weight.data]  # a view of the writable mapping
+    cycle.append(cycle)
+    del cycle
+    gc.disable()
+    try:
+        shared = _shared(model, ahead)
+    finally:
+        gc.enable()
+    assert is_sealed(shared.fd)
+    assert not _writable_mappings("basehold:m")
+    shared.close()

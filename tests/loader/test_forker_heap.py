@@ -43,3 +43,36 @@ def _copied_by_a_collection(fork: str) -> int:
 def test_a_loaders_collection_leaves_the_templates_heap_shared() -> None:
     assert _copied_by_a_collection("plain") > 32 << 20  # the control: it copies the heap
     assert _copied_by_a_collection("template") < 4 << 20
+
+
+GARBAGE = """
+import gc, os, weakref
+
+from service.loader.forker import fork_sharing_heap
+
+class Node:
+    pass
+
+def fork_and_reap():
+    pid = fork_sharing_heap()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+gc.disable()  # only the forks collect
+fork_and_reap()
+node = Node()
+node.self = node  # garbage only a collection frees
+gone = weakref.ref(node)
+del node
+fork_and_reap()
+print(gone() is None, gc.get_freeze_count() > 0)
+"""
+
+
+def test_garbage_made_between_forks_is_collected_not_frozen() -> None:
+    """The template makes a little garbage serving each fork; frozen, it would stay for good."""
+    done = subprocess.run(
+        [sys.executable, "-c", GARBAGE], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == ["True", "True"]

@@ -21,6 +21,7 @@ they are, as it leaves the database's rows. With snapshots turned off
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -82,8 +83,20 @@ class SnapshotUnusable(ValueError):
 
 
 class _NotAdmitted(Exception):
-    """The memory a snapshot needs is not there now: the model is loaded (and priced)
-    instead, the snapshot kept."""
+    """The memory a snapshot needs is not there now (or admitting it failed): the model is
+    loaded (and priced) instead, the snapshot kept."""
+
+
+_NO_ROOM = frozenset({errno.ENOMEM, errno.ENOSPC})  # the copy's memory, not the snapshot
+
+
+def _admitted(model_id: str, admit: Callable[[int], bool], size: int) -> bool:
+    """`admit(size)`; False (the snapshot kept: nothing is wrong with it) when it fails."""
+    try:
+        return admit(size)
+    except Exception:
+        log.exception("admitting %s's restore failed: loading it, its snapshot kept", model_id)
+        return False
 
 
 def checkpoint_files(folder: Path) -> list[SourceFile]:
@@ -194,14 +207,18 @@ class Snapshots:
     ) -> Adopted | None:
         """The recorded model `model_id` from its snapshot, held in a new sealed memfd;
         None (its snapshot removed, if any) when there is none that still agrees; None
-        (kept) when `admit(its size)` says no before the copy, or the copy was
-        `cancelled()`."""
+        (kept) when `admit(its size)` says no (or fails) before the copy, there is no memory
+        for the copy, or the copy was `cancelled()`."""
         info_path = self._info(model_id)
         if not info_path.is_file():
             return None
         try:
             return self._take(model_id, spec_key, info_path, cancelled, admit)
-        except (InterruptedError, _NotAdmitted):
+        except InterruptedError:
+            return None
+        except _NotAdmitted as exc:
+            if exc.__cause__ is not None:
+                log.warning("not restoring %s now (%s): loading it", model_id, exc.__cause__)
             return None
         except Exception as exc:  # whatever it is, the model is loaded instead
             log.warning("not restoring %s from its snapshot (%s): loading it", model_id, exc)
@@ -234,12 +251,17 @@ class Snapshots:
             if os.fstat(source).st_size != info.size:
                 raise SnapshotUnusable(f"{os.fstat(source).st_size} bytes, {info.size} due")
             check_header(source, handle.arena.data_start, handle.entries)
-            if not admit(info.size):
+            if not _admitted(model_id, admit, info.size):
                 raise _NotAdmitted
             fd = new_memfd(handle.arena.name.removeprefix("basehold:"))
             try:
                 copy_fd(source, fd, info.size, cancelled, uncache_source=True)
                 seal(fd)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in _NO_ROOM:  # no room for the copy now: the snapshot is fine
+                    raise _NotAdmitted from exc
+                raise
             except BaseException:
                 os.close(fd)
                 raise

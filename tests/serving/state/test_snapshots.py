@@ -4,6 +4,7 @@ longer agrees is loaded again."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from service.serving.state.snapshots import FOLDER
+from service.serving.state.snapshots import FOLDER, Snapshots
 from service.worker.client import Client
 from tests.common.handles.arenas import arena_fds, sha256
 from tests.conftest import until
@@ -75,6 +76,24 @@ def two_held(tmp_path: Path, root: Path, env: dict[str, str], b_folder: str = "l
     return server
 
 
+def _kept_when_not_admitted(tmp_path: Path, model_id: str) -> None:
+    """A restore that is not admitted, or whose admission fails, is not copied, and the
+    snapshot stays for the next try (nothing is wrong with it)."""
+    folder = tmp_path / "state" / FOLDER
+    spec_key = json.loads((folder / f"{model_id}.json").read_text())["spec_key"]
+
+    def fails(size: int) -> bool:
+        raise RuntimeError("admission broke")
+
+    snapshots = Snapshots(folder, lambda load_id: [])
+    try:
+        for admit in (lambda size: False, fails):
+            assert snapshots.take(model_id, spec_key, admit=admit) is None
+            assert snapshots.has(model_id)
+    finally:
+        snapshots.stop()
+
+
 def test_a_restart_holds_models_from_their_snapshots_without_a_load(
     tmp_path: Path, own_root: Path
 ) -> None:
@@ -89,7 +108,9 @@ def test_a_restart_holds_models_from_their_snapshots_without_a_load(
         held = arena_hashes(server)
         assert len(held) == 2
 
-        server = restart(server, tmp_path, env)
+        server.kill()
+        _kept_when_not_admitted(tmp_path, "f")
+        server = start(tmp_path, [], env=env, port=int(server.url.rsplit(":", 1)[1]))
         for model_id in ("f", "q"):
             status = wait_ready(server.url, model_id)
             assert status["timings"]["restored_at"] is not None
