@@ -23,7 +23,7 @@ import mmap
 import os
 import threading
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,15 +154,40 @@ def _kept_in_float32(config: Any, task: Task, spec: LoadRequest) -> bool:
 
 
 def _converted(config: Any) -> bool:
-    """Whether transformers builds new tensors from this model type's checkpoint tensors
-    (a `WeightConverter` in its conversion table: Mixtral's experts fused, for one)."""
+    """Whether transformers may build new tensors from this model's checkpoint tensors (a
+    `WeightConverter` in its conversion table: Mixtral's experts fused, Dinov2's SwiGLU
+    split, for two). transformers looks its tables up by each sub-model's class name, then
+    its model type; before the model is built, those are the config's and its
+    sub-configs' model types, the architectures it names and the base model classes."""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import WeightConverter
     except ImportError:  # an older transformers converts nothing at load
         return False
-    rules = get_checkpoint_conversion_mapping(getattr(config, "model_type", "")) or []
-    return any(isinstance(rule, WeightConverter) for rule in rules)
+    for name in _conversion_names(config):
+        rules = get_checkpoint_conversion_mapping(name) or []
+        if any(isinstance(rule, WeightConverter) for rule in rules):
+            return True
+    return False
+
+
+def _conversion_names(config: Any) -> set[str]:
+    """What transformers may look a conversion table up by, for `config`'s model."""
+    from transformers import AutoModel
+
+    names: set[str] = set(getattr(config, "architectures", None) or [])
+    configs = [config]
+    configs += [getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {}]
+    for each in configs:
+        if each is None:
+            continue
+        names.add(getattr(each, "model_type", "") or "")
+        with suppress(KeyError, ValueError, AttributeError):
+            found: Any = AutoModel._model_mapping[type(each)]
+            for model_class in found if isinstance(found, tuple) else (found,):
+                names.add(getattr(model_class, "__name__", ""))
+    names.discard("")
+    return names
 
 
 @dataclass

@@ -303,6 +303,18 @@ def test_a_model_type_whose_tensors_transformers_fuses_is_not_prefetched(tmp_pat
     assert not direct.applies(_spec(path), config, Task.CAUSAL_LM, _files(path), FakeCuda(0))
 
 
+def test_a_model_whose_tensors_a_class_named_table_splits_is_not_prefetched(
+    tmp_path: Path,
+) -> None:
+    """Dinov2's table is under its base class's name (`Dinov2Model`), not its model type."""
+    path = checkpoints.dinov2_swiglu(tmp_path / "dinov2")
+    config = AutoConfig.from_pretrained(path)
+    assert not direct.applies(_spec(path), config, Task.BASE, _files(path), FakeCuda(0))
+    plain = checkpoints.llama(tmp_path / "llama")  # the control: no converter
+    llama = AutoConfig.from_pretrained(plain)
+    assert direct.applies(_spec(plain), llama, Task.CAUSAL_LM, _files(plain), FakeCuda(0))
+
+
 def test_a_load_through_the_pipeline_is_placed_directly(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
