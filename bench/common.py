@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -62,8 +64,12 @@ def llama_checkpoint(path: Path, params_m: int) -> Path:
 
 
 def workspace(params_m: int) -> tuple[Path, Path]:
-    """A fresh work folder with a generated Llama checkpoint under work/models/."""
+    """A fresh work folder with a generated Llama checkpoint under work/models/, removed
+    when this process exits (a bench's checkpoint and state are a GB or more each run)
+    unless BASEHOLD_BENCH_KEEP is set."""
     work = Path(tempfile.mkdtemp(prefix="basehold-bench-"))
+    if not os.environ.get("BASEHOLD_BENCH_KEEP"):
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     return work, llama_checkpoint(work / "models" / "llama-bench", params_m)
 
 
