@@ -27,6 +27,7 @@ import logging
 import os
 import queue
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Iterable
 from contextlib import suppress
@@ -97,6 +98,20 @@ def _admitted(model_id: str, admit: Callable[[int], bool], size: int) -> bool:
     except Exception:
         log.exception("admitting %s's restore failed: loading it, its snapshot kept", model_id)
         return False
+
+
+def _open_regular(path: Path) -> int:
+    """`path` opened for reading where it is a regular file of its own (not a link); a FIFO
+    or device put in its place raises at once instead of blocking the start that reads it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SnapshotUnusable(f"{path.name} is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def checkpoint_files(folder: Path) -> list[SourceFile]:
@@ -246,7 +261,7 @@ class Snapshots:
             raise SnapshotUnusable(f"handle version {handle.version}, {HANDLE_VERSION} here")
         if checkpoint_files(model.facts.checkpoint) != info.sources:
             raise SnapshotUnusable("its checkpoint's files changed since")
-        source = os.open(self._arena(model_id), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        source = _open_regular(self._arena(model_id))
         try:
             if os.fstat(source).st_size != info.size:
                 raise SnapshotUnusable(f"{os.fstat(source).st_size} bytes, {info.size} due")
@@ -424,12 +439,12 @@ class Snapshots:
     def _recorded(self, model_id: str) -> SnapshotInfo | None:
         try:
             return self._description(self._info(model_id))
-        except (OSError, ValidationError):
+        except (OSError, ValidationError, SnapshotUnusable):
             return None
 
     @staticmethod
     def _description(path: Path) -> SnapshotInfo:
-        with path.open("rb") as file:
+        with os.fdopen(_open_regular(path), "rb") as file:
             return SnapshotInfo.model_validate_json(file.read(_INFO_BYTES))
 
     def _remove(self, model_id: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,31 @@ def _kept_when_not_admitted(tmp_path: Path, model_id: str) -> None:
         for admit in (lambda size: False, fails):
             assert snapshots.take(model_id, spec_key, admit=admit) is None
             assert snapshots.has(model_id)
+        _a_fifo_is_refused(snapshots, folder, model_id, spec_key)
     finally:
         snapshots.stop()
+
+
+def _a_fifo_is_refused(snapshots: Snapshots, folder: Path, model_id: str, spec_key: str) -> None:
+    """A FIFO in place of the arena file (the state directory is not trusted) is refused at
+    once, not opened and waited on for ever; the snapshot is put back after."""
+    arena, info = folder / f"{model_id}.arena", folder / f"{model_id}.json"
+    aside, description = folder / "aside", info.read_bytes()
+    arena.rename(aside)
+    os.mkfifo(arena)
+    taken: list[object] = []
+    taking = threading.Thread(target=lambda: taken.append(snapshots.take(model_id, spec_key)))
+    taking.start()
+    taking.join(30)
+    blocked = taking.is_alive()
+    if blocked:  # a writer lets the blocked open return, and the thread end
+        os.close(os.open(arena, os.O_WRONLY | os.O_NONBLOCK))
+        taking.join(30)
+    assert not blocked
+    assert taken == [None]
+    assert not arena.exists() and not info.exists()  # unusable: removed
+    aside.rename(arena)
+    info.write_bytes(description)
 
 
 def test_a_restart_holds_models_from_their_snapshots_without_a_load(
