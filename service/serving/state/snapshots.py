@@ -24,11 +24,13 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import mmap
 import os
 import queue
 import shutil
 import stat
 import threading
+import zlib
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -71,12 +73,13 @@ class SnapshotInfo(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    format: Literal[1] = 1
+    format: Literal[2] = 2  # 2: with the arena's checksum
     protocol: int
     spec_key: str
     size: int = Field(ge=8)
     model: OfferedModel
     sources: list[SourceFile]
+    crc32: int = Field(ge=0, lt=2**32)  # of the whole arena file, checked after each restore
 
 
 class SnapshotUnusable(ValueError):
@@ -157,6 +160,21 @@ def copy_fd(
         done += sent
 
 
+def checksum(fd: int, size: int, cancelled: Callable[[], bool] = lambda: False) -> int:
+    """The CRC-32 of the first `size` bytes of `fd`, read through a read-only mapping a
+    chunk at a time (InterruptedError once `cancelled()`, asked between chunks)."""
+    crc = 0
+    if not size:
+        return crc
+    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapping:
+        for start in range(0, size, _CHUNK):
+            if cancelled():
+                raise InterruptedError("cancelled")
+            with memoryview(mapping)[start : start + _CHUNK] as chunk:
+                crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def check_header(fd: int, data_start: int, entries: list[ArenaEntry]) -> None:
     """The arena file's safetensors header lists every one of `entries` where it says, in
     the `data_start` bytes before the data."""
@@ -182,6 +200,17 @@ def drop_all(folder: Path) -> None:
     if folder.is_dir():
         shutil.rmtree(folder, ignore_errors=True)
         log.info("snapshots are off: removed %s", folder)
+
+
+@dataclass(frozen=True)
+class _Written:
+    """An arena copied to `partial` (its size, its checksum, and the checkpoint's files as
+    they were when it was copied), not published yet."""
+
+    partial: Path
+    size: int
+    sources: list[SourceFile]
+    crc32: int
 
 
 @dataclass
@@ -272,6 +301,8 @@ class Snapshots:
             try:
                 copy_fd(source, fd, info.size, cancelled, uncache_source=True)
                 seal(fd)
+                if checksum(fd, info.size, cancelled) != info.crc32:
+                    raise SnapshotUnusable("its bytes do not match their checksum")
             except OSError as exc:
                 os.close(fd)
                 if exc.errno in _NO_ROOM:  # no room for the copy now: the snapshot is fine
@@ -367,13 +398,11 @@ class Snapshots:
             save.done.set()
             self._saves.pop(entry.load_id, None)
         if written is not None:
-            self._publish(entry, save, *written)
+            self._publish(entry, save, written)
 
-    def _copy(
-        self, entry: OfferedModel, fd: int, cancelled: Callable[[], bool]
-    ) -> tuple[Path, int, list[SourceFile]] | None:
-        """The arena copied to a file of this process's own (its path, size, and the
-        checkpoint's files as they are now); None where the disk has no room for it."""
+    def _copy(self, entry: OfferedModel, fd: int, cancelled: Callable[[], bool]) -> _Written | None:
+        """The arena copied to a file of this process's own; None where the disk has no
+        room for it."""
         size = os.fstat(fd).st_size
         self.folder.mkdir(mode=0o700, exist_ok=True)
         disk = os.statvfs(self.folder)
@@ -384,20 +413,22 @@ class Snapshots:
         # Named for this process and load: a predecessor handing over may write one too.
         partial = self.folder / f".{entry.id}.{entry.load_id}.{os.getpid()}.arena"
         target = self._create(partial)
+        stop = lambda: cancelled() or self._stopped.is_set()  # noqa: E731
         try:
-            copy_fd(fd, target, size, lambda: cancelled() or self._stopped.is_set())
+            try:
+                copy_fd(fd, target, size, stop)
+            finally:
+                os.close(target)
+            crc32 = checksum(fd, size, stop)  # of the arena in memory: what was copied
         except BaseException:
-            os.close(target)
             partial.unlink(missing_ok=True)
             raise
-        os.close(target)
-        return partial, size, sources
+        return _Written(partial, size, sources, crc32)
 
-    def _publish(
-        self, entry: OfferedModel, save: _Save, partial: Path, size: int, sources: list[SourceFile]
-    ) -> None:
+    def _publish(self, entry: OfferedModel, save: _Save, written: _Written) -> None:
         """Sync the copied arena to the disk, then put it and its description in place,
         unless its model was let go of meanwhile."""
+        partial, size = written.partial, written.size
         try:
             target = os.open(partial, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
@@ -412,7 +443,8 @@ class Snapshots:
                 spec_key=save.spec_key,
                 size=size,
                 model=entry,
-                sources=sources,
+                sources=written.sources,
+                crc32=written.crc32,
             )
             self._remove(entry.id)  # an older load's: never beside this load's arena
             os.replace(partial, self._arena(entry.id))

@@ -92,8 +92,24 @@ def _kept_when_not_admitted(tmp_path: Path, model_id: str) -> None:
             assert snapshots.take(model_id, spec_key, admit=admit) is None
             assert snapshots.has(model_id)
         _a_fifo_is_refused(snapshots, folder, model_id, spec_key)
+        _a_changed_byte_is_refused(snapshots, folder, model_id, spec_key)
     finally:
         snapshots.stop()
+
+
+def _a_changed_byte_is_refused(
+    snapshots: Snapshots, folder: Path, model_id: str, spec_key: str
+) -> None:
+    """One byte of the weights changed on disk (sizes, header and checkpoint as recorded):
+    the copy does not match the arena's checksum, so it is not held; the snapshot is put
+    back after."""
+    arena, info = folder / f"{model_id}.arena", folder / f"{model_id}.json"
+    original, description = arena.read_bytes(), info.read_bytes()
+    arena.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    assert snapshots.take(model_id, spec_key) is None
+    assert not arena.exists() and not info.exists()  # unusable: removed
+    arena.write_bytes(original)
+    info.write_bytes(description)
 
 
 def _a_fifo_is_refused(snapshots: Snapshots, folder: Path, model_id: str, spec_key: str) -> None:
