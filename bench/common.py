@@ -68,9 +68,14 @@ def workspace(params_m: int) -> tuple[Path, Path]:
     when this process exits (a bench's checkpoint and state are a GB or more each run)
     unless BASEHOLD_BENCH_KEEP is set."""
     work = Path(tempfile.mkdtemp(prefix="basehold-bench-"))
-    if not os.environ.get("BASEHOLD_BENCH_KEEP"):
-        atexit.register(shutil.rmtree, work, ignore_errors=True)
+    atexit.register(discard, work)
     return work, llama_checkpoint(work / "models" / "llama-bench", params_m)
+
+
+def discard(work: Path) -> None:
+    """Remove a bench's work folder now, unless BASEHOLD_BENCH_KEEP is set."""
+    if not os.environ.get("BASEHOLD_BENCH_KEEP"):
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @dataclass

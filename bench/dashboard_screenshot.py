@@ -10,11 +10,10 @@ that the chart shows the history the service kept.
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
-from common import ROOT, server, wait_ready, workspace
+from common import ROOT, discard, server, wait_ready, workspace
 
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--no-first-run"]
 
@@ -46,7 +45,7 @@ def main() -> None:
             time.sleep(args.step)
             shoot(f"http://127.0.0.1:{served.port}/", args.out)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        discard(work)
     print(f"wrote {args.out}")
 
 

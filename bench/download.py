@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import launch, workspace
+from common import discard, launch, workspace
 
 from service.common.load.progress import Progress
 from service.common.load.sources import HubOptions, HubSource
@@ -150,7 +150,7 @@ def main() -> None:
                 for name in names[run % len(names) :] + names[: run % len(names)]:  # rotated
                     times[name].append(_measure(name, hub, work, work / f"{name}-{run}"))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        discard(work)
     base = statistics.median(times["curl"])
     print(f"{size / 1e6:.0f} MB in {len(hub.files)} files, median of {args.repeat}")
     print("| path | seconds | MB/s | time vs curl |")

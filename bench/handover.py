@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import os
 import queue
-import shutil
 import subprocess
 import sys
 import threading
@@ -36,7 +35,7 @@ from typing import Any
 
 import httpx
 import torch
-from common import ROOT, launch, wait_ready, workspace
+from common import ROOT, discard, launch, wait_ready, workspace
 
 from service.worker.client import Client
 from service.worker.lease_state import lease_of
@@ -264,7 +263,7 @@ def main() -> None:
             successor.terminate()
             successor.wait(120)
         first.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        discard(work)
     latencies = sorted(seconds for _, seconds in polls.latencies)
     p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else float("nan")
     quiet = sorted(seconds for when, seconds in polls.latencies if when < launched)

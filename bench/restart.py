@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any
 
 import httpx
 import torch
-from common import Served, launch, wait_ready, workspace
+from common import Served, discard, launch, wait_ready, workspace
 
 SPECS: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "float32"},
@@ -89,7 +88,7 @@ def main() -> None:
             third.stop()
     finally:
         first.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        discard(work)
     total = sum(original.values())
     print(
         f"\nbasehold restart bench: Llama {params / 1e6:.0f}M params x 3 specs, CPU, torch "
@@ -145,7 +144,7 @@ def keeper_run(work: Path, path: Path) -> None:
         ready = time.perf_counter() - killed
     finally:
         served.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        discard(work)
     total = sum(original.values())
     print(
         f"\nbasehold restart bench under a keeper: 3 specs, CPU, torch {torch.__version__}; "

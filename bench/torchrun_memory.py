@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 
-from common import server, wait_ready, workspace
+from common import discard, server, wait_ready, workspace
 
 from tests.worker.ddp_worker import launch
 
@@ -42,7 +41,7 @@ def main() -> None:
             ]
             wrappers = launch(url, "ranks", path, work, "basehold")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        discard(work)
     model = rows[0]["runs"][0]["model_bytes"]
     print(f"\ntorchrun --nproc_per_node 2, CPU, Llama {model / MiB:.0f} MiB (float32), 3 steps")
     print(

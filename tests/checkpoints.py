@@ -15,6 +15,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     PreTrainedModel,
     T5Config,
     T5ForConditionalGeneration,
@@ -101,9 +103,10 @@ def bert_cls(path: Path) -> Path:
     return _save(BertForSequenceClassification(config), path)
 
 
-def dinov2_swiglu(path: Path) -> Path:
-    """A checkpoint transformers converts as it loads: each layer's `mlp.weights_in` is
-    split into `gate_proj` and `up_proj` (a `WeightConverter`, not a renaming)."""
+def dinov2(path: Path, *, swiglu: bool = True) -> Path:
+    """`swiglu`: a checkpoint transformers converts as it loads: each layer's
+    `mlp.weights_in` is split into `gate_proj` and `up_proj` (a `WeightConverter`, not a
+    renaming). Without it, the same model type's tensors are only renamed."""
     torch.manual_seed(0)
     settings: dict[str, Any] = {
         "hidden_size": 32,
@@ -112,9 +115,24 @@ def dinov2_swiglu(path: Path) -> Path:
         "intermediate_size": 64,
         "image_size": 32,
         "patch_size": 8,
-        "use_swiglu_ffn": True,
+        "use_swiglu_ffn": swiglu,
     }
     return _save(Dinov2Model(Dinov2Config(**settings)), path)
+
+
+def mixtral(path: Path) -> Path:
+    """Two experts a layer, saved one tensor per expert: transformers fuses them as it loads."""
+    torch.manual_seed(0)
+    settings: dict[str, Any] = {
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_local_experts": 2,
+    }
+    return _save(MixtralForCausalLM(MixtralConfig(**settings)), path)
 
 
 def llama_with_tokenizer(path: Path, tokenizer_from: Path) -> Path:

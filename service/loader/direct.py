@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext, suppress
@@ -120,10 +121,10 @@ def host_plain(spec: LoadRequest, config: Any, files: Sequence[Path], cuda: Cuda
         return False  # a new head; remote code is never shared
     if getattr(config, "quantization_config", None) is not None:
         return False  # quantized in the files: transformers builds its own tensors
-    if _converted(config):
-        return False  # new tensors: the copy would only add a second model
     if not files or any(path.suffix != ".safetensors" for path in files):
         return False
+    if _converted(config, files):
+        return False  # new tensors: the copy would only add a second model
     device_map = spec.device_map
     if not isinstance(device_map, str) or device_map.startswith("cuda"):
         return False
@@ -153,29 +154,46 @@ def _kept_in_float32(config: Any, task: Task, spec: LoadRequest) -> bool:
     )
 
 
-def _converted(config: Any) -> bool:
-    """Whether transformers may build new tensors from this model's checkpoint tensors (a
-    `WeightConverter` in its conversion table: Mixtral's experts fused, Dinov2's SwiGLU
-    split, for two). transformers looks its tables up by each sub-model's class name, then
-    its model type; before the model is built, those are the config's and its
-    sub-configs' model types, the architectures it names and the base model classes."""
+def _converted(config: Any, files: Sequence[Path]) -> bool:
+    """Whether transformers may build new tensors from these checkpoint files' tensors: a
+    `WeightConverter` in the model's conversion table (Mixtral's experts fused, Dinov2's
+    SwiGLU split, for two) that takes some tensor of the files. transformers looks its
+    tables up by each sub-model's class name, then its model type; before the model is
+    built, those are the config's and its sub-configs' model types, the architectures it
+    names and the base model classes. (A conversion missed here costs the copy made
+    ahead, never a wrong arena: `adopt` takes only the files' bytes as they are.)"""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import WeightConverter
     except ImportError:  # an older transformers converts nothing at load
         return False
-    for name in _conversion_names(config):
-        rules = get_checkpoint_conversion_mapping(name) or []
-        if any(isinstance(rule, WeightConverter) for rule in rules):
-            return True
-    return False
+    converters = [
+        rule
+        for name in _conversion_names(config)
+        for rule in get_checkpoint_conversion_mapping(name) or []
+        if isinstance(rule, WeightConverter)
+    ]
+    if not converters:
+        return False
+    keys = [key for path in files for key in read_safetensors_header(path) if key != "__metadata__"]
+    return any(_takes_any(rule, keys) for rule in converters)
+
+
+def _takes_any(converter: Any, keys: list[str]) -> bool:
+    """Whether `converter` matches any of the checkpoint's `keys` (True where it cannot
+    tell: a transformers whose converters have no compiled source patterns)."""
+    sources = getattr(converter, "compiled_sources", None)
+    if not isinstance(sources, re.Pattern):
+        return True
+    return any(sources.search(key) for key in keys)
 
 
 def _conversion_names(config: Any) -> set[str]:
     """What transformers may look a conversion table up by, for `config`'s model."""
     from transformers import AutoModel
 
-    names: set[str] = set(getattr(config, "architectures", None) or [])
+    architectures = getattr(config, "architectures", None) or []
+    names: set[str] = {architectures} if isinstance(architectures, str) else set(architectures)
     configs = [config]
     configs += [getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {}]
     for each in configs:

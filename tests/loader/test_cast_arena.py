@@ -42,7 +42,7 @@ CASES: list[tuple[str, Callable[[Path], Path], Any, torch.dtype]] = [
     ("t5-keeps-fp32-fp16", checkpoints.t5, AutoModelForSeq2SeqLM, torch.float16),
     ("bert-cls-bf16", checkpoints.bert_cls, AutoModelForSequenceClassification, torch.bfloat16),
     # A converter splits each layer's `weights_in`: its inputs are cast as it gathers them.
-    ("dinov2-swiglu-converted-bf16", checkpoints.dinov2_swiglu, AutoModel, torch.bfloat16),
+    ("dinov2-swiglu-converted-bf16", checkpoints.dinov2, AutoModel, torch.bfloat16),
 ]
 
 
@@ -173,6 +173,8 @@ def test_a_cycle_that_still_holds_a_cast_does_not_keep_the_arena_from_being_seal
         shared = _shared(model, ahead)
     finally:
         gc.enable()
-    assert is_sealed(shared.fd)
-    assert not _writable_mappings("basehold:m")
-    shared.close()
+    try:
+        assert is_sealed(shared.fd)
+        assert not _writable_mappings("basehold:m")
+    finally:
+        shared.close()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from service.common.handles.memfd import is_sealed
 from service.common.load.progress import Progress
@@ -297,22 +297,24 @@ def test_what_follows_the_files_is_aligned_with_a_padding_entry() -> None:
     assert direct.appended([("b", torch.zeros(3))], 8)[0].offset == 8
 
 
-def test_a_model_type_whose_tensors_transformers_fuses_is_not_prefetched(tmp_path: Path) -> None:
-    path = checkpoints.llama(tmp_path / "llama")
-    config = MixtralConfig(num_hidden_layers=1, hidden_size=32, num_local_experts=2)
+def test_a_checkpoint_whose_tensors_transformers_fuses_is_not_prefetched(tmp_path: Path) -> None:
+    path = checkpoints.mixtral(tmp_path / "mixtral")  # one tensor per expert in the files
+    config = AutoConfig.from_pretrained(path)
     assert not direct.applies(_spec(path), config, Task.CAUSAL_LM, _files(path), FakeCuda(0))
 
 
-def test_a_model_whose_tensors_a_class_named_table_splits_is_not_prefetched(
+def test_a_converter_named_by_class_counts_only_where_it_takes_the_files_tensors(
     tmp_path: Path,
 ) -> None:
-    """Dinov2's table is under its base class's name (`Dinov2Model`), not its model type."""
-    path = checkpoints.dinov2_swiglu(tmp_path / "dinov2")
-    config = AutoConfig.from_pretrained(path)
-    assert not direct.applies(_spec(path), config, Task.BASE, _files(path), FakeCuda(0))
-    plain = checkpoints.llama(tmp_path / "llama")  # the control: no converter
-    llama = AutoConfig.from_pretrained(plain)
-    assert direct.applies(_spec(plain), llama, Task.CAUSAL_LM, _files(plain), FakeCuda(0))
+    """Dinov2's table is under its base class's name (`Dinov2Model`), not its model type,
+    and its converter splits `mlp.weights_in`, which only a SwiGLU checkpoint has: the
+    others' tensors are only renamed, so they are copied ahead."""
+    swiglu = checkpoints.dinov2(tmp_path / "swiglu")
+    config = AutoConfig.from_pretrained(swiglu)
+    assert not direct.applies(_spec(swiglu), config, Task.BASE, _files(swiglu), FakeCuda(0))
+    plain = checkpoints.dinov2(tmp_path / "plain", swiglu=False)
+    config = AutoConfig.from_pretrained(plain)
+    assert direct.applies(_spec(plain), config, Task.BASE, _files(plain), FakeCuda(0))
 
 
 def test_a_load_through_the_pipeline_is_placed_directly(

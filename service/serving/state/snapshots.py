@@ -91,7 +91,9 @@ class _NotAdmitted(Exception):
     loaded (and priced) instead, the snapshot kept."""
 
 
-_NO_ROOM = frozenset({errno.ENOMEM, errno.ENOSPC})  # the copy's memory, not the snapshot
+# This process's memory or fds running out (while the copy is made: its memfd, its
+# mapping, its files), not anything wrong with the snapshot.
+_NO_ROOM = frozenset({errno.ENOMEM, errno.ENOSPC, errno.EMFILE, errno.ENFILE})
 
 
 def _admitted(model_id: str, admit: Callable[[int], bool], size: int) -> bool:
@@ -251,8 +253,8 @@ class Snapshots:
     ) -> Adopted | None:
         """The recorded model `model_id` from its snapshot, held in a new sealed memfd;
         None (its snapshot removed, if any) when there is none that still agrees; None
-        (kept) when `admit(its size)` says no (or fails) before the copy, there is no memory
-        for the copy, or the copy was `cancelled()`."""
+        (kept) when `admit(its size)` says no (or fails) before the copy, this process has
+        no memory or fds for the copy now, or the copy was `cancelled()`."""
         info_path = self._info(model_id)
         if not info_path.is_file():
             return None
@@ -260,9 +262,18 @@ class Snapshots:
             return self._take(model_id, spec_key, info_path, cancelled, admit)
         except InterruptedError:
             return None
-        except _NotAdmitted as exc:
-            if exc.__cause__ is not None:
-                log.warning("not restoring %s now (%s): loading it", model_id, exc.__cause__)
+        except _NotAdmitted:
+            return None
+        except OSError as exc:
+            kept = exc.errno in _NO_ROOM
+            if not kept:
+                self._remove(model_id)
+            log.warning(
+                "not restoring %s from its snapshot (%s): loading it%s",
+                model_id,
+                exc,
+                ", the snapshot kept" if kept else "",
+            )
             return None
         except Exception as exc:  # whatever it is, the model is loaded instead
             log.warning("not restoring %s from its snapshot (%s): loading it", model_id, exc)
@@ -303,11 +314,6 @@ class Snapshots:
                 seal(fd)
                 if checksum(fd, info.size, cancelled) != info.crc32:
                     raise SnapshotUnusable("its bytes do not match their checksum")
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno in _NO_ROOM:  # no room for the copy now: the snapshot is fine
-                    raise _NotAdmitted from exc
-                raise
             except BaseException:
                 os.close(fd)
                 raise

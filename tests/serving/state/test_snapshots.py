@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import threading
 from pathlib import Path
@@ -78,8 +79,9 @@ def two_held(tmp_path: Path, root: Path, env: dict[str, str], b_folder: str = "l
 
 
 def _kept_when_not_admitted(tmp_path: Path, model_id: str) -> None:
-    """A restore that is not admitted, or whose admission fails, is not copied, and the
-    snapshot stays for the next try (nothing is wrong with it)."""
+    """A restore that is not admitted, whose admission fails, or that finds this process out
+    of fds, is not held, and the snapshot stays for the next try (nothing is wrong with
+    it)."""
     folder = tmp_path / "state" / FOLDER
     spec_key = json.loads((folder / f"{model_id}.json").read_text())["spec_key"]
 
@@ -91,6 +93,14 @@ def _kept_when_not_admitted(tmp_path: Path, model_id: str) -> None:
         for admit in (lambda size: False, fails):
             assert snapshots.take(model_id, spec_key, admit=admit) is None
             assert snapshots.has(model_id)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        open_now = len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_now, hard))  # no fd more: EMFILE
+        try:
+            assert snapshots.take(model_id, spec_key) is None
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert snapshots.has(model_id)  # this process ran out of fds: nothing wrong with it
         _a_fifo_is_refused(snapshots, folder, model_id, spec_key)
         _a_changed_byte_is_refused(snapshots, folder, model_id, spec_key)
     finally:
