@@ -1,0 +1,46 @@
+"""The serving process's link to its keeper: the registry's listener never waits for the
+keeper (it runs under the registry's lock); messages still arrive in order."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from service.common.load.spec import LoadRequest
+from service.common.protocol.wire import Channel
+from service.serving.handover.kept import KeeperLink
+from service.serving.registry.record import ModelRecord
+from service.serving.registry.states import State
+
+DROPS = 300  # far more than a small socket buffer holds
+
+
+def test_a_keeper_that_does_not_read_never_stops_the_registry() -> None:
+    ours, keepers = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    link = KeeperLink(Channel(ours))
+    records = [
+        ModelRecord(id=f"m{i}", name=None, spec=LoadRequest(source="/models/m"), key="k")
+        for i in range(DROPS)
+    ]
+
+    def let_go() -> None:  # as the registry calls it, under its lock
+        for record in records:
+            link.on_transition(record, State.READY, State.UNLOADING)
+
+    letting_go = threading.Thread(target=let_go, daemon=True)
+    letting_go.start()
+    letting_go.join(30)
+    stuck = letting_go.is_alive()
+    keeper = Channel(keepers)
+    got = [keeper.recv(30)[0] for _ in range(DROPS)]  # the keeper reads at last
+    assert not stuck
+    assert got == [{"type": "drop", "id": f"m{i}"} for i in range(DROPS)]
+
+    handing = threading.Thread(target=link.handed_over, daemon=True)
+    handing.start()
+    assert keeper.recv(30)[0] == {"type": "handed_over"}
+    handing.join(30)
+    assert not handing.is_alive()
+    link.close()
+    keepers.close()
