@@ -121,12 +121,20 @@ class KeeperLink:
         set once it is sent (None: the link is lost, nothing is sent)."""
         if self._broken:
             return None
-        out = _Out(message, [os.dup(fd) for fd in fds])
+        out = _Out(message, [])
+        try:
+            out.fds.extend(os.dup(fd) for fd in fds)
+        except OSError as exc:  # out of fds: this message only is not sent
+            close_fds(out.fds)
+            log.error("not telling the keeper %s (%s)", message.get("type"), exc)
+            return None
         try:
             self._pending.put_nowait(out)
         except queue.Full:
             close_fds(out.fds)
             self._lost(f"it has not read the last {PENDING} messages")
+            with suppress(OSError):  # a send blocked on it returns: what is queued is let go
+                self.channel.sock.shutdown(socket.SHUT_RDWR)
             return None
         return out.sent
 

@@ -3,14 +3,16 @@ keeper (it runs under the registry's lock); messages still arrive in order."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
 from service.common.load.spec import LoadRequest
 from service.common.protocol.wire import Channel
-from service.serving.handover.kept import KeeperLink
+from service.serving.handover.kept import PENDING, KeeperLink
 from service.serving.registry.record import ModelRecord
 from service.serving.registry.states import State
+from tests.conftest import until
 
 DROPS = 300  # far more than a small socket buffer holds
 
@@ -44,3 +46,27 @@ def test_a_keeper_that_does_not_read_never_stops_the_registry() -> None:
     assert not handing.is_alive()
     link.close()
     keepers.close()
+
+
+def test_a_keeper_that_never_reads_is_let_go_with_what_was_queued_for_it() -> None:
+    """Past PENDING unread messages the link is lost: what was queued (fds too) is let go,
+    nothing more is queued, and the registry side never waited."""
+    ours, keepers = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    link = KeeperLink(Channel(ours))
+    held = os.memfd_create("kept-test")
+    before = _open_fds()
+    try:
+        for _ in range(PENDING + 10):  # each queued with a new fd of `held`
+            link.listeners(None, os.dup(held))
+        until(lambda: _open_fds() <= before, "the queued fds let go")
+        link.listeners(None, os.dup(held))  # the link is lost: nothing more is queued
+        assert _open_fds() <= before
+    finally:
+        os.close(held)
+        link.close()
+        keepers.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))

@@ -4,13 +4,19 @@ which files a start keeps."""
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
 from service.common.handles.arena import write_arena
-from service.serving.state.snapshots import Snapshots, SnapshotUnusable, check_header
+from service.serving.state.snapshots import (
+    Snapshots,
+    SnapshotUnusable,
+    check_header,
+    checksums,
+)
 
 
 def test_the_header_must_list_every_entry_where_it_says() -> None:
@@ -46,3 +52,18 @@ def test_a_start_keeps_the_snapshots_of_recorded_models_only(tmp_path: Path) -> 
         assert list(folder.iterdir()) == []
     finally:
         snapshots.stop()
+
+
+def test_checksums_are_each_chunks_crc_in_order_whatever_the_threads() -> None:
+    data = os.urandom(4096 * 3 + 123)
+    fd = os.memfd_create("checksums")
+    try:
+        os.write(fd, data)
+        expected = [zlib.crc32(data[i : i + 4096]) for i in range(0, len(data), 4096)]
+        for workers in (1, 3):
+            assert checksums(fd, len(data), 4096, workers=workers) == expected
+        assert checksums(fd, 0) == []
+        with pytest.raises(InterruptedError):
+            checksums(fd, len(data), 4096, cancelled=lambda: True)
+    finally:
+        os.close(fd)

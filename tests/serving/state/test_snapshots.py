@@ -94,8 +94,9 @@ def _kept_when_not_admitted(tmp_path: Path, model_id: str) -> None:
             assert snapshots.take(model_id, spec_key, admit=admit) is None
             assert snapshots.has(model_id)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        open_now = len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
-        resource.setrlimit(resource.RLIMIT_NOFILE, (open_now, hard))  # no fd more: EMFILE
+        lowest_free = os.dup(0)  # every fd number below it is taken
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no fd more: EMFILE
         try:
             assert snapshots.take(model_id, spec_key) is None
         finally:
