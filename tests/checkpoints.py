@@ -72,67 +72,75 @@ def gpt2(path: Path) -> Path:
     return _save(GPT2LMHeadModel(config), path)
 
 
-def t5(path: Path) -> Path:
+def _built(path: Path, model_class: Any, config_class: Any, **settings: Any) -> Path:
+    """A model of `model_class`, seeded, from `config_class(**settings)` (keywords the config
+    classes take through **kwargs, as transformers documents them), saved at `path`."""
     torch.manual_seed(0)
-    # Keywords the config classes take through **kwargs, as transformers documents them.
-    settings: dict[str, Any] = {
-        "vocab_size": 500,
-        "d_model": 64,
-        "d_kv": 16,
-        "d_ff": 128,
-        "num_layers": 2,
-        "num_decoder_layers": 2,
-        "num_heads": 4,
-        "decoder_start_token_id": 0,
-    }
-    config = T5Config(**settings)
-    return _save(T5ForConditionalGeneration(config), path)
+    return _save(model_class(config_class(**settings)), path)
+
+
+def t5(path: Path) -> Path:
+    return _built(
+        path,
+        T5ForConditionalGeneration,
+        T5Config,
+        vocab_size=500,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+    )
 
 
 def bert_cls(path: Path) -> Path:
-    torch.manual_seed(0)
-    settings: dict[str, Any] = {
-        "vocab_size": 500,
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 128,
-        "num_labels": 3,
-    }
-    config = BertConfig(**settings)
-    return _save(BertForSequenceClassification(config), path)
+    return _built(
+        path,
+        BertForSequenceClassification,
+        BertConfig,
+        vocab_size=500,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=3,
+    )
 
 
 def dinov2(path: Path, *, swiglu: bool = True) -> Path:
     """`swiglu`: a checkpoint transformers converts as it loads: each layer's
     `mlp.weights_in` is split into `gate_proj` and `up_proj` (a `WeightConverter`, not a
     renaming). Without it, the same model type's tensors are only renamed."""
-    torch.manual_seed(0)
-    settings: dict[str, Any] = {
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 64,
-        "image_size": 32,
-        "patch_size": 8,
-        "use_swiglu_ffn": swiglu,
-    }
-    return _save(Dinov2Model(Dinov2Config(**settings)), path)
+    return _built(
+        path,
+        Dinov2Model,
+        Dinov2Config,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        use_swiglu_ffn=swiglu,
+    )
 
 
 def mixtral(path: Path) -> Path:
     """Two experts a layer, saved one tensor per expert: transformers fuses them as it loads."""
-    torch.manual_seed(0)
-    settings: dict[str, Any] = {
-        "vocab_size": 100,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "num_local_experts": 2,
-    }
-    return _save(MixtralForCausalLM(MixtralConfig(**settings)), path)
+    return _built(
+        path,
+        MixtralForCausalLM,
+        MixtralConfig,
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=2,
+    )
 
 
 def llama_with_tokenizer(path: Path, tokenizer_from: Path) -> Path:

@@ -275,12 +275,10 @@ class Snapshots:
             return None
         try:
             return self._take(model_id, spec_key, info_path, cancelled, admit)
-        except InterruptedError:
+        except (InterruptedError, _NotAdmitted):
             return None
-        except _NotAdmitted:
-            return None
-        except OSError as exc:
-            kept = exc.errno in _NO_ROOM
+        except Exception as exc:  # whatever it is, the model is loaded instead
+            kept = isinstance(exc, OSError) and exc.errno in _NO_ROOM
             if not kept:
                 self._remove(model_id)
             log.warning(
@@ -289,10 +287,6 @@ class Snapshots:
                 exc,
                 ", the snapshot kept" if kept else "",
             )
-            return None
-        except Exception as exc:  # whatever it is, the model is loaded instead
-            log.warning("not restoring %s from its snapshot (%s): loading it", model_id, exc)
-            self._remove(model_id)
             return None
 
     def _take(
