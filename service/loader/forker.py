@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import itertools
 import logging
 import os
 import selectors
@@ -97,6 +98,9 @@ def _cuda_refusal(module: str) -> str:
     )
 
 
+_FORKS = itertools.count()  # fork_sharing_heap's calls in this process
+
+
 def fork_sharing_heap() -> int:
     """`os.fork()`, with every object this process holds frozen first (`gc.freeze`): the
     child's collections never visit them. Otherwise the loader's first full collection
@@ -104,8 +108,10 @@ def fork_sharing_heap() -> int:
     template's heap (hundreds of MiB of page faults, which slow the load and the arena
     copy running beside it). From the second fork on, the objects made since the last one
     are collected first (only they are scanned), so garbage is never frozen for good;
-    the first fork skips it (a full collection of the preloaded heap takes ~0.3 s)."""
-    if gc.get_freeze_count():
+    the first fork skips it (a full collection of the preloaded heap takes ~0.3 s).
+    Whether one came before is counted here: `gc.get_freeze_count()` walks every frozen
+    object (~40 ms of a preloaded template's, at each fork)."""
+    if next(_FORKS):
         gc.collect()
     gc.freeze()
     return os.fork()

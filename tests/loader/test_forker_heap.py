@@ -76,3 +76,31 @@ def test_garbage_made_between_forks_is_collected_not_frozen() -> None:
         [sys.executable, "-c", GARBAGE], capture_output=True, text=True, check=True
     )
     assert done.stdout.split() == ["True", "True"]
+
+
+WALKS = """
+import gc, os, sys
+
+from service.loader.forker import fork_sharing_heap
+
+walked = []
+def profile(frame, event, arg):
+    if event == "c_call" and arg is gc.get_freeze_count:
+        walked.append(1)
+
+for _ in range(2):
+    sys.setprofile(profile)
+    pid = fork_sharing_heap()
+    if pid == 0:
+        os._exit(0)
+    sys.setprofile(None)
+    os.waitpid(pid, 0)
+print(len(walked))
+"""
+
+
+def test_a_fork_never_walks_the_frozen_objects() -> None:
+    """`gc.get_freeze_count()` visits every frozen object: ~40 ms of a preloaded
+    template's at each fork, on the way to every load."""
+    done = subprocess.run([sys.executable, "-c", WALKS], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["0"]
