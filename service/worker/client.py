@@ -17,6 +17,7 @@ models) when called: a worker never needs the server's dependencies.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 
+from service.worker.changes import Changes
 from service.worker.gpu import GpuNotFound, VisibleGpus, check_segments, resolve, torch_gpus
 from service.worker.lease_state import (
     LeaseLost,
@@ -125,6 +127,25 @@ def keep_base_out_of_ddp(module: nn.Module) -> list[str]:
 def default_holder() -> str:
     """`hostname-pid`: who holds a lease when the caller does not say."""
     return f"{socket.gethostname()}-{os.getpid()}"[:128]
+
+
+class _Absence:
+    """A waited-for model that does not exist yet: said once, in the log."""
+
+    def __init__(self, model_id: str, timeout: float) -> None:
+        self.model_id = model_id
+        self.timeout = timeout
+        self.said = False
+
+    def say(self) -> None:
+        if not self.said:
+            log.warning(
+                "basehold: model %r does not exist yet; waiting up to %.0f s for it "
+                "(Client.ensure with its load request, or POST /v1/models, would load it)",
+                self.model_id,
+                self.timeout,
+            )
+        self.said = True
 
 
 class Client:
@@ -254,42 +275,47 @@ class Client:
     ) -> dict[str, Any]:
         """Block until the model is ready; raises BaseholdError if the load failed.
 
-        Waits through a restart of the service: while it cannot be reached, or answers
-        404 while it is still restoring what it held, this keeps polling until `timeout`.
-        A URL this Client never reached raises ServiceUnreachable at once instead.
-        `absent_ok`: a model that does not exist yet is waited for too (a job started
-        before its base was loaded); a log line says so, once."""
+        The status is read again whenever the service's event stream says the model
+        changed (`service.worker.changes`), so a load is seen ready as soon as it is; every
+        `poll` seconds while there is no stream. Waits through a restart of the service:
+        while it cannot be reached, or answers 404 while it is still restoring what it
+        held, this keeps trying until `timeout`. A URL this Client never reached raises
+        ServiceUnreachable at once instead. `absent_ok`: a model that does not exist yet is
+        waited for too (a job started before its base was loaded); a log line says so,
+        once."""
         deadline = time.monotonic() + timeout
-        said_absent = False
-        while True:
-            try:
-                status = self._status_through_restart(model_id)
-            except BaseholdError as exc:
-                if not (absent_ok and exc.code == "model_not_found"):
-                    raise
-                status = None
-                if not said_absent:
-                    said_absent = True
-                    log.warning(
-                        "basehold: model %r does not exist yet; waiting up to %.0f s for it "
-                        "(Client.ensure with its load request, or POST /v1/models, would "
-                        "load it)",
-                        model_id,
-                        timeout,
-                    )
-            if status is not None and status["state"] == "ready":
-                return status
-            if status is not None and status["state"] == "failed":
-                error = status["error"]
-                raise BaseholdError(422, error["code"], error["message"])
-            if time.monotonic() > deadline:
-                state = (
-                    status["state"]
-                    if status is not None
-                    else ("absent" if said_absent else "unreachable")
-                )
-                raise TimeoutError(f"{model_id} is still {state} after {timeout}s")
-            time.sleep(poll)
+        absent = _Absence(model_id, timeout) if absent_ok else None
+        with contextlib.ExitStack() as stack:
+            changes: Changes | None = None  # subscribed once the first read is not the end
+            while True:
+                if changes is not None:
+                    changes.arm()
+                status = self._read_waited(model_id, absent)
+                if status is not None and status["state"] == "ready":
+                    return status
+                if status is not None and status["state"] == "failed":
+                    error = status["error"]
+                    raise BaseholdError(422, error["code"], error["message"])
+                if time.monotonic() > deadline:
+                    state = status["state"] if status is not None else "unreachable"
+                    state = "absent" if absent is not None and absent.said else state
+                    raise TimeoutError(f"{model_id} is still {state} after {timeout}s")
+                if changes is None:  # read once more when subscribed: nothing goes unheard
+                    changes = stack.enter_context(Changes(self._http, model_id, retry_s=poll))
+                else:
+                    changes.wait(poll, deadline - time.monotonic())
+
+    def _read_waited(self, model_id: str, absent: _Absence | None) -> dict[str, Any] | None:
+        """The status of a model waited for; None while it cannot be had (a restart, or
+        absent where `absent` says that may be waited out)."""
+        try:
+            status = self._status_through_restart(model_id)
+        except BaseholdError as exc:
+            if absent is None or exc.code != "model_not_found":
+                raise
+            absent.say()
+            return None
+        return status
 
     def _status_through_restart(self, model_id: str) -> dict[str, Any] | None:
         """The model's status, or None while the service restarts or restores."""
