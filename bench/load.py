@@ -10,12 +10,17 @@ code in the background for a few seconds, which would share the cores with them 
 a first load is served after the start is `bench/serving.py`'s figure).
 
 Also printed: the floor of an fp32 load (copying the checkpoint's bytes into a memfd once,
-with `sendfile`, in this process) and the load's peak memory against the held model's
-bytes, sampled every 5 ms: the loader's anonymous pages beyond the template it was forked
-from, plus the machine's shared memory (`Shmem` in /proc/meminfo: the arena's memfd) beyond
-what it was before the load (a quiet machine is assumed).
+with `sendfile`, in this process, right before each fp32 load: the machine's speed drifts
+within minutes, so each load is set against its own) and the load's peak memory against
+the held model's bytes, sampled every 5 ms: the loader's anonymous pages beyond the
+template it was forked from, plus the machine's shared memory (`Shmem` in /proc/meminfo:
+the arena's memfd) beyond what it was before the load (a quiet machine is assumed). The
+peak comes from one more load of each spec, not from the timed ones: sampling takes CPU
+from the two cores the load runs on (listing /proc each time took ~4 ms of every 5 here),
+so its time is printed apart. Loads are waited for as basehold's client does
+(`Client.wait`, which hears the model ready on the event stream).
 
-fp32 and bf16 figures are medians of `--runs` loads (3) on each side, nf4 one load.
+fp32 and bf16 times are medians of `--runs` loads (3) on each side, nf4 one load.
 
     .venv/bin/python bench/load.py [--params-m 250] [--runs 3]
 """
@@ -33,9 +38,10 @@ from typing import Any, cast
 
 import httpx
 import torch
-from common import reference_model, server, wait_ready, workspace
+from common import reference_model, server, workspace
 
 from service.loader.checkpoint import read_safetensors_header
+from service.worker.client import Client
 from tests.checkpoints import llama
 
 SPECS: dict[str, dict[str, Any]] = {
@@ -169,24 +175,30 @@ class LoaderMemory:
 
     def _sample(self) -> None:
         template = _template(self.server_pid)
+        loaders: list[int] = []
+        samples = 0
         while template is not None and not self._stop.wait(0.005):
+            if samples % 10 == 0 or not loaders:  # listing /proc costs ms: every 50 ms
+                loaders = _children(template)
+            samples += 1
             try:
                 base = _status(template)["RssAnon"]
-                anon = max(
-                    (_status(pid)["RssAnon"] - base for pid in _children(template)), default=0
-                )
-                self.peak = max(self.peak, max(anon, 0) + _shmem() - self._shmem)
+                anon = max((_status(pid)["RssAnon"] - base for pid in loaders), default=0)
             except (OSError, KeyError):
+                loaders = []  # a loader exited: list them again
                 continue
+            self.peak = max(self.peak, max(anon, 0) + _shmem() - self._shmem)
 
 
 def http_load(http: httpx.Client, path: Path, spec: dict[str, Any]) -> tuple[float, float, str]:
-    """POST, then poll every 50 ms as a client would; returns (load s, repeat POST s, id)."""
+    """POST, then wait as basehold's client does (`Client.wait`: it hears the model ready
+    on the event stream); returns (load s, repeat POST s, id)."""
     body = {"source": str(path), **spec}
-    start = time.perf_counter()
-    model_id = http.post("/v1/models", json=body).json()["id"]
-    wait_ready(http, model_id)
-    elapsed = time.perf_counter() - start
+    with Client(str(http.base_url), token="") as client:
+        start = time.perf_counter()
+        model_id = http.post("/v1/models", json=body).json()["id"]
+        client.wait(model_id, timeout=600)
+        elapsed = time.perf_counter() - start
     start = time.perf_counter()
     repeat = http.post("/v1/models", json=body)
     repeat_s = time.perf_counter() - start
@@ -211,6 +223,8 @@ def main() -> None:
     tiny = llama(work / "models" / "llama-tiny")
     path.joinpath("model.safetensors").read_bytes()  # both sides start from a warm page cache
     rows = []
+    floors: list[float] = []  # the memfd floor, measured right before each fp32 load
+    per_floor: list[float] = []  # each fp32 load / the floor measured before it
     params = layer = 0
     quantizing = 0.0
     env = {"BASEHOLD_TORCH_THREADS": str(args.torch_threads)} if args.torch_threads else {}
@@ -220,22 +234,27 @@ def main() -> None:
         for name, spec in SPECS.items():
             baseline(tiny, spec)
             http.delete(f"/v1/models/{http_load(http, tiny, spec)[2]}")
-            times, bases, peak = [], [], 0.0
+            times, bases = [], []
             for _ in range(args.runs if name != "nf4" else 1):  # nf4: ~10 s a load
                 bases.append(baseline(path, spec))
-                with LoaderMemory(served.pid) as memory:
-                    http_s, repeat_s, model_id = http_load(http, path, spec)
+                if name == "fp32":  # next to each load: this machine's speed drifts
+                    floors.append(memfd_floor(path / "model.safetensors", runs=1))
+                http_s, repeat_s, model_id = http_load(http, path, spec)
                 times.append(http_s)
-                status = http.get(f"/v1/models/{model_id}").json()
-                params, held = status["parameters"], status["memory"]["footprint_bytes"]
                 http.delete(f"/v1/models/{model_id}")
-                peak = max(peak, memory.peak / held)
+                if name == "fp32":
+                    per_floor.append(http_s / floors[-1])
+            with LoaderMemory(served.pid) as memory:  # its own load: sampling costs CPU
+                sampled_s, _, model_id = http_load(http, path, spec)
+            status = http.get(f"/v1/models/{model_id}").json()
+            params, held = status["parameters"], status["memory"]["footprint_bytes"]
+            http.delete(f"/v1/models/{model_id}")
+            peak = memory.peak / held
             http_s, base_s = statistics.median(times), statistics.median(bases)
-            rows.append((name, http_s, base_s, repeat_s, peak))
+            rows.append((name, http_s, base_s, repeat_s, peak, sampled_s))
             if name == "nf4":
                 layer = _layer_bytes(path / "model.safetensors")
                 quantizing = peak - layer / held
-        floor = memfd_floor(path / "model.safetensors")
     print(
         f"\nbasehold load bench: Llama {params / 1e6:.0f}M params, CPU, torch "
         f"{torch.__version__}, server torch threads: {args.torch_threads or 'default'}; "
@@ -243,21 +262,23 @@ def main() -> None:
     )
     print(
         "| spec | HTTP POST->ready (s) | from_pretrained+touch (s) | ratio | "
-        "repeat POST of held spec (ms) | load peak memory / model bytes |"
+        "repeat POST of held spec (ms) | load peak memory / model bytes | "
+        "POST->ready of the sampled load (s) |"
     )
-    print("|---|---|---|---|---|---|")
-    for name, http_s, base_s, repeat_s, peak in rows:
+    print("|---|---|---|---|---|---|---|")
+    for name, http_s, base_s, repeat_s, peak, sampled_s in rows:
         print(
             f"| {name} | {http_s:.2f} | {base_s:.2f} | {http_s / base_s:.2f} | "
-            f"{repeat_s * 1000:.1f} | {peak:.2f} |"
+            f"{repeat_s * 1000:.1f} | {peak:.2f} | {sampled_s:.2f} |"
         )
     print(
         f"\nnf4 peak less one decoder layer in float32 ({layer / 2**20:.0f} MiB, what "
         f"quantizing one layer may take beside the model) / model bytes = {quantizing:.2f}"
     )
     print(
-        f"floor: the checkpoint copied into a memfd once (sendfile) {floor:.2f} s; "
-        f"fp32 POST->ready / floor = {rows[0][1] / floor:.2f}"
+        f"floor: the checkpoint copied into a memfd once (sendfile), right before each fp32 "
+        f"load: {', '.join(f'{f:.2f}' for f in floors)} s; fp32 POST->ready / that floor: "
+        f"{', '.join(f'{r:.2f}' for r in per_floor)}, median {statistics.median(per_floor):.2f}"
     )
 
 
