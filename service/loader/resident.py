@@ -12,8 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 import torch
 from torch import nn
+
+from service.common.handles.arena import PAGE
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,25 @@ def written_bytes(files: Iterable[Path], smaps: Path = Path("/proc/self/smaps"))
         elif inside and parts[:1] == ["Anonymous:"]:
             total += int(parts[1]) * 1024
     return total
+
+
+_PRESENT, _SWAPPED, _FILE = 1 << 63, 1 << 62, 1 << 61  # /proc/PID/pagemap's flags
+
+
+def anonymous_bytes(addresses: range, pagemap: Path = Path("/proc/self/pagemap")) -> int:
+    """Bytes of this process's private mapping at `addresses` that were written to (its
+    pages copied into anonymous ones, in memory or swapped), from the page table of that
+    range alone (`/proc/self/smaps` walks every mapping's: ~30 ms in a loader)."""
+    if not addresses:
+        return 0
+    first, last = addresses.start // PAGE, -(-addresses.stop // PAGE)
+    with pagemap.open("rb", buffering=0) as table:
+        table.seek(first * 8)
+        entries = numpy.frombuffer(table.read((last - first) * 8), dtype="<u8")
+    anonymous = (entries & numpy.uint64(_PRESENT | _SWAPPED) != 0) & (
+        entries & numpy.uint64(_FILE) == 0
+    )
+    return int(anonymous.sum()) * PAGE
 
 
 def file_ranges(files: Iterable[Path], maps: Path = Path("/proc/self/maps")) -> list[range]:

@@ -53,10 +53,11 @@ def _cast_loaded(path: Path, auto: Any, dtype: torch.dtype) -> tuple[Any, CastAr
     return model, ahead
 
 
-def _writable_mappings(name: str) -> list[str]:
-    """This process's shared writable mappings of the memfd called `name`."""
+def _mappings(name: str, mode: str) -> list[str]:
+    """This process's mappings of the memfd called `name` with `mode` ("rw-s": shared
+    writable, "rw-p": copy-on-write)."""
     lines = Path("/proc/self/maps").read_text().splitlines()
-    return [line for line in lines if f"memfd:{name}" in line and line.split()[1] == "rw-s"]
+    return [line for line in lines if f"memfd:{name}" in line and line.split()[1] == mode]
 
 
 def _shared(model: Any, ahead: CastArena) -> Shared:
@@ -75,12 +76,13 @@ def test_the_casts_write_the_arena_and_the_model_is_from_pretrained_s(
     model, ahead = _cast_loaded(path, auto, dtype)
     assert ahead.fd is not None  # the casts planned the arena and wrote into it
     cast_into = os.fstat(ahead.fd).st_ino
-    assert _writable_mappings("basehold:m")
+    assert _mappings("basehold:m", "rw-p")  # the model's views of the casts: copy-on-write
+    assert not _mappings("basehold:m", "rw-s")  # the casts were written, never mapped so
     shared = _shared(model, ahead)
     gc.collect()
     assert os.fstat(shared.fd).st_ino == cast_into  # what the casts wrote is the arena
     assert is_sealed(shared.fd)
-    assert not _writable_mappings("basehold:m")  # the model reads a read-only mapping
+    assert not _mappings("basehold:m", "rw-p")  # the model reads a read-only mapping
     expected, state = reference.state_dict(), model.state_dict()
     assert state.keys() == expected.keys()
     for name, tensor in state.items():
@@ -133,11 +135,30 @@ def test_a_cast_the_model_no_longer_holds_sends_the_arena_the_usual_way(tmp_path
     assert os.fstat(shared.fd).st_ino != cast_into
     assert is_sealed(shared.fd)
     gc.collect()
-    assert not _writable_mappings("basehold:m")
+    assert not _mappings("basehold:m", "rw-p")
     held = load_safetensors(os.pread(shared.fd, shared.arena.size, 0))
     reference = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
     for name, tensor in reference.state_dict().items():
         assert torch.equal(held[name], tensor), name
+    shared.close()
+
+
+def test_a_cast_changed_in_place_sends_the_arena_the_usual_way(tmp_path: Path) -> None:
+    """A write to a cast (code that scales a weight after the load, say) lands in this
+    process's copy-on-write page, not in the memfd: the arena is written from the model,
+    with the change."""
+    path = checkpoints.llama(tmp_path / "llama")
+    model, ahead = _cast_loaded(path, AutoModelForCausalLM, torch.bfloat16)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2)
+    changed = model.model.norm.weight.detach().clone()
+    assert ahead.fd is not None
+    cast_into = os.fstat(ahead.fd).st_ino
+    shared = _shared(model, ahead)
+    assert os.fstat(shared.fd).st_ino != cast_into
+    held = load_safetensors(os.pread(shared.fd, shared.arena.size, 0))
+    assert torch.equal(held["model.norm.weight"], changed)
+    assert torch.equal(model.model.norm.weight, changed)
     shared.close()
 
 
@@ -160,12 +181,12 @@ def test_a_load_through_the_pipeline_casts_into_its_arena(
 def test_a_cycle_that_still_holds_a_cast_does_not_keep_the_arena_from_being_sealed(
     tmp_path: Path,
 ) -> None:
-    """The writable mapping goes with its last view; where only a reference cycle holds one
-    (an exception's traceback, say), the seal collects it and seals, instead of giving up
-    on sharing the model."""
+    """Where only a reference cycle holds a view of a cast (an exception's traceback, say),
+    the arena is sealed all the same: the casts' mapping is copy-on-write, which the seal
+    does not wait for (a shared writable one would be refused, EBUSY)."""
     path = checkpoints.llama(tmp_path / "llama")
     model, ahead = _cast_loaded(path, AutoModelForCausalLM, torch.bfloat16)
-    cycle: list[Any] = [model.lm_head.weight.data]  # a view of the writable mapping
+    cycle: list[Any] = [model.lm_head.weight.data]  # a view of the casts' mapping
     cycle.append(cycle)
     del cycle
     gc.disable()
@@ -175,6 +196,6 @@ def test_a_cycle_that_still_holds_a_cast_does_not_keep_the_arena_from_being_seal
         gc.enable()
     try:
         assert is_sealed(shared.fd)
-        assert not _writable_mappings("basehold:m")
+        assert not _mappings("basehold:m", "rw-s")
     finally:
         shared.close()
