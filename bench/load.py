@@ -278,7 +278,8 @@ def main() -> None:
     print(
         f"floor: the checkpoint copied into a memfd once (sendfile), right before each fp32 "
         f"load: {', '.join(f'{f:.2f}' for f in floors)} s; fp32 POST->ready / that floor: "
-        f"{', '.join(f'{r:.2f}' for r in per_floor)}, median {statistics.median(per_floor):.2f}"
+        f"{', '.join(f'{r:.2f}' for r in per_floor)}, median {statistics.median(per_floor):.2f}; "
+        f"median load / median floor {rows[0][1] / statistics.median(floors):.2f}"
     )
 
 
