@@ -184,10 +184,9 @@ class LoaderMemory:
             try:
                 base = _status(template)["RssAnon"]
                 anon = max((_status(pid)["RssAnon"] - base for pid in loaders), default=0)
+                self.peak = max(self.peak, max(anon, 0) + _shmem() - self._shmem)
             except (OSError, KeyError):
                 loaders = []  # a loader exited: list them again
-                continue
-            self.peak = max(self.peak, max(anon, 0) + _shmem() - self._shmem)
 
 
 def http_load(http: httpx.Client, path: Path, spec: dict[str, Any]) -> tuple[float, float, str]:

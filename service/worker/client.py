@@ -291,6 +291,8 @@ class Client:
                 if changes is not None:
                     changes.arm()
                 status = self._read_waited(model_id, absent)
+                if status is not None and changes is not None:
+                    changes.track(status["id"])  # `model_id` may be an alias of it
                 if status is not None and status["state"] == "ready":
                     return status
                 if status is not None and status["state"] == "failed":
@@ -301,7 +303,7 @@ class Client:
                     state = "absent" if absent is not None and absent.said else state
                     raise TimeoutError(f"{model_id} is still {state} after {timeout}s")
                 if changes is None:  # read once more when subscribed: nothing goes unheard
-                    changes = stack.enter_context(Changes(self._http, model_id, retry_s=poll))
+                    changes = stack.enter_context(Changes(self._http, model_id))
                 else:
                     changes.wait(poll, deadline - time.monotonic())
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from service.worker.changes import Changes
 from service.worker.client import Client
 from tests.conftest import until
 from tests.serving.test_server_e2e import Server
@@ -44,3 +45,21 @@ def test_a_waiter_hears_its_model_ready_without_polling(
     assert not listeners()  # the stream's thread ended with the wait
     assert client.wait("heard", poll=NEVER)["state"] == "ready"  # held: no stream at all
     assert not listeners()
+
+
+def test_a_change_is_heard_by_the_id_an_alias_resolved_to(
+    live_server: Server, models_root: Path
+) -> None:
+    """Events name a model by its id; a wait by an alias tracks the id its reads return."""
+    client = Client(live_server.url)
+    with Changes(client._http, "an-alias") as changes:
+        assert changes.listening
+        changes.track("tracked")
+        changes.arm()
+        client.load(str(models_root / "llama"), name="tracked", dtype="float32")
+        assert changes.wait(NEVER, 60)  # heard: not the recheck's timeout
+    with Changes(client._http, "an-alias") as changes:
+        changes.arm()
+        client.load(str(models_root / "llama"), name="untracked", dtype="bfloat16")
+        client.wait("untracked")
+        assert not changes.wait(NEVER, 0)  # nothing of its own was heard
