@@ -52,8 +52,17 @@ class EventBus:
             self._changed = asyncio.Event()
 
     def since(self, last_id: int) -> list[Event]:
+        """The events after `last_id`, oldest first: read from the newest end, so that a
+        subscriber woken for one new event does not scan the whole buffer (each of many
+        waiting clients is woken for every event)."""
+        newer: list[Event] = []
         with self._lock:
-            return [e for e in self._events if e.id > last_id]
+            for event in reversed(self._events):
+                if event.id <= last_id:
+                    break
+                newer.append(event)
+        newer.reverse()
+        return newer
 
     @property
     def last_id(self) -> int:
