@@ -158,7 +158,6 @@ class Renewer(threading.Thread):
         unsaid: Reason = "revoked" if getattr(exc, "status", 404) == 403 else "expired"
         self.lease.reason = _SERVICE_REASONS.get(getattr(exc, "reason", None), unsaid)
         self.lease.detail = str(getattr(exc, "detail", exc))
-        self.lease.state = "lost"
         message = (
             f"basehold lease {self.lease.lease_id} on {self.lease.model_id} was lost "
             f"({self.lease.reason}): {self.lease.detail}"
@@ -166,6 +165,7 @@ class Renewer(threading.Thread):
         log.warning(message)
         if self._on_lost == "warn":
             warnings.warn(message + " (the mapped weights stay valid on the CPU)", stacklevel=1)
+        self.lease.state = "lost"  # last: whoever sees it lost finds it said too
 
     def stop(self) -> None:
         self._stop_event.set()
