@@ -4,6 +4,11 @@ imports what the service used to import (torch, transformers, accelerate, bitsan
 in the same run, as ratios. And a small model's first load right after /readyz (the
 template may still import the rest of its preload) next to the same load once more.
 
+/readyz waits for the loader template, which imports what every `from_pretrained` needs
+before it says ready (`service.loader.imports.FIRST`). The floor under it, timed right
+before each start: `import torch` and `import transformers.modeling_utils` in a fresh
+process.
+
     .venv/bin/python bench/serving.py [--params-m 60] [--repeat 3]
 """
 
@@ -23,6 +28,8 @@ from common import ROOT, free_port, smaps, wait_ready, workspace
 from tests.checkpoints import llama
 
 HEAVY = "import torch, transformers, accelerate, bitsandbytes"
+TORCH = "import torch"
+MODELING = "import transformers.modeling_utils"  # what every from_pretrained imports
 
 
 def _seconds(command: list[str], env: dict[str, str] | None = None) -> float:
@@ -73,6 +80,8 @@ def main() -> None:
     small = llama(work / "models" / "llama-small")
     heavy = [_seconds([sys.executable, "-c", HEAVY]) for _ in range(args.repeat)]
     health, ready, idle, first, following = [], [], [], [], []
+    torch_s: list[float] = []
+    modeling_s: list[float] = []
     held_rss = 0
     ls_s: list[float] = []
     for attempt in range(args.repeat):
@@ -83,6 +92,8 @@ def main() -> None:
             "BASEHOLD_SOCKET": str(work / f"run-{attempt}" / "basehold.sock"),
             "BASEHOLD_MODEL_ROOTS": f'["{work / "models"}"]',
         }
+        torch_s.append(_seconds([sys.executable, "-c", TORCH]))
+        modeling_s.append(_seconds([sys.executable, "-c", MODELING]))
         started = time.perf_counter()
         process = subprocess.Popen(
             [
@@ -132,6 +143,11 @@ def main() -> None:
     ]:
         value = statistics.median(values)
         print(f"| {name} | {value:.2f} s | {value / base:.2f} |")
+    floor = statistics.median(modeling_s)
+    print(f"| floor: `{TORCH}` (before each start) | {statistics.median(torch_s):.2f} s | |")
+    print(f"| floor: `{MODELING}` (before each start) | {floor:.2f} s | |")
+    ratios = [value / below for value, below in zip(ready, modeling_s, strict=True)]
+    print(f"| start → /readyz / that floor, each start | {statistics.median(ratios):.2f} | |")
     one, two = statistics.median(first), statistics.median(following)
     print(f"| first load of a small model after /readyz (fp32) | {one:.2f} s | |")
     print(f"| the next load of it | {two:.2f} s | first / next: {one / two:.2f} |")
